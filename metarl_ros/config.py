@@ -1,0 +1,64 @@
+"""Validated YAML configuration.
+
+Every YAML file the project reads goes through :func:`load_yaml_model`, which validates it
+against a pydantic model. A bad file (missing, not YAML, unknown key, wrong type, value out of
+range) raises :class:`ConfigError` whose message names the file and the offending field, e.g.::
+
+    ConfigError: sim/robots/iiwa7.yaml: effort_limits.3: Input should be greater than 0
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+ModelT = TypeVar("ModelT", bound=BaseModel)
+
+
+class ConfigError(ValueError):
+    """A configuration file is missing, malformed or invalid."""
+
+
+class StrictModel(BaseModel):
+    """Base for all config models: unknown keys are errors, models are immutable."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def format_validation_error(source: str, error: ValidationError) -> str:
+    """Render a pydantic error as ``source: field.path: message`` lines."""
+    lines = []
+    for item in error.errors():
+        location = ".".join(str(part) for part in item["loc"]) or "<root>"
+        lines.append(f"{source}: {location}: {item['msg']}")
+    return "\n".join(lines)
+
+
+def read_yaml(path: str | Path) -> Any:
+    """Parse a YAML file, raising :class:`ConfigError` naming the file on any failure."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        with path.open("r", encoding="utf-8") as stream:
+            return yaml.safe_load(stream)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+
+
+def validate_model(model_type: type[ModelT], data: Any, source: str) -> ModelT:
+    """Validate already-parsed data against ``model_type``; ``source`` names it in errors."""
+    if data is None:
+        raise ConfigError(f"{source}: file is empty")
+    try:
+        return model_type.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(source, exc)) from None
+
+
+def load_yaml_model(model_type: type[ModelT], path: str | Path) -> ModelT:
+    """Load ``path`` and validate it as ``model_type``."""
+    return validate_model(model_type, read_yaml(path), str(path))

@@ -1,0 +1,1 @@
+"""ROS-free PyBullet simulation: robot, tasks and faults, references, the Gymnasium env."""
