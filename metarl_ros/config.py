@@ -15,10 +15,12 @@ from typing import Any, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from metarl_ros.errors import MetarlError
+
 ModelT = TypeVar("ModelT", bound=BaseModel)
 
 
-class ConfigError(ValueError):
+class ConfigError(MetarlError, ValueError):
     """A configuration file is missing, malformed or invalid."""
 
 

@@ -28,7 +28,10 @@ by the motors (see :mod:`metarl_ros.sim.arm_sim`).
 
 **Reward** (from the true state)::
 
-    r = -||q_ref - q||_2 / tracking_scale_rad - effort_weight * mean(a^2)
+    r = -min(||q_ref - q||_2, max_error_rad) / tracking_scale_rad - effort_weight * mean(a^2)
+
+(the error term saturates so that a flailing arm early in training does not dominate the
+critic's targets).
 
 **Info** has ``tracking_error`` (||q_ref - q||_2 in rad, true state), ``time_s``,
 ``faults`` (labels of fault events that struck during the step) and ``task`` (the true task,
@@ -64,6 +67,7 @@ class ObservationConfig(StrictModel):
 
 class RewardConfig(StrictModel):
     tracking_scale_rad: PositiveFloat = 0.1
+    max_error_rad: PositiveFloat = 1.0
     effort_weight: float = Field(default=0.05, ge=0.0)
 
 
@@ -118,9 +122,24 @@ def load_env_setup(path: str | Path = DEFAULT_ENV_CONFIG) -> EnvSetup:
     config = load_yaml_model(EnvConfig, path)
     robot_path = resolve_path(config.robot, base=path.parent)
     tasks_path = resolve_path(config.tasks, base=path.parent)
+    for field, value, resolved in (("robot", config.robot, robot_path),
+                                   ("tasks", config.tasks, tasks_path)):
+        if not resolved.is_file():
+            raise ConfigError(
+                f"{path}: {field}: file {value!r} not found (relative to {path.parent}, "
+                "the working directory or the package share directory)"
+            )
     robot = load_robot_spec(robot_path)
     tasks = load_task_suite(tasks_path)
     n = robot.num_joints
+    for name, dist in tasks.distributions.items():
+        for field in ("damageable_joints", "lockable_joints"):
+            bad = [j for j in getattr(dist, field) if j >= n]
+            if bad:
+                raise ConfigError(
+                    f"{tasks_path}: distributions.{name}.{field}: joint indices {bad} out of "
+                    f"range for robot {robot.name!r} ({n} joints, 0-based)"
+                )
     for field in ("amplitude", "centre_jitter"):
         if len(getattr(config.reference, field)) != n:
             raise ConfigError(f"{path}: reference.{field}: needs {n} entries (robot has {n} joints)")
@@ -163,7 +182,8 @@ def tracking_reward(setup: EnvSetup, tracking_error: float, action: np.ndarray) 
     """Reward of one control step (formula: module doc)."""
     reward_cfg = setup.config.reward
     effort = float(np.dot(action, action)) / action.shape[0]
-    return -tracking_error / reward_cfg.tracking_scale_rad - reward_cfg.effort_weight * effort
+    error = min(tracking_error, reward_cfg.max_error_rad)
+    return -error / reward_cfg.tracking_scale_rad - reward_cfg.effort_weight * effort
 
 
 class ArmTrackingEnv(gym.Env):

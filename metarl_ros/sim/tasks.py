@@ -215,7 +215,8 @@ class TaskSuiteConfig(StrictModel):
         for name, split in self.splits.items():
             if split.distribution not in self.distributions:
                 raise ValueError(
-                    f"split {name!r} uses unknown distribution {split.distribution!r}"
+                    f"splits.{name}.distribution: unknown distribution {split.distribution!r} "
+                    f"(defined: {sorted(self.distributions)})"
                 )
         if self.fault_time_s.low <= 0:
             raise ValueError("fault_time_s must be > 0")
@@ -297,3 +298,36 @@ def make_split(
             continue
         tasks.append(task)
     return tasks
+
+
+@dataclass(frozen=True)
+class FaultEpisode:
+    """One evaluation episode: the intact robot, then ``task`` strikes at ``fault_time_s``."""
+
+    task_index: int
+    task: TaskParams
+    fault_time_s: float
+    seed: int
+
+    def faults(self) -> list[FaultEvent]:
+        return [FaultEvent(self.fault_time_s, self.task, label="fault")]
+
+
+def fault_episodes(
+    suite: TaskSuiteConfig, tasks: list[TaskParams], episodes: int, seed: int
+) -> list[FaultEpisode]:
+    """The evaluation protocol: ``episodes`` episodes cycling through ``tasks``; each starts on
+    the intact robot and the task strikes at a time drawn from ``suite.fault_time_s``.
+    Deterministic given ``seed``, so every method sees the same episodes."""
+    if not tasks:
+        raise ValueError("no tasks to evaluate")
+    rng = np.random.default_rng(seed)
+    return [
+        FaultEpisode(
+            task_index=i % len(tasks),
+            task=tasks[i % len(tasks)],
+            fault_time_s=float(suite.fault_time_s.sample(rng)),
+            seed=int(rng.integers(0, 2**31 - 1)),
+        )
+        for i in range(episodes)
+    ]

@@ -1,0 +1,111 @@
+"""The ``metarl`` command: ``metarl <subcommand> [options]``.
+
+Subcommands import their (heavy) dependencies lazily, so ``metarl --help`` is instant and
+commands that need no torch never import it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def _train(args: argparse.Namespace) -> int:
+    from metarl_ros.learning.config import load_train_config
+    from metarl_ros.learning.trainer import Trainer
+    from metarl_ros.resources import resolve_path
+
+    config_path = resolve_path(args.config)
+    config = load_train_config(config_path)
+    out = Path(args.out) if args.out else Path("runs") / config.method
+    latest = out / "checkpoints" / "latest"
+    if latest.exists() and not args.resume:
+        print(f"error: {out} already holds a run; pass --resume to continue it or choose another "
+              f"--out", file=sys.stderr)
+        return 2
+    trainer = Trainer(config, out, config_path=config_path, progress=not args.no_progress)
+    if args.resume and trainer.resume():
+        print(f"resumed {out} at iteration {trainer.iteration} "
+              f"({trainer.env_steps} env steps, {trainer.updates} updates)")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(config_path.read_text())
+    stats = trainer.run(max_iterations=args.iterations, stop_after_seconds=args.max_minutes * 60
+                        if args.max_minutes else None)
+    print(f"done: iteration {trainer.iteration}, {trainer.env_steps} env steps, "
+          f"{trainer.updates} updates; model: {out / 'model.pt'}")
+    for key in sorted(k for k in stats if k.startswith("eval/")):
+        print(f"  {key} = {stats[key]:.4f}")
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from metarl_ros.learning.evaluation import evaluate_command
+
+    return evaluate_command(args)
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from metarl_ros.demo import demo_command
+
+    return demo_command(args)
+
+
+def _launch(rest: list[str]) -> int:
+    from metarl_ros.cli.launch import launch_command
+
+    return launch_command(rest)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="metarl", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser("train", help="meta-train a method from a YAML config")
+    train.add_argument("--config", required=True, help="training YAML (config/train_*.yaml)")
+    train.add_argument("--out", help="run directory (default runs/<method>)")
+    train.add_argument("--resume", action="store_true", help="continue the run in --out")
+    train.add_argument("--iterations", type=int, help="stop after this many more iterations")
+    train.add_argument("--max-minutes", type=float, help="stop (with a checkpoint) after this long")
+    train.add_argument("--no-progress", action="store_true", help="no progress bar")
+    train.set_defaults(func=_train)
+
+    evaluate = sub.add_parser("eval", help="evaluate every method on a split with mid-episode faults")
+    evaluate.add_argument("--model", required=True,
+                          help="model directory with <method>/model.pt for each method, "
+                               "or a single model.pt")
+    evaluate.add_argument("--split", choices=["train", "heldout", "ood"], default="heldout")
+    evaluate.add_argument("--episodes", type=int, default=50)
+    evaluate.add_argument("--seed", type=int, default=0)
+    evaluate.add_argument("--methods", help="comma-separated subset of methods")
+    evaluate.add_argument("--json", required=True, help="write results here")
+    evaluate.add_argument("--plot", help="PNG of tracking error around the fault")
+    evaluate.set_defaults(func=_eval)
+
+    demo = sub.add_parser("demo", help="the main job: adaptation demo on the shipped model")
+    demo.add_argument("--out", default="out/demo", help="where the JSON summary and plot go")
+    demo.add_argument("--model", default="models", help="shipped models directory")
+    demo.set_defaults(func=_demo)
+
+    sub.add_parser("launch", help="start a node graph without ros2 launch (metarl launch -h)",
+                   add_help=False)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "launch":
+        return _launch(argv[1:])
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from metarl_ros.errors import MetarlError
+
+    try:
+        return args.func(args)
+    except MetarlError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,191 @@
+"""Soft actor-critic conditioned on a task representation.
+
+One implementation serves every method of the evaluation protocol; only the conditioning
+differs:
+
+* ``latent`` -- PEARL: ``z ~ q(z | context)`` from :class:`~metarl_ros.learning.encoder.ContextEncoder`,
+  trained by the critic's Bellman loss plus ``kl_weight * KL(q(z|c) || N(0, I))``; the actor
+  sees ``z`` detached (Rakelly et al., 2019, Sec. 4).
+* ``oracle`` -- the true task parameters (:meth:`TaskParams.oracle_vector`), an upper bound.
+* ``none`` -- no task information: the *robust* baseline when trained on the task
+  distribution, the *nominal* baseline when trained on the intact robot only.
+
+SAC details: tanh-Gaussian actor, twin Q critics (one vectorized ensemble) with Polyak-averaged
+targets, clipped double-Q targets, automatic entropy tuning towards ``-act_dim``. Episodes are
+only ever truncated (never terminated), so targets always bootstrap.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import nn
+
+from metarl_ros.learning.encoder import (
+    ContextEncoder,
+    kl_to_standard_normal,
+)
+from metarl_ros.learning.networks import TanhGaussianActor, TwinCritic
+from metarl_ros.learning.replay import TransitionBatch
+
+Conditioning = Literal["latent", "oracle", "none"]
+
+
+@dataclass(frozen=True)
+class AgentSpec:
+    """Architecture and optimization settings of a :class:`ConditionedSAC`."""
+
+    obs_dim: int
+    act_dim: int
+    conditioning: Conditioning = "latent"
+    latent_dim: int = 8
+    oracle_dim: int = 0
+    encoder_hidden: tuple[int, ...] = (128, 128)
+    actor_hidden: tuple[int, ...] = (256, 256)
+    critic_hidden: tuple[int, ...] = (256, 256)
+    gamma: float = 0.99
+    tau: float = 0.005
+    actor_lr: float = 3e-4
+    critic_lr: float = 3e-4
+    encoder_lr: float = 3e-4
+    alpha_lr: float = 3e-4
+    init_alpha: float = 0.1
+    kl_weight: float = 0.1
+
+    @property
+    def cond_dim(self) -> int:
+        return {"latent": self.latent_dim, "oracle": self.oracle_dim, "none": 0}[self.conditioning]
+
+    @property
+    def transition_dim(self) -> int:
+        return 2 * self.obs_dim + self.act_dim + 1
+
+
+class ConditionedSAC(nn.Module):
+    """SAC whose actor and critics take ``[obs, condition]``.
+
+    Shapes: obs (B, obs_dim), condition (B, cond_dim), action (B, act_dim).
+    """
+
+    def __init__(self, spec: AgentSpec) -> None:
+        super().__init__()
+        self.spec = spec
+        in_dim = spec.obs_dim + spec.cond_dim
+        self.encoder = (
+            ContextEncoder(spec.transition_dim, spec.latent_dim, spec.encoder_hidden)
+            if spec.conditioning == "latent" else None
+        )
+        self.actor = TanhGaussianActor(in_dim, spec.actor_hidden, spec.act_dim)
+        self.critic = TwinCritic(in_dim + spec.act_dim, spec.critic_hidden)
+        self.critic_target = copy.deepcopy(self.critic).requires_grad_(False)
+        self.log_alpha = nn.Parameter(torch.tensor(float(spec.init_alpha)).log())
+        self.target_entropy = -float(spec.act_dim)
+        critic_params = list(self.critic.parameters())
+        if self.encoder is not None:
+            self.encoder_optimizer = torch.optim.Adam(self.encoder.parameters(), spec.encoder_lr)
+        self.critic_optimizer = torch.optim.Adam(critic_params, spec.critic_lr)
+        self.actor_optimizer = torch.optim.Adam(self.actor.parameters(), spec.actor_lr)
+        self.alpha_optimizer = torch.optim.Adam([self.log_alpha], spec.alpha_lr)
+
+    # ------------------------------------------------------------------ acting
+
+    @torch.no_grad()
+    def act(self, obs: torch.Tensor, condition: torch.Tensor, deterministic: bool) -> torch.Tensor:
+        """Actions (B, act_dim) in [-1, 1]."""
+        x = torch.cat([obs, condition], dim=-1)
+        if deterministic:
+            return self.actor(x)
+        return self.actor.sample(x)[0]
+
+    # ------------------------------------------------------------------ learning
+
+    def optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        result = {
+            "critic": self.critic_optimizer,
+            "actor": self.actor_optimizer,
+            "alpha": self.alpha_optimizer,
+        }
+        if self.encoder is not None:
+            result["encoder"] = self.encoder_optimizer
+        return result
+
+    def update(
+        self,
+        batch: TransitionBatch,
+        context: torch.Tensor | None = None,
+        context_mask: torch.Tensor | None = None,
+        task_condition: torch.Tensor | None = None,
+    ) -> dict[str, float]:
+        """One gradient step on a meta-batch.
+
+        Args:
+            batch: RL transitions with leading dims (T, B).
+            context: encoder input (T, N, transition_dim), for ``latent`` conditioning.
+            context_mask: (T, N), 1 for valid context entries (variable context sizes).
+            task_condition: (T, oracle_dim), for ``oracle`` conditioning.
+        """
+        spec = self.spec
+        num_tasks, per_task = batch.reward.shape
+        kl = torch.zeros(())
+        if spec.conditioning == "latent":
+            assert self.encoder is not None and context is not None
+            mu, var = self.encoder.posterior(context, context_mask)
+            z = mu + var.sqrt() * torch.randn_like(mu)
+            kl = kl_to_standard_normal(mu, var).mean()
+            task_cond = z
+        elif spec.conditioning == "oracle":
+            assert task_condition is not None
+            task_cond = task_condition
+        else:
+            task_cond = torch.zeros(num_tasks, 0)
+        cond = task_cond.unsqueeze(1).expand(-1, per_task, -1).reshape(num_tasks * per_task, -1)
+        flat = batch.flatten()
+        x = torch.cat([flat.obs, cond], dim=-1)
+        next_x = torch.cat([flat.next_obs, cond.detach()], dim=-1)
+        alpha = self.log_alpha.exp().detach()
+
+        with torch.no_grad():
+            next_action, next_log_prob = self.actor.sample(next_x)
+            next_q = self.critic_target(next_x, next_action).min(0).values
+            target = flat.reward + spec.gamma * (next_q - alpha * next_log_prob)
+        q = self.critic(x, flat.action)  # (2, TB)
+        critic_loss = (q - target).pow(2).mean(-1).sum()
+        self.critic_optimizer.zero_grad(set_to_none=True)
+        if self.encoder is not None:
+            self.encoder_optimizer.zero_grad(set_to_none=True)
+        (critic_loss + spec.kl_weight * kl).backward()
+        self.critic_optimizer.step()
+        if self.encoder is not None:
+            self.encoder_optimizer.step()
+
+        x_actor = x.detach()
+        self.critic.requires_grad_(False)
+        action, log_prob = self.actor.sample(x_actor)
+        q_pi = self.critic(x_actor, action).min(0).values
+        actor_loss = (alpha * log_prob - q_pi).mean()
+        self.actor_optimizer.zero_grad(set_to_none=True)
+        actor_loss.backward()
+        self.actor_optimizer.step()
+        self.critic.requires_grad_(True)
+
+        alpha_loss = -(self.log_alpha * (log_prob.detach() + self.target_entropy)).mean()
+        self.alpha_optimizer.zero_grad(set_to_none=True)
+        alpha_loss.backward()
+        self.alpha_optimizer.step()
+
+        with torch.no_grad():
+            online = list(self.critic.parameters())
+            target_params = list(self.critic_target.parameters())
+            torch._foreach_lerp_(target_params, online, spec.tau)
+
+        return {
+            "critic_loss": critic_loss.item(),
+            "actor_loss": actor_loss.item(),
+            "kl": kl.item(),
+            "alpha": alpha.item(),
+            "q_mean": q.mean().item(),
+            "entropy": -log_prob.mean().item(),
+        }

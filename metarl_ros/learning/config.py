@@ -1,0 +1,103 @@
+"""Training configuration (``config/train_*.yaml``), validated with pydantic."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, NonNegativeInt, PositiveFloat, PositiveInt, model_validator
+
+from metarl_ros.config import StrictModel, load_yaml_model
+from metarl_ros.learning.agent import AgentSpec
+
+Method = Literal["pearl", "oracle", "robust", "nominal"]
+_CONDITIONING = {"pearl": "latent", "oracle": "oracle", "robust": "none", "nominal": "none"}
+
+
+class AgentConfig(StrictModel):
+    """Network sizes and SAC / PEARL hyper-parameters."""
+
+    latent_dim: PositiveInt = 8
+    encoder_hidden: list[PositiveInt] = [128, 128]
+    actor_hidden: list[PositiveInt] = [128, 128]
+    critic_hidden: list[PositiveInt] = [256, 256]
+    gamma: float = Field(default=0.99, gt=0.0, lt=1.0)
+    tau: float = Field(default=0.005, gt=0.0, le=1.0)
+    actor_lr: PositiveFloat = 3e-4
+    critic_lr: PositiveFloat = 3e-4
+    encoder_lr: PositiveFloat = 3e-4
+    alpha_lr: PositiveFloat = 3e-4
+    init_alpha: PositiveFloat = 0.1
+    kl_weight: float = Field(default=0.1, ge=0.0)
+
+
+class DynamicsConfig(StrictModel):
+    """The MAML-trained dynamics model used by the online adapter (see learning/maml.py)."""
+
+    enabled: bool = True
+    hidden_sizes: list[PositiveInt] = [128, 128]
+    target_blocks: PositiveInt = Field(
+        default=2, description="predict the change of the first k observation blocks "
+        "(block 0: joint positions, block 1: joint velocities)"
+    )
+    inner_steps: PositiveInt = 2
+    inner_lr: PositiveFloat = 0.05
+    first_order: bool = False
+    max_step_norm: PositiveFloat = 1.0
+    meta_lr: PositiveFloat = 1e-3
+    meta_steps_per_iteration: NonNegativeInt = 20
+    tasks_per_meta_step: PositiveInt = 8
+    support_size: PositiveInt = 40
+    query_size: PositiveInt = 20
+
+
+class TrainConfig(StrictModel):
+    """Everything ``metarl train`` needs. Paths are relative to the config file or the
+    package share directory."""
+
+    method: Method
+    env: str = "sim/envs/iiwa7_tracking.yaml"
+    seed: NonNegativeInt = 0
+    total_iterations: PositiveInt = 200
+    envs_per_iteration: PositiveInt = Field(
+        default=8, description="episodes collected per iteration, one per sampled task, in lockstep"
+    )
+    initial_episodes_per_task: NonNegativeInt = 1
+    updates_per_iteration: PositiveInt = 400
+    meta_batch_tasks: PositiveInt = 16
+    batch_size: PositiveInt = 128
+    context_window: PositiveInt = Field(default=25, description="transitions, streaming posterior")
+    min_context: PositiveInt = 1
+    replay_capacity_per_task: PositiveInt = 20000
+    eval_every_iterations: PositiveInt = 10
+    eval_tasks: PositiveInt = 8
+    checkpoint_every_minutes: PositiveFloat = 5.0
+    torch_threads: PositiveInt = 2
+    save_replay: bool = Field(default=True, description="store replay buffers for exact resume")
+    agent: AgentConfig = AgentConfig()
+    dynamics: DynamicsConfig = DynamicsConfig()
+
+    @model_validator(mode="after")
+    def _check(self) -> "TrainConfig":
+        if self.min_context > self.context_window:
+            raise ValueError("min_context must not exceed context_window")
+        return self
+
+    @property
+    def conditioning(self) -> str:
+        return _CONDITIONING[self.method]
+
+    def agent_spec(self, obs_dim: int, act_dim: int, oracle_dim: int) -> AgentSpec:
+        a = self.agent
+        return AgentSpec(
+            obs_dim=obs_dim, act_dim=act_dim, conditioning=self.conditioning,  # type: ignore[arg-type]
+            latent_dim=a.latent_dim, oracle_dim=oracle_dim,
+            encoder_hidden=tuple(a.encoder_hidden), actor_hidden=tuple(a.actor_hidden),
+            critic_hidden=tuple(a.critic_hidden), gamma=a.gamma, tau=a.tau,
+            actor_lr=a.actor_lr, critic_lr=a.critic_lr, encoder_lr=a.encoder_lr,
+            alpha_lr=a.alpha_lr, init_alpha=a.init_alpha, kl_weight=a.kl_weight,
+        )
+
+
+def load_train_config(path: str | Path) -> TrainConfig:
+    return load_yaml_model(TrainConfig, path)

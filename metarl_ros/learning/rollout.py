@@ -1,0 +1,151 @@
+"""Vectorized rollouts: several environments stepped in lockstep under one batched policy.
+
+Per control step there is one encoder call (the newest transition of every env) and one actor
+call for all envs, so network overhead does not grow with the number of envs. Each env keeps
+its own sliding context window (:class:`~metarl_ros.learning.encoder.BatchedWindows`), exactly
+as the robot does at deployment: the posterior is always the streaming one over the last
+``window`` transitions, and a fault in the middle of an episode is picked up as the window
+refills.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+
+from metarl_ros.learning.agent import ConditionedSAC
+from metarl_ros.learning.encoder import BatchedWindows, make_transition
+from metarl_ros.sim.env import ArmTrackingEnv, EnvSetup
+from metarl_ros.sim.tasks import FaultEvent, TaskParams
+
+LatentMode = Literal["mean", "sample"]
+
+# (obs (E, obs), condition (E, C), latent mean (E, L) or None) -> actions (E, act)
+ActionFilter = Callable[[np.ndarray, np.ndarray, np.ndarray, "RolloutState"], np.ndarray]
+
+
+@dataclass
+class RolloutResult:
+    """Arrays with leading dims (E envs, S steps)."""
+
+    obs: np.ndarray
+    action: np.ndarray
+    reward: np.ndarray
+    next_obs: np.ndarray
+    tracking_error: np.ndarray
+    latent_mean: np.ndarray  # (E, S, L), empty L for non-latent agents
+    latent_std: np.ndarray
+    control_dt: float
+
+    @property
+    def returns(self) -> np.ndarray:
+        """Undiscounted return of each episode, (E,)."""
+        return self.reward.sum(axis=1)
+
+
+@dataclass
+class RolloutState:
+    """What an action filter (e.g. the MAML corrector) may look at each step."""
+
+    step: int
+    env_index: Sequence[int]
+    latent_mean: np.ndarray | None
+
+
+class VectorRollout:
+    """Owns ``num_envs`` environments and runs batched episodes on them."""
+
+    def __init__(self, setup: EnvSetup, num_envs: int) -> None:
+        self.setup = setup
+        self.envs = [ArmTrackingEnv(setup) for _ in range(num_envs)]
+
+    def close(self) -> None:
+        for env in self.envs:
+            env.close()
+
+    @torch.no_grad()
+    def run(
+        self,
+        agent: ConditionedSAC,
+        tasks: Sequence[TaskParams],
+        seeds: Sequence[int],
+        *,
+        faults: Sequence[Sequence[FaultEvent]] | None = None,
+        deterministic: bool = False,
+        latent_mode: LatentMode = "sample",
+        window: int = 25,
+        action_filter: ActionFilter | None = None,
+        steps: int | None = None,
+    ) -> RolloutResult:
+        """Run one episode on each of ``len(tasks)`` envs.
+
+        Args:
+            agent: the policy (any conditioning).
+            tasks: task at the start of each episode.
+            seeds: per-episode seeds (reference trajectory and sensor noise).
+            faults: per-episode fault schedules (mid-episode task changes).
+            deterministic: use the actor's mean action instead of sampling.
+            latent_mode: ``mean`` uses the posterior mean; ``sample`` draws one noise vector per
+                episode and uses ``mu + std * eps`` (temporally consistent posterior sampling).
+            window: context window size for the streaming posterior.
+            action_filter: optional post-processing of the actions (MAML correction).
+            steps: episode length override (default: the env's).
+        """
+        count = len(tasks)
+        if count > len(self.envs):
+            raise ValueError(f"{count} tasks but only {len(self.envs)} envs")
+        spec = agent.spec
+        envs = self.envs[:count]
+        steps = steps or self.setup.episode_steps
+        faults = faults or [[] for _ in range(count)]
+        obs = np.stack([
+            env.reset(seed=int(seed), options={"task": task, "faults": list(fault)})[0]
+            for env, task, seed, fault in zip(envs, tasks, seeds, faults)
+        ])
+        latent_dim = spec.latent_dim if spec.conditioning == "latent" else 0
+        windows = BatchedWindows(count, window, latent_dim) if latent_dim else None
+        noise = torch.randn(count, latent_dim) if latent_mode == "sample" else None
+        out_obs = np.zeros((count, steps, spec.obs_dim), np.float32)
+        out_next = np.zeros_like(out_obs)
+        out_action = np.zeros((count, steps, spec.act_dim), np.float32)
+        out_reward = np.zeros((count, steps), np.float32)
+        out_error = np.zeros((count, steps), np.float32)
+        out_mu = np.zeros((count, steps, latent_dim), np.float32)
+        out_std = np.zeros((count, steps, latent_dim), np.float32)
+        for t in range(steps):
+            mu_np = None
+            if windows is not None:
+                mu, var = windows.posterior()
+                std = var.sqrt()
+                condition = mu if noise is None else mu + std * noise
+                out_mu[:, t], out_std[:, t] = mu.numpy(), std.numpy()
+                mu_np = out_mu[:, t]
+            elif spec.conditioning == "oracle":
+                condition = torch.from_numpy(np.stack([
+                    env.true_task.oracle_vector(self.setup.robot.num_joints) for env in envs
+                ]))
+            else:
+                condition = torch.zeros(count, 0)
+            obs_t = torch.from_numpy(obs)
+            action = agent.act(obs_t, condition, deterministic).numpy()
+            if action_filter is not None:
+                action = action_filter(obs, condition.numpy(), action,
+                                       RolloutState(t, range(count), mu_np))
+            next_obs = np.empty_like(obs)
+            for i, env in enumerate(envs):
+                next_obs[i], out_reward[i, t], _, _, info = env.step(action[i])
+                out_error[i, t] = info["tracking_error"]
+            out_obs[:, t], out_action[:, t], out_next[:, t] = obs, action, next_obs
+            if windows is not None:
+                transition = make_transition(
+                    obs_t, torch.from_numpy(action), torch.from_numpy(out_reward[:, t]),
+                    torch.from_numpy(next_obs),
+                )
+                windows.push(*agent.encoder.factors(transition))
+            obs = next_obs
+        return RolloutResult(out_obs, out_action, out_reward, out_next, out_error,
+                             out_mu, out_std, self.setup.control_dt)
