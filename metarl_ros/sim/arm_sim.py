@@ -96,6 +96,7 @@ class ArmSimulation:
         self._locked: tuple[int, ...] = ()
         self._delay_queue: collections.deque[np.ndarray] = collections.deque()
         self._delay_steps = 0
+        self._last_command = np.zeros(self.num_joints)
         self.time_s = 0.0
         self.step_count = 0
         self._last_motor_effort = np.zeros(self.num_joints)
@@ -245,7 +246,8 @@ class ArmSimulation:
     def _set_delay(self, delay_s: float) -> None:
         steps = int(round(delay_s / self.dt))
         queue = list(self._delay_queue)
-        fill = queue[0] if queue else np.zeros(self.num_joints)
+        # the oldest command still in flight, or (no delay so far) the one the motors apply now
+        fill = queue[0] if queue else self._last_command
         # keep the newest commands, pad with the oldest so no command is invented
         queue = queue[-steps:] if steps else []
         queue = [fill] * (steps - len(queue)) + queue
@@ -273,6 +275,7 @@ class ArmSimulation:
         self._position, self._velocity = position.copy(), velocity.copy()
         self._pending.clear()
         self._delay_queue.clear()
+        self._last_command = np.zeros(self.num_joints)
         self.time_s = 0.0
         self.step_count = 0
         self._last_motor_effort = np.zeros(self.num_joints)
@@ -287,6 +290,9 @@ class ArmSimulation:
     def _apply_due_events(self) -> list[FaultEvent]:
         applied = []
         eps = 0.5 * self.dt
+        # Mid-call, the cached state is from the start of the step() call: refresh it so a
+        # brake engages where the joint is now, not where it was a few sub-steps ago.
+        self._read_joints()
         while self._pending and self._pending[0].time_s <= self.time_s + eps:
             event = heapq.heappop(self._pending)
             self.set_task(event.task)
@@ -323,6 +329,7 @@ class ArmSimulation:
                 self._delay_queue.append(command)
                 torque = self._delay_queue.popleft()
                 forces = None
+            self._last_command = torque
             if forces is None:
                 forces = self._motor_forces(torque + gravity)
             pybullet.setJointMotorControlArray(
