@@ -45,8 +45,8 @@ for data_dir in DATA_DIRS:
 console_scripts = [
     "metarl = metarl_ros.cli.main:main",
     # --- ROS 2 node executables (ros2 run metarl_ros <name>) go below this line ---
-    # "sim_node = metarl_ros.nodes.sim:main",
-    # "adapter_node = metarl_ros.nodes.adapter:main",
+    "sim_node = metarl_ros.nodes.sim_node:main",
+    "adapter_node = metarl_ros.nodes.adapter_node:main",
     # "onnx_policy_node = metarl_ros.nodes.onnx_policy:main",
     # "recorder_node = metarl_ros.nodes.recorder:main",
 ]

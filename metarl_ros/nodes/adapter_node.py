@@ -1,0 +1,291 @@
+"""adapter_node: the adaptive controller (an :class:`~metarl_ros.runtime.AdaptivePolicy`).
+
+The node only translates messages; the loop itself (joint mapping by name, transitions,
+watchdog, safe action, clamping, diagnostics values) is
+:class:`metarl_ros.control_loop.AdaptiveController`.
+
+Subscribes
+    ``/joint_states`` (sensor_msgs/JointState; RELIABLE, or BEST_EFFORT with
+    ``sensor_qos: best_effort``) -- matched **by name**, any order, extra joints ignored.
+    Messages with missing joints, wrong array lengths or a non-finite value on a controlled
+    joint are rejected (throttled warning, counted on ``/diagnostics``).
+    ``/reference`` (sensor_msgs/JointState) -- position = q_ref, velocity = qd_ref,
+    effort = qdd_ref (see :mod:`metarl_ros.nodes.sim_node`); names optional.
+
+Publishes
+    ``/<controller_name>/commands`` (std_msgs/Float64MultiArray, RELIABLE) -- efforts (N*m) in
+    the robot's joint order: ``clip(action, -1, 1) * action_scale``, clamped to the effort
+    limits; the safe action when the policy cannot be trusted.
+    ``~/latent`` (std_msgs/Float64MultiArray) -- posterior over the task latent at the context
+    rate: ``data = mean (d values) followed by std (d values)``; ``layout.dim`` =
+    ``[{label: "mean_std", size: 2, stride: 2d}, {label: "latent", size: d, stride: d}]``.
+    Not published by policies without latent (``pd``).
+    ``/diagnostics`` (diagnostic_msgs/DiagnosticArray) -- one status
+    ``"<node name>: control loop"``: state, inference latency p50/p99/max, late ticks,
+    window fill, latent shift, adaptation events, policy errors, rejected messages, input
+    ages. Level ERROR while the safe action is commanded, WARN after policy errors or with
+    more than 5 % late ticks.
+
+Loops
+    *control* (sensor-triggered at ``control_rate_hz``, see :mod:`metarl_ros.control_loop`):
+    ``policy.observe`` + ``policy.act`` only. *context* (``context_rate_hz``, >= 10 Hz, node
+    clock, own callback group): ``policy.update_context()`` if the policy has it, then
+    ``policy.posterior()``. *watchdog* (steady clock, every control period): safe action while
+    joint states or reference are older than ``watchdog_timeout`` (node clock, i.e. simulated
+    time under ``use_sim_time``). *diagnostics* (steady clock).
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
+from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
+from rclpy.clock import Clock, ClockType
+from rclpy.node import Node
+from rclpy.parameter import Parameter
+from sensor_msgs.msg import JointState
+from std_msgs.msg import Float64MultiArray, MultiArrayDimension
+
+from metarl_ros.control_loop import (
+    SAFE_MODES,
+    AdaptiveController,
+    LogThrottle,
+    LoopConfig,
+    RejectedInput,
+    TickResult,
+)
+from metarl_ros.policy_factory import POLICY_KINDS, default_pd_gains, make_policy
+from metarl_ros.runtime import AdaptivePolicy
+from metarl_ros.sim.env import load_env_setup
+
+from .common import (
+    BEST_EFFORT_QOS,
+    COMMAND_QOS,
+    STATE_QOS,
+    declare,
+    now_s,
+    run_node,
+    stamp_to_s,
+)
+
+NODE_NAME = "adapter_node"
+_LEVELS = {"ok": DiagnosticStatus.OK, "warn": DiagnosticStatus.WARN,
+           "error": DiagnosticStatus.ERROR}
+
+
+class AdapterNode(Node):
+    """See the module docstring.
+
+    Args:
+        policy: use this policy instead of building one from the ``policy`` parameter
+            (tests, in-process composition).
+        kwargs: passed to :class:`rclpy.node.Node` (e.g. ``parameter_overrides``).
+    """
+
+    def __init__(self, node_name: str = NODE_NAME, policy: AdaptivePolicy | None = None,
+                 **kwargs) -> None:
+        super().__init__(node_name, **kwargs)
+        p = self._declare_parameters()
+        self.setup = load_env_setup(p["env_config"])
+        n = self.setup.act_dim
+        source = f"policy {p['policy']!r}"
+        if policy is None:
+            policy = make_policy(p["policy"], self.setup, model_path=p["model_path"],
+                                 adaptation=p["adaptation"], pd_kp=p["pd_kp"], pd_kd=p["pd_kd"])
+        else:
+            source = "injected policy"
+        self.policy = policy
+        hold_kp, hold_kd = default_pd_gains(self.setup)
+        control_rate = p["control_rate_hz"] or self.setup.config.control_rate_hz
+        config = LoopConfig(
+            control_rate_hz=control_rate,
+            watchdog_timeout_s=p["watchdog_timeout"],
+            safe_mode=p["safe_mode"],
+            hold_kp=tuple(p["hold_kp"] or hold_kp),
+            hold_kd=tuple(p["hold_kd"] or hold_kd),
+            reference_sync=p["reference_sync"],
+            late_tick_fraction=p["late_tick_fraction"],
+            adaptation_event_threshold=p["adaptation_event_threshold"],
+        )
+        if len(config.hold_kp) != n or len(config.hold_kd) != n:
+            raise ValueError(f"hold_kp and hold_kd need {n} entries")
+        self.loop = AdaptiveController(self.setup, policy, config)
+        self._throttle = LogThrottle(p["log_throttle_s"])
+        self._was_safe = ""
+
+        controller = p["controller_name"].strip("/")
+        self.command_topic = f"/{controller}/commands"
+        control_group = MutuallyExclusiveCallbackGroup()
+        context_group = MutuallyExclusiveCallbackGroup()
+        diagnostics_group = MutuallyExclusiveCallbackGroup()
+        sensor_qos = BEST_EFFORT_QOS if p["sensor_qos"] == "best_effort" else STATE_QOS
+        self._command_pub = self.create_publisher(Float64MultiArray, self.command_topic,
+                                                  COMMAND_QOS)
+        self._latent_pub = self.create_publisher(Float64MultiArray, "~/latent", STATE_QOS)
+        self._diag_pub = self.create_publisher(DiagnosticArray, "/diagnostics", STATE_QOS)
+        self.create_subscription(JointState, "/joint_states", self._on_joint_state, sensor_qos,
+                                 callback_group=control_group)
+        self.create_subscription(JointState, "/reference", self._on_reference, sensor_qos,
+                                 callback_group=control_group)
+        steady = Clock(clock_type=ClockType.STEADY_TIME)
+        self.create_timer(self.loop.period_s, self._on_watchdog, callback_group=control_group,
+                          clock=steady)
+        self.create_timer(1.0 / p["context_rate_hz"], self._on_context,
+                          callback_group=context_group)
+        self.create_timer(1.0 / p["diagnostics_rate_hz"], self._on_diagnostics,
+                          callback_group=diagnostics_group, clock=steady)
+        self.get_logger().info(
+            f"{source} ({type(policy).__name__}) on "
+            f"{self.setup.robot.name}: control {control_rate:g} Hz, context "
+            f"{p['context_rate_hz']:g} Hz, commands on {self.command_topic}, safe_mode "
+            f"{p['safe_mode']}")
+
+    # ------------------------------------------------------------------ parameters
+
+    def _declare_parameters(self) -> dict:
+        d = {}
+        d["env_config"] = declare(self, "env_config", "sim/envs/iiwa7_tracking.yaml",
+                                  "Env YAML defining robot, observation, reward and rates.")
+        d["policy"] = declare(self, "policy", "pd", "Controller behind the node.",
+                              choices=POLICY_KINDS)
+        d["model_path"] = declare(self, "model_path", "",
+                                  "Trained model for policy 'pearl' (unused by 'pd').")
+        d["adaptation"] = declare(self, "adaptation", True,
+                                  "Online adaptation on (pearl: posterior + MAML updates).")
+        d["controller_name"] = declare(self, "controller_name", "effort_controller",
+                                       "Commands go to /<controller_name>/commands.")
+        d["control_rate_hz"] = declare(self, "control_rate_hz", 0.0,
+                                       "Policy rate (0 = the env's control rate).",
+                                       low=0.0, high=2000.0)
+        d["context_rate_hz"] = declare(self, "context_rate_hz", 10.0,
+                                       "Context (posterior) update rate, node clock.",
+                                       low=10.0, high=1000.0)
+        d["watchdog_timeout"] = declare(
+            self, "watchdog_timeout", 0.1,
+            "Seconds (node clock) without joint states or reference before the safe action.",
+            low=0.001, high=10.0)
+        d["safe_mode"] = declare(self, "safe_mode", "zero",
+                                 "Safe action: zero effort, or hold (PD to the last position).",
+                                 choices=SAFE_MODES)
+        d["hold_kp"] = declare(self, "hold_kp", None, "N*m/rad per joint for safe_mode hold "
+                               "(unset = 10 * action_scale).",
+                               param_type=Parameter.Type.DOUBLE_ARRAY)
+        d["hold_kd"] = declare(self, "hold_kd", None, "N*m*s/rad per joint for safe_mode hold "
+                               "(unset = 0.75 * action_scale).",
+                               param_type=Parameter.Type.DOUBLE_ARRAY)
+        d["pd_kp"] = declare(self, "pd_kp", None, "Gains of policy 'pd' (unset = 10 * "
+                             "action_scale).", param_type=Parameter.Type.DOUBLE_ARRAY)
+        d["pd_kd"] = declare(self, "pd_kd", None, "Gains of policy 'pd' (unset = 0.75 * "
+                             "action_scale).", param_type=Parameter.Type.DOUBLE_ARRAY)
+        d["reference_sync"] = declare(
+            self, "reference_sync", True,
+            "Wait for a reference stamped no earlier than the joint state before a tick "
+            "(deterministic lockstep); false = use the latest reference.")
+        d["sensor_qos"] = declare(self, "sensor_qos", "reliable",
+                                  "QoS of the joint state and reference subscriptions.",
+                                  choices=("reliable", "best_effort"))
+        d["diagnostics_rate_hz"] = declare(self, "diagnostics_rate_hz", 2.0,
+                                           "Rate of /diagnostics (wall clock).",
+                                           low=0.1, high=100.0)
+        d["late_tick_fraction"] = declare(
+            self, "late_tick_fraction", 0.5,
+            "A tick whose receipt-to-publish time exceeds this fraction of the control "
+            "period is late.", low=0.01, high=10.0)
+        d["adaptation_event_threshold"] = declare(
+            self, "adaptation_event_threshold", 1.0,
+            "Latent-mean move (RMS, in posterior std) counted as an adaptation event.",
+            low=0.0, high=1000.0)
+        d["log_throttle_s"] = declare(self, "log_throttle_s", 1.0,
+                                      "Minimum wall seconds between repeated warnings.",
+                                      low=0.0, high=3600.0)
+        return d
+
+    # ------------------------------------------------------------------ helpers
+
+    def _warn_throttled(self, key: str, message: str) -> None:
+        dropped = self._throttle.ready(key)
+        if dropped is not None:
+            suffix = f" ({dropped} similar suppressed)" if dropped else ""
+            self.get_logger().warn(message + suffix)
+
+    def _publish(self, result: TickResult, received: float) -> None:
+        self._command_pub.publish(Float64MultiArray(data=result.efforts.tolist()))
+        self.loop.record_publish_latency(time.perf_counter() - received)
+        if result.safe:
+            if result.reason == "policy_error":
+                self._warn_throttled("policy_error", f"policy failed ({result.error}); "
+                                     f"commanding the safe action ({self.loop.config.safe_mode})")
+            elif self._was_safe != result.reason:
+                self.get_logger().warn(f"{result.reason}: commanding the safe action "
+                                       f"({self.loop.config.safe_mode})")
+        elif self._was_safe:
+            self.get_logger().info(f"policy back in control (was: {self._was_safe})")
+        self._was_safe = result.reason if result.safe else ""
+
+    # ------------------------------------------------------------------ callbacks
+
+    def _on_joint_state(self, msg: JointState) -> None:
+        received = time.perf_counter()
+        now = now_s(self)
+        try:
+            due = self.loop.on_joint_state(stamp_to_s(msg.header.stamp), now, msg.name,
+                                           msg.position, msg.velocity)
+        except RejectedInput as exc:
+            self._warn_throttled(f"joint_state:{exc.reason}", f"rejected joint state: {exc}")
+            return
+        if due:
+            self._publish(self.loop.tick(now), received)
+
+    def _on_reference(self, msg: JointState) -> None:
+        received = time.perf_counter()
+        now = now_s(self)
+        try:
+            due = self.loop.on_reference(stamp_to_s(msg.header.stamp), now, msg.name,
+                                         msg.position, msg.velocity, msg.effort)
+        except RejectedInput as exc:
+            self._warn_throttled(f"reference:{exc.reason}", f"rejected reference: {exc}")
+            return
+        if due:
+            self._publish(self.loop.tick(now), received)
+
+    def _on_watchdog(self) -> None:
+        result = self.loop.watchdog(now_s(self))
+        if result is not None:
+            self._command_pub.publish(Float64MultiArray(data=result.efforts.tolist()))
+            if self._was_safe != result.reason:
+                self.get_logger().warn(
+                    f"{result.reason}: no fresh data for {self.loop.config.watchdog_timeout_s:g}"
+                    f" s, commanding the safe action ({self.loop.config.safe_mode})")
+            self._was_safe = result.reason
+
+    def _on_context(self) -> None:
+        update = self.loop.update_context(now_s(self))
+        if update is None:
+            return
+        d = update.mean.size
+        msg = Float64MultiArray(data=np.concatenate([update.mean, update.std]).tolist())
+        msg.layout.dim = [MultiArrayDimension(label="mean_std", size=2, stride=2 * d),
+                          MultiArrayDimension(label="latent", size=d, stride=d)]
+        self._latent_pub.publish(msg)
+        if update.adaptation_event:
+            self.get_logger().info(f"adaptation event: latent moved (shift {update.shift:.3f})")
+
+    def _on_diagnostics(self) -> None:
+        report = self.loop.diagnostics(now_s(self))
+        status = DiagnosticStatus(name=f"{self.get_name()}: control loop",
+                                  hardware_id=self.setup.robot.name, message=report.message)
+        status.level = _LEVELS[report.level]
+        status.values = [KeyValue(key=k, value=v) for k, v in report.values.items()]
+        array = DiagnosticArray(status=[status])
+        array.header.stamp = self.get_clock().now().to_msg()
+        self._diag_pub.publish(array)
+
+
+def main(args: list[str] | None = None) -> int:
+    return run_node(AdapterNode, args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,102 @@
+"""Helpers shared by the nodes: QoS profiles, time conversion, parameters, ``main``."""
+
+from __future__ import annotations
+
+import signal
+from typing import Any, Callable, Sequence
+
+import rclpy
+from builtin_interfaces.msg import Time
+from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor
+from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
+from rclpy.node import Node
+from rclpy.parameter import Parameter
+from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
+
+#: Commands, as ros2_control's command subscribers expect them (RELIABLE).
+COMMAND_QOS = QoSProfile(depth=10, history=HistoryPolicy.KEEP_LAST,
+                         reliability=ReliabilityPolicy.RELIABLE,
+                         durability=DurabilityPolicy.VOLATILE)
+#: Joint states, references, clock, latents, diagnostics.
+STATE_QOS = COMMAND_QOS
+#: Sensor data as many drivers publish it (BEST_EFFORT, depth 5).
+BEST_EFFORT_QOS = QoSProfile(depth=5, history=HistoryPolicy.KEEP_LAST,
+                             reliability=ReliabilityPolicy.BEST_EFFORT,
+                             durability=DurabilityPolicy.VOLATILE)
+#: Slow-changing state late joiners must see (the true task): last value is kept.
+LATCHED_QOS = QoSProfile(depth=1, history=HistoryPolicy.KEEP_LAST,
+                         reliability=ReliabilityPolicy.RELIABLE,
+                         durability=DurabilityPolicy.TRANSIENT_LOCAL)
+
+
+def stamp_to_s(stamp: Time) -> float:
+    return stamp.sec + stamp.nanosec * 1e-9
+
+
+def ns_to_stamp(ns: int) -> Time:
+    return Time(sec=int(ns // 1_000_000_000), nanosec=int(ns % 1_000_000_000))
+
+
+def now_s(node: Node) -> float:
+    return node.get_clock().now().nanoseconds * 1e-9
+
+
+def declare(node: Node, name: str, default: Any, description: str, *,
+            low: float | None = None, high: float | None = None,
+            choices: Sequence[str] | None = None,
+            param_type: Parameter.Type | None = None) -> Any:
+    """Declare a parameter with a descriptor (and range); return its value.
+
+    ``default=None`` with ``param_type`` declares a typed parameter without value (``None``
+    if not given), e.g. an optional ``DOUBLE_ARRAY``. ``choices`` is enforced here (ROS has
+    no descriptor field for it) and listed in the description.
+    """
+    if choices:
+        description = f"{description} One of: {', '.join(choices)}."
+    descriptor = ParameterDescriptor(name=name, description=description)
+    if low is not None and high is not None:
+        if isinstance(default, int) and not isinstance(default, bool):
+            descriptor.integer_range = [IntegerRange(from_value=int(low), to_value=int(high),
+                                                     step=0)]
+        else:
+            descriptor.floating_point_range = [FloatingPointRange(
+                from_value=float(low), to_value=float(high), step=0.0)]
+    value = node.declare_parameter(name, default if default is not None else param_type,
+                                   descriptor).value
+    if choices and value not in choices:
+        raise ValueError(f"parameter {name}={value!r}: must be one of {', '.join(choices)}")
+    return value
+
+
+def run_node(factory: Callable[[], Node], args: list[str] | None = None,
+             num_threads: int = 3) -> int:
+    """``main`` body of a node executable: init, spin, portable clean shutdown.
+
+    Catches ``KeyboardInterrupt`` and ``ExternalShutdownException``; a second SIGINT during
+    cleanup is ignored so an interrupted launch still exits cleanly.
+    """
+    rclpy.init(args=args)
+    node = None
+    code = 0
+    try:
+        node = factory()
+        executor = MultiThreadedExecutor(num_threads=num_threads)
+        executor.add_node(node)
+        executor.spin()
+    except (KeyboardInterrupt, ExternalShutdownException):
+        pass
+    except Exception as exc:  # start-up errors (bad config): one readable line, exit 1
+        if node is not None:
+            node.get_logger().fatal(f"{type(exc).__name__}: {exc}")
+        else:
+            print(f"[FATAL] {type(exc).__name__}: {exc}", flush=True)
+        code = 1
+    finally:
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            if node is not None:
+                node.destroy_node()
+            rclpy.try_shutdown()
+        finally:
+            signal.signal(signal.SIGINT, previous)
+    return code

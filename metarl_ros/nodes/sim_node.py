@@ -1,0 +1,401 @@
+"""sim_node: the PyBullet arm (:class:`~metarl_ros.sim.arm_sim.ArmSimulation`) as a ROS robot.
+
+It behaves like a torque-controlled arm under ros2_control with a joint_state_broadcaster and
+an effort ``forward_command_controller``, plus a clock and the reference to track.
+
+Publishes
+    ``/clock`` (rosgraph_msgs/Clock) -- simulation time; run the other nodes with
+    ``use_sim_time: true``.
+    ``/joint_states`` (sensor_msgs/JointState, RELIABLE) -- *measured* position (rad),
+    velocity (rad/s) and motor effort (N*m, including the firmware's gravity compensation),
+    with the task's sensor noise; all joints, in the robot's order (subscribers must still
+    match by name).
+    ``/reference`` (sensor_msgs/JointState, RELIABLE) -- the trajectory to track at the same
+    instant, stamped like the joint state it goes with: ``position`` = q_ref (rad),
+    ``velocity`` = qd_ref (rad/s), ``effort`` = qdd_ref (rad/s^2, *not* a torque). Published
+    just before ``/joint_states``.
+    ``/sim/true_task`` (std_msgs/String, RELIABLE + TRANSIENT_LOCAL, latched) -- ground truth
+    for debugging and evaluation, JSON ``{"time_s", "label", "task": {TaskParams fields}}``,
+    on every change.
+    ``/diagnostics`` (diagnostic_msgs/DiagnosticArray) -- sim time, achieved real-time factor,
+    command counts, lockstep timeouts, current task label (1 Hz, wall clock).
+
+Subscribes
+    ``/<controller_name>/commands`` (std_msgs/Float64MultiArray, RELIABLE) -- joint efforts
+    (N*m) added to gravity compensation, by position in the robot's joint order. A command of
+    the wrong length or with a non-finite value is rejected with a throttled warning and the
+    arm gets zero effort (gravity compensation continues) until a valid one arrives.
+    ``/sim/set_task`` (std_msgs/String) -- JSON task change applied at once, format in
+    :mod:`metarl_ros.scenario` (e.g. ``{"label": "drop", "payload_mass": 0.0}``).
+
+Timing (parameter ``real_time_factor``)
+    ``> 0``: physics paced against the wall clock at that factor; commands are read when due
+    (the latest valid one is held, like forward_command_controller; older than
+    ``command_timeout`` simulated seconds -> zero effort).
+    ``0``: **lockstep**, as fast as possible and deterministic: every control period the node
+    publishes clock, reference and joint states, then waits for a new command (up to
+    ``lockstep_timeout`` wall seconds) before stepping. Until the very first command the
+    simulation does not start (it re-publishes t = 0 so late-starting controllers find it);
+    after that a timeout steps with zero effort and warns.
+
+Faults come from the ``scenario`` YAML (scheduled in simulation time) and ``/sim/set_task``.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
+from rclpy.clock import Clock, ClockType
+from rclpy.node import Node
+from rosgraph_msgs.msg import Clock as ClockMsg
+from sensor_msgs.msg import JointState
+from std_msgs.msg import Float64MultiArray, String
+
+from metarl_ros.config import ConfigError
+from metarl_ros.control_loop import LogThrottle
+from metarl_ros.resources import resolve_path
+from metarl_ros.scenario import Scenario, load_scenario, parse_task_command, task_to_json
+from metarl_ros.sim.arm_sim import ArmSimulation
+from metarl_ros.sim.env import load_env_setup
+from metarl_ros.sim.reference import MultiSineReference
+from metarl_ros.sim.tasks import TaskParams
+
+from .common import COMMAND_QOS, LATCHED_QOS, STATE_QOS, declare, ns_to_stamp, run_node
+
+NODE_NAME = "sim_node"
+
+
+class SimNode(Node):
+    """See the module docstring for topics and timing.
+
+    Extra keyword arguments go to :class:`rclpy.node.Node` (e.g. ``parameter_overrides``).
+    """
+
+    def __init__(self, node_name: str = NODE_NAME, **kwargs) -> None:
+        super().__init__(node_name, **kwargs)
+        p = self._declare_parameters()
+        self.setup = load_env_setup(p["env_config"])
+        robot = self.setup.robot
+        self.joint_names = list(robot.joint_names)
+        self.n = robot.num_joints
+        sim_rate = self.setup.config.sim_rate_hz
+        control_rate = self.setup.config.control_rate_hz
+        js_rate = p["joint_state_rate_hz"] or control_rate
+        chunk = sim_rate / js_rate
+        per_control = js_rate / control_rate
+        if abs(chunk - round(chunk)) > 1e-9 or abs(per_control - round(per_control)) > 1e-9 \
+                or per_control < 1:
+            raise ConfigError(
+                f"joint_state_rate_hz ({js_rate}) must divide sim_rate_hz ({sim_rate}) and be a "
+                f"whole multiple of control_rate_hz ({control_rate})")
+        self.chunk_steps = int(round(chunk))
+        self.publishes_per_control = int(round(per_control))
+        self.real_time_factor = float(p["real_time_factor"])
+        self.lockstep = self.real_time_factor == 0.0
+        self.lockstep_timeout = float(p["lockstep_timeout"])
+        self.command_timeout = float(p["command_timeout"])
+        self.duration_s = float(p["duration_s"])
+
+        scenario: Scenario | None = None
+        if p["scenario"]:
+            scenario = load_scenario(resolve_path(p["scenario"]), self.joint_names)
+        seed = p["seed"] if p["seed"] >= 0 else (scenario.config.reference_seed if scenario else 0)
+        self.scenario = scenario
+        self.sim = ArmSimulation(robot, sim_rate_hz=sim_rate,
+                                 gravity_compensation=self.setup.config.gravity_compensation,
+                                 gui=p["gui"], seed=seed, robot_file=self.setup.robot_path)
+        self.reference = MultiSineReference.sample(
+            self.setup.config.reference, np.asarray(robot.default_pose),
+            np.asarray(robot.position_lower), np.asarray(robot.position_upper),
+            np.random.default_rng(seed))
+        q_ref, qd_ref, _ = self.reference.evaluate(0.0)
+        initial = scenario.initial_task if scenario else TaskParams()
+        self.sim.reset(q_ref, qd_ref, task=initial)
+        if scenario:
+            self.sim.schedule(list(scenario.events))
+        self.task_label = "initial"
+
+        controller = p["controller_name"].strip("/")
+        self.command_topic = f"/{controller}/commands"
+        self._clock_pub = self.create_publisher(ClockMsg, "/clock", STATE_QOS)
+        self._joint_pub = self.create_publisher(JointState, "/joint_states", STATE_QOS)
+        self._reference_pub = self.create_publisher(JointState, "/reference", STATE_QOS)
+        self._task_pub = self.create_publisher(String, "/sim/true_task", LATCHED_QOS)
+        self._diag_pub = self.create_publisher(DiagnosticArray, "/diagnostics", STATE_QOS)
+        self.create_subscription(Float64MultiArray, self.command_topic, self._on_command,
+                                 COMMAND_QOS)
+        self.create_subscription(String, "/sim/set_task", self._on_set_task, STATE_QOS)
+        self._throttle = LogThrottle(float(p["log_throttle_s"]))
+
+        # Shared with the simulation thread (guarded by _cond).
+        self._cond = threading.Condition()
+        self._command = np.zeros(self.n)
+        self._command_seq = 0
+        self._command_time_s = -np.inf
+        self._pending_tasks: list[tuple[TaskParams, str]] = []
+        self.commands_received = 0
+        self.commands_rejected = 0
+        self.lockstep_timeouts = 0
+        self.overruns = 0
+        self.started = threading.Event()
+        """set when the simulation has started stepping."""
+        self.finished = threading.Event()
+        """set when ``duration_s`` of simulated time has elapsed."""
+        self._stop = threading.Event()
+        self._wall_start: float | None = None
+        self._time_at_start = 0.0
+
+        self._publish_task(self.sim.task, "initial")
+        self.create_timer(1.0, self._publish_diagnostics,
+                          clock=Clock(clock_type=ClockType.STEADY_TIME))
+        self._thread = threading.Thread(target=self._run, name="sim_loop", daemon=True)
+        self._thread.start()
+        mode = "lockstep" if self.lockstep else f"real_time_factor={self.real_time_factor}"
+        self.get_logger().info(
+            f"simulating {robot.name} ({self.n} joints) at {sim_rate:g} Hz, {mode}; joint states "
+            f"at {js_rate:g} Hz; commands on {self.command_topic}; scenario: "
+            f"{scenario.config.name if scenario else 'none'}")
+
+    # ------------------------------------------------------------------ parameters
+
+    def _declare_parameters(self) -> dict:
+        d = {}
+        d["env_config"] = declare(self, "env_config", "sim/envs/iiwa7_tracking.yaml",
+                                  "Env YAML (robot, rates, reference); relative paths resolve "
+                                  "against the working directory, then the package share.")
+        d["scenario"] = declare(self, "scenario", "",
+                                "Scenario YAML with timed faults ('' = none).")
+        d["real_time_factor"] = declare(
+            self, "real_time_factor", 1.0,
+            "Simulated seconds per wall second; 0 = lockstep, as fast as possible, waiting for "
+            "the controller's command every control period.", low=0.0, high=100.0)
+        d["controller_name"] = declare(self, "controller_name", "effort_controller",
+                                       "Commands are read from /<controller_name>/commands.")
+        d["joint_state_rate_hz"] = declare(
+            self, "joint_state_rate_hz", 0.0,
+            "Rate of /joint_states, /reference and /clock (0 = the env's control rate); must "
+            "divide the physics rate and be a multiple of the control rate.",
+            low=0.0, high=10000.0)
+        d["lockstep_timeout"] = declare(
+            self, "lockstep_timeout", 0.5,
+            "Lockstep: wall seconds to wait for a command before stepping with zero effort.",
+            low=0.001, high=60.0)
+        d["command_timeout"] = declare(
+            self, "command_timeout", 0.1,
+            "Real-time mode: a command older than this (simulated s) is replaced by zero "
+            "effort; 0 = hold the last command forever.", low=0.0, high=60.0)
+        d["duration_s"] = declare(self, "duration_s", 0.0,
+                                  "Stop stepping after this much simulated time (0 = never).",
+                                  low=0.0, high=1e9)
+        d["seed"] = declare(self, "seed", -1,
+                            "Seed of the reference and sensor noise (-1 = the scenario's "
+                            "reference_seed, or 0).", low=-1, high=2**31 - 1)
+        d["gui"] = declare(self, "gui", False, "Open the PyBullet GUI.")
+        d["log_throttle_s"] = declare(self, "log_throttle_s", 1.0,
+                                      "Minimum wall seconds between repeated warnings.",
+                                      low=0.0, high=3600.0)
+        return d
+
+    # ------------------------------------------------------------------ callbacks
+
+    def _warn_throttled(self, key: str, message: str) -> None:
+        dropped = self._throttle.ready(key)
+        if dropped is not None:
+            suffix = f" ({dropped} similar suppressed)" if dropped else ""
+            self.get_logger().warn(message + suffix)
+
+    def _on_command(self, msg: Float64MultiArray) -> None:
+        values = np.asarray(msg.data, dtype=np.float64)
+        valid = values.shape == (self.n,) and bool(np.isfinite(values).all())
+        with self._cond:
+            self.commands_received += 1
+            if valid:
+                self._command = values
+            else:
+                self.commands_rejected += 1
+                self._command = np.zeros(self.n)
+            self._command_seq += 1
+            self._command_time_s = self.sim.time_s
+            self._cond.notify_all()
+        if not valid:
+            what = (f"{values.size} values, expected {self.n}" if values.shape != (self.n,)
+                    else "non-finite values")
+            self._warn_throttled("bad_command", f"rejected command on {self.command_topic} "
+                                 f"({what}); holding zero effort")
+
+    def _on_set_task(self, msg: String) -> None:
+        with self._cond:
+            current = self._pending_tasks[-1][0] if self._pending_tasks else self.sim.task
+        try:
+            task, label = parse_task_command(msg.data, current, self.joint_names)
+        except ConfigError as exc:
+            self.get_logger().error(f"ignored /sim/set_task: {exc}")
+            return
+        with self._cond:
+            self._pending_tasks.append((task, label))
+            self._cond.notify_all()
+
+    # ------------------------------------------------------------------ simulation loop
+
+    def _publish_state(self) -> None:
+        stamp = ns_to_stamp(int(round(self.sim.time_s * 1e9)))
+        self._clock_pub.publish(ClockMsg(clock=stamp))
+        q_ref, qd_ref, qdd_ref = self.reference.evaluate(self.sim.time_s)
+        reference = JointState(name=self.joint_names, position=q_ref.tolist(),
+                               velocity=qd_ref.tolist(), effort=qdd_ref.tolist())
+        reference.header.stamp = stamp
+        self._reference_pub.publish(reference)
+        reading = self.sim.measure()
+        state = JointState(name=self.joint_names, position=reading.position.tolist(),
+                           velocity=reading.velocity.tolist(), effort=reading.effort.tolist())
+        state.header.stamp = stamp
+        self._joint_pub.publish(state)
+
+    def _publish_task(self, task: TaskParams, label: str) -> None:
+        self.task_label = label
+        self._task_pub.publish(String(data=task_to_json(task, self.sim.time_s, label)))
+
+    def _apply_pending_tasks(self) -> None:
+        with self._cond:
+            pending, self._pending_tasks = self._pending_tasks, []
+        for task, label in pending:
+            self.sim.set_task(task)
+            self._publish_task(self.sim.task, label)
+            self.get_logger().info(f"t={self.sim.time_s:.3f}s task changed: {label}")
+
+    def _wait_for_command(self, seq: int) -> np.ndarray | None:
+        """Lockstep: block until a command newer than ``seq`` arrives; None on timeout/stop."""
+        # Before the first command, re-publish t = 0 often: a controller that starts later
+        # only receives what is published after it has been discovered.
+        timeout = self.lockstep_timeout if self.started.is_set() else min(0.1, self.lockstep_timeout)
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while self._command_seq <= seq and not self._stop.is_set():
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or self._pending_tasks:
+                    break
+                self._cond.wait(remaining)
+            if self._command_seq > seq:
+                return self._command.copy()
+            return None
+
+    def _current_command(self) -> np.ndarray:
+        with self._cond:
+            age = self.sim.time_s - self._command_time_s
+            if self.command_timeout > 0 and age > self.command_timeout:
+                return np.zeros(self.n)
+            return self._command.copy()
+
+    def _run(self) -> None:
+        try:
+            self._loop()
+        except Exception as exc:  # pragma: no cover - reported, the node stays inspectable
+            self.get_logger().fatal(f"simulation loop crashed: {type(exc).__name__}: {exc}")
+            raise
+
+    def _loop(self) -> None:
+        publish_index = 0
+        next_wall = time.monotonic()
+        chunk_dt = self.chunk_steps * self.sim.dt
+        while not self._stop.is_set():
+            self._apply_pending_tasks()
+            if self.duration_s and self.sim.time_s >= self.duration_s - 0.5 * self.sim.dt:
+                if not self.finished.is_set():
+                    self.get_logger().info(f"duration {self.duration_s:g} s reached; "
+                                           "simulation paused")
+                    self.finished.set()
+                self._stop.wait(0.05)
+                continue
+            with self._cond:
+                seq = self._command_seq
+            self._publish_state()
+            at_control = publish_index % self.publishes_per_control == 0
+            if self.lockstep and at_control:
+                command = self._wait_for_command(seq)
+                if command is None:
+                    if self._stop.is_set():
+                        break
+                    with self._cond:
+                        pending = bool(self._pending_tasks)
+                    if pending:
+                        continue  # apply the task change, then publish again
+                    if not self.started.is_set():
+                        continue  # no controller yet: hold t = 0, publish it again
+                    self.lockstep_timeouts += 1
+                    self._warn_throttled(
+                        "lockstep_timeout",
+                        f"no command within {self.lockstep_timeout:g} s (lockstep); stepping "
+                        "with zero effort")
+                    command = np.zeros(self.n)
+            else:
+                command = self._current_command()
+            if not self.started.is_set():
+                self.started.set()
+                self._wall_start = time.monotonic()
+                self._time_at_start = self.sim.time_s
+                next_wall = self._wall_start
+            events = self.sim.step(command, substeps=self.chunk_steps)
+            publish_index += 1
+            for event in events:
+                self._publish_task(event.task, event.label)
+                self.get_logger().info(f"t={event.time_s:.3f}s scheduled fault: {event.label}")
+            if not self.lockstep:
+                next_wall += chunk_dt / self.real_time_factor
+                delay = next_wall - time.monotonic()
+                if delay > 0:
+                    self._stop.wait(delay)
+                elif delay < -0.25:  # fell far behind: do not try to catch up in a burst
+                    self.overruns += 1
+                    next_wall = time.monotonic()
+
+    # ------------------------------------------------------------------ diagnostics
+
+    def achieved_real_time_factor(self) -> float:
+        if self._wall_start is None:
+            return 0.0
+        wall = time.monotonic() - self._wall_start
+        return (self.sim.time_s - self._time_at_start) / wall if wall > 0 else 0.0
+
+    def _publish_diagnostics(self) -> None:
+        status = DiagnosticStatus(name=f"{self.get_name()}: simulation",
+                                  hardware_id=self.setup.robot.name)
+        status.level = DiagnosticStatus.OK
+        status.message = "running" if self.started.is_set() else "waiting for first command"
+        if self.finished.is_set():
+            status.message = "duration reached"
+        values = {
+            "sim_time_s": f"{self.sim.time_s:.3f}",
+            "real_time_factor_target": f"{self.real_time_factor:g}",
+            "real_time_factor_achieved": f"{self.achieved_real_time_factor():.2f}",
+            "commands_received": self.commands_received,
+            "commands_rejected": self.commands_rejected,
+            "lockstep_timeouts": self.lockstep_timeouts,
+            "overruns": self.overruns,
+            "task": self.task_label,
+        }
+        if self.commands_rejected or self.lockstep_timeouts:
+            status.level = DiagnosticStatus.WARN
+        status.values = [KeyValue(key=k, value=str(v)) for k, v in values.items()]
+        array = DiagnosticArray(status=[status])
+        array.header.stamp = self.get_clock().now().to_msg()
+        self._diag_pub.publish(array)
+
+    def destroy_node(self) -> None:
+        self._stop.set()
+        with self._cond:
+            self._cond.notify_all()
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join(timeout=5.0)
+        self.sim.close()
+        super().destroy_node()
+
+
+def main(args: list[str] | None = None) -> int:
+    return run_node(SimNode, args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
