@@ -539,7 +539,9 @@ class AdaptiveController:
         self._pending_stamp = None
         with self._lock:
             self.stats.ticks += 1
+            # a gap explained by stale inputs is reported as such, not as a late tick
             late_gap = (self._last_tick_stamp is not None
+                        and self._safe_reason not in ("sensor_stale", "reference_stale")
                         and stamp - self._last_tick_stamp > 1.5 * self.period_s)
         self._last_tick_stamp = stamp
         self._watchdog_next = None

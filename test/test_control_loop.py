@@ -1,0 +1,348 @@
+"""The ROS-free control loop: joint mapping, watchdog, clamp, safe action, transitions, diagnostics."""
+
+import math
+
+import numpy as np
+import pytest
+
+from metarl_ros.control_loop import (
+    AdaptiveController,
+    EffortClamp,
+    JointNameMapper,
+    LogThrottle,
+    LoopConfig,
+    RejectedInput,
+    SafeAction,
+    Watchdog,
+)
+from metarl_ros.policy_factory import make_policy, setup_contract
+from metarl_ros.runtime import PosteriorSummary
+from metarl_ros.sim.env import ArmTrackingEnv, load_env_setup, tracking_reward
+
+NAMES = ["a", "b", "c"]
+
+
+@pytest.fixture(scope="module")
+def setup():
+    return load_env_setup()
+
+
+class RecordingPolicy:
+    """Implements AdaptivePolicy; records calls; optional failures and latent."""
+
+    def __init__(self, setup, action=None, fail_on=(), bad_output_on=(), latent=None):
+        self.contract = setup_contract(setup)
+        self.n = setup.act_dim
+        self.action = np.zeros(self.n) if action is None else np.asarray(action, float)
+        self.fail_on = set(fail_on)
+        self.bad_output_on = set(bad_output_on)
+        self.calls = 0
+        self.observed = []
+        self.latent = latent
+
+    def reset(self):
+        self.observed.clear()
+
+    def observe(self, obs, action, reward, next_obs):
+        self.observed.append((obs.copy(), action.copy(), reward, next_obs.copy()))
+
+    def act(self, obs):
+        self.calls += 1
+        if self.calls in self.fail_on:
+            raise RuntimeError(f"boom {self.calls}")
+        if self.calls in self.bad_output_on:
+            return np.full(self.n, np.nan)
+        return self.action.copy()
+
+    def posterior(self):
+        if self.latent is None:
+            return PosteriorSummary(np.zeros(0), np.zeros(0), 0)
+        mean, std = self.latent
+        return PosteriorSummary(np.asarray(mean, float), np.asarray(std, float), 7)
+
+
+def _feed(loop, t, q, qd=None, ref=None, names=None):
+    """Give the loop a reference then a joint state at time t; tick if due."""
+    n = loop.n
+    names = list(loop.joints.joint_names) if names is None else names
+    qd = np.zeros(n) if qd is None else qd
+    ref = (q, np.zeros(n), np.zeros(n)) if ref is None else ref
+    loop.on_reference(t, t, [], *ref)
+    if loop.on_joint_state(t, t, names, q, qd):
+        return loop.tick(t)
+    return None
+
+
+# ---------------------------------------------------------------------------- mapping
+
+
+def test_mapper_by_name_any_order_extra_joints_ignored():
+    mapper = JointNameMapper(NAMES)
+    sample = mapper.map(["x", "c", "a", "b"], [9.0, 3.0, 1.0, 2.0], [90.0, 30.0, 10.0, 20.0])
+    np.testing.assert_array_equal(sample.position, [1.0, 2.0, 3.0])
+    np.testing.assert_array_equal(sample.velocity, [10.0, 20.0, 30.0])
+    assert sample.effort is None
+
+
+def test_mapper_nan_on_extra_joint_is_fine_but_not_on_a_controlled_one():
+    mapper = JointNameMapper(NAMES)
+    mapper.map(["a", "b", "c", "x"], [1, 2, 3, math.nan], [0, 0, 0, 0])
+    with pytest.raises(RejectedInput) as info:
+        mapper.map(["a", "b", "c"], [1, math.nan, 3], [0, 0, 0])
+    assert info.value.reason == "non_finite"
+    with pytest.raises(RejectedInput):
+        mapper.map(["a", "b", "c"], [1, 2, 3], [0, math.inf, 0])
+
+
+@pytest.mark.parametrize("names,pos,vel,reason", [
+    (["a", "b"], [1, 2], [0, 0], "missing_joints"),
+    (["a", "b", "c"], [1, 2], [0, 0, 0], "length_mismatch"),
+    (["a", "b", "c"], [1, 2, 3], [0, 0], "length_mismatch"),
+    (["a", "b", "c"], [1, 2, 3], [], "length_mismatch"),
+    (["a", "a", "c"], [1, 2, 3], [0, 0, 0], "duplicate_names"),
+    ([], [1, 2, 3], [0, 0, 0], "no_names"),
+])
+def test_mapper_rejections(names, pos, vel, reason):
+    with pytest.raises(RejectedInput) as info:
+        JointNameMapper(NAMES).map(names, pos, vel)
+    assert info.value.reason == reason
+
+
+def test_mapper_unnamed_allowed_for_references():
+    mapper = JointNameMapper(NAMES, allow_unnamed=True)
+    sample = mapper.map([], [1, 2, 3], [4, 5, 6], [7, 8, 9], require_effort=True)
+    np.testing.assert_array_equal(sample.effort, [7, 8, 9])
+    with pytest.raises(RejectedInput):
+        mapper.map([], [1, 2, 3], [4, 5, 6], [], require_effort=True)
+
+
+def test_mapper_cache_follows_order_changes():
+    mapper = JointNameMapper(NAMES)
+    assert mapper.map(["a", "b", "c"], [1, 2, 3], [0, 0, 0]).position.tolist() == [1, 2, 3]
+    assert mapper.map(["c", "b", "a"], [1, 2, 3], [0, 0, 0]).position.tolist() == [3, 2, 1]
+
+
+# ---------------------------------------------------------------------------- pieces
+
+
+def test_watchdog():
+    dog = Watchdog(0.1)
+    assert dog.age(5.0) == math.inf and dog.stale(5.0)
+    dog.feed(1.0)
+    assert dog.age(1.05) == pytest.approx(0.05) and not dog.stale(1.05)
+    assert dog.stale(1.2)
+    with pytest.raises(ValueError):
+        Watchdog(0.0)
+
+
+def test_effort_clamp():
+    clamp = EffortClamp([10.0, 20.0], [15.0, 5.0])
+    efforts, applied = clamp.from_action(np.array([2.0, -0.5]))
+    np.testing.assert_allclose(applied, [1.0, -0.5])
+    np.testing.assert_allclose(efforts, [10.0, -5.0])  # second joint clamped to its limit
+    np.testing.assert_allclose(clamp.clamp(np.array([np.nan, -100.0])), [0.0, -5.0])
+    with pytest.raises(ValueError):
+        clamp.from_action(np.array([np.nan, 0.0]))
+    with pytest.raises(ValueError):
+        clamp.from_action(np.zeros(3))
+
+
+def test_safe_action_zero_and_hold():
+    from metarl_ros.control_loop import JointSample
+
+    clamp = EffortClamp([10.0, 10.0], [50.0, 50.0])
+    zero = SafeAction("zero", [1, 1], [1, 1], clamp)
+    sample = JointSample(np.array([0.1, 0.2]), np.array([1.0, 0.0]))
+    assert zero.efforts(sample).tolist() == [0.0, 0.0]
+    hold = SafeAction("hold", [100.0, 100.0], [10.0, 10.0], clamp)
+    hold.latch(np.array([0.0, 0.0]))
+    np.testing.assert_allclose(hold.efforts(sample), [-10.0 - 10.0, -20.0])
+    big = JointSample(np.array([10.0, -10.0]), np.zeros(2))
+    np.testing.assert_allclose(hold.efforts(big), [-50.0, 50.0])  # clamped
+    with pytest.raises(ValueError):
+        SafeAction("brake", [1, 1], [1, 1], clamp)
+
+
+def test_log_throttle_counts_suppressed():
+    now = [0.0]
+    throttle = LogThrottle(1.0, clock=lambda: now[0])
+    assert throttle.ready("x") == 0
+    assert throttle.ready("x") is None
+    assert throttle.ready("y") == 0
+    now[0] = 0.5
+    assert throttle.ready("x") is None
+    now[0] = 1.01
+    assert throttle.ready("x") == 2
+
+
+# ---------------------------------------------------------------------------- controller
+
+
+def test_transitions_observation_and_reward_match_the_env(setup):
+    """Fed the env's readings, the loop builds the env's observations and rewards exactly."""
+    env = ArmTrackingEnv(setup)
+    policy = make_policy("pd", setup)
+    recorder = RecordingPolicy(setup)
+    loop = AdaptiveController(setup, recorder, LoopConfig(control_rate_hz=100.0))
+    obs, _ = env.reset(seed=3)
+    env_transitions = []
+    for k in range(6):
+        t = env.sim.time_s
+        reading = env.sim.measure()
+        ref = env.reference_at(t)
+        recorder.action = policy.act(obs).astype(np.float64)
+        loop.on_reference(t, t, [], *ref)
+        assert loop.on_joint_state(t, t, setup.robot.joint_names, reading.position,
+                                   reading.velocity)
+        result = loop.tick(t)
+        assert not result.safe
+        np.testing.assert_allclose(result.efforts,
+                                   recorder.action * np.asarray(setup.robot.action_scale))
+        next_obs, reward, *_ = env.step(result.action.astype(np.float32))
+        env_transitions.append((obs, result.action, reward, next_obs))
+        obs = next_obs
+    assert len(recorder.observed) == 5  # the last transition ends at the next tick
+    for (o, a, r, o2), (eo, ea, er, eo2) in zip(recorder.observed, env_transitions):
+        np.testing.assert_allclose(o, eo, atol=1e-6)
+        np.testing.assert_allclose(a, ea, atol=1e-6)
+        np.testing.assert_allclose(o2, eo2, atol=1e-6)
+        assert r == pytest.approx(er, abs=1e-9)
+    env.close()
+
+
+def test_decimation_to_the_control_rate(setup):
+    loop = AdaptiveController(setup, RecordingPolicy(setup), LoopConfig(control_rate_hz=100.0))
+    q = np.asarray(setup.robot.default_pose)
+    ticks = [k for k in range(50) if _feed(loop, 1.0 + k * 0.002, q) is not None]
+    assert ticks == list(range(0, 50, 5))
+
+
+def test_reference_sync_defers_the_tick_until_the_matching_reference(setup):
+    loop = AdaptiveController(setup, RecordingPolicy(setup), LoopConfig())
+    q = np.asarray(setup.robot.default_pose)
+    zeros = np.zeros(7)
+    names = setup.robot.joint_names
+    assert not loop.on_joint_state(1.0, 1.0, names, q, zeros)  # no reference yet
+    assert loop.on_reference(1.0, 1.0, names, q, zeros, zeros)
+    loop.tick(1.0)
+    assert not loop.on_joint_state(1.01, 1.01, names, q, zeros)  # reference is older
+    assert loop.on_reference(1.01, 1.01, [], q, zeros, zeros)
+    unsynced = AdaptiveController(setup, RecordingPolicy(setup), LoopConfig(reference_sync=False))
+    unsynced.on_reference(1.0, 1.0, [], q, zeros, zeros)
+    assert unsynced.on_joint_state(1.01, 1.01, names, q, zeros)
+
+
+def test_policy_exception_gives_safe_action_and_the_loop_continues(setup):
+    policy = RecordingPolicy(setup, action=np.full(7, 0.5), fail_on={3}, bad_output_on={5})
+    loop = AdaptiveController(setup, policy, LoopConfig())
+    q = np.asarray(setup.robot.default_pose)
+    results = [_feed(loop, 1.0 + 0.01 * k, q) for k in range(8)]
+    assert [r.safe for r in results] == [False, False, True, False, True, False, False, False]
+    assert results[2].reason == "policy_error" and "boom 3" in results[2].error
+    assert results[2].efforts.tolist() == [0.0] * 7
+    assert loop.stats.policy_errors == 2
+    # a transition needs the policy's own action at its start: 0-1, 1-2, 3-4, 5-6, 6-7
+    # (observe runs before act, so 1-2 and 3-4 are handed over before act fails)
+    assert len(policy.observed) == 5
+    report = loop.diagnostics(2.0)
+    assert report.level == "warn" and report.values["policy_errors"] == "2"
+
+
+def test_policy_action_is_clipped_and_clamped(setup):
+    loop = AdaptiveController(setup, RecordingPolicy(setup, action=np.full(7, 5.0)), LoopConfig())
+    result = _feed(loop, 1.0, np.asarray(setup.robot.default_pose))
+    np.testing.assert_allclose(result.action, np.ones(7))
+    np.testing.assert_allclose(result.efforts, setup.robot.action_scale)
+    assert (np.abs(result.efforts) <= np.asarray(setup.robot.effort_limits)).all()
+
+
+def test_stale_sensors_watchdog_commands_safe_action_once_per_period(setup):
+    loop = AdaptiveController(setup, RecordingPolicy(setup, action=np.full(7, 0.3)),
+                              LoopConfig(watchdog_timeout_s=0.1, safe_mode="hold",
+                                         hold_kp=(100.0,) * 7, hold_kd=(0.0,) * 7))
+    assert loop.watchdog(0.5) is None  # nothing ever received: not started
+    q = np.asarray(setup.robot.default_pose)
+    assert not _feed(loop, 1.0, q).safe
+    assert loop.watchdog(1.05) is None
+    first = loop.watchdog(1.2)
+    assert first is not None and first.safe and first.reason == "sensor_stale"
+    np.testing.assert_allclose(first.efforts, 0.0)  # hold where it was: no error yet
+    assert loop.watchdog(1.205) is None  # once per control period
+    assert loop.watchdog(1.211) is not None
+    assert loop.diagnostics(1.3).level == "error"
+    assert loop.stats.stale_events == 1
+    # fresh data: the policy is back; the hold PD pulled towards the latched pose meanwhile
+    assert not _feed(loop, 1.3, q).safe
+    assert loop.safe_reason == "" and loop.diagnostics(1.3).level == "ok"
+
+
+def test_hold_mode_holds_the_latched_position_through_policy_failure(setup):
+    policy = RecordingPolicy(setup, fail_on={2, 3})
+    loop = AdaptiveController(setup, policy, LoopConfig(safe_mode="hold", hold_kp=(100.0,) * 7,
+                                                        hold_kd=(10.0,) * 7))
+    q = np.asarray(setup.robot.default_pose)
+    _feed(loop, 1.0, q)
+    assert _feed(loop, 1.01, q).safe  # latched at q
+    moved = q + 0.01
+    result = _feed(loop, 1.02, moved, qd=np.full(7, 0.1))
+    np.testing.assert_allclose(result.efforts, 100.0 * -0.01 - 10.0 * 0.1)
+
+
+def test_context_update_latent_shift_and_adaptation_events(setup):
+    policy = RecordingPolicy(setup, latent=(np.zeros(4), np.full(4, 0.1)))
+    loop = AdaptiveController(setup, policy, LoopConfig(adaptation_event_threshold=1.0))
+    first = loop.update_context(0.1)
+    assert first.shift == 0.0 and not first.adaptation_event and first.window_fill == 7
+    policy.latent = (np.full(4, 0.05), np.full(4, 0.1))  # 0.5 std: no event
+    assert not loop.update_context(0.2).adaptation_event
+    policy.latent = (np.full(4, 0.3), np.full(4, 0.1))  # 3 std: event
+    update = loop.update_context(0.3)
+    assert update.adaptation_event and update.shift == pytest.approx(0.5)
+    assert loop.stats.adaptation_events == 1
+    values = loop.diagnostics(0.3).values
+    assert values["latent_dim"] == "4" and values["adaptation_events"] == "1"
+    assert AdaptiveController(setup, RecordingPolicy(setup), LoopConfig()).update_context(0) is None
+
+
+def test_rejections_are_counted_and_keep_the_previous_sample(setup):
+    loop = AdaptiveController(setup, RecordingPolicy(setup), LoopConfig())
+    q = np.asarray(setup.robot.default_pose)
+    _feed(loop, 1.0, q)
+    with pytest.raises(RejectedInput):
+        loop.on_joint_state(1.01, 1.01, setup.robot.joint_names, [math.nan] * 7, [0.0] * 7)
+    with pytest.raises(RejectedInput):
+        loop.on_reference(1.01, 1.01, [], [0.0] * 6, [0.0] * 6, [0.0] * 6)
+    values = loop.diagnostics(1.02).values
+    assert values["rejected_joint_states"] == "1" and values["rejected_references"] == "1"
+    assert values["rejected.joint_state:non_finite"] == "1"
+    assert not loop.watchdog(1.05)  # the rejected message did not feed the watchdog...
+    assert loop.watchdog(1.2).reason == "sensor_stale"  # ...so it goes stale
+
+
+def test_late_ticks_from_gaps_and_publish_latency(setup):
+    loop = AdaptiveController(setup, RecordingPolicy(setup), LoopConfig(late_tick_fraction=0.5))
+    q = np.asarray(setup.robot.default_pose)
+    _feed(loop, 1.0, q)
+    _feed(loop, 1.01, q)
+    loop.record_publish_latency(0.001)
+    assert loop.stats.late_ticks == 0
+    _feed(loop, 1.05, q)  # 4 periods later
+    assert loop.stats.late_ticks == 1
+    loop.record_publish_latency(0.2)  # same tick: counted once
+    assert loop.stats.late_ticks == 1
+    _feed(loop, 1.06, q)
+    loop.record_publish_latency(0.006)
+    assert loop.stats.late_ticks == 2
+
+
+def test_reward_uses_the_shared_function(setup):
+    """Guard against re-implementation: the reward equals tracking_reward's for a known error."""
+    policy = RecordingPolicy(setup, action=np.full(7, 0.2))
+    loop = AdaptiveController(setup, policy, LoopConfig())
+    q = np.asarray(setup.robot.default_pose)
+    ref_q = q + 0.01
+    zeros = np.zeros(7)
+    _feed(loop, 1.0, q, ref=(ref_q, zeros, zeros))
+    _feed(loop, 1.01, q, ref=(ref_q, zeros, zeros))
+    expected = tracking_reward(setup, float(np.linalg.norm(ref_q - q)), np.full(7, 0.2))
+    assert policy.observed[0][2] == pytest.approx(expected)
