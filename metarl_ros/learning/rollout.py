@@ -10,9 +10,9 @@ refills.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Protocol
 
 import numpy as np
 import torch
@@ -24,8 +24,20 @@ from metarl_ros.sim.tasks import FaultEvent, TaskParams
 
 LatentMode = Literal["mean", "sample"]
 
-# (obs (E, obs), condition (E, C), latent mean (E, L) or None) -> actions (E, act)
-ActionFilter = Callable[[np.ndarray, np.ndarray, np.ndarray, "RolloutState"], np.ndarray]
+
+
+class StepHook(Protocol):
+    """Per-step extension of a rollout (the MAML correction uses it).
+
+    Shapes: obs/next_obs (E, obs_dim), action (E, act_dim), latent (E, L) or None.
+    """
+
+    def correct(self, obs: np.ndarray, action: np.ndarray, latent: np.ndarray | None) -> np.ndarray:
+        """Return the actions to execute instead of the policy's."""
+
+    def record(self, obs: np.ndarray, action: np.ndarray, next_obs: np.ndarray,
+               latent: np.ndarray | None) -> None:
+        """See the executed transitions (with the latent the policy had when acting)."""
 
 
 @dataclass
@@ -45,15 +57,6 @@ class RolloutResult:
     def returns(self) -> np.ndarray:
         """Undiscounted return of each episode, (E,)."""
         return self.reward.sum(axis=1)
-
-
-@dataclass
-class RolloutState:
-    """What an action filter (e.g. the MAML corrector) may look at each step."""
-
-    step: int
-    env_index: Sequence[int]
-    latent_mean: np.ndarray | None
 
 
 class VectorRollout:
@@ -78,7 +81,7 @@ class VectorRollout:
         deterministic: bool = False,
         latent_mode: LatentMode = "sample",
         window: int = 25,
-        action_filter: ActionFilter | None = None,
+        hook: StepHook | None = None,
         steps: int | None = None,
     ) -> RolloutResult:
         """Run one episode on each of ``len(tasks)`` envs.
@@ -92,7 +95,7 @@ class VectorRollout:
             latent_mode: ``mean`` uses the posterior mean; ``sample`` draws one noise vector per
                 episode and uses ``mu + std * eps`` (temporally consistent posterior sampling).
             window: context window size for the streaming posterior.
-            action_filter: optional post-processing of the actions (MAML correction).
+            hook: optional per-step correction and observation (MAML adaptation).
             steps: episode length override (default: the env's).
         """
         count = len(tasks)
@@ -132,14 +135,15 @@ class VectorRollout:
                 condition = torch.zeros(count, 0)
             obs_t = torch.from_numpy(obs)
             action = agent.act(obs_t, condition, deterministic).numpy()
-            if action_filter is not None:
-                action = action_filter(obs, condition.numpy(), action,
-                                       RolloutState(t, range(count), mu_np))
+            if hook is not None:
+                action = hook.correct(obs, action, mu_np)
             next_obs = np.empty_like(obs)
             for i, env in enumerate(envs):
                 next_obs[i], out_reward[i, t], _, _, info = env.step(action[i])
                 out_error[i, t] = info["tracking_error"]
             out_obs[:, t], out_action[:, t], out_next[:, t] = obs, action, next_obs
+            if hook is not None:
+                hook.record(obs, action, next_obs, mu_np)
             if windows is not None:
                 transition = make_transition(
                     obs_t, torch.from_numpy(action), torch.from_numpy(out_reward[:, t]),

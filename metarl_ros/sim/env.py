@@ -11,9 +11,17 @@ that is left for a later robot/task.)
 :meth:`ArmTrackingEnv.step` holds the action for ``sim_rate_hz / control_rate_hz`` physics steps.
 Episodes last ``episode_s`` (4 s = 400 steps); they are truncated, never terminated.
 
-**Action** ``a`` in [-1, 1]^n (n = 7): normalized joint torques. The commanded torque is
-``a * action_scale`` (N*m), added to the firmware's nominal gravity compensation, then limited
-by the motors (see :mod:`metarl_ros.sim.arm_sim`).
+**Action** ``a`` in [-1, 1]^n (n = 7): normalized joint torques, added to a fixed joint-space
+PD feedback on the reference (residual control, as in residual RL and as rsl_rl/RMA-style
+policies act through a PD loop). The commanded effort is::
+
+    tau = Kp * (q_ref - q) + Kd * (qd_ref - qd) + a * action_scale      (N*m)
+
+computed by :func:`effort_command` from the measured state (the same function the ROS nodes
+use), then the firmware adds nominal gravity compensation and the motors limit it (see
+:mod:`metarl_ros.sim.arm_sim`). ``feedback.kp = kd = 0`` gives pure torque control. The PD
+alone is the *classical* controller: it tracks the intact robot but sags under a payload and
+loses stiffness with a weak motor; the policy's job is to win that back.
 
 **Observation** (float32, 7n = 49 entries, blocks of n in joint order), from the *measured*
 (noisy) joint state and the reference at the current time::
@@ -50,7 +58,7 @@ from pydantic import Field, PositiveFloat
 
 from metarl_ros.config import ConfigError, StrictModel, load_yaml_model
 from metarl_ros.resources import resolve_path
-from metarl_ros.sim.arm_sim import ArmSimulation
+from metarl_ros.sim.arm_sim import ArmSimulation, JointReading
 from metarl_ros.sim.reference import MultiSineReference, ReferenceConfig
 from metarl_ros.sim.robot import RobotSpec, load_robot_spec
 from metarl_ros.sim.tasks import FaultEvent, TaskParams, TaskSuiteConfig, load_task_suite
@@ -71,6 +79,13 @@ class RewardConfig(StrictModel):
     effort_weight: float = Field(default=0.05, ge=0.0)
 
 
+class FeedbackConfig(StrictModel):
+    """Fixed joint-space PD feedback the policy's torques are added to (per joint)."""
+
+    kp: list[float] = Field(description="N*m/rad")
+    kd: list[float] = Field(description="N*m*s/rad")
+
+
 class EnvConfig(StrictModel):
     """``sim/envs/*.yaml``. ``robot`` and ``tasks`` are paths relative to this file."""
 
@@ -81,6 +96,7 @@ class EnvConfig(StrictModel):
     episode_s: PositiveFloat = 4.0
     gravity_compensation: bool = True
     reference: ReferenceConfig
+    feedback: FeedbackConfig
     observation: ObservationConfig = ObservationConfig()
     reward: RewardConfig = RewardConfig()
 
@@ -140,9 +156,13 @@ def load_env_setup(path: str | Path = DEFAULT_ENV_CONFIG) -> EnvSetup:
                     f"{tasks_path}: distributions.{name}.{field}: joint indices {bad} out of "
                     f"range for robot {robot.name!r} ({n} joints, 0-based)"
                 )
-    for field in ("amplitude", "centre_jitter"):
-        if len(getattr(config.reference, field)) != n:
-            raise ConfigError(f"{path}: reference.{field}: needs {n} entries (robot has {n} joints)")
+    for section, field in (("reference", "amplitude"), ("reference", "centre_jitter"),
+                           ("feedback", "kp"), ("feedback", "kd")):
+        values = getattr(getattr(config, section), field)
+        if len(values) != n:
+            raise ConfigError(f"{path}: {section}.{field}: needs {n} entries (robot has {n} joints)")
+        if any(v < 0 for v in values) and section == "feedback":
+            raise ConfigError(f"{path}: {section}.{field}: gains must be >= 0")
     ratio = config.sim_rate_hz / config.control_rate_hz
     if abs(ratio - round(ratio)) > 1e-9 or ratio < 1:
         raise ConfigError(
@@ -176,6 +196,27 @@ def build_observation(
             previous_action,
         ]
     ).astype(np.float32)
+
+
+def effort_command(
+    setup: EnvSetup,
+    action: np.ndarray,
+    position: np.ndarray,
+    velocity: np.ndarray,
+    reference: tuple[np.ndarray, np.ndarray, np.ndarray],
+) -> np.ndarray:
+    """Joint efforts (N*m, shape (n,)) for a normalized action: PD feedback plus the action.
+
+    Shared by the env and the ROS nodes. Not clipped: the motors (or the node's safety clamp)
+    limit it.
+    """
+    feedback = setup.config.feedback
+    q_ref, qd_ref, _ = reference
+    return (
+        np.asarray(feedback.kp) * (q_ref - position)
+        + np.asarray(feedback.kd) * (qd_ref - velocity)
+        + action * np.asarray(setup.robot.action_scale)
+    )
 
 
 def tracking_reward(setup: EnvSetup, tracking_error: float, action: np.ndarray) -> float:
@@ -228,6 +269,7 @@ class ArmTrackingEnv(gym.Env):
         self._previous_action = np.zeros(n, dtype=np.float32)
         self._reference: MultiSineReference | None = None
         self._reference_now: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+        self._measured: JointReading | None = None
         self._steps = 0
 
     # ------------------------------------------------------------------ gym API
@@ -261,7 +303,10 @@ class ArmTrackingEnv(gym.Env):
         if not np.isfinite(action).all():
             raise ValueError("action contains non-finite values")
         action = np.minimum(np.maximum(action, -1.0), 1.0)
-        events = self.sim.step(action * self._action_scale, substeps=self.setup.substeps)
+        assert self._reference_now is not None and self._measured is not None
+        effort = effort_command(self.setup, action, self._measured.position,
+                                self._measured.velocity, self._reference_now)
+        events = self.sim.step(effort, substeps=self.setup.substeps)
         self._reference_now = self._reference.evaluate(self.sim.time_s)
         self._steps += 1
         self._previous_action = action
@@ -297,7 +342,7 @@ class ArmTrackingEnv(gym.Env):
         return float(np.linalg.norm(self._reference_now[0] - self.sim.true_state().position))
 
     def _observe(self) -> np.ndarray:
-        reading = self.sim.measure()
+        reading = self._measured = self.sim.measure()
         assert self._reference_now is not None
         return build_observation(
             self.setup, reading.position, reading.velocity, self._reference_now,

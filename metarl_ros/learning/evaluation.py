@@ -1,0 +1,291 @@
+"""``metarl eval``: every method on a split, each episode hit by a fault halfway.
+
+Protocol (:func:`metarl_ros.sim.tasks.fault_episodes`): an episode starts on the intact robot;
+at a time drawn from the task suite's ``fault_time_s`` range the split's task strikes. Every
+method sees the same episodes (reference trajectories, fault times, sensor-noise seeds).
+
+Methods: ``oracle`` (true task vector), ``robust`` (no context), ``nominal`` (trained on the
+intact robot), ``pearl`` (streaming posterior mean), ``maml`` (robust policy + MAML-adapted
+dynamics correction), ``pearl_maml`` (PEARL + MAML correction with the latent-conditioned
+dynamics model).
+
+Metrics per method (mean and std over episodes where it says so):
+
+* ``normalized_return``: ``(R - R_nominal) / (R_oracle - R_nominal)`` with ``R`` the method's
+  post-fault return *summed over the split* -- the share of the fault's damage that the method
+  wins back (oracle = 1, nominal = 0). ``normalized_return_full`` does the same with whole
+  episodes.
+* ``recover_time_s``: sim seconds after the fault until the rolling 0.25 s tracking error stays
+  within 10 % of the oracle's rolling error (plus an absolute floor of 0.005 rad so that noise
+  around a near-zero oracle error does not count as a failure) until the episode ends. Episodes
+  that never recover count the remaining time; ``recovered_fraction`` says how many did.
+* ``tracking_error_before`` / ``tracking_error_after``: mean ``||q_ref - q||`` (rad) before and
+  after the fault.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from metarl_ros.learning.checkpoint import CheckpointError
+from metarl_ros.learning.rollout import RolloutResult, VectorRollout
+from metarl_ros.learning.runtime import DynamicsAdaptation, LoadedModel, dynamics_for, load_model
+from metarl_ros.sim.env import EnvSetup, load_env_setup
+from metarl_ros.sim.tasks import FaultEpisode, fault_episodes, make_split, nominal_task
+
+METHODS = ("oracle", "robust", "nominal", "pearl", "maml", "pearl_maml")
+# which trained model each method runs, and whether it adds MAML correction
+_SOURCE = {
+    "oracle": ("oracle", False), "robust": ("robust", False), "nominal": ("nominal", False),
+    "pearl": ("pearl", False), "maml": ("robust", True), "pearl_maml": ("pearl", True),
+}
+ROLLING_WINDOW_S = 0.25
+RECOVERY_RATIO = 1.10
+RECOVERY_FLOOR_RAD = 0.005
+
+
+@dataclass
+class MethodRun:
+    """All episodes of one method: arrays (episodes, steps)."""
+
+    reward: np.ndarray
+    tracking_error: np.ndarray
+    latent_mean: np.ndarray
+
+
+class MAMLCorrection:
+    """Rollout hook: one :class:`DynamicsAdaptation` per env, adapting inline at 10 Hz."""
+
+    def __init__(self, loaded_dynamics_owner: LoadedModel, with_latent: bool, num_envs: int,
+                 adapt_every: int) -> None:
+        model = dynamics_for(loaded_dynamics_owner, with_latent)
+        config = loaded_dynamics_owner.maml_config
+        assert config is not None
+        self.adaptations = [DynamicsAdaptation(model, config, adapt_every=adapt_every)
+                            for _ in range(num_envs)]
+
+    def correct(self, obs: np.ndarray, action: np.ndarray, latent: np.ndarray | None) -> np.ndarray:
+        out = np.empty_like(action)
+        for i, adaptation in enumerate(self.adaptations[: len(obs)]):
+            out[i] = adaptation.correct(obs[i], action[i], None if latent is None else latent[i])
+        return out
+
+    def record(self, obs, action, next_obs, latent) -> None:
+        for i, adaptation in enumerate(self.adaptations[: len(obs)]):
+            adaptation.record(obs[i], action[i], next_obs[i], None if latent is None else latent[i])
+            adaptation.maybe_adapt()
+
+
+def load_method_models(model_root: Path, methods: Sequence[str]) -> dict[str, LoadedModel]:
+    """``model_root/<name>/model.pt`` for every trained model the methods need."""
+    needed = sorted({_SOURCE[m][0] for m in methods} | {"oracle", "nominal"})
+    models: dict[str, LoadedModel] = {}
+    for name in needed:
+        path = model_root / name / "model.pt"
+        if not path.is_file():
+            raise CheckpointError(f"{path}: missing; method(s) "
+                                  f"{[m for m in methods if _SOURCE[m][0] == name] or [name]} "
+                                  "need it (oracle and nominal are needed for normalization)")
+        models[name] = load_model(path)
+        if models[name].method != name:
+            raise CheckpointError(f"{path}: holds a {models[name].method!r} model, expected {name!r}")
+    return models
+
+
+def run_method(method: str, models: dict[str, LoadedModel], setup: EnvSetup,
+               episodes: Sequence[FaultEpisode], rollout: VectorRollout, window: int) -> MethodRun:
+    source, with_maml = _SOURCE[method]
+    loaded = models[source]
+    rewards, errors, latents = [], [], []
+    nominal = nominal_task(setup.robot.num_joints)
+    batch = len(rollout.envs)
+    for start in range(0, len(episodes), batch):
+        chunk = episodes[start:start + batch]
+        hook = None
+        if with_maml:
+            owner = models["pearl"]  # the dynamics models are trained in the PEARL run
+            hook = MAMLCorrection(owner, with_latent=source == "pearl", num_envs=len(chunk),
+                                  adapt_every=max(1, int(round(setup.config.control_rate_hz / 10))))
+        result: RolloutResult = rollout.run(
+            loaded.agent, [nominal] * len(chunk), [e.seed for e in chunk],
+            faults=[e.faults() for e in chunk], deterministic=True, latent_mode="mean",
+            window=window, hook=hook,
+        )
+        rewards.append(result.reward)
+        errors.append(result.tracking_error)
+        latents.append(result.latent_mean)
+    return MethodRun(np.concatenate(rewards), np.concatenate(errors), np.concatenate(latents))
+
+
+def rolling_mean(x: np.ndarray, width: int) -> np.ndarray:
+    """Trailing mean over ``width`` steps along the last axis (shorter at the start)."""
+    csum = np.cumsum(x, axis=-1)
+    out = csum.copy()
+    out[..., width:] = csum[..., width:] - csum[..., :-width]
+    counts = np.minimum(np.arange(1, x.shape[-1] + 1), width)
+    return out / counts
+
+
+def recovery_times(error: np.ndarray, oracle_error: np.ndarray, fault_steps: Sequence[int],
+                   dt: float) -> tuple[np.ndarray, np.ndarray]:
+    """Per episode: seconds from the fault until the rolling error stays within bounds, and
+    whether it ever did (else the remaining time is counted)."""
+    width = max(1, int(round(ROLLING_WINDOW_S / dt)))
+    rolled = rolling_mean(error, width)
+    rolled_oracle = rolling_mean(oracle_error, width)
+    times, recovered = [], []
+    for i, fault in enumerate(fault_steps):
+        ok = rolled[i, fault:] <= RECOVERY_RATIO * rolled_oracle[i, fault:] + RECOVERY_FLOOR_RAD
+        bad = np.flatnonzero(~ok)
+        if bad.size == 0:
+            times.append(0.0)
+            recovered.append(True)
+        elif bad[-1] == ok.size - 1:
+            times.append(ok.size * dt)
+            recovered.append(False)
+        else:
+            times.append((bad[-1] + 1) * dt)
+            recovered.append(True)
+    return np.asarray(times), np.asarray(recovered)
+
+
+def summarize(runs: dict[str, MethodRun], episodes: Sequence[FaultEpisode], dt: float) -> dict:
+    fault_steps = [int(round(e.fault_time_s / dt)) for e in episodes]
+
+    def post(run: MethodRun) -> float:
+        return float(sum(run.reward[i, s:].sum() for i, s in enumerate(fault_steps)))
+
+    oracle, nominal = runs["oracle"], runs["nominal"]
+    gap_post = post(oracle) - post(nominal)
+    gap_full = float(oracle.reward.sum() - nominal.reward.sum())
+    summary = {}
+    for name, run in runs.items():
+        times, recovered = recovery_times(run.tracking_error, oracle.tracking_error, fault_steps, dt)
+        before = np.array([run.tracking_error[i, :s].mean() for i, s in enumerate(fault_steps)])
+        after = np.array([run.tracking_error[i, s:].mean() for i, s in enumerate(fault_steps)])
+        returns = run.reward.sum(axis=1)
+        summary[name] = {
+            "normalized_return": (post(run) - post(nominal)) / gap_post if gap_post else float("nan"),
+            "normalized_return_full": float((run.reward.sum() - nominal.reward.sum()) / gap_full)
+            if gap_full else float("nan"),
+            "return_mean": float(returns.mean()), "return_std": float(returns.std()),
+            "post_fault_return_sum": post(run),
+            "recover_time_s_mean": float(times.mean()), "recover_time_s_std": float(times.std()),
+            "recovered_fraction": float(recovered.mean()),
+            "tracking_error_before_mean": float(before.mean()),
+            "tracking_error_before_std": float(before.std()),
+            "tracking_error_after_mean": float(after.mean()),
+            "tracking_error_after_std": float(after.std()),
+        }
+    return summary
+
+
+def plot_around_fault(runs: dict[str, MethodRun], episodes: Sequence[FaultEpisode], dt: float,
+                      path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    before_s, after_s = 1.0, 1.5
+    lo, hi = int(before_s / dt), int(after_s / dt)
+    axis = np.arange(-lo, hi) * dt
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for name, run in runs.items():
+        rows = []
+        for i, e in enumerate(episodes):
+            s = int(round(e.fault_time_s / dt))
+            if s - lo >= 0 and s + hi <= run.tracking_error.shape[1]:
+                rows.append(run.tracking_error[i, s - lo:s + hi])
+        if rows:
+            ax.plot(axis, np.mean(rows, axis=0), label=name)
+    ax.axvline(0.0, color="k", linestyle="--", linewidth=0.8)
+    ax.set_xlabel("time since fault [s]")
+    ax.set_ylabel("tracking error ||q_ref - q|| [rad]")
+    ax.set_title(title)
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def evaluate(model_root: Path, split: str, episodes: int, seed: int,
+             methods: Sequence[str] = METHODS, num_envs: int = 10) -> tuple[dict, dict[str, MethodRun], list[FaultEpisode], EnvSetup]:
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise CheckpointError(f"unknown method(s) {unknown}; choose from {list(METHODS)}")
+    models = load_method_models(model_root, methods)
+    first = next(iter(models.values()))
+    setup = load_env_setup(first.payload["env_config"])
+    for name, loaded in models.items():
+        if loaded.contract.joint_names != first.contract.joint_names:
+            raise CheckpointError(f"{loaded.path}: joint names differ from {first.path}")
+    window = first.contract.window_size if first.contract.window_size else 25
+    tasks = make_split(setup.tasks, split, setup.robot.friction_scale)  # type: ignore[arg-type]
+    plan = fault_episodes(setup.tasks, tasks, episodes, seed)
+    rollout = VectorRollout(setup, min(num_envs, episodes))
+    runs_all = sorted(set(methods) | {"oracle", "nominal"}, key=METHODS.index)
+    runs = {m: run_method(m, models, setup, plan, rollout, window) for m in runs_all}
+    rollout.close()
+    summary = summarize(runs, plan, setup.control_dt)
+    return summary, runs, plan, setup
+
+
+def _write_json_atomic(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as stream:
+        json.dump(data, stream, indent=2)
+    os.replace(tmp, path)
+
+
+def print_table(summary: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="metarl eval")
+    for column in ("method", "norm. return", "recover s", "recovered", "err before", "err after"):
+        table.add_column(column, justify="right")
+    for name, m in summary.items():
+        table.add_row(name, f"{m['normalized_return']:.3f}",
+                      f"{m['recover_time_s_mean']:.2f}±{m['recover_time_s_std']:.2f}",
+                      f"{m['recovered_fraction']:.0%}",
+                      f"{m['tracking_error_before_mean']:.4f}", f"{m['tracking_error_after_mean']:.4f}")
+    Console().print(table)
+
+
+def evaluate_command(args: argparse.Namespace) -> int:
+    torch.set_num_threads(int(os.environ.get("METARL_TORCH_THREADS", "1")))
+    model_root = Path(args.model)
+    if model_root.is_file():
+        raise CheckpointError(f"{model_root}: eval compares methods; give the directory holding "
+                              "oracle/, robust/, nominal/, pearl/")
+    methods = args.methods.split(",") if args.methods else list(METHODS)
+    if args.episodes < 1:
+        raise CheckpointError("--episodes must be >= 1")
+    summary, runs, plan, setup = evaluate(model_root, args.split, args.episodes, args.seed, methods)
+    print_table(summary)
+    _write_json_atomic(Path(args.json), {
+        **summary,
+        "protocol": {"split": args.split, "episodes": args.episodes, "seed": args.seed,
+                     "models": str(model_root), "control_dt": setup.control_dt,
+                     "rolling_window_s": ROLLING_WINDOW_S, "recovery_ratio": RECOVERY_RATIO,
+                     "recovery_floor_rad": RECOVERY_FLOOR_RAD},
+    })
+    print(f"wrote {args.json}")
+    if args.plot:
+        plot_around_fault(runs, plan, setup.control_dt, Path(args.plot),
+                          f"{args.split}: tracking error around the fault ({args.episodes} episodes)")
+        print(f"wrote {args.plot}")
+    return 0
