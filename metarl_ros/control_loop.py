@@ -441,6 +441,8 @@ class AdaptiveController:
         self._last_action = np.zeros(self.n)
         self._safe_reason = ""
         self._tick_late = False
+        self._repeat = False
+        self._last_result: TickResult | None = None
         self._watchdog_next: float | None = None
         self._latent_reference: np.ndarray | None = None
         self._latent_previous: np.ndarray | None = None
@@ -475,6 +477,11 @@ class AdaptiveController:
         stamp = stamp_s if stamp_s > 0.0 else now_s
         self._sample, self._sample_stamp = sample, stamp
         self.joint_watchdog.feed(now_s)
+        if stamp == self._last_tick_stamp and self._last_result is not None:
+            # The same instant again (a lockstep simulator re-publishing it because our
+            # command got lost before it was discovered): answer it again, idempotently.
+            self._repeat = True
+            return True
         if self._next_due is not None and stamp < self._next_due - 0.1 * self.period_s:
             return False  # decimated: not yet the next control instant
         if self._next_due is None or stamp > self._next_due + self.period_s:
@@ -535,6 +542,14 @@ class AdaptiveController:
         Call when :meth:`on_joint_state` or :meth:`on_reference` returned True. Never raises
         because of the policy: failures give the safe action (``TickResult.error`` says why).
         """
+        if self._repeat and self._last_result is not None:
+            self._repeat = False
+            return self._last_result
+        result = self._tick(now_s)
+        self._last_result = result
+        return result
+
+    def _tick(self, now_s: float) -> TickResult:
         stamp = self._pending_stamp if self._pending_stamp is not None else now_s
         self._pending_stamp = None
         with self._lock:

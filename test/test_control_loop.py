@@ -346,3 +346,13 @@ def test_reward_uses_the_shared_function(setup):
     _feed(loop, 1.01, q, ref=(ref_q, zeros, zeros))
     expected = tracking_reward(setup, float(np.linalg.norm(ref_q - q)), np.full(7, 0.2))
     assert policy.observed[0][2] == pytest.approx(expected)
+
+
+def test_repeated_instant_is_answered_again_without_calling_the_policy(setup):
+    policy = RecordingPolicy(setup, action=np.full(7, 0.1))
+    loop = AdaptiveController(setup, policy, LoopConfig())
+    q = np.asarray(setup.robot.default_pose)
+    first = _feed(loop, 0.0 + 1e-9, q)
+    again = _feed(loop, 0.0 + 1e-9, q)
+    assert again is first and policy.calls == 1 and loop.stats.ticks == 1
+    assert _feed(loop, 0.01, q) is not first and policy.calls == 2

@@ -208,7 +208,7 @@ class AdapterNode(Node):
         dropped = self._throttle.ready(key)
         if dropped is not None:
             suffix = f" ({dropped} similar suppressed)" if dropped else ""
-            self.get_logger().warn(message + suffix)
+            self.get_logger().warning(message + suffix)
 
     def _publish(self, result: TickResult, received: float) -> None:
         self._command_pub.publish(Float64MultiArray(data=result.efforts.tolist()))
@@ -218,7 +218,7 @@ class AdapterNode(Node):
                 self._warn_throttled("policy_error", f"policy failed ({result.error}); "
                                      f"commanding the safe action ({self.loop.config.safe_mode})")
             elif self._was_safe != result.reason:
-                self.get_logger().warn(f"{result.reason}: commanding the safe action "
+                self.get_logger().warning(f"{result.reason}: commanding the safe action "
                                        f"({self.loop.config.safe_mode})")
         elif self._was_safe:
             self.get_logger().info(f"policy back in control (was: {self._was_safe})")
@@ -255,7 +255,7 @@ class AdapterNode(Node):
         if result is not None:
             self._command_pub.publish(Float64MultiArray(data=result.efforts.tolist()))
             if self._was_safe != result.reason:
-                self.get_logger().warn(
+                self.get_logger().warning(
                     f"{result.reason}: no fresh data for {self.loop.config.watchdog_timeout_s:g}"
                     f" s, commanding the safe action ({self.loop.config.safe_mode})")
             self._was_safe = result.reason
@@ -284,7 +284,7 @@ class AdapterNode(Node):
 
 
 def main(args: list[str] | None = None) -> int:
-    return run_node(AdapterNode, args)
+    return run_node(AdapterNode, args, num_threads=2)  # control + context in parallel
 
 
 if __name__ == "__main__":

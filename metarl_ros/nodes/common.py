@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import signal
+import threading
 from typing import Any, Callable, Sequence
 
 import rclpy
 from builtin_interfaces.msg import Time
 from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor
-from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
+from rclpy.executors import (
+    ExternalShutdownException,
+    MultiThreadedExecutor,
+    SingleThreadedExecutor,
+)
 from rclpy.node import Node
 from rclpy.parameter import Parameter
 from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
@@ -68,9 +74,25 @@ def declare(node: Node, name: str, default: Any, description: str, *,
     return value
 
 
+@contextlib.contextmanager
+def ignore_sigint():
+    """Ignore SIGINT inside the block (a second Ctrl-C during cleanup); main thread only."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def run_node(factory: Callable[[], Node], args: list[str] | None = None,
-             num_threads: int = 3) -> int:
+             num_threads: int = 1) -> int:
     """``main`` body of a node executable: init, spin, portable clean shutdown.
+
+    ``num_threads`` > 1 spins a MultiThreadedExecutor (callback groups run in parallel);
+    keep it small: each rclpy executor thread costs CPU even when idle.
 
     Catches ``KeyboardInterrupt`` and ``ExternalShutdownException``; a second SIGINT during
     cleanup is ignored so an interrupted launch still exits cleanly.
@@ -80,7 +102,8 @@ def run_node(factory: Callable[[], Node], args: list[str] | None = None,
     code = 0
     try:
         node = factory()
-        executor = MultiThreadedExecutor(num_threads=num_threads)
+        executor = (MultiThreadedExecutor(num_threads=num_threads) if num_threads > 1
+                    else SingleThreadedExecutor())
         executor.add_node(node)
         executor.spin()
     except (KeyboardInterrupt, ExternalShutdownException):
@@ -92,11 +115,8 @@ def run_node(factory: Callable[[], Node], args: list[str] | None = None,
             print(f"[FATAL] {type(exc).__name__}: {exc}", flush=True)
         code = 1
     finally:
-        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
-        try:
+        with ignore_sigint():
             if node is not None:
                 node.destroy_node()
             rclpy.try_shutdown()
-        finally:
-            signal.signal(signal.SIGINT, previous)
     return code

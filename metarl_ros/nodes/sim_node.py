@@ -34,9 +34,15 @@ Timing (parameter ``real_time_factor``)
     ``command_timeout`` simulated seconds -> zero effort).
     ``0``: **lockstep**, as fast as possible and deterministic: every control period the node
     publishes clock, reference and joint states, then waits for a new command (up to
-    ``lockstep_timeout`` wall seconds) before stepping. Until the very first command the
-    simulation does not start (it re-publishes t = 0 so late-starting controllers find it);
-    after that a timeout steps with zero effort and warns.
+    ``lockstep_timeout`` wall seconds) before stepping; a timeout steps with zero effort and
+    warns. Physics advances a whole control period per command, exactly as in the Gymnasium
+    env (same observations, rewards and trajectories). In real-time mode physics advances one
+    physics step at a time, each with the newest command, so a command takes effect one
+    physics step after it arrives, as on a real robot (the firmware's gravity term is then
+    also updated every physics step: slightly different dynamics from the env's).
+
+With ``wait_for_controller`` (default) simulated time stays at 0 until the first command
+arrives; t = 0 is re-published every 0.1 s meanwhile, so late-starting controllers find it.
 
 Faults come from the ``scenario`` YAML (scheduled in simulation time) and ``/sim/set_task``.
 """
@@ -98,6 +104,7 @@ class SimNode(Node):
         self.lockstep_timeout = float(p["lockstep_timeout"])
         self.command_timeout = float(p["command_timeout"])
         self.duration_s = float(p["duration_s"])
+        self.wait_for_controller = bool(p["wait_for_controller"])
 
         scenario: Scenario | None = None
         if p["scenario"]:
@@ -146,6 +153,7 @@ class SimNode(Node):
         """set when ``duration_s`` of simulated time has elapsed."""
         self._stop = threading.Event()
         self._wall_start: float | None = None
+        self._next_wall = 0.0
         self._time_at_start = 0.0
 
         self._publish_task(self.sim.task, "initial")
@@ -184,7 +192,7 @@ class SimNode(Node):
             "Lockstep: wall seconds to wait for a command before stepping with zero effort.",
             low=0.001, high=60.0)
         d["command_timeout"] = declare(
-            self, "command_timeout", 0.1,
+            self, "command_timeout", 0.05,
             "Real-time mode: a command older than this (simulated s) is replaced by zero "
             "effort; 0 = hold the last command forever.", low=0.0, high=60.0)
         d["duration_s"] = declare(self, "duration_s", 0.0,
@@ -193,6 +201,9 @@ class SimNode(Node):
         d["seed"] = declare(self, "seed", -1,
                             "Seed of the reference and sensor noise (-1 = the scenario's "
                             "reference_seed, or 0).", low=-1, high=2**31 - 1)
+        d["wait_for_controller"] = declare(
+            self, "wait_for_controller", True,
+            "Hold simulated time at 0 (re-publishing it) until the first command arrives.")
         d["gui"] = declare(self, "gui", False, "Open the PyBullet GUI.")
         d["log_throttle_s"] = declare(self, "log_throttle_s", 1.0,
                                       "Minimum wall seconds between repeated warnings.",
@@ -205,7 +216,7 @@ class SimNode(Node):
         dropped = self._throttle.ready(key)
         if dropped is not None:
             suffix = f" ({dropped} similar suppressed)" if dropped else ""
-            self.get_logger().warn(message + suffix)
+            self.get_logger().warning(message + suffix)
 
     def _on_command(self, msg: Float64MultiArray) -> None:
         values = np.asarray(msg.data, dtype=np.float64)
@@ -270,12 +281,14 @@ class SimNode(Node):
         """Lockstep: block until a command newer than ``seq`` arrives; None on timeout/stop."""
         # Before the first command, re-publish t = 0 often: a controller that starts later
         # only receives what is published after it has been discovered.
-        timeout = self.lockstep_timeout if self.started.is_set() else min(0.1, self.lockstep_timeout)
+        timeout = self.lockstep_timeout
+        if not self.started.is_set():
+            timeout = min(0.1, timeout)
         deadline = time.monotonic() + timeout
         with self._cond:
             while self._command_seq <= seq and not self._stop.is_set():
                 remaining = deadline - time.monotonic()
-                if remaining <= 0 or self._pending_tasks:
+                if remaining <= 0:
                     break
                 self._cond.wait(remaining)
             if self._command_seq > seq:
@@ -298,8 +311,6 @@ class SimNode(Node):
 
     def _loop(self) -> None:
         publish_index = 0
-        next_wall = time.monotonic()
-        chunk_dt = self.chunk_steps * self.sim.dt
         while not self._stop.is_set():
             self._apply_pending_tasks()
             if self.duration_s and self.sim.time_s >= self.duration_s - 0.5 * self.sim.dt:
@@ -313,43 +324,68 @@ class SimNode(Node):
                 seq = self._command_seq
             self._publish_state()
             at_control = publish_index % self.publishes_per_control == 0
-            if self.lockstep and at_control:
-                command = self._wait_for_command(seq)
-                if command is None:
-                    if self._stop.is_set():
-                        break
+            if not self.started.is_set() and self.wait_for_controller:
+                if self._wait_for_command(seq) is None:
+                    continue  # no controller yet: publish the same instant again
+                self._mark_started()
+                if self.lockstep:
                     with self._cond:
-                        pending = bool(self._pending_tasks)
-                    if pending:
-                        continue  # apply the task change, then publish again
-                    if not self.started.is_set():
-                        continue  # no controller yet: hold t = 0, publish it again
-                    self.lockstep_timeouts += 1
-                    self._warn_throttled(
-                        "lockstep_timeout",
-                        f"no command within {self.lockstep_timeout:g} s (lockstep); stepping "
-                        "with zero effort")
-                    command = np.zeros(self.n)
-            else:
+                        command = self._command.copy()
+                    events = self.sim.step(command, substeps=self.chunk_steps)
+                else:
+                    events = self._step_real_time()
+            elif self.lockstep:
                 command = self._current_command()
-            if not self.started.is_set():
-                self.started.set()
-                self._wall_start = time.monotonic()
-                self._time_at_start = self.sim.time_s
-                next_wall = self._wall_start
-            events = self.sim.step(command, substeps=self.chunk_steps)
+                if at_control:
+                    command = self._wait_for_command(seq)
+                    if command is None:
+                        if self._stop.is_set():
+                            break
+                        self.lockstep_timeouts += 1
+                        self._warn_throttled(
+                            "lockstep_timeout",
+                            f"no command within {self.lockstep_timeout:g} s (lockstep); "
+                            "stepping with zero effort")
+                        command = np.zeros(self.n)
+                self._mark_started()
+                events = self.sim.step(command, substeps=self.chunk_steps)
+            else:
+                self._mark_started()
+                events = self._step_real_time()
             publish_index += 1
             for event in events:
                 self._publish_task(event.task, event.label)
                 self.get_logger().info(f"t={event.time_s:.3f}s scheduled fault: {event.label}")
-            if not self.lockstep:
-                next_wall += chunk_dt / self.real_time_factor
-                delay = next_wall - time.monotonic()
-                if delay > 0:
-                    self._stop.wait(delay)
-                elif delay < -0.25:  # fell far behind: do not try to catch up in a burst
-                    self.overruns += 1
-                    next_wall = time.monotonic()
+
+    def _mark_started(self) -> None:
+        if not self.started.is_set():
+            self._wall_start = time.monotonic()
+            self._time_at_start = self.sim.time_s
+            self._next_wall = self._wall_start
+            self.started.set()
+
+    def _step_real_time(self) -> list:
+        """One chunk, physics step by physics step against the wall clock.
+
+        Each physics step takes the newest command, so a command counts from the physics step
+        after it arrives (as on a real robot), not from the next publication. Falling behind
+        by more than a step resets the schedule (counted as an overrun) instead of catching
+        up in a burst: the achieved real-time factor drops, as in Gazebo.
+        """
+        events = []
+        step_wall = self.sim.dt / self.real_time_factor
+        for _ in range(self.chunk_steps):
+            events += self.sim.step(self._current_command(), substeps=1)
+            self._next_wall += step_wall
+            delay = self._next_wall - time.monotonic()
+            if delay > 0:
+                self._stop.wait(delay)
+            elif delay < -step_wall:
+                self.overruns += 1
+                self._next_wall = time.monotonic()
+            if self._stop.is_set():
+                break
+        return events
 
     # ------------------------------------------------------------------ diagnostics
 
@@ -394,7 +430,7 @@ class SimNode(Node):
 
 
 def main(args: list[str] | None = None) -> int:
-    return run_node(SimNode, args)
+    return run_node(SimNode, args)  # the simulation loop has its own thread
 
 
 if __name__ == "__main__":

@@ -1,0 +1,94 @@
+"""Helpers for tests that run real rclpy nodes over DDS (loopback, a domain of their own)."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from typing import Callable
+
+import rclpy
+from rclpy.context import Context
+from rclpy.executors import MultiThreadedExecutor
+from rclpy.node import Node
+from rclpy.parameter import Parameter
+
+
+def domain_id(offset: int) -> int:
+    """A ROS domain in 1..101 for this process and test module (``offset`` per module)."""
+    return (os.getpid() + offset) % 101 + 1
+
+
+class RosSession:
+    """An rclpy context on its own domain, with a MultiThreadedExecutor spinning in a thread."""
+
+    def __init__(self, domain: int, threads: int = 2) -> None:
+        self.context = Context()
+        rclpy.init(context=self.context, domain_id=domain)
+        self.executor = MultiThreadedExecutor(num_threads=threads, context=self.context)
+        self._thread = threading.Thread(target=self._spin, daemon=True)
+        self._thread.start()
+        self._nodes: list[Node] = []
+
+    def _spin(self) -> None:
+        try:
+            self.executor.spin()
+        except Exception:  # shutdown races
+            pass
+
+    def add(self, node: Node) -> Node:
+        self._nodes.append(node)
+        self.executor.add_node(node)
+        return node
+
+    def remove(self, node: Node) -> None:
+        self.executor.remove_node(node)
+        self._nodes.remove(node)
+        node.destroy_node()
+
+    def remove_all(self) -> None:
+        for node in list(self._nodes):
+            self.remove(node)
+
+    def close(self) -> None:
+        self.remove_all()
+        self.executor.shutdown(timeout_sec=2.0)
+        rclpy.try_shutdown(context=self.context)
+        self._thread.join(timeout=5.0)
+
+
+def params(**values) -> list[Parameter]:
+    return [Parameter(name, value=value) for name, value in values.items()]
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float, interval: float = 0.01) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return predicate()
+
+
+class Collector:
+    """Thread-safe list of received messages for one subscription."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.items: list = []
+
+    def __call__(self, msg) -> None:
+        with self.lock:
+            self.items.append(msg)
+
+    def snapshot(self) -> list:
+        with self.lock:
+            return list(self.items)
+
+    def clear(self) -> None:
+        with self.lock:
+            self.items.clear()
+
+    def __len__(self) -> int:
+        with self.lock:
+            return len(self.items)
