@@ -373,6 +373,13 @@ class Trainer:
                 })
                 if self.iteration % c.eval_every_iterations == 0 or self.iteration == end:
                     stats.update(self.evaluate())
+                    if not self.progress:
+                        print(f"iteration {self.iteration}/{c.total_iterations}: "
+                              f"train return {stats['train/return']:.1f}, "
+                              f"eval return {stats['eval/return']:.1f}, tracking error "
+                              f"{stats['eval/tracking_error_before']:.4f} before / "
+                              f"{stats['eval/tracking_error_after']:.4f} after the fault, "
+                              f"{stats['time/update_ms']:.0f} ms/update", flush=True)
                 for key, value in stats.items():
                     self.writer.add_scalar(key, value, self.iteration)
                 bar.update(1)
