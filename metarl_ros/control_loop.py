@@ -7,8 +7,10 @@ is testable without DDS:
 * :class:`JointNameMapper` -- joints matched **by name**, in any order, extra joints ignored;
   wrong lengths, missing joints and non-finite values are rejected (:class:`RejectedInput`).
 * :class:`Watchdog` -- age of the latest accepted message.
-* :class:`EffortClamp` -- ``efforts = clip(action, -1, 1) * action_scale``, clamped to the
-  effort limits; never emits a non-finite value.
+* :class:`EffortClamp` -- checks the policy's action (shape, finite) and clips it to
+  [-1, 1]; clamps efforts to the effort limits; never emits a non-finite value. The efforts
+  themselves come from :func:`~metarl_ros.sim.env.effort_command` (the env's fixed PD feedback
+  on the reference plus ``action * action_scale``), as in training.
 * :class:`SafeAction` -- what is commanded when the policy cannot be trusted: ``zero`` effort
   (the robot's own gravity compensation keeps running) or ``hold``, a PD to the position
   latched when safe mode began.
@@ -48,7 +50,7 @@ from typing import Any, Callable, Literal, Sequence
 import numpy as np
 
 from metarl_ros.runtime import AdaptivePolicy
-from metarl_ros.sim.env import EnvSetup, build_observation, tracking_reward
+from metarl_ros.sim.env import EnvSetup, build_observation, effort_command, tracking_reward
 
 SafeMode = Literal["zero", "hold"]
 SAFE_MODES: tuple[str, ...] = ("zero", "hold")
@@ -194,8 +196,8 @@ class EffortClamp:
         if (self.limits <= 0).any() or (self.scale <= 0).any():
             raise ValueError("action_scale and effort_limits must be > 0")
 
-    def from_action(self, action: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Return ``(efforts, applied_action)``; the action is clipped to [-1, 1] first.
+    def check_action(self, action: np.ndarray) -> np.ndarray:
+        """Return the action clipped to [-1, 1] (float64, shape (n,)).
 
         Raises ``ValueError`` on a wrong shape or a non-finite entry (the caller treats that
         as a policy failure).
@@ -205,8 +207,7 @@ class EffortClamp:
             raise ValueError(f"action has shape {action.shape}, expected {self.scale.shape}")
         if not np.isfinite(action).all():
             raise ValueError("action contains non-finite values")
-        applied = np.clip(action, -1.0, 1.0)
-        return self.clamp(applied * self.scale), applied
+        return np.clip(action, -1.0, 1.0)
 
     def clamp(self, efforts: np.ndarray) -> np.ndarray:
         """Clamp efforts to the limits; a non-finite entry becomes 0."""
@@ -214,9 +215,6 @@ class EffortClamp:
         efforts = np.where(np.isfinite(efforts), efforts, 0.0)
         return np.clip(efforts, -self.limits, self.limits)
 
-    def to_action(self, efforts: np.ndarray) -> np.ndarray:
-        """The normalized action (in [-1, 1]) closest to ``efforts``."""
-        return np.clip(np.asarray(efforts, dtype=np.float64) / self.scale, -1.0, 1.0)
 
 
 class SafeAction:
@@ -344,7 +342,7 @@ class TickResult:
     efforts: np.ndarray
     """N*m, contract joint order, clamped to the limits."""
     action: np.ndarray
-    """normalized action actually applied, in [-1, 1]."""
+    """the policy's normalized action as applied (clipped to [-1, 1]); zeros when safe."""
     safe: bool
     reason: str
     """'' for a policy command, else why the safe action was used."""
@@ -530,7 +528,7 @@ class AdaptiveController:
                 self.stats.stale_events += 1
         self._safe_reason = reason
         efforts = self.safe.efforts(self._sample)
-        action = self.clamp.to_action(efforts)
+        action = np.zeros(self.n)  # no policy action: the next observation says so
         self._last_action = action
         self._previous = None  # a transition needs the policy's own action at both ends
         self.stats.safe_ticks += 1
@@ -579,8 +577,9 @@ class AdaptiveController:
                 reward = tracking_reward(self.setup, error, prev_action)
                 self.policy.observe(prev_obs, prev_action.astype(np.float32), reward, obs)
                 self.stats.transitions += 1
-            action = self.policy.act(obs)
-            efforts, applied = self.clamp.from_action(action)
+            applied = self.clamp.check_action(self.policy.act(obs))
+            efforts = self.clamp.clamp(effort_command(self.setup, applied, sample.position,
+                                                      sample.velocity, reference))
         except Exception as exc:  # noqa: BLE001 - the loop must survive any policy failure
             compute = time.perf_counter() - start
             with self._lock:

@@ -1,7 +1,9 @@
 """Build the :class:`~metarl_ros.runtime.AdaptivePolicy` a node runs, by kind.
 
-``pd``    -- :class:`~metarl_ros.runtime.PDPolicy`, needs no model (gains default to
-             ``10 * action_scale`` and ``0.75 * action_scale``: saturation at 0.1 rad error).
+``pd``    -- the classical controller: the env's fixed PD feedback (``feedback.kp/kd`` in the
+             env YAML, applied by :func:`~metarl_ros.sim.env.effort_command`) with no learned
+             residual, i.e. :class:`~metarl_ros.runtime.PDPolicy` with zero gains. Optional
+             ``pd_kp``/``pd_kd`` make PDPolicy add an extra PD on top. Needs no model.
 ``pearl`` -- the trained PEARL(+MAML) runtime, ``metarl_ros.learning.runtime.
              load_adaptive_policy(model_path, adaptation)``, imported only when asked for so
              the nodes start without torch when running ``pd``.
@@ -40,9 +42,10 @@ def setup_contract(setup: EnvSetup) -> PolicyContract:
     )
 
 
-def default_pd_gains(setup: EnvSetup) -> tuple[np.ndarray, np.ndarray]:
-    scale = np.asarray(setup.robot.action_scale, dtype=np.float64)
-    return 10.0 * scale, 0.75 * scale
+def feedback_gains(setup: EnvSetup) -> tuple[np.ndarray, np.ndarray]:
+    """The env's fixed PD feedback gains (N*m/rad, N*m*s/rad), per joint."""
+    feedback = setup.config.feedback
+    return np.asarray(feedback.kp, dtype=np.float64), np.asarray(feedback.kd, dtype=np.float64)
 
 
 def check_contract(contract: PolicyContract, setup: EnvSetup, source: str) -> None:
@@ -76,9 +79,9 @@ def make_policy(
 ) -> AdaptivePolicy:
     """Return a ready policy of ``kind`` (one of :data:`POLICY_KINDS`) for ``setup``."""
     if kind == "pd":
-        kp_default, kd_default = default_pd_gains(setup)
-        kp = np.asarray(pd_kp, dtype=np.float64) if pd_kp else kp_default
-        kd = np.asarray(pd_kd, dtype=np.float64) if pd_kd else kd_default
+        zeros = np.zeros(setup.act_dim)
+        kp = np.asarray(pd_kp, dtype=np.float64) if pd_kp else zeros
+        kd = np.asarray(pd_kd, dtype=np.float64) if pd_kd else zeros
         if kp.shape != (setup.act_dim,) or kd.shape != (setup.act_dim,):
             raise ConfigError(f"pd_kp and pd_kd need {setup.act_dim} entries each")
         obs_cfg = setup.config.observation

@@ -17,7 +17,7 @@ from metarl_ros.control_loop import (
 )
 from metarl_ros.policy_factory import make_policy, setup_contract
 from metarl_ros.runtime import PosteriorSummary
-from metarl_ros.sim.env import ArmTrackingEnv, load_env_setup, tracking_reward
+from metarl_ros.sim.env import ArmTrackingEnv, effort_command, load_env_setup, tracking_reward
 
 NAMES = ["a", "b", "c"]
 
@@ -137,14 +137,13 @@ def test_watchdog():
 
 def test_effort_clamp():
     clamp = EffortClamp([10.0, 20.0], [15.0, 5.0])
-    efforts, applied = clamp.from_action(np.array([2.0, -0.5]))
-    np.testing.assert_allclose(applied, [1.0, -0.5])
-    np.testing.assert_allclose(efforts, [10.0, -5.0])  # second joint clamped to its limit
+    np.testing.assert_allclose(clamp.check_action(np.array([2.0, -0.5])), [1.0, -0.5])
+    np.testing.assert_allclose(clamp.clamp(np.array([10.0, -10.0])), [10.0, -5.0])
     np.testing.assert_allclose(clamp.clamp(np.array([np.nan, -100.0])), [0.0, -5.0])
     with pytest.raises(ValueError):
-        clamp.from_action(np.array([np.nan, 0.0]))
+        clamp.check_action(np.array([np.nan, 0.0]))
     with pytest.raises(ValueError):
-        clamp.from_action(np.zeros(3))
+        clamp.check_action(np.zeros(3))
 
 
 def test_safe_action_zero_and_hold():
@@ -179,9 +178,9 @@ def test_log_throttle_counts_suppressed():
 
 
 def test_transitions_observation_and_reward_match_the_env(setup):
-    """Fed the env's readings, the loop builds the env's observations and rewards exactly."""
+    """Fed the env's readings, the loop builds the env's observations, efforts and rewards."""
     env = ArmTrackingEnv(setup)
-    policy = make_policy("pd", setup)
+    rng = np.random.default_rng(1)
     recorder = RecordingPolicy(setup)
     loop = AdaptiveController(setup, recorder, LoopConfig(control_rate_hz=100.0))
     obs, _ = env.reset(seed=3)
@@ -190,14 +189,14 @@ def test_transitions_observation_and_reward_match_the_env(setup):
         t = env.sim.time_s
         reading = env.sim.measure()
         ref = env.reference_at(t)
-        recorder.action = policy.act(obs).astype(np.float64)
+        recorder.action = rng.uniform(-0.3, 0.3, 7)
         loop.on_reference(t, t, [], *ref)
         assert loop.on_joint_state(t, t, setup.robot.joint_names, reading.position,
                                    reading.velocity)
         result = loop.tick(t)
         assert not result.safe
-        np.testing.assert_allclose(result.efforts,
-                                   recorder.action * np.asarray(setup.robot.action_scale))
+        expected = effort_command(setup, recorder.action, reading.position, reading.velocity, ref)
+        np.testing.assert_allclose(result.efforts, expected)
         next_obs, reward, *_ = env.step(result.action.astype(np.float32))
         env_transitions.append((obs, result.action, reward, next_obs))
         obs = next_obs
@@ -248,12 +247,26 @@ def test_policy_exception_gives_safe_action_and_the_loop_continues(setup):
     assert report.level == "warn" and report.values["policy_errors"] == "2"
 
 
-def test_policy_action_is_clipped_and_clamped(setup):
+def test_policy_action_is_clipped_and_efforts_clamped(setup):
     loop = AdaptiveController(setup, RecordingPolicy(setup, action=np.full(7, 5.0)), LoopConfig())
-    result = _feed(loop, 1.0, np.asarray(setup.robot.default_pose))
+    q = np.asarray(setup.robot.default_pose)
+    zeros = np.zeros(7)
+    result = _feed(loop, 1.0, q)  # on the reference: no feedback term
     np.testing.assert_allclose(result.action, np.ones(7))
     np.testing.assert_allclose(result.efforts, setup.robot.action_scale)
-    assert (np.abs(result.efforts) <= np.asarray(setup.robot.effort_limits)).all()
+    far = (q + 2.0, zeros, zeros)  # huge error: the PD term would exceed the limits
+    result = _feed(loop, 1.01, q, ref=far)
+    np.testing.assert_allclose(np.abs(result.efforts), setup.robot.effort_limits)
+
+
+def test_pd_policy_is_the_env_feedback_alone(setup):
+    loop = AdaptiveController(setup, make_policy("pd", setup), LoopConfig())
+    q = np.asarray(setup.robot.default_pose)
+    ref = (q + 0.01, np.full(7, 0.1), np.zeros(7))
+    result = _feed(loop, 1.0, q, ref=ref)
+    assert (result.action == 0).all()
+    np.testing.assert_allclose(result.efforts, np.asarray(setup.config.feedback.kp) * 0.01
+                               + np.asarray(setup.config.feedback.kd) * 0.1)
 
 
 def test_stale_sensors_watchdog_commands_safe_action_once_per_period(setup):
@@ -271,7 +284,7 @@ def test_stale_sensors_watchdog_commands_safe_action_once_per_period(setup):
     assert loop.watchdog(1.211) is not None
     assert loop.diagnostics(1.3).level == "error"
     assert loop.stats.stale_events == 1
-    # fresh data: the policy is back; the hold PD pulled towards the latched pose meanwhile
+    # fresh data: the policy is back
     assert not _feed(loop, 1.3, q).safe
     assert loop.safe_reason == "" and loop.diagnostics(1.3).level == "ok"
 

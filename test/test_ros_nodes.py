@@ -23,7 +23,7 @@ from metarl_ros.nodes.common import COMMAND_QOS, LATCHED_QOS, STATE_QOS, ns_to_s
 from metarl_ros.nodes.sim_node import SimNode
 from metarl_ros.policy_factory import make_policy, setup_contract
 from metarl_ros.runtime import PosteriorSummary
-from metarl_ros.sim.env import build_observation, load_env_setup
+from metarl_ros.sim.env import build_observation, effort_command, load_env_setup
 from ros_harness import Collector, RosSession, domain_id, params, wait_for
 
 SETUP = load_env_setup()
@@ -245,18 +245,22 @@ class FakeRobot:
         self.states.publish(msg)
 
 
-def _expected_pd_efforts(position, velocity, ref, previous_action):
-    policy = make_policy("pd", SETUP)
-    obs = build_observation(SETUP, np.asarray(position), np.asarray(velocity),
-                            tuple(np.asarray(r) for r in ref), np.asarray(previous_action))
+def _expected_efforts(policy, position, velocity, ref, previous_action):
+    """What the adapter must command: the shared observation and effort functions, clamped."""
+    ref = tuple(np.asarray(r, dtype=np.float64) for r in ref)
+    obs = build_observation(SETUP, np.asarray(position), np.asarray(velocity), ref,
+                            np.asarray(previous_action, dtype=np.float32))
     action = np.clip(policy.act(obs), -1, 1)
-    return np.clip(action * SETUP.robot.action_scale, -np.array(SETUP.robot.effort_limits),
-                   SETUP.robot.effort_limits), action
+    efforts = effort_command(SETUP, action, np.asarray(position), np.asarray(velocity), ref)
+    limits = np.array(SETUP.robot.effort_limits)
+    return np.clip(efforts, -limits, limits), action
 
 
 def test_adapter_maps_joints_by_name_and_rejects_bad_messages(ros, probe, capfd):
     robot = FakeRobot(probe)
-    adapter = _adapter(ros, use_sim_time=False, watchdog_timeout=5.0)
+    # PD feedback from the env plus an extra PD as "policy", so the action depends on the state
+    policy = make_policy("pd", SETUP, pd_kp=[20.0] * N, pd_kd=[2.0] * N)
+    adapter = _adapter(ros, policy=policy, use_sim_time=False, watchdog_timeout=5.0)
     assert wait_for(robot.connected, 5.0)
     rng = np.random.default_rng(0)
     q = np.asarray(SETUP.robot.default_pose) + rng.normal(0, 0.05, N)
@@ -267,7 +271,8 @@ def test_adapter_maps_joints_by_name_and_rejects_bad_messages(ros, probe, capfd)
     names = [JOINTS[i] for i in order] + ["gripper_finger", "head_pan"]
     robot.send(names, list(q[order]) + [0.01, math.nan], list(qd[order]) + [0.0, 0.0], ref)
     assert wait_for(lambda: len(robot.commands) == 1, 5.0)
-    expected, action = _expected_pd_efforts(q, qd, ref, np.zeros(N))
+    expected, action = _expected_efforts(policy, q, qd, ref, np.zeros(N))
+    assert np.abs(action).max() > 0.01
     np.testing.assert_allclose(robot.commands.snapshot()[0].data, expected, rtol=1e-5, atol=1e-6)
     # NaN on a controlled joint, wrong length, missing joint: no command, counted, logged
     robot.send(JOINTS, [math.nan] + list(q[1:]), list(qd), ref)
@@ -282,7 +287,7 @@ def test_adapter_maps_joints_by_name_and_rejects_bad_messages(ros, probe, capfd)
     # a good message again: the loop goes on, previous action fed into the observation
     robot.send(JOINTS, list(q), list(qd), ref)
     assert wait_for(lambda: len(robot.commands) == 2, 5.0)
-    expected, _ = _expected_pd_efforts(q, qd, ref, action)
+    expected, _ = _expected_efforts(policy, q, qd, ref, action)
     np.testing.assert_allclose(robot.commands.snapshot()[1].data, expected, rtol=1e-5, atol=1e-6)
     err = capfd.readouterr().err
     # each kind of rejection is logged (throttled per kind) with its reason

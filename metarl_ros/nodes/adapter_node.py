@@ -14,8 +14,9 @@ Subscribes
 
 Publishes
     ``/<controller_name>/commands`` (std_msgs/Float64MultiArray, RELIABLE) -- efforts (N*m) in
-    the robot's joint order: ``clip(action, -1, 1) * action_scale``, clamped to the effort
-    limits; the safe action when the policy cannot be trusted.
+    the robot's joint order: :func:`~metarl_ros.sim.env.effort_command` (the env's PD feedback
+    on the reference plus ``clip(action, -1, 1) * action_scale``, exactly as in training),
+    clamped to the effort limits; the safe action when the policy cannot be trusted.
     ``~/latent`` (std_msgs/Float64MultiArray) -- posterior over the task latent at the context
     rate: ``data = mean (d values) followed by std (d values)``; ``layout.dim`` =
     ``[{label: "mean_std", size: 2, stride: 2d}, {label: "latent", size: d, stride: d}]``.
@@ -56,7 +57,7 @@ from metarl_ros.control_loop import (
     RejectedInput,
     TickResult,
 )
-from metarl_ros.policy_factory import POLICY_KINDS, default_pd_gains, make_policy
+from metarl_ros.policy_factory import POLICY_KINDS, feedback_gains, make_policy
 from metarl_ros.runtime import AdaptivePolicy
 from metarl_ros.sim.env import load_env_setup
 
@@ -97,7 +98,7 @@ class AdapterNode(Node):
         else:
             source = "injected policy"
         self.policy = policy
-        hold_kp, hold_kd = default_pd_gains(self.setup)
+        hold_kp, hold_kd = feedback_gains(self.setup)
         control_rate = p["control_rate_hz"] or self.setup.config.control_rate_hz
         config = LoopConfig(
             control_rate_hz=control_rate,
@@ -170,15 +171,17 @@ class AdapterNode(Node):
                                  "Safe action: zero effort, or hold (PD to the last position).",
                                  choices=SAFE_MODES)
         d["hold_kp"] = declare(self, "hold_kp", None, "N*m/rad per joint for safe_mode hold "
-                               "(unset = 10 * action_scale).",
+                               "(unset = the env's feedback.kp).",
                                param_type=Parameter.Type.DOUBLE_ARRAY)
         d["hold_kd"] = declare(self, "hold_kd", None, "N*m*s/rad per joint for safe_mode hold "
-                               "(unset = 0.75 * action_scale).",
+                               "(unset = the env's feedback.kd).",
                                param_type=Parameter.Type.DOUBLE_ARRAY)
-        d["pd_kp"] = declare(self, "pd_kp", None, "Gains of policy 'pd' (unset = 10 * "
-                             "action_scale).", param_type=Parameter.Type.DOUBLE_ARRAY)
-        d["pd_kd"] = declare(self, "pd_kd", None, "Gains of policy 'pd' (unset = 0.75 * "
-                             "action_scale).", param_type=Parameter.Type.DOUBLE_ARRAY)
+        d["pd_kp"] = declare(self, "pd_kp", None, "Policy 'pd': extra PD gains on top of the "
+                             "env's feedback (unset = none).",
+                             param_type=Parameter.Type.DOUBLE_ARRAY)
+        d["pd_kd"] = declare(self, "pd_kd", None, "Policy 'pd': extra PD gains on top of the "
+                             "env's feedback (unset = none).",
+                             param_type=Parameter.Type.DOUBLE_ARRAY)
         d["reference_sync"] = declare(
             self, "reference_sync", True,
             "Wait for a reference stamped no earlier than the joint state before a tick "
