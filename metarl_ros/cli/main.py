@@ -45,6 +45,15 @@ def _eval(args: argparse.Namespace) -> int:
     return evaluate_command(args)
 
 
+def _export(args: argparse.Namespace) -> int:
+    from metarl_ros.learning.export import export_model
+
+    summary = export_model(args.model, args.out)
+    print(f"exported {summary['method']} model to {args.out}: {', '.join(summary['files'])} "
+          f"(opset {summary['opset']}, max |onnx - torch| = {summary['max_abs_diff']:.1e})")
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     from metarl_ros.demo import demo_command
 
@@ -81,6 +90,11 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--json", required=True, help="write results here")
     evaluate.add_argument("--plot", help="PNG of tracking error around the fault")
     evaluate.set_defaults(func=_eval)
+
+    export = sub.add_parser("export", help="ONNX graphs + contract, parity-checked against torch")
+    export.add_argument("--model", required=True, help="model.pt (or its directory)")
+    export.add_argument("--out", required=True, help="new directory for the ONNX files")
+    export.set_defaults(func=_export)
 
     demo = sub.add_parser("demo", help="the main job: adaptation demo on the shipped model")
     demo.add_argument("--out", default="out/demo", help="where the JSON summary and plot go")

@@ -1,0 +1,162 @@
+"""Run an exported model with onnxruntime, without torch: the robot-side
+:class:`~metarl_ros.runtime.AdaptivePolicy`.
+
+This module must never import torch (a test checks it): robots' computers often lack it.
+onnxruntime runs with one intra-op and one inter-op thread so inference does not compete with
+the control loop. The encoder graph does one streaming-posterior tick (see
+:mod:`metarl_ros.learning.export`); this class keeps the ring of the last ``K - 1`` factors.
+
+MAML online adaptation needs gradients and stays in the torch node; the ONNX policy runs PEARL's
+streaming posterior only.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from metarl_ros.errors import MetarlError
+from metarl_ros.runtime import PolicyContract, PosteriorSummary
+
+REQUIRED_KEYS = ("joint_names", "control_rate_hz", "window_size", "latent_dim", "obs_dim",
+                 "act_dim", "action_scale", "effort_limits", "contract_version")
+SUPPORTED_CONTRACT_VERSION = 1
+
+
+class ModelContractError(MetarlError):
+    """The exported model is missing, corrupt, or does not fit the robot it is given."""
+
+
+def _open_session(path: Path):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    try:
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime raises its own exception types
+        raise ModelContractError(f"{path}: not a loadable ONNX model ({exc})") from None
+
+
+def read_contract(session, path: Path) -> dict[str, Any]:
+    raw = session.get_modelmeta().custom_metadata_map
+    missing = [key for key in REQUIRED_KEYS if key not in raw]
+    if missing:
+        raise ModelContractError(f"{path}: no metarl_ros contract (missing {missing}); "
+                                 "export it with `metarl export`")
+    try:
+        contract = {key: json.loads(value) for key, value in raw.items()}
+    except json.JSONDecodeError as exc:
+        raise ModelContractError(f"{path}: contract metadata is not valid JSON ({exc})") from None
+    if contract["contract_version"] != SUPPORTED_CONTRACT_VERSION:
+        raise ModelContractError(f"{path}: contract version {contract['contract_version']} is not "
+                                 f"supported (expected {SUPPORTED_CONTRACT_VERSION})")
+    return contract
+
+
+class OnnxAdaptivePolicy:
+    """PEARL's policy and streaming posterior from ``policy.onnx`` (+ ``encoder.onnx``).
+
+    Args:
+        model_dir: a ``metarl export`` output directory.
+        expected_joint_names, expected_rate_hz, expected_window: what the node is configured
+            for; any mismatch with the model's contract refuses to start.
+    """
+
+    def __init__(self, model_dir: str | Path, expected_joint_names: list[str] | None = None,
+                 expected_rate_hz: float | None = None,
+                 expected_window: int | None = None) -> None:
+        model_dir = Path(model_dir)
+        policy_path = model_dir / "policy.onnx"
+        if not policy_path.is_file():
+            raise ModelContractError(f"{policy_path}: model file not found")
+        self._policy = _open_session(policy_path)
+        c = read_contract(self._policy, policy_path)
+        self.raw_contract = c
+        self.contract = PolicyContract(
+            joint_names=tuple(c["joint_names"]), control_rate_hz=float(c["control_rate_hz"]),
+            window_size=int(c["window_size"]), latent_dim=int(c["latent_dim"]),
+            obs_dim=int(c["obs_dim"]), act_dim=int(c["act_dim"]),
+            action_scale=tuple(c["action_scale"]), effort_limits=tuple(c["effort_limits"]),
+            extra={k: v for k, v in c.items() if k not in PolicyContract.__dataclass_fields__},
+        )
+        self._check_expectations(policy_path, expected_joint_names, expected_rate_hz,
+                                 expected_window)
+        self._encoder = None
+        latent = self.contract.latent_dim
+        if latent:
+            encoder_path = model_dir / "encoder.onnx"
+            if not encoder_path.is_file():
+                raise ModelContractError(f"{encoder_path}: missing (the policy needs a latent)")
+            self._encoder = _open_session(encoder_path)
+            if read_contract(self._encoder, encoder_path).get("config_hash") != c.get("config_hash"):
+                raise ModelContractError(f"{encoder_path}: comes from another model than "
+                                         f"{policy_path} (config hash differs)")
+        k = max(1, self.contract.window_size - 1)
+        self._window_mean = np.zeros((k, latent), np.float32)
+        self._window_var = np.ones((k, latent), np.float32)
+        self._window_mask = np.zeros((k,), np.float32)
+        self._mean = np.zeros((1, latent), np.float32)
+        self._std = np.ones((1, latent), np.float32)
+        self._fill = 0
+        self.inference_time_s = 0.0
+        self.encoder_time_s = 0.0
+
+    def _check_expectations(self, path, joints, rate, window) -> None:
+        c = self.contract
+        if joints is not None and list(joints) != list(c.joint_names):
+            raise ModelContractError(
+                f"{path}: model joints {list(c.joint_names)} do not match the configured "
+                f"joints {list(joints)} (order matters; remap by parameter)")
+        if rate is not None and abs(float(rate) - c.control_rate_hz) > 1e-6:
+            raise ModelContractError(f"{path}: model control rate {c.control_rate_hz} Hz, "
+                                     f"configured {rate} Hz")
+        if window is not None and int(window) != c.window_size:
+            raise ModelContractError(f"{path}: model context window {c.window_size}, "
+                                     f"configured {window}")
+
+    # ----------------------------------------------------------------- AdaptivePolicy
+
+    def reset(self) -> None:
+        self._window_mask[:] = 0.0
+        self._mean[:] = 0.0
+        self._std[:] = 1.0
+        self._fill = 0
+
+    def observe(self, obs, action, reward, next_obs) -> None:
+        if self._encoder is None:
+            return
+        start = time.perf_counter()
+        transition = np.concatenate([np.asarray(obs, np.float32), np.asarray(action, np.float32),
+                                     np.asarray([reward], np.float32),
+                                     np.asarray(next_obs, np.float32)])[None]
+        factor_mean, factor_var, mean, std = self._encoder.run(None, {
+            "transition": transition, "window_mean": self._window_mean,
+            "window_var": self._window_var, "window_mask": self._window_mask})
+        # shift the ring: oldest out, newest in (K-1 slots, oldest first)
+        self._window_mean[:-1] = self._window_mean[1:]
+        self._window_var[:-1] = self._window_var[1:]
+        self._window_mask[:-1] = self._window_mask[1:]
+        self._window_mean[-1], self._window_var[-1], self._window_mask[-1] = (
+            factor_mean[0], factor_var[0], 1.0)
+        self._mean, self._std = mean, std
+        self._fill = min(self._fill + 1, self.contract.window_size)
+        self.encoder_time_s = time.perf_counter() - start
+
+    def act(self, obs: np.ndarray) -> np.ndarray:
+        start = time.perf_counter()
+        feeds = {"obs": np.asarray(obs, np.float32)[None]}
+        if self._encoder is not None:
+            feeds["latent"] = self._mean
+        action = self._policy.run(None, feeds)[0][0]
+        self.inference_time_s = time.perf_counter() - start
+        return action
+
+    def posterior(self) -> PosteriorSummary:
+        return PosteriorSummary(self._mean[0].copy(), self._std[0].copy(), self._fill)
