@@ -1,0 +1,200 @@
+"""``metarl launch <graph> [name:=value ...] [--duration S]``: a node graph without ros2 launch.
+
+Runs the nodes of a :mod:`metarl_ros.graph` description in this process, each with its
+parameter files and overrides (exactly what ``launch/<graph>.launch.py`` hands to
+``ros2 launch``), on one MultiThreadedExecutor. ``--duration`` stops after that many
+*simulated* seconds; otherwise Ctrl-C (or SIGTERM) stops it, with exit code 0 when the
+shutdown is clean; a second Ctrl-C during shutdown is ignored.
+
+Examples::
+
+    metarl launch adapt_sim real_time_factor:=0.0 --duration 10
+    metarl launch adapt_sim policy:=pearl model:=models/pearl/model.pt adaptation:=false
+    metarl launch adapt_sim --show-args
+
+DDS settings (ROS_DOMAIN_ID, ROS_AUTOMATIC_DISCOVERY_RANGE, ...) come from the environment.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import signal
+import sys
+import threading
+import time
+
+from metarl_ros.graph import GRAPHS, Graph, NodeSpec, parameter_file_path
+
+
+def _parse(args: list[str]) -> tuple[argparse.Namespace, dict[str, str]]:
+    parser = argparse.ArgumentParser(
+        prog="metarl launch",
+        description="Start a node graph in one process (same nodes and parameters as "
+                    "ros2 launch metarl_ros <graph>.launch.py).")
+    parser.add_argument("graph", choices=sorted(GRAPHS), help="which graph")
+    parser.add_argument("assignments", nargs="*", metavar="name:=value",
+                        help="launch arguments (see --show-args)")
+    parser.add_argument("--duration", type=float, default=None,
+                        help="stop after this many simulated seconds (default: until Ctrl-C)")
+    parser.add_argument("--show-args", action="store_true",
+                        help="list the graph's launch arguments and exit")
+    parser.add_argument("--threads", type=int, default=2,
+                        help="executor threads (default 2: control and context in parallel)")
+    ns = parser.parse_args(args)
+    values = {}
+    for item in ns.assignments:
+        name, sep, value = item.partition(":=")
+        if not sep or not name:
+            parser.error(f"expected name:=value, got {item!r}")
+        values[name] = value
+    if ns.duration is not None and ns.duration <= 0:
+        parser.error("--duration must be > 0")
+    return ns, values
+
+
+def _show_args(graph_name: str) -> None:
+    declared, _ = GRAPHS[graph_name]
+    print(f"Arguments of {graph_name} (name:=value):")
+    for arg in declared:
+        choices = f" [{'|'.join(arg.launch_choices)}]" if arg.launch_choices else ""
+        print(f"  {arg.name}{choices} (default: {arg.default!r})\n      {arg.description}")
+
+
+def node_arguments(spec: NodeSpec) -> tuple[list[str], list]:
+    """``(cli_args, parameter_overrides)`` that give an in-process node what launch gives it."""
+    from rclpy.parameter import Parameter
+
+    cli_args = ["--ros-args"]
+    for path in spec.parameter_files:
+        cli_args += ["--params-file", parameter_file_path(path)]
+    for source, target in spec.remappings:
+        cli_args += ["-r", f"{source}:={target}"]
+    overrides = [Parameter(name, value=value) for name, value in spec.parameters.items()]
+    return cli_args, overrides
+
+
+def _create_node(spec: NodeSpec, context, extra: dict | None = None):
+    module = importlib.import_module(spec.module)
+    cls = getattr(module, spec.node_class)
+    cli_args, overrides = node_arguments(spec)
+    if extra:
+        from rclpy.parameter import Parameter
+
+        overrides += [Parameter(name, value=value) for name, value in extra.items()]
+    return cls(node_name=spec.name, context=context, cli_args=cli_args,
+               parameter_overrides=overrides)
+
+
+class _Stop:
+    """First SIGINT/SIGTERM asks to stop; later ones during shutdown are ignored."""
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+        self.signals = 0
+
+    def __call__(self, signum, frame) -> None:
+        self.signals += 1
+        if self.signals == 1:
+            print(f"[metarl launch] {signal.Signals(signum).name}: shutting down", flush=True)
+        else:
+            print("[metarl launch] already shutting down", flush=True)
+        self.event.set()
+
+
+def run_graph(graph: Graph, duration_s: float | None = None, threads: int = 2,
+              stop: threading.Event | None = None) -> int:
+    """Start ``graph``'s nodes, spin until ``duration_s`` simulated seconds or ``stop``."""
+    import rclpy
+    from rclpy.context import Context
+    from rclpy.executors import MultiThreadedExecutor
+    from rclpy.signals import SignalHandlerOptions
+
+    stop = stop or threading.Event()
+    context = Context()
+    # Our own SIGINT handling: rclpy's would shut the context down under the executor.
+    # args: not sys.argv, whose name:=value launch arguments rcl would take for remap rules.
+    rclpy.init(args=["metarl-launch"], context=context,
+               signal_handler_options=SignalHandlerOptions.NO)
+    nodes = []
+    executor = None
+    spin_thread = None
+    code = 0
+    try:
+        for spec in graph.nodes:
+            extra = None
+            if spec.name == "sim_node" and duration_s is not None:
+                extra = {"duration_s": float(duration_s)}
+            nodes.append(_create_node(spec, context, extra))
+        for note in graph.notes:
+            nodes[0].get_logger().warning(note)
+        executor = MultiThreadedExecutor(num_threads=max(1, threads), context=context)
+        for node in nodes:
+            executor.add_node(node)
+        spin_thread = threading.Thread(target=executor.spin, name="executor", daemon=True)
+        spin_thread.start()
+        sim = next((n for n in nodes if hasattr(n, "finished")), None)
+        while not stop.is_set():
+            if sim is not None and sim.finished.is_set():
+                break
+            if not spin_thread.is_alive():
+                code = 1
+                break
+            stop.wait(0.05)
+        _summary(nodes)
+    finally:
+        if executor is not None:
+            executor.shutdown(timeout_sec=2.0)
+        for node in nodes:
+            node.destroy_node()
+        rclpy.try_shutdown(context=context)
+        if spin_thread is not None:
+            spin_thread.join(timeout=5.0)
+    return code
+
+
+def _summary(nodes) -> None:
+    for node in nodes:
+        if hasattr(node, "sim"):
+            print(f"[metarl launch] {node.get_name()}: t = {node.sim.time_s:.2f} s simulated, "
+                  f"real-time factor {node.achieved_real_time_factor():.2f}, commands "
+                  f"{node.commands_received} ({node.commands_rejected} rejected), "
+                  f"lockstep timeouts {node.lockstep_timeouts}", flush=True)
+        if hasattr(node, "loop"):
+            values = node.loop.diagnostics(0.0).values
+            keys = ("ticks", "safe_ticks", "policy_errors", "late_tick_pct",
+                    "inference_latency_p50_ms", "inference_latency_p99_ms", "adaptation_events")
+            print(f"[metarl launch] {node.get_name()}: "
+                  + ", ".join(f"{k} {values[k]}" for k in keys), flush=True)
+
+
+def launch_command(args: list[str]) -> int:
+    """Entry point of ``metarl launch``; returns the exit code."""
+    ns, values = _parse(args)
+    if ns.show_args:
+        _show_args(ns.graph)
+        return 0
+    _, build = GRAPHS[ns.graph]
+    try:
+        graph = build(values)
+    except ValueError as exc:
+        print(f"metarl launch: {exc}", file=sys.stderr)
+        return 2
+    # The handlers stay installed after we return: the process is about to exit, and a
+    # Ctrl-C arriving then must not turn a clean exit into a KeyboardInterrupt traceback.
+    stopper = _Stop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, stopper)
+    start = time.monotonic()
+    try:
+        code = run_graph(graph, ns.duration, ns.threads, stopper.event)
+    except Exception as exc:  # start-up errors: one readable line
+        print(f"metarl launch: {type(exc).__name__}: {exc}", file=sys.stderr)
+        code = 1
+    print(f"[metarl launch] done in {time.monotonic() - start:.1f} s wall, exit {code}",
+          flush=True)
+    return code
+
+
+if __name__ == "__main__":
+    raise SystemExit(launch_command(sys.argv[1:]))
