@@ -396,7 +396,10 @@ class AdaptiveController:
 
     Thread-safety: the control-path methods (``on_joint_state``, ``on_reference``, ``tick``,
     ``watchdog``) must be called from one thread at a time; ``update_context`` and
-    ``diagnostics`` may run on another thread.
+    ``diagnostics`` may run on another thread. The protocol does not promise a thread-safe
+    policy, so policy calls are serialized by a lock: ``observe``/``act`` (control) never run
+    at the same time as ``update_context()``/``posterior()`` (context). Those two must
+    therefore be cheap; heavy adaptation belongs in the policy's own background thread.
 
     Args:
         setup: the env setup whose observation and reward the policy was trained with.
@@ -428,6 +431,7 @@ class AdaptiveController:
         self.stats = LoopStats()
         self.latency = LatencyWindow(config.latency_window)
         self._lock = threading.Lock()
+        self._policy_lock = threading.Lock()
         self._sample: JointSample | None = None
         self._sample_stamp: float | None = None
         self._reference: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
@@ -569,15 +573,16 @@ class AdaptiveController:
         sample, reference = self._sample, self._reference
         start = time.perf_counter()
         try:
-            obs = build_observation(self.setup, sample.position, sample.velocity, reference,
-                                    self._last_action.astype(np.float32))
-            if self._previous is not None:
-                prev_obs, prev_action = self._previous
-                error = float(np.linalg.norm(reference[0] - sample.position))
-                reward = tracking_reward(self.setup, error, prev_action)
-                self.policy.observe(prev_obs, prev_action.astype(np.float32), reward, obs)
-                self.stats.transitions += 1
-            applied = self.clamp.check_action(self.policy.act(obs))
+            with self._policy_lock:
+                obs = build_observation(self.setup, sample.position, sample.velocity,
+                                        reference, self._last_action.astype(np.float32))
+                if self._previous is not None:
+                    prev_obs, prev_action = self._previous
+                    error = float(np.linalg.norm(reference[0] - sample.position))
+                    reward = tracking_reward(self.setup, error, prev_action)
+                    self.policy.observe(prev_obs, prev_action.astype(np.float32), reward, obs)
+                    self.stats.transitions += 1
+                applied = self.clamp.check_action(self.policy.act(obs))
             efforts = self.clamp.clamp(effort_command(self.setup, applied, sample.position,
                                                       sample.velocity, reference))
         except Exception as exc:  # noqa: BLE001 - the loop must survive any policy failure
@@ -647,10 +652,11 @@ class AdaptiveController:
         Returns ``None`` if the policy failed (counted) or has no latent.
         """
         try:
-            update = getattr(self.policy, "update_context", None)
-            if callable(update):
-                update()
-            posterior = self.policy.posterior()
+            with self._policy_lock:
+                update = getattr(self.policy, "update_context", None)
+                if callable(update):
+                    update()
+                posterior = self.policy.posterior()
             mean = np.asarray(posterior.mean, dtype=np.float64).reshape(-1)
             std = np.asarray(posterior.std, dtype=np.float64).reshape(-1)
         except Exception as exc:  # noqa: BLE001
@@ -678,6 +684,13 @@ class AdaptiveController:
                     self.stats.last_adaptation_s = now_s
         self._latent = LatentUpdate(mean, std, int(posterior.window_fill), shift, event)
         return self._latent
+
+    def close(self) -> None:
+        """Stop the policy's background work (calls ``policy.close()`` if it has one)."""
+        close = getattr(self.policy, "close", None)
+        if callable(close):
+            with self._policy_lock:
+                close()
 
     # ----------------------------------------------------------------- diagnostics
 

@@ -286,6 +286,14 @@ class AdapterNode(Node):
         self._diag_pub.publish(array)
 
 
+    def destroy_node(self) -> None:
+        try:
+            self.loop.close()
+        except Exception as exc:  # noqa: BLE001 - shutting down anyway
+            self.get_logger().error(f"policy close failed: {type(exc).__name__}: {exc}")
+        super().destroy_node()
+
+
 def main(args: list[str] | None = None) -> int:
     return run_node(AdapterNode, args, num_threads=2)  # control + context in parallel
 
