@@ -1,9 +1,12 @@
 """adapter_node with the trained PEARL model through the default fault scenario (lockstep).
 
-Needs ``models/pearl/model.pt`` (and torch); skipped with the reason otherwise.
+Needs ``models/pearl/model.pt`` (or ``METARL_PEARL_MODEL``) and torch; skipped with the reason
+otherwise.
 """
 
 from __future__ import annotations
+
+import os
 
 import numpy as np
 import pytest
@@ -19,7 +22,8 @@ from metarl_ros.sim.env import load_env_setup
 from ros_harness import Collector, RosSession, domain_id, params, wait_for
 from test_ros_nodes import TrackingMonitor
 
-MODEL = adapt_sim_graph().arguments["model"]
+# METARL_PEARL_MODEL points the test at another model file (e.g. a training run's).
+MODEL = os.environ.get("METARL_PEARL_MODEL", adapt_sim_graph().arguments["model"])
 SCENARIO = "config/scenarios/default.yaml"
 RUN_S = 6.5  # through the payload pick-up (3 s), before the motor damage (7 s)
 
