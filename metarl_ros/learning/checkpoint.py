@@ -67,6 +67,12 @@ def atomic_write_text(path: Path, text: str) -> None:
         raise
 
 
+def remove_stale_temp_files(folder: Path, name: str) -> None:
+    """Delete ``.<name>.*.tmp`` files that an atomic write of ``name`` killed midway left."""
+    for stale in Path(folder).glob(f".{name}.*.tmp"):
+        stale.unlink(missing_ok=True)
+
+
 def build_model_payload(
     agent_state: dict[str, torch.Tensor],
     agent_spec: Any,
@@ -174,3 +180,4 @@ class CheckpointDirectory:
                 shutil.rmtree(old, ignore_errors=True)
         for stale in self.root.glob(".step_*"):
             shutil.rmtree(stale, ignore_errors=True)
+        remove_stale_temp_files(self.root, "latest")

@@ -35,6 +35,7 @@ from metarl_ros.learning.checkpoint import (
     atomic_torch_save,
     build_model_payload,
     load_state_strict,
+    remove_stale_temp_files,
 )
 from metarl_ros.learning.config import TrainConfig
 from metarl_ros.learning.encoder import make_transition
@@ -326,6 +327,7 @@ class Trainer:
     def write_final_model(self) -> Path:
         path = self.run_dir / "model.pt"
         atomic_torch_save(self.model_payload(), path)
+        remove_stale_temp_files(self.run_dir, path.name)
         return path
 
     # ------------------------------------------------------------------ loop

@@ -1,0 +1,483 @@
+"""Tests for the PEARL learning core: the Gaussian-product posterior, streaming windows, the
+tanh-Gaussian actor, the ensemble critic and one ConditionedSAC update.
+
+Everything runs on tiny networks in a fraction of a second.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+
+import pytest
+import torch
+from torch.distributions import Normal, TanhTransform, TransformedDistribution, kl_divergence
+from torch.nn import functional as F
+
+from metarl_ros.learning.agent import AgentSpec, ConditionedSAC
+from metarl_ros.learning.encoder import (
+    BatchedWindows,
+    ContextEncoder,
+    StreamingPosterior,
+    kl_to_standard_normal,
+    make_transition,
+    product_of_gaussians,
+)
+from metarl_ros.learning.networks import EnsembleMLP, TanhGaussianActor, TwinCritic
+from metarl_ros.learning.replay import TransitionBatch
+
+torch.set_num_threads(1)
+
+
+def random_factors(*shape: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    mu = torch.randn(*shape, generator=g, dtype=torch.float64) * 2.0
+    var = torch.rand(*shape, generator=g, dtype=torch.float64) * 3.0 + 0.05
+    return mu, var
+
+
+def fold_pairwise(mu: torch.Tensor, var: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Product of Gaussians over dim -2 by repeatedly multiplying two densities:
+    N(m1, v1) N(m2, v2) ∝ N((m1 v2 + m2 v1) / (v1 + v2), v1 v2 / (v1 + v2))."""
+    m, v = mu[..., 0, :], var[..., 0, :]
+    for n in range(1, mu.shape[-2]):
+        m2, v2 = mu[..., n, :], var[..., n, :]
+        m, v = (m * v2 + m2 * v) / (v + v2), v * v2 / (v + v2)
+    return m, v
+
+
+# ------------------------------------------------------------------------------------------
+# product of Gaussians and KL
+# ------------------------------------------------------------------------------------------
+
+
+def test_product_of_gaussians_closed_form():
+    mu, var = random_factors(3, 6, 4)
+    mean, post_var = product_of_gaussians(mu, var)
+    assert mean.shape == post_var.shape == (3, 4)
+    precision = (1.0 / var).sum(-2)
+    torch.testing.assert_close(post_var, 1.0 / precision, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(mean, ((mu / var).sum(-2)) / precision, rtol=1e-12, atol=1e-12)
+    # independent derivation: fold two densities at a time
+    m_ref, v_ref = fold_pairwise(mu, var)
+    torch.testing.assert_close(mean, m_ref, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(post_var, v_ref, rtol=1e-10, atol=1e-10)
+    # the product of the factor densities is proportional to the posterior density:
+    # sum_n log N(x; mu_n, var_n) - log N(x; mean, var) must not depend on x
+    xs = torch.randn(5, 3, 4, dtype=torch.float64) * 3.0
+    factors = Normal(mu, var.sqrt())
+    posterior = Normal(mean, post_var.sqrt())
+    diff = torch.stack([
+        factors.log_prob(x.unsqueeze(-2)).sum(-2) - posterior.log_prob(x) for x in xs
+    ])
+    torch.testing.assert_close(diff, diff[:1].expand_as(diff), rtol=0, atol=1e-9)
+
+
+def test_product_of_gaussians_with_mask():
+    mu, var = random_factors(4, 5, 3, seed=1)
+    mask = torch.tensor([[1, 1, 1, 1, 1],
+                         [1, 0, 1, 0, 1],
+                         [0, 0, 0, 0, 1],
+                         [0, 0, 0, 0, 0]], dtype=torch.float64)
+    mean, post_var = product_of_gaussians(mu, var, mask)
+    # a full mask is the plain product
+    m_all, v_all = product_of_gaussians(mu[0], var[0])
+    torch.testing.assert_close(mean[0], m_all, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(post_var[0], v_all, rtol=1e-12, atol=1e-12)
+    # a partial mask is the product over the kept factors only (no prior)
+    keep = mask[1].bool()
+    m_ref, v_ref = fold_pairwise(mu[1, keep], var[1, keep])
+    torch.testing.assert_close(mean[1], m_ref, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(post_var[1], v_ref, rtol=1e-10, atol=1e-10)
+    # one factor: the posterior is that factor
+    torch.testing.assert_close(mean[2], mu[2, 4], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(post_var[2], var[2, 4], rtol=1e-12, atol=1e-12)
+    # nothing kept: the standard normal prior
+    torch.testing.assert_close(mean[3], torch.zeros(3, dtype=torch.float64), rtol=0, atol=0)
+    torch.testing.assert_close(post_var[3], torch.ones(3, dtype=torch.float64), rtol=0, atol=0)
+
+
+def test_masked_out_factor_has_no_influence():
+    mu, var = random_factors(2, 6, 3, seed=2)
+    mask = torch.ones(2, 6, dtype=torch.float64)
+    mask[:, 2] = 0.0
+    before = product_of_gaussians(mu, var, mask)
+    # a wild value in the masked slot, including a tiny variance that would dominate
+    mu2, var2 = mu.clone(), var.clone()
+    mu2[:, 2], var2[:, 2] = 1e6, 1e-8
+    after = product_of_gaussians(mu2, var2, mask)
+    for a, b in zip(before, after):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    # and an all-masked row ignores everything, even the wild values
+    empty = torch.zeros(2, 6, dtype=torch.float64)
+    m, v = product_of_gaussians(mu2, var2, empty)
+    assert torch.equal(m, torch.zeros_like(m)) and torch.equal(v, torch.ones_like(v))
+
+
+def test_kl_to_standard_normal():
+    g = torch.Generator().manual_seed(3)
+    mu = torch.randn(7, 5, generator=g, dtype=torch.float64)
+    var = torch.rand(7, 5, generator=g, dtype=torch.float64) * 4.0 + 0.01
+    kl = kl_to_standard_normal(mu, var)
+    assert kl.shape == (7,)
+    # analytic, written out per dimension: log(1/sigma) + (sigma^2 + mu^2) / 2 - 1/2
+    expected = torch.zeros(7, dtype=torch.float64)
+    for i in range(7):
+        for d in range(5):
+            s2, m = float(var[i, d]), float(mu[i, d])
+            expected[i] += -0.5 * math.log(s2) + 0.5 * (s2 + m * m) - 0.5
+    torch.testing.assert_close(kl, expected, rtol=1e-12, atol=1e-12)
+    reference = kl_divergence(Normal(mu, var.sqrt()), Normal(torch.zeros_like(mu), 1.0)).sum(-1)
+    torch.testing.assert_close(kl, reference, rtol=1e-10, atol=1e-10)
+    # zero exactly at the prior, positive elsewhere
+    assert torch.equal(kl_to_standard_normal(torch.zeros(3), torch.ones(3)), torch.tensor(0.0))
+    assert (kl > 0).all()
+
+
+# ------------------------------------------------------------------------------------------
+# streaming posterior and batched windows
+# ------------------------------------------------------------------------------------------
+
+
+def tiny_encoder(transition_dim: int = 6, latent: int = 3) -> ContextEncoder:
+    torch.manual_seed(0)
+    return ContextEncoder(transition_dim, latent, hidden=[16])
+
+
+def test_streaming_posterior_equals_batch_posterior_over_window():
+    encoder = tiny_encoder()
+    window = 5
+    stream = StreamingPosterior(encoder, window)
+    mu0, var0 = stream.posterior()
+    assert torch.equal(mu0, torch.zeros(3)) and torch.equal(var0, torch.ones(3))
+    transitions = torch.randn(13, 6)
+    for n in range(1, len(transitions) + 1):
+        stream.push(transitions[n - 1])
+        assert len(stream) == min(n, window)
+        mu, var = stream.posterior()
+        with torch.no_grad():
+            ref_mu, ref_var = encoder.posterior(transitions[max(0, n - window):n].unsqueeze(0))
+        torch.testing.assert_close(mu, ref_mu[0], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(var, ref_var[0], rtol=1e-5, atol=1e-6)
+    # after 13 pushes only the last 5 count: the oldest ones are gone
+    with torch.no_grad():
+        all_mu, _ = encoder.posterior(transitions.unsqueeze(0))
+    assert not torch.allclose(stream.posterior()[0], all_mu[0], atol=1e-4)
+    stream.reset()
+    assert len(stream) == 0
+    mu, var = stream.posterior()
+    assert torch.equal(mu, torch.zeros(3)) and torch.equal(var, torch.ones(3))
+    with pytest.raises(ValueError):
+        StreamingPosterior(encoder, 0)
+
+
+def test_batched_windows_match_streaming_posterior_with_wraparound():
+    encoder = tiny_encoder()
+    streams, window = 3, 4
+    batched = BatchedWindows(streams, window, latent_dim=3)
+    singles = [StreamingPosterior(encoder, window) for _ in range(streams)]
+
+    def check() -> None:
+        mu, var = batched.posterior()
+        for s, single in enumerate(singles):
+            ref_mu, ref_var = single.posterior()
+            torch.testing.assert_close(mu[s], ref_mu, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(var[s], ref_var, rtol=1e-5, atol=1e-6)
+        assert batched.fill().tolist() == [float(len(single)) for single in singles]
+
+    check()  # all empty: the prior
+    for step in range(11):  # 11 > 2 * window: the ring buffer wraps around twice
+        if step == 6:  # stream 1 is reset mid-way (a new episode) and refills
+            batched.reset(torch.tensor([1]))
+            singles[1].reset()
+            check()
+        transitions = torch.randn(streams, 6)
+        with torch.no_grad():
+            batched.push(*encoder.factors(transitions))
+        for single, transition in zip(singles, transitions):
+            single.push(transition)
+        check()
+    batched.reset()
+    for single in singles:
+        single.reset()
+    check()
+
+
+def test_make_transition_layout():
+    obs, action, next_obs = torch.randn(4, 3), torch.randn(4, 2), torch.randn(4, 3)
+    reward = torch.randn(4)
+    t = make_transition(obs, action, reward, next_obs)
+    assert t.shape == (4, 9)
+    torch.testing.assert_close(t, torch.cat([obs, action, reward[:, None], next_obs], -1))
+    torch.testing.assert_close(make_transition(obs, action, reward[:, None], next_obs), t)
+
+
+# ------------------------------------------------------------------------------------------
+# actor and critic
+# ------------------------------------------------------------------------------------------
+
+
+def test_tanh_gaussian_log_prob_matches_torch_distributions():
+    torch.manual_seed(4)
+    actor = TanhGaussianActor(5, [16, 16], 3)
+    x = torch.randn(64, 5) * 2.0
+    torch.manual_seed(123)
+    action, log_prob = actor.sample(x)
+    # the same noise again: sample() draws exactly one randn_like(mean)
+    mean, log_std = actor.distribution_params(x)
+    torch.manual_seed(123)
+    pre_tanh = mean + log_std.exp() * torch.randn_like(mean)
+    torch.testing.assert_close(action, torch.tanh(pre_tanh))
+
+    tanh = TanhTransform(cache_size=1)
+    squashed = tanh(pre_tanh)  # cached, so log_prob inverts exactly (no atanh round-off)
+    squashed_normal = TransformedDistribution(Normal(mean, log_std.exp()), [tanh])
+    reference = squashed_normal.log_prob(squashed).sum(-1)
+    torch.testing.assert_close(log_prob, reference, rtol=0, atol=1e-4)
+
+    # change of variables in float64: log N(u) - sum log(1 - tanh(u)^2)
+    u, m, s = pre_tanh.double(), mean.double(), log_std.double().exp()
+    analytic = (Normal(m, s).log_prob(u) - torch.log1p(-torch.tanh(u).pow(2))).sum(-1)
+    moderate = u.abs().max(-1).values < 4.0  # where 1 - tanh^2 is still accurate in float64
+    assert moderate.sum() > 10
+    torch.testing.assert_close(log_prob.double()[moderate], analytic[moderate], rtol=0, atol=1e-4)
+
+
+def test_tanh_gaussian_density_integrates_to_one():
+    """1-D action: the density implied by sample()'s log-prob integrates to 1 over (-1, 1)."""
+    torch.manual_seed(5)
+    actor = TanhGaussianActor(2, [8], 1)
+    x = torch.tensor([[0.7, -1.3]])
+    with torch.no_grad():
+        mean, log_std = actor.distribution_params(x)
+    # sample() densities at many points: integral over actions of p(a) = E_u[1] with a = tanh(u);
+    # check it as sum p(a_i) * da on a fine grid built from pre-tanh values
+    u = torch.linspace(-12, 12, 200001, dtype=torch.float64)
+    log_p = (Normal(mean.double()[0, 0], log_std.double().exp()[0, 0]).log_prob(u)
+             - 2.0 * (math.log(2.0) - u - F.softplus(-2.0 * u)))
+    a = torch.tanh(u)
+    integral = torch.trapezoid(log_p.exp(), a)
+    assert abs(float(integral) - 1.0) < 1e-3
+    # and sample()'s value equals this density at its own sample
+    torch.manual_seed(9)
+    action, log_prob = actor.sample(x)
+    u_s = torch.atanh(action.double().clamp(-1 + 1e-12, 1 - 1e-12))
+    expected = (Normal(mean.double(), log_std.double().exp()).log_prob(u_s)
+                - torch.log1p(-torch.tanh(u_s).pow(2))).sum(-1)
+    torch.testing.assert_close(log_prob.double(), expected, rtol=0, atol=1e-3)
+
+
+def test_actions_lie_in_unit_box():
+    torch.manual_seed(6)
+    actor = TanhGaussianActor(4, [16, 16], 3)
+    with torch.no_grad():
+        for layer in actor.head.parameters():
+            layer.mul_(50.0)  # huge means and std: saturated tanh
+        x = torch.randn(500, 4) * 10.0
+        action, log_prob = actor.sample(x)
+        deterministic = actor(x)
+    for a in (action, deterministic):
+        assert a.shape == (500, 3)
+        assert torch.isfinite(a).all()
+        assert a.min() >= -1.0 and a.max() <= 1.0
+    assert torch.isfinite(log_prob).all()
+    assert deterministic.abs().max() > 0.99  # the box is actually reached, not shrunk
+    mean, log_std = actor.distribution_params(x)
+    assert log_std.min() >= -5.0 and log_std.max() <= 2.0
+
+
+def plain_member(ensemble: EnsembleMLP, member: int, x: torch.Tensor) -> torch.Tensor:
+    for i, layer in enumerate(ensemble.layers):
+        x = x @ layer.weight[member] + layer.bias[member, 0]
+        if i < len(ensemble.layers) - 1:
+            x = torch.relu(x)
+    return x
+
+
+def test_ensemble_members_match_plain_mlp_and_are_independent():
+    torch.manual_seed(7)
+    ensemble = EnsembleMLP(2, 5, [12, 8], 3)
+    x = torch.randn(10, 5)
+    out = ensemble(x)
+    assert out.shape == (2, 10, 3)
+    for member in range(2):
+        torch.testing.assert_close(out[member], plain_member(ensemble, member, x))
+    # per-member inputs (E, B, in) work as well
+    xe = torch.randn(2, 10, 5)
+    out_e = ensemble(xe)
+    for member in range(2):
+        torch.testing.assert_close(out_e[member], plain_member(ensemble, member, xe[member]))
+    assert not torch.allclose(out[0], out[1])  # independently initialized
+
+    out[0].sum().backward()
+    for layer in ensemble.layers:
+        assert layer.weight.grad[0].abs().sum() > 0
+        assert torch.equal(layer.weight.grad[1], torch.zeros_like(layer.weight.grad[1]))
+        assert torch.equal(layer.bias.grad[1], torch.zeros_like(layer.bias.grad[1]))
+
+
+def test_twin_critic_members():
+    torch.manual_seed(8)
+    critic = TwinCritic(4 + 2, [16, 16])
+    obs_cond, action = torch.randn(9, 4), torch.randn(9, 2)
+    q = critic(obs_cond, action)
+    assert q.shape == (2, 9)
+    joint = torch.cat([obs_cond, action], -1)
+    for member in range(2):
+        torch.testing.assert_close(q[member], plain_member(critic.net, member, joint)[:, 0])
+    q[1].pow(2).mean().backward()
+    for layer in critic.net.layers:
+        assert torch.equal(layer.weight.grad[0], torch.zeros_like(layer.weight.grad[0]))
+        assert layer.weight.grad[1].abs().sum() > 0
+
+
+# ------------------------------------------------------------------------------------------
+# ConditionedSAC.update
+# ------------------------------------------------------------------------------------------
+
+OBS, ACT, LATENT, TASKS, PER_TASK, CONTEXT = 4, 2, 3, 3, 8, 5
+
+
+def tiny_agent(tau: float = 0.3, kl_weight: float = 0.5) -> ConditionedSAC:
+    torch.manual_seed(10)
+    spec = AgentSpec(obs_dim=OBS, act_dim=ACT, conditioning="latent", latent_dim=LATENT,
+                     encoder_hidden=(16,), actor_hidden=(16, 16), critic_hidden=(16, 16),
+                     tau=tau, kl_weight=kl_weight, gamma=0.9)
+    return ConditionedSAC(spec)
+
+
+def synthetic_meta_batch(seed: int = 11):
+    g = torch.Generator().manual_seed(seed)
+    batch = TransitionBatch(
+        obs=torch.randn(TASKS, PER_TASK, OBS, generator=g),
+        action=torch.rand(TASKS, PER_TASK, ACT, generator=g) * 2 - 1,
+        reward=torch.randn(TASKS, PER_TASK, generator=g),
+        next_obs=torch.randn(TASKS, PER_TASK, OBS, generator=g),
+    )
+    context = torch.randn(TASKS, CONTEXT, 2 * OBS + ACT + 1, generator=g)
+    mask = torch.ones(TASKS, CONTEXT)
+    mask[1, :2] = 0.0  # a partly filled window
+    return batch, context, mask
+
+
+def reference_critic_phase(agent: ConditionedSAC, batch, context, mask, seed: int):
+    """Recompute the critic + KL loss of update() (same RNG draws) and its gradients."""
+    spec = agent.spec
+    torch.manual_seed(seed)
+    mu, var = agent.encoder.posterior(context, mask)
+    z = mu + var.sqrt() * torch.randn_like(mu)
+    kl = kl_to_standard_normal(mu, var).mean()
+    cond = z.unsqueeze(1).expand(-1, PER_TASK, -1).reshape(TASKS * PER_TASK, -1)
+    flat = batch.flatten()
+    x = torch.cat([flat.obs, cond], -1)
+    next_x = torch.cat([flat.next_obs, cond.detach()], -1)
+    alpha = agent.log_alpha.exp().detach()
+    with torch.no_grad():
+        next_action, next_log_prob = agent.actor.sample(next_x)
+        next_q = agent.critic_target(next_x, next_action).min(0).values
+        target = flat.reward + spec.gamma * (next_q - alpha * next_log_prob)
+    critic_loss = (agent.critic(x, flat.action) - target).pow(2).mean(-1).sum()
+    params = list(agent.encoder.parameters()) + list(agent.critic.parameters())
+    grads = torch.autograd.grad(critic_loss + spec.kl_weight * kl, params)
+    n = len(list(agent.encoder.parameters()))
+    return critic_loss.item(), kl.item(), grads[:n], grads[n:]
+
+
+def test_update_encoder_gets_critic_and_kl_gradients_only():
+    agent = tiny_agent()
+    batch, context, mask = synthetic_meta_batch()
+    reference = copy.deepcopy(agent)
+    ref_loss, ref_kl, ref_enc_grads, ref_critic_grads = reference_critic_phase(
+        reference, batch, context, mask, seed=99)
+
+    encoder_backward_calls = [0]
+    first = next(agent.encoder.parameters())
+    def count(grad: torch.Tensor) -> None:
+        encoder_backward_calls[0] += 1
+
+    first.register_hook(count)
+    torch.manual_seed(99)
+    stats = agent.update(batch, context, mask)
+
+    assert stats["critic_loss"] == pytest.approx(ref_loss, rel=1e-6)
+    assert stats["kl"] == pytest.approx(ref_kl, rel=1e-6)
+    assert stats["kl"] > 0
+    # the encoder's gradient is exactly d(critic_loss + kl_weight * KL)/d(encoder): the actor
+    # loss adds nothing (it sees z detached), and only one backward pass reaches the encoder
+    assert encoder_backward_calls[0] == 1
+    for p, g in zip(agent.encoder.parameters(), ref_enc_grads):
+        assert g.abs().sum() > 0
+        torch.testing.assert_close(p.grad, g, rtol=1e-5, atol=1e-7)
+    # likewise the critic only holds its own loss's gradient (it is frozen for the actor loss)
+    for p, g in zip(agent.critic.parameters(), ref_critic_grads):
+        torch.testing.assert_close(p.grad, g, rtol=1e-5, atol=1e-7)
+    # the actor was trained, the encoder and critic moved
+    assert all(p.grad is not None for p in agent.actor.parameters())
+    for mine, before in zip(agent.encoder.parameters(), reference.encoder.parameters()):
+        assert not torch.equal(mine, before)
+
+
+def test_update_critic_gradient_reaches_encoder_without_kl():
+    """With kl_weight = 0 the encoder still learns: through the Bellman loss."""
+    agent = tiny_agent(kl_weight=0.0)
+    batch, context, mask = synthetic_meta_batch()
+    agent.update(batch, context, mask)
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in agent.encoder.parameters())
+
+
+def test_update_kl_gradient_reaches_encoder():
+    """The KL term alone (critic contribution subtracted) pushes the posterior to the prior."""
+    agent = tiny_agent(kl_weight=1.0)
+    batch, context, mask = synthetic_meta_batch()
+    with_kl = reference_critic_phase(copy.deepcopy(agent), batch, context, mask, seed=5)[2]
+    agent_no_kl = copy.deepcopy(agent)
+    agent_no_kl.spec = dataclasses.replace(agent.spec, kl_weight=0.0)
+    without_kl = reference_critic_phase(agent_no_kl, batch, context, mask, seed=5)[2]
+    mu, var = agent.encoder.posterior(context, mask)
+    kl_grads = torch.autograd.grad(kl_to_standard_normal(mu, var).mean(),
+                                   list(agent.encoder.parameters()))
+    for a, b, k in zip(with_kl, without_kl, kl_grads):
+        torch.testing.assert_close(a - b, k, rtol=1e-4, atol=1e-6)
+
+    torch.manual_seed(5)
+    agent.update(batch, context, mask)
+    for p, g in zip(agent.encoder.parameters(), with_kl):
+        torch.testing.assert_close(p.grad, g, rtol=1e-5, atol=1e-7)
+
+
+def test_update_polyak_target():
+    tau = 0.3
+    agent = tiny_agent(tau=tau)
+    batch, context, mask = synthetic_meta_batch()
+    # make target and online differ first, so the check is not trivially satisfied
+    for _ in range(2):
+        agent.update(batch, context, mask)
+    target_before = [p.detach().clone() for p in agent.critic_target.parameters()]
+    online_before = [p.detach().clone() for p in agent.critic.parameters()]
+    assert any(not torch.equal(a, b) for a, b in zip(target_before, online_before))
+    agent.update(batch, context, mask)
+    online_after = [p.detach() for p in agent.critic.parameters()]
+    assert any(not torch.equal(a, b) for a, b in zip(online_before, online_after))
+    for old, new, target in zip(target_before, online_after, agent.critic_target.parameters()):
+        torch.testing.assert_close(target.detach(), old + tau * (new - old), rtol=0, atol=1e-6)
+        assert not target.requires_grad
+    # the target critic has no optimizer of its own and no gradients
+    assert all(p.grad is None for p in agent.critic_target.parameters())
+
+
+@pytest.mark.parametrize("conditioning", ["oracle", "none"])
+def test_update_without_encoder(conditioning):
+    torch.manual_seed(12)
+    spec = AgentSpec(obs_dim=OBS, act_dim=ACT, conditioning=conditioning, oracle_dim=5,
+                     actor_hidden=(16,), critic_hidden=(16,))
+    agent = ConditionedSAC(spec)
+    assert agent.encoder is None and "encoder" not in agent.optimizers()
+    batch, _, _ = synthetic_meta_batch()
+    condition = torch.randn(TASKS, 5) if conditioning == "oracle" else None
+    stats = agent.update(batch, task_condition=condition)
+    assert stats["kl"] == 0.0
+    assert all(math.isfinite(v) for v in stats.values())
+    obs = torch.randn(6, OBS)
+    cond = torch.randn(6, spec.cond_dim)
+    assert agent.act(obs, cond, deterministic=True).shape == (6, ACT)

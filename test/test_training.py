@@ -1,0 +1,498 @@
+"""Training, checkpoint / resume, model files and ``metarl eval``, on a tiny setup.
+
+The env is the shipped iiwa7 tracking env with 1 s episodes and a task suite with small
+splits (4 train / 3 held-out tasks, the fault at 0.3..0.6 s), written to a temp folder; the
+networks are a few dozen units wide. The whole file runs in well under a minute on 2 cores.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from metarl_ros.cli.main import main as metarl_main
+from metarl_ros.learning.checkpoint import (
+    MODEL_FORMAT,
+    MODEL_FORMAT_VERSION,
+    CheckpointError,
+    load_model_payload,
+)
+from metarl_ros.learning.config import AgentConfig, DynamicsConfig, TrainConfig, load_train_config
+from metarl_ros.learning.evaluation import (
+    RECOVERY_FLOOR_RAD,
+    recovery_times,
+    rolling_mean,
+)
+from metarl_ros.learning.runtime import load_model
+from metarl_ros.learning.trainer import Trainer
+from metarl_ros.resources import share_directory
+
+torch.set_num_threads(1)
+
+SHARE = share_directory()
+TRAIN_TASKS = 4
+
+
+# ------------------------------------------------------------------------------------------
+# tiny env, configs and runs
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_env(tmp_path_factory) -> Path:
+    """An env YAML: the shipped one with 1 s episodes and small task splits."""
+    folder = tmp_path_factory.mktemp("tiny_env")
+    tasks = yaml.safe_load((SHARE / "sim/tasks/iiwa7_faults.yaml").read_text())
+    tasks["splits"]["train"]["num_tasks"] = TRAIN_TASKS
+    tasks["splits"]["heldout"]["num_tasks"] = 3
+    tasks["splits"]["ood"]["num_tasks"] = 2
+    tasks["fault_time_s"] = {"low": 0.3, "high": 0.6}
+    (folder / "tasks.yaml").write_text(yaml.safe_dump(tasks))
+    env = yaml.safe_load((SHARE / "sim/envs/iiwa7_tracking.yaml").read_text())
+    env["robot"] = str(SHARE / "sim/robots/iiwa7.yaml")
+    env["tasks"] = str(folder / "tasks.yaml")
+    env["episode_s"] = 1.0
+    (folder / "env.yaml").write_text(yaml.safe_dump(env))
+    return folder / "env.yaml"
+
+
+def tiny_config(env: Path, method: str = "pearl", **overrides) -> TrainConfig:
+    agent = overrides.pop("agent", {})
+    fields = dict(
+        method=method, env=str(env), seed=3, total_iterations=4, envs_per_iteration=2,
+        updates_per_iteration=10, meta_batch_tasks=2, batch_size=32, eval_tasks=2,
+        eval_every_iterations=100, replay_capacity_per_task=1000, initial_episodes_per_task=1,
+        torch_threads=1, context_window=8,
+        agent=AgentConfig(actor_hidden=[32, 32], critic_hidden=[32, 32], encoder_hidden=[32],
+                          latent_dim=4, **agent),
+        dynamics=DynamicsConfig(meta_steps_per_iteration=1, tasks_per_meta_step=2,
+                                hidden_sizes=[16], support_size=10, query_size=10),
+    )
+    fields.update(overrides)
+    return TrainConfig(**fields)
+
+
+def write_config(config: TrainConfig, path: Path) -> Path:
+    path.write_text(yaml.safe_dump(config.model_dump(mode="json")))
+    assert load_train_config(path) == config
+    return path
+
+
+def agent_state(trainer: Trainer) -> dict[str, torch.Tensor]:
+    state = {f"agent.{k}": v.clone() for k, v in trainer.agent.state_dict().items()}
+    for name, model in trainer.dynamics.items():
+        state.update({f"{name}.{k}": v.clone() for k, v in model.state_dict().items()})
+    return state
+
+
+def assert_states_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not different, f"differ: {different[:5]}"
+
+
+def assert_nested_equal(a, b, where: str = "") -> None:
+    if isinstance(a, dict):
+        assert isinstance(b, dict) and a.keys() == b.keys(), where
+        for key in a:
+            assert_nested_equal(a[key], b[key], f"{where}.{key}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_nested_equal(x, y, f"{where}[{i}]")
+    elif isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), where
+    else:
+        assert a == b, where
+
+
+@pytest.fixture(scope="module")
+def trained_run(tiny_env, tmp_path_factory) -> tuple[Path, Path, TrainConfig]:
+    """A PEARL run trained 2 iterations (checkpointed), its config YAML and config."""
+    root = tmp_path_factory.mktemp("trained")
+    config = tiny_config(tiny_env)
+    config_path = write_config(config, root / "train.yaml")
+    trainer = Trainer(config, root / "run", config_path=config_path, progress=False)
+    trainer.run(max_iterations=2)
+    return root / "run", config_path, config
+
+
+# ------------------------------------------------------------------------------------------
+# training
+# ------------------------------------------------------------------------------------------
+
+
+def test_short_training_lowers_critic_loss_and_runs_end_to_end(tiny_env, tmp_path):
+    config = tiny_config(tiny_env, agent={"gamma": 0.9}, updates_per_iteration=20)
+    trainer = Trainer(config, tmp_path / "run", progress=False)
+    assert len(trainer.tasks) == TRAIN_TASKS
+    trainer.collect_initial()
+    steps = trainer.setup.episode_steps
+    assert steps == 100
+    assert len(trainer.replay) == TRAIN_TASKS * steps == trainer.env_steps
+    losses = [trainer.update()["critic_loss"] for _ in range(300)]
+    assert trainer.updates == 300
+    assert all(np.isfinite(losses))
+    first, last = float(np.mean(losses[:30])), float(np.mean(losses[-30:]))
+    assert last < 0.5 * first, (first, last)
+
+    stats = trainer.run(max_iterations=2)
+    assert trainer.iteration == 2
+    assert trainer.updates == 300 + 2 * 20
+    assert trainer.env_steps == (TRAIN_TASKS + 2 * 2) * steps
+    for key in ("critic_loss", "actor_loss", "kl", "train/return", "eval/return",
+                "eval/tracking_error_after", "dynamics_latent/post_adapt_loss"):
+        assert np.isfinite(stats[key]), key
+    assert (tmp_path / "run" / "checkpoints" / "step_000000002" / "replay.npz").is_file()
+    loaded = load_model(tmp_path / "run" / "model.pt")
+    assert loaded.method == "pearl"
+    assert set(loaded.dynamics) == {"dynamics_latent", "dynamics_plain"}
+    assert_states_equal({k: v for k, v in loaded.agent.state_dict().items()},
+                        dict(trainer.agent.state_dict()))
+    assert loaded.payload["metadata"]["iteration"] == 2
+
+
+def test_checkpoint_resume_restores_everything_and_continues_identically(tiny_env, tmp_path):
+    """Train 2 iterations (checkpoint), keep going 1 more; a fresh trainer resumed from the
+    checkpoint has the same state and its next iteration gives the same weights exactly."""
+    config = tiny_config(tiny_env)
+    original = Trainer(config, tmp_path / "original", progress=False)
+    original.run(max_iterations=2)  # ends with a checkpoint at iteration 2
+    at_checkpoint = agent_state(original)
+    state_at_checkpoint = copy.deepcopy(original.train_state())  # optimizer tensors are live
+    replay_at_checkpoint = [(t.size, t.cursor, t.obs.copy(), t.action.copy(), t.reward.copy(),
+                             t.next_obs.copy()) for t in original.replay.tasks]
+    shutil.copytree(tmp_path / "original", tmp_path / "resumed")
+    original.run(max_iterations=1)
+
+    torch.manual_seed(12345)  # a fresh process has some other global RNG state
+    resumed = Trainer(config, tmp_path / "resumed", progress=False)
+    fresh = agent_state(resumed)
+    assert resumed.resume()
+    restored = agent_state(resumed)
+    assert any(not torch.equal(fresh[k], restored[k]) for k in fresh)  # weights were loaded
+    assert (resumed.iteration, resumed.env_steps, resumed.updates) == (
+        2, (TRAIN_TASKS + 2 * 2) * 100, 2 * 10)
+    assert resumed.normalizer_fitted
+    assert_states_equal(restored, at_checkpoint)
+    assert_nested_equal(resumed.train_state(), state_at_checkpoint)  # optimizers, RNG states
+    for buffer, (size, cursor, obs, action, reward, next_obs) in zip(resumed.replay.tasks,
+                                                                      replay_at_checkpoint):
+        assert (buffer.size, buffer.cursor) == (size, cursor)
+        for mine, theirs in ((buffer.obs, obs), (buffer.action, action),
+                             (buffer.reward, reward), (buffer.next_obs, next_obs)):
+            np.testing.assert_array_equal(mine[:size], theirs[:size])
+
+    resumed.run(max_iterations=1)
+    assert (resumed.iteration, resumed.updates, resumed.env_steps) == (
+        original.iteration, original.updates, original.env_steps) == (
+        3, 30, (TRAIN_TASKS + 3 * 2) * 100)
+    assert_states_equal(agent_state(resumed), agent_state(original))
+    assert_nested_equal(resumed.train_state(), original.train_state())
+
+
+def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "metarl_ros.cli.main", *args],
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_metarl_train_survives_sigkill_and_resumes(tiny_env, tmp_path):
+    config = tiny_config(tiny_env, total_iterations=10_000, updates_per_iteration=5,
+                         checkpoint_every_minutes=1e-6)  # a checkpoint after every iteration
+    config_path = write_config(config, tmp_path / "train.yaml")
+    out = tmp_path / "run"
+    latest = out / "checkpoints" / "latest"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "metarl_ros.cli.main", "train", "--config", str(config_path),
+         "--out", str(out), "--no-progress"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        # wait for the second checkpoint, so that pruning has run once as well
+        while not (latest.is_file() and latest.read_text().strip() >= "step_000000002"):
+            assert process.poll() is None, process.communicate()
+            assert time.monotonic() < deadline, "no checkpoint within 120 s"
+            time.sleep(0.02)
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert process.returncode == -signal.SIGKILL
+
+    step_name = latest.read_text().strip()
+    killed_at = int(step_name.removeprefix("step_"))
+    assert killed_at >= 2
+    killed_model = load_model_payload(out / "checkpoints" / step_name / "model.pt")
+    assert killed_model["metadata"]["iteration"] == killed_at
+    # what a kill in the middle of writing leaves behind (checkpoint staging folder, temp
+    # files of the atomic 'latest' pointer and model.pt): resuming must clean it up
+    (out / "checkpoints" / f".step_{killed_at + 1:09d}.x1y2z3").mkdir()
+    (out / "checkpoints" / f".step_{killed_at + 1:09d}.x1y2z3" / "model.pt").write_bytes(b"half")
+    (out / "checkpoints" / ".latest.abc123.tmp").write_text("step_")
+    (out / ".model.pt.def456.tmp").write_bytes(b"half")
+
+    result = run_cli("train", "--config", str(config_path), "--out", str(out), "--resume",
+                     "--iterations", "2", "--no-progress")
+    assert result.returncode == 0, result.stderr
+    match = re.search(r"resumed .* at iteration (\d+)", result.stdout)
+    assert match, result.stdout
+    assert int(match.group(1)) == killed_at
+    done = re.search(r"done: iteration (\d+)", result.stdout)
+    assert done and int(done.group(1)) == killed_at + 2, result.stdout
+    final = load_model_payload(out / "model.pt")
+    assert final["metadata"]["iteration"] == killed_at + 2
+    assert (out / "checkpoints" / "latest").read_text().strip() == f"step_{killed_at + 2:09d}"
+    leftovers = [p for p in out.rglob("*")
+                 if p.name.startswith(".step_") or p.name.endswith(".tmp")]
+    assert not leftovers, leftovers
+    kept = sorted(p.name for p in (out / "checkpoints").glob("step_*"))
+    assert len(kept) <= 2 and kept[-1] == f"step_{killed_at + 2:09d}"
+
+
+def test_metarl_train_refuses_existing_run_and_config_mismatch(trained_run, tmp_path, capsys):
+    run, config_path, config = trained_run
+    out = tmp_path / "run"
+    shutil.copytree(run, out)
+    listing = sorted(str(p.relative_to(out)) for p in out.rglob("*"))
+
+    code = metarl_main(["train", "--config", str(config_path), "--out", str(out), "--no-progress"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert str(out) in err and "--resume" in err and "already holds a run" in err
+
+    other = write_config(config.model_copy(update={"seed": config.seed + 1}),
+                         tmp_path / "other.yaml")
+    code = metarl_main(["train", "--config", str(other), "--out", str(out), "--resume",
+                        "--no-progress"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "different config" in err and "hash" in err and "step_000000002" in err
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*")) == listing  # nothing written
+
+
+# ------------------------------------------------------------------------------------------
+# model files
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def model_dir(tiny_env, tmp_path_factory) -> Path:
+    """Untrained but saved models for every method: ``<dir>/<method>/model.pt``."""
+    root = tmp_path_factory.mktemp("models")
+    for method in ("oracle", "robust", "nominal", "pearl"):
+        trainer = Trainer(tiny_config(tiny_env, method=method), root / method, progress=False)
+        assert trainer.write_final_model() == root / method / "model.pt"
+    return root
+
+
+def expect_checkpoint_error(path: Path, *fragments: str) -> None:
+    with pytest.raises(CheckpointError) as info:
+        load_model(path)
+    message = str(info.value)
+    assert str(path) in message, message
+    for fragment in fragments:
+        assert fragment in message, message
+
+
+def test_valid_model_loads_with_weights_only(model_dir):
+    path = model_dir / "pearl" / "model.pt"
+    payload = torch.load(path, weights_only=True)
+    assert payload["format"] == MODEL_FORMAT and payload["format_version"] == MODEL_FORMAT_VERSION
+    loaded = load_model(path)
+    assert loaded.method == "pearl" and loaded.agent.encoder is not None
+    assert_states_equal(dict(loaded.agent.state_dict()), payload["agent"])
+    assert load_model(model_dir / "oracle").agent.spec.conditioning == "oracle"  # a directory
+
+
+def test_corrupt_and_foreign_model_files_raise_checkpoint_error(model_dir, tmp_path):
+    good = model_dir / "pearl" / "model.pt"
+    data = good.read_bytes()
+
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(data[: len(data) // 2])
+    expect_checkpoint_error(truncated, "not a readable model file")
+
+    noise = tmp_path / "noise.pt"
+    noise.write_bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes())
+    expect_checkpoint_error(noise, "not a readable model file")
+
+    empty = tmp_path / "empty.pt"
+    empty.write_bytes(b"")
+    expect_checkpoint_error(empty, "not a readable model file")
+
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"weights": torch.zeros(3)}, foreign)
+    expect_checkpoint_error(foreign, "not a metarl_ros model")
+    torch.save([torch.zeros(2)], foreign)
+    expect_checkpoint_error(foreign, "not a metarl_ros model")
+
+    payload = torch.load(good, weights_only=True)
+    future = tmp_path / "future.pt"
+    torch.save({**payload, "format_version": MODEL_FORMAT_VERSION + 1}, future)
+    expect_checkpoint_error(future, f"format version {MODEL_FORMAT_VERSION + 1}", "not supported")
+
+    lacking = tmp_path / "lacking.pt"
+    torch.save({k: v for k, v in payload.items() if k != "contract"}, lacking)
+    expect_checkpoint_error(lacking, "'contract'")
+
+    tampered = copy.deepcopy(payload)
+    key = "actor.head.weight"
+    shape = tuple(tampered["agent"][key].shape)
+    tampered["agent"][key] = torch.zeros(shape[0] + 1, shape[1])
+    wrong_shape = tmp_path / "wrong_shape.pt"
+    torch.save(tampered, wrong_shape)
+    expect_checkpoint_error(wrong_shape, "agent weights do not fit", key)
+
+    tampered = copy.deepcopy(payload)
+    del tampered["agent"]["critic.net.layers.0.weight"]
+    missing = tmp_path / "missing_key.pt"
+    torch.save(tampered, missing)
+    expect_checkpoint_error(missing, "agent weights do not fit", "critic.net.layers.0.weight")
+
+    tampered = copy.deepcopy(payload)
+    name = "dynamics_latent"
+    first = next(iter(tampered["extra"][name]))
+    tampered["extra"][name][first] = torch.zeros(1)
+    bad_dynamics = tmp_path / "bad_dynamics.pt"
+    torch.save(tampered, bad_dynamics)
+    expect_checkpoint_error(bad_dynamics, f"{name} weights do not fit")
+
+    expect_checkpoint_error(tmp_path / "nowhere.pt", "not found")
+    expect_checkpoint_error(tmp_path, "not found")  # a directory without model.pt
+    assert torch.load(good, weights_only=True)["format"] == MODEL_FORMAT  # untouched
+
+
+def test_checkpoint_dir_with_dangling_latest_pointer(trained_run, tmp_path):
+    run, _, config = trained_run
+    out = tmp_path / "run"
+    shutil.copytree(run, out)
+    (out / "checkpoints" / "latest").write_text("step_000000777\n")
+    trainer = Trainer(config, out, progress=False)
+    with pytest.raises(CheckpointError, match="incomplete checkpoint"):
+        trainer.resume()
+
+
+# ------------------------------------------------------------------------------------------
+# evaluation
+# ------------------------------------------------------------------------------------------
+
+METHOD_KEYS = ("normalized_return", "recover_time_s_mean", "recover_time_s_std",
+               "recovered_fraction", "tracking_error_before_mean", "tracking_error_before_std",
+               "tracking_error_after_mean", "tracking_error_after_std")
+
+
+@pytest.mark.filterwarnings("ignore:No artists with labels")  # 1 s episodes: no window to plot
+def test_metarl_eval_writes_documented_json_and_plot(model_dir, tmp_path, capsys):
+    out_json, out_png = tmp_path / "eval" / "out.json", tmp_path / "eval" / "out.png"
+    code = metarl_main(["eval", "--model", str(model_dir), "--split", "heldout", "--episodes", "2",
+                        "--json", str(out_json), "--plot", str(out_png)])
+    assert code == 0, capsys.readouterr().err
+    result = json.loads(out_json.read_text())
+    assert set(result) == {"oracle", "robust", "nominal", "pearl", "maml", "pearl_maml",
+                           "protocol"}
+    for method in ("oracle", "robust", "nominal", "pearl", "maml", "pearl_maml"):
+        metrics = result[method]
+        for key in METHOD_KEYS:
+            assert isinstance(metrics[key], float) and np.isfinite(metrics[key]), (method, key)
+        assert 0.0 <= metrics["recovered_fraction"] <= 1.0
+        assert metrics["recover_time_s_mean"] >= 0.0 and metrics["tracking_error_after_mean"] > 0.0
+    assert result["oracle"]["normalized_return"] == 1.0
+    assert result["nominal"]["normalized_return"] == 0.0
+    assert result["oracle"]["recover_time_s_mean"] == 0.0  # the oracle is its own reference
+    assert result["oracle"]["recovered_fraction"] == 1.0
+    protocol = result["protocol"]
+    assert protocol["split"] == "heldout" and protocol["episodes"] == 2
+    assert protocol["control_dt"] == pytest.approx(0.01)
+    assert not list(out_json.parent.glob("*.tmp"))
+    png = out_png.read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    from matplotlib import image
+
+    assert image.imread(out_png).ndim == 3
+
+
+def test_metarl_eval_reports_missing_or_mislabelled_models(model_dir, tmp_path, capsys):
+    partial = tmp_path / "partial"
+    shutil.copytree(model_dir, partial)
+    shutil.rmtree(partial / "nominal")
+    code = metarl_main(["eval", "--model", str(partial), "--episodes", "1", "--json",
+                        str(tmp_path / "x.json")])
+    assert code == 2
+    assert "nominal" in capsys.readouterr().err
+    shutil.copytree(model_dir / "robust", partial / "nominal")  # a robust model under nominal/
+    code = metarl_main(["eval", "--model", str(partial), "--episodes", "1", "--json",
+                        str(tmp_path / "x.json")])
+    assert code == 2
+    assert "expected 'nominal'" in capsys.readouterr().err
+    assert not (tmp_path / "x.json").exists()
+
+
+# ------------------------------------------------------------------------------------------
+# evaluation metrics on hand-made arrays
+# ------------------------------------------------------------------------------------------
+
+
+def naive_rolling_mean(x: np.ndarray, width: int) -> np.ndarray:
+    out = np.empty_like(x, dtype=np.float64)
+    for t in range(x.shape[-1]):
+        out[..., t] = x[..., max(0, t - width + 1):t + 1].mean(-1)
+    return out
+
+
+@pytest.mark.parametrize("width", [1, 3, 4, 17, 40])
+def test_rolling_mean(width):
+    x = np.random.default_rng(width).normal(size=(3, 17))
+    np.testing.assert_allclose(rolling_mean(x, width), naive_rolling_mean(x, width),
+                               rtol=1e-12, atol=1e-12)
+
+
+def test_rolling_mean_simple_values():
+    np.testing.assert_allclose(rolling_mean(np.array([2.0, 4.0, 6.0, 8.0]), 2),
+                               [2.0, 3.0, 5.0, 7.0])
+    x = np.arange(6.0)
+    np.testing.assert_array_equal(rolling_mean(x, 1), x)
+
+
+def test_recovery_times_without_rolling():
+    dt = 0.25  # the 0.25 s rolling window is a single step: raw errors are compared
+    steps, fault = 20, 5
+    oracle = np.full((5, steps), 0.1)
+    error = oracle.copy()            # row 0: identical to the oracle -> 0 s
+    error[1, fault:fault + 3] = 1.0  # row 1: recovers after 3 steps -> 0.75 s
+    error[2, fault:] = 1.0           # row 2: never recovers -> remaining time, not recovered
+    error[3, :fault] = 5.0           # row 3: bad only before the fault: irrelevant -> 0 s
+    error[3, fault:] = 0.1 * 1.10 + RECOVERY_FLOOR_RAD - 1e-9  # within bounds
+    error[4, fault + 1] = error[4, fault + 6] = 0.5  # row 4: relapses; last bad step counts
+    times, recovered = recovery_times(error, oracle, [fault] * 5, dt)
+    np.testing.assert_allclose(times, [0.0, 3 * dt, (steps - fault) * dt, 0.0, 7 * dt])
+    assert recovered.tolist() == [True, True, False, True, True]
+    # per-episode fault steps
+    times, recovered = recovery_times(error[1:3], oracle[1:3], [fault, 15], dt)
+    np.testing.assert_allclose(times, [3 * dt, (steps - 15) * dt])
+    assert recovered.tolist() == [True, False]
+
+
+def test_recovery_times_with_rolling_window():
+    dt = 0.01  # 0.25 s = 25 steps of rolling mean
+    steps, fault, k = 200, 50, 30
+    oracle = np.full((1, steps), 0.05)
+    error = oracle.copy()
+    error[0, fault:fault + k] = 2.0  # bad for k steps after the fault, then like the oracle
+    times, recovered = recovery_times(error, oracle, [fault], dt)
+    # the trailing mean still holds a bad step until 24 steps after the last one
+    assert times[0] == pytest.approx((k + 24) * dt)
+    assert recovered.tolist() == [True]
