@@ -1,4 +1,4 @@
-"""The ROS-free control loop: joint mapping, watchdog, clamp, safe action, transitions, diagnostics."""
+"""The ROS-free control loop: mapping, watchdog, clamp, safe action, transitions, diagnostics."""
 
 import math
 
@@ -314,7 +314,8 @@ def test_context_update_latent_shift_and_adaptation_events(setup):
     assert loop.stats.adaptation_events == 1
     values = loop.diagnostics(0.3).values
     assert values["latent_dim"] == "4" and values["adaptation_events"] == "1"
-    assert AdaptiveController(setup, RecordingPolicy(setup), LoopConfig()).update_context(0) is None
+    no_latent = AdaptiveController(setup, RecordingPolicy(setup), LoopConfig())
+    assert no_latent.update_context(0) is None
 
 
 def test_rejections_are_counted_and_keep_the_previous_sample(setup):

@@ -51,9 +51,11 @@ def test_graph_from_argument_values():
                              "real_time_factor": "0", "gui": "true", "record": "true",
                              "controller": "arm_effort", "use_sim_time": "false"})
     sim, adapter = graph.node("sim_node"), graph.node("adapter_node")
-    assert adapter.parameters["model_path"] == "m/x.pt" and adapter.parameters["adaptation"] is False
+    assert adapter.parameters["model_path"] == "m/x.pt"
+    assert adapter.parameters["adaptation"] is False
     assert sim.parameters["real_time_factor"] == 0.0 and sim.parameters["gui"] is True
-    assert sim.parameters["controller_name"] == adapter.parameters["controller_name"] == "arm_effort"
+    assert sim.parameters["controller_name"] == "arm_effort"
+    assert adapter.parameters["controller_name"] == "arm_effort"
     assert sim.parameters["use_sim_time"] is False
     assert any("record" in note for note in graph.notes)
 
@@ -179,7 +181,8 @@ def test_launch_file_against_stand_in_launch_api(monkeypatch):
     description = _load_launch_file().generate_launch_description()
     declared = [a for a in description if type(a).__name__ == "DeclareLaunchArgument"]
     assert [a.args[0] for a in declared] == [arg.name for arg in ADAPT_SIM_ARGUMENTS]
-    assert [a.kwargs["default_value"] for a in declared] == [a.default for a in ADAPT_SIM_ARGUMENTS]
+    defaults = [a.kwargs["default_value"] for a in declared]
+    assert defaults == [a.default for a in ADAPT_SIM_ARGUMENTS]
     opaque = [a for a in description if type(a).__name__ == "OpaqueFunction"]
     assert len(opaque) == 1
     actions = opaque[0].kwargs["function"](values)

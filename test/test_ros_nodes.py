@@ -192,7 +192,8 @@ def test_fault_injection_via_topic_changes_the_true_task(ros, probe):
 
 def test_sim_rejects_bad_commands_and_holds_zero_effort(ros, probe):
     """Without a controller, lockstep waits at t=0; bad commands step with zero effort."""
-    commands = probe.create_publisher(Float64MultiArray, "/effort_controller/commands", COMMAND_QOS)
+    commands = probe.create_publisher(Float64MultiArray, "/effort_controller/commands",
+                                      COMMAND_QOS)
     sim = _sim(ros, duration_s=10.0)
     time.sleep(0.3)
     assert sim.sim.time_s == 0.0  # waits for a controller

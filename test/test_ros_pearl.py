@@ -96,8 +96,11 @@ def test_latent_moves_and_tracking_recovers_better_with_adaptation(ros):
     assert latents, "no latent published"
     d = len(latents[0]) // 2
     times = np.array(stamps)
-    before = np.array([m[:d] for m, t in zip(latents, times) if payload_time - 1.0 < t < payload_time])
-    after = np.array([m[:d] for m, t in zip(latents, times) if payload_time + 1.0 < t < payload_time + 2.5])
+    def means(start, end):
+        return np.array([m[:d] for m, t in zip(latents, times) if start < t < end])
+
+    before = means(payload_time - 1.0, payload_time)
+    after = means(payload_time + 1.0, payload_time + 2.5)
     spread = np.array([m[d:] for m, t in zip(latents, times) if payload_time + 1.0 < t])
     assert len(before) and len(after)
     shift = np.linalg.norm(after.mean(axis=0) - before.mean(axis=0))

@@ -56,13 +56,14 @@ events:
     scenario = load_scenario(path, JOINTS)
     assert scenario.events[0].task.locked_joints == (2, 4)
     assert scenario.events[0].task.payload_mass == 1.0
-    assert scenario.events[1].task.payload_mass == 0.0 and scenario.events[1].task.locked_joints == ()
+    nominal_again = scenario.events[1].task
+    assert nominal_again.payload_mass == 0.0 and nominal_again.locked_joints == ()
 
 
 def test_task_command_json():
     current = TaskParams(payload_mass=2.0).normalized(7)
-    task, label = parse_task_command(
-        json.dumps({"label": "weak", "motor_strength": {"lbr_iiwa_joint_2": 0.3}}), current, JOINTS)
+    command = json.dumps({"label": "weak", "motor_strength": {"lbr_iiwa_joint_2": 0.3}})
+    task, label = parse_task_command(command, current, JOINTS)
     assert label == "weak" and task.payload_mass == 2.0 and task.motor_strength[1] == 0.3
     task, _ = parse_task_command('{"base": "nominal"}', current, JOINTS)
     assert task == TaskParams().normalized(7)

@@ -2,7 +2,9 @@
 
 Runs the nodes of a :mod:`metarl_ros.graph` description in this process, each with its
 parameter files and overrides (exactly what ``launch/<graph>.launch.py`` hands to
-``ros2 launch``), on one MultiThreadedExecutor. ``--duration`` stops after that many
+``ros2 launch``), on one executor (single-threaded by default: the simulation loop has its
+own thread, and rclpy's MultiThreadedExecutor costs more CPU than it saves here; ``--threads``
+> 1 selects it). ``--duration`` stops after that many
 *simulated* seconds; otherwise Ctrl-C (or SIGTERM) stops it, with exit code 0 when the
 shutdown is clean; a second Ctrl-C during shutdown is ignored.
 
@@ -39,8 +41,9 @@ def _parse(args: list[str]) -> tuple[argparse.Namespace, dict[str, str]]:
                         help="stop after this many simulated seconds (default: until Ctrl-C)")
     parser.add_argument("--show-args", action="store_true",
                         help="list the graph's launch arguments and exit")
-    parser.add_argument("--threads", type=int, default=2,
-                        help="executor threads (default 2: control and context in parallel)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="executor threads (default 1: SingleThreadedExecutor, the cheapest "
+                             "in rclpy; >1: MultiThreadedExecutor)")
     ns = parser.parse_args(args)
     values = {}
     for item in ns.assignments:
@@ -102,12 +105,12 @@ class _Stop:
         self.event.set()
 
 
-def run_graph(graph: Graph, duration_s: float | None = None, threads: int = 2,
+def run_graph(graph: Graph, duration_s: float | None = None, threads: int = 1,
               stop: threading.Event | None = None) -> int:
     """Start ``graph``'s nodes, spin until ``duration_s`` simulated seconds or ``stop``."""
     import rclpy
     from rclpy.context import Context
-    from rclpy.executors import MultiThreadedExecutor
+    from rclpy.executors import MultiThreadedExecutor, SingleThreadedExecutor
     from rclpy.signals import SignalHandlerOptions
 
     stop = stop or threading.Event()
@@ -128,7 +131,8 @@ def run_graph(graph: Graph, duration_s: float | None = None, threads: int = 2,
             nodes.append(_create_node(spec, context, extra))
         for note in graph.notes:
             nodes[0].get_logger().warning(note)
-        executor = MultiThreadedExecutor(num_threads=max(1, threads), context=context)
+        executor = (MultiThreadedExecutor(num_threads=threads, context=context) if threads > 1
+                    else SingleThreadedExecutor(context=context))
         for node in nodes:
             executor.add_node(node)
         spin_thread = threading.Thread(target=executor.spin, name="executor", daemon=True)

@@ -30,10 +30,11 @@ Publishes
 Loops
     *control* (sensor-triggered at ``control_rate_hz``, see :mod:`metarl_ros.control_loop`):
     ``policy.observe`` + ``policy.act`` only. *context* (``context_rate_hz``, >= 10 Hz, node
-    clock, own callback group): ``policy.update_context()`` if the policy has it, then
-    ``policy.posterior()``. *watchdog* (steady clock, every control period): safe action while
-    joint states or reference are older than ``watchdog_timeout`` (node clock, i.e. simulated
-    time under ``use_sim_time``). *diagnostics* (steady clock).
+    clock, own callback group, so with ``executor_threads`` > 1 it runs beside control):
+    ``policy.update_context()`` if the policy has it, then ``policy.posterior()``.
+    *watchdog* (steady clock, every control period): safe action while joint states or
+    reference are older than ``watchdog_timeout`` (node clock, i.e. simulated time under
+    ``use_sim_time``). *diagnostics* (steady clock).
 """
 
 from __future__ import annotations
@@ -203,6 +204,11 @@ class AdapterNode(Node):
         d["log_throttle_s"] = declare(self, "log_throttle_s", 1.0,
                                       "Minimum wall seconds between repeated warnings.",
                                       low=0.0, high=3600.0)
+        d["executor_threads"] = declare(
+            self, "executor_threads", 1,
+            "Executor threads when run as an executable (read at start-up): 1 = "
+            "SingleThreadedExecutor (lowest latency); >1 runs the context update in parallel "
+            "with control (policy calls stay serialized by a lock).", low=1, high=8)
         return d
 
     # ------------------------------------------------------------------ helpers
@@ -295,7 +301,7 @@ class AdapterNode(Node):
 
 
 def main(args: list[str] | None = None) -> int:
-    return run_node(AdapterNode, args, num_threads=2)  # control + context in parallel
+    return run_node(AdapterNode, args)
 
 
 if __name__ == "__main__":

@@ -92,7 +92,9 @@ def run_node(factory: Callable[[], Node], args: list[str] | None = None,
     """``main`` body of a node executable: init, spin, portable clean shutdown.
 
     ``num_threads`` > 1 spins a MultiThreadedExecutor (callback groups run in parallel);
-    keep it small: each rclpy executor thread costs CPU even when idle.
+    a node's ``executor_threads`` parameter, if it declares one, takes precedence. rclpy's
+    MultiThreadedExecutor is expensive: measured here it tripled adapter_node's
+    sensor-to-command latency (docs/BENCHMARKS.md), so one thread is the default.
 
     Catches ``KeyboardInterrupt`` and ``ExternalShutdownException``; a second SIGINT during
     cleanup is ignored so an interrupted launch still exits cleanly.
@@ -102,6 +104,8 @@ def run_node(factory: Callable[[], Node], args: list[str] | None = None,
     code = 0
     try:
         node = factory()
+        if node.has_parameter("executor_threads"):
+            num_threads = int(node.get_parameter("executor_threads").value)
         executor = (MultiThreadedExecutor(num_threads=num_threads) if num_threads > 1
                     else SingleThreadedExecutor())
         executor.add_node(node)

@@ -1,0 +1,271 @@
+"""Sensor-to-command latency of adapter_node vs a bare rclpy echo node (issue #4).
+
+    .venv/bin/python benchmarks/ros_latency.py [--rate 500] [--duration 10] [--policy pd]
+
+Two processes: this driver publishes ``/reference`` and ``/joint_states`` at ``--rate`` Hz
+(wall clock) and listens on ``/effort_controller/commands``; the node under test runs as a
+subprocess -- first a bare rclpy echo node (subscribe JointState, publish Float64MultiArray),
+then ``adapter_node`` with its shipped parameter file (control at the env's 100 Hz, so one
+joint state in five triggers a command). Every joint state carries its sequence number in a
+tiny position offset of joint 1 (1e-6 rad per step); the echo returns it as data, the
+adapter's command encodes it through the env's PD feedback (``kp_1 * offset``), so each
+command is matched to the exact message that caused it. Latency = command receipt minus joint
+state publication, both on this process's monotonic clock.
+
+Late ticks are adapter_node's own count (``late_tick_pct`` on /diagnostics: receipt-to-publish
+over half a control period, or a gap of more than 1.5 periods).
+
+DDS stays on loopback on a domain of this run (ROS_* variables are set for the children).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+STEP_RAD = 1e-6
+
+
+def _ros_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.setdefault("ROS_DOMAIN_ID", str(os.getpid() % 101 + 1))
+    env["ROS_AUTOMATIC_DISCOVERY_RANGE"] = "LOCALHOST"
+    env["ROS_LOCALHOST_ONLY"] = "1"
+    return env
+
+
+# ---------------------------------------------------------------------------- echo node
+
+
+def run_echo() -> int:
+    """The baseline: a bare rclpy node echoing joint positions as a command."""
+    import rclpy
+    from rclpy.executors import ExternalShutdownException
+    from rclpy.node import Node
+    from rclpy.qos import QoSProfile, ReliabilityPolicy
+    from sensor_msgs.msg import JointState
+    from std_msgs.msg import Float64MultiArray
+
+    rclpy.init()
+    node = Node("echo_node")
+    qos = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE)
+    pub = node.create_publisher(Float64MultiArray, "/effort_controller/commands", qos)
+    node.create_subscription(JointState, "/joint_states",
+                             lambda msg: pub.publish(Float64MultiArray(data=list(msg.position))),
+                             qos)
+    try:
+        rclpy.spin(node)
+    except (KeyboardInterrupt, ExternalShutdownException):
+        pass
+    finally:
+        node.destroy_node()
+        rclpy.try_shutdown()
+    return 0
+
+
+# ---------------------------------------------------------------------------- driver
+
+
+class Driver:
+    def __init__(self, rate_hz: float) -> None:
+        import rclpy
+        from diagnostic_msgs.msg import DiagnosticArray
+        from rclpy.node import Node
+        from rclpy.qos import QoSProfile, ReliabilityPolicy
+        from sensor_msgs.msg import JointState
+        from std_msgs.msg import Float64MultiArray
+
+        from metarl_ros.sim.env import load_env_setup
+
+        self.setup = load_env_setup()
+        self.names = list(self.setup.robot.joint_names)
+        self.q0 = np.asarray(self.setup.robot.default_pose, dtype=np.float64)
+        self.kp0 = float(self.setup.config.feedback.kp[0])
+        self.rate_hz = rate_hz
+        self.JointState = JointState
+        rclpy.init()
+        self.node = Node("latency_driver")
+        qos = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE)
+        self.states = self.node.create_publisher(JointState, "/joint_states", qos)
+        self.refs = self.node.create_publisher(JointState, "/reference", qos)
+        self.node.create_subscription(Float64MultiArray, "/effort_controller/commands",
+                                      self._on_command, qos)
+        self.node.create_subscription(DiagnosticArray, "/diagnostics", self._on_diag, qos)
+        self.sent: dict[int, float] = {}
+        self.received: list[tuple[int, float]] = []
+        self.mode = "echo"
+        self.diag: dict[str, str] = {}
+        self.lock = threading.Lock()
+        self._spin = threading.Thread(target=rclpy.spin, args=(self.node,), daemon=True)
+        self._spin.start()
+
+    def _on_command(self, msg) -> None:
+        now = time.perf_counter()
+        value = msg.data[0]
+        if self.mode == "echo":
+            seq = int(round((self.q0[0] - value) / STEP_RAD))
+        else:
+            seq = int(round(value / (self.kp0 * STEP_RAD)))
+        with self.lock:
+            self.received.append((seq, now))
+
+    def _on_diag(self, msg) -> None:
+        for status in msg.status:
+            if status.name.startswith("adapter_node"):
+                self.diag = {kv.key: kv.value for kv in status.values}
+
+    def connected(self) -> bool:
+        return (self.states.get_subscription_count() > 0
+                and self.node.count_publishers("/effort_controller/commands") > 0)
+
+    def publish(self, seq: int) -> None:
+        stamp = self.node.get_clock().now().to_msg()
+        n = len(self.names)
+        ref = self.JointState(name=self.names, position=self.q0.tolist(),
+                              velocity=[0.0] * n, effort=[0.0] * n)
+        ref.header.stamp = stamp
+        q = self.q0.copy()
+        q[0] -= seq * STEP_RAD
+        state = self.JointState(name=self.names, position=q.tolist(), velocity=[0.0] * n,
+                                effort=[0.0] * n)
+        state.header.stamp = stamp
+        self.refs.publish(ref)
+        self.sent[seq] = time.perf_counter()
+        self.states.publish(state)
+
+    def run(self, mode: str, warmup_s: float, duration_s: float) -> dict:
+        self.mode = mode
+        with self.lock:
+            self.received.clear()
+        self.sent.clear()
+        self.diag = {}
+        period = 1.0 / self.rate_hz
+        total = int((warmup_s + duration_s) * self.rate_hz)
+        first_measured = int(warmup_s * self.rate_hz)
+        start = time.perf_counter()
+        for seq in range(1, total + 1):
+            deadline = start + seq * period
+            delay = deadline - time.perf_counter()
+            if delay > 0:
+                time.sleep(delay)
+            self.publish(seq)
+        time.sleep(0.5)
+        with self.lock:
+            received = list(self.received)
+        latencies = [t - self.sent[s] for s, t in received
+                     if s >= first_measured and s in self.sent]
+        measured_states = total - first_measured + 1
+        lat = np.array(latencies) * 1e3
+        result = {
+            "mode": mode,
+            "states_published": measured_states,
+            "commands_matched": len(lat),
+            "latency_p50_ms": float(np.percentile(lat, 50)) if len(lat) else float("nan"),
+            "latency_p99_ms": float(np.percentile(lat, 99)) if len(lat) else float("nan"),
+            "latency_max_ms": float(lat.max()) if len(lat) else float("nan"),
+            "achieved_rate_hz": total / (time.perf_counter() - start - 0.5),
+        }
+        if mode == "adapter":
+            time.sleep(1.0)  # one more diagnostics message
+            result["late_tick_pct"] = float(self.diag.get("late_tick_pct", "nan"))
+            result["adapter_ticks"] = int(self.diag.get("ticks", "0"))
+            result["inference_p50_ms"] = float(self.diag.get("inference_latency_p50_ms", "nan"))
+            result["inference_p99_ms"] = float(self.diag.get("inference_latency_p99_ms", "nan"))
+        return result
+
+    def close(self) -> None:
+        import rclpy
+
+        self.node.destroy_node()
+        rclpy.try_shutdown()
+
+
+def _start(cmd: list[str]) -> subprocess.Popen:
+    return subprocess.Popen(cmd, env=_ros_env(), cwd=REPO, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    import signal
+
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def measure(driver: Driver, mode: str, cmd: list[str], warmup_s: float,
+            duration_s: float) -> dict:
+    proc = _start(cmd)
+    try:
+        deadline = time.monotonic() + 30
+        while not driver.connected():
+            if proc.poll() is not None:
+                raise RuntimeError(f"{mode} exited: {proc.stderr.read()}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{mode}: no connection within 30 s")
+            time.sleep(0.05)
+        time.sleep(0.5)
+        return driver.run(mode, warmup_s, duration_s)
+    finally:
+        _stop(proc)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rate", type=float, default=500.0, help="joint state rate, Hz")
+    parser.add_argument("--duration", type=float, default=10.0, help="measured seconds each")
+    parser.add_argument("--warmup", type=float, default=1.0, help="unmeasured seconds first")
+    parser.add_argument("--policy", default="pd", help="adapter_node policy (pd|pearl)")
+    parser.add_argument("--model", default="", help="model path for --policy pearl")
+    parser.add_argument("--adapter-threads", type=int, default=1,
+                        help="adapter_node executor_threads (1 = SingleThreadedExecutor)")
+    parser.add_argument("--echo", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    args = parser.parse_args(argv)
+    if args.echo:
+        return run_echo()
+    os.environ.update(_ros_env())
+    driver = Driver(args.rate)
+    adapter_cmd = [sys.executable, "-m", "metarl_ros.nodes.adapter_node", "--ros-args",
+                   "--params-file", str(REPO / "config" / "adapter_node.yaml"),
+                   "-p", "use_sim_time:=false", "-p", f"policy:={args.policy}",
+                   "-p", "diagnostics_rate_hz:=5.0",
+                   "-p", f"executor_threads:={args.adapter_threads}"]
+    if args.model:
+        adapter_cmd += ["-p", f"model_path:={args.model}"]
+    try:
+        echo = measure(driver, "echo", [sys.executable, __file__, "--echo"], args.warmup,
+                       args.duration)
+        adapter = measure(driver, "adapter", adapter_cmd, args.warmup, args.duration)
+    finally:
+        driver.close()
+    results = {
+        "command": "python benchmarks/ros_latency.py " + " ".join(argv or sys.argv[1:]),
+        "rate_hz": args.rate, "duration_s": args.duration, "policy": args.policy,
+        "adapter_threads": args.adapter_threads,
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+                   f"load average {os.getloadavg()[0]:.2f}",
+        "echo": echo, "adapter": adapter,
+    }
+    print(json.dumps(results, indent=2))
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
