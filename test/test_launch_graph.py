@@ -277,3 +277,60 @@ def test_metarl_launch_double_sigint_exits_cleanly():
     assert proc.returncode == 0, out
     assert "SIGINT: shutting down" in out
     assert "Traceback" not in out and "KeyboardInterrupt" not in out
+
+
+def _reader(proc, lines):
+    """Collect a process's output in a thread (readline must never block the test)."""
+    import threading
+
+    def pump():
+        for line in proc.stdout:
+            lines.append(line)
+
+    thread = threading.Thread(target=pump, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_node_executables_run_as_processes_and_stop_cleanly_on_sigint():
+    """`python -m metarl_ros.nodes.<node>` (what ros2 run starts): params file, loop, shutdown."""
+    graph = adapt_sim_graph({"real_time_factor": "0.0"})
+    env = _env()
+    env["RCUTILS_LOGGING_BUFFERED_STREAM"] = "0"
+    procs, lines, readers = {}, {}, {}
+    try:
+        for spec in graph.nodes:
+            cmd = [sys.executable, "-m", spec.module, "--ros-args"]
+            for path in spec.parameter_files:
+                cmd += ["--params-file", parameter_file_path(path)]
+            for key, value in spec.parameters.items():
+                text = str(value).lower() if isinstance(value, bool) else str(value) or "''"
+                cmd += ["-p", f"{key}:={text}"]
+            procs[spec.name] = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE,
+                                                stderr=subprocess.STDOUT, text=True)
+            lines[spec.name] = []
+            readers[spec.name] = _reader(procs[spec.name], lines[spec.name])
+        deadline = time.monotonic() + 40
+        while time.monotonic() < deadline:  # the loop closes: the payload event fires at 3 s
+            if any("scheduled fault: payload" in line for line in list(lines["sim_node"])):
+                break
+            if any(proc.poll() is not None for proc in procs.values()):
+                break
+            time.sleep(0.05)
+        assert any("scheduled fault: payload" in line for line in lines["sim_node"]), lines
+        for proc in procs.values():
+            proc.send_signal(signal.SIGINT)
+        time.sleep(0.01)
+        procs["adapter_node"].send_signal(signal.SIGINT)  # a second one, as ros2 launch may
+        for proc in procs.values():
+            proc.wait(timeout=20)
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    for name, proc in procs.items():
+        readers[name].join(timeout=5)
+        out = "".join(lines[name])
+        assert proc.returncode == 0, f"{name}: exit {proc.returncode}\n{out}"
+        assert "Traceback" not in out, out

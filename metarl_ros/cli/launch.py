@@ -184,8 +184,6 @@ def launch_command(args: list[str]) -> int:
     except ValueError as exc:
         print(f"metarl launch: {exc}", file=sys.stderr)
         return 2
-    # The handlers stay installed after we return: the process is about to exit, and a
-    # Ctrl-C arriving then must not turn a clean exit into a KeyboardInterrupt traceback.
     stopper = _Stop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, stopper)
@@ -197,6 +195,10 @@ def launch_command(args: list[str]) -> int:
         code = 1
     print(f"[metarl launch] done in {time.monotonic() - start:.1f} s wall, exit {code}",
           flush=True)
+    # The process is about to exit: Python resets custom handlers to SIG_DFL during teardown
+    # (not SIG_IGN), so a late Ctrl-C would otherwise kill it with -2 after a clean run.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
     return code
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import signal
 import threading
 from typing import Any, Callable, Sequence
@@ -74,19 +73,6 @@ def declare(node: Node, name: str, default: Any, description: str, *,
     return value
 
 
-@contextlib.contextmanager
-def ignore_sigint():
-    """Ignore SIGINT inside the block (a second Ctrl-C during cleanup); main thread only."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-
-
 def run_node(factory: Callable[[], Node], args: list[str] | None = None,
              num_threads: int = 1) -> int:
     """``main`` body of a node executable: init, spin, portable clean shutdown.
@@ -96,8 +82,8 @@ def run_node(factory: Callable[[], Node], args: list[str] | None = None,
     MultiThreadedExecutor is expensive: measured here it tripled adapter_node's
     sensor-to-command latency (docs/BENCHMARKS.md), so one thread is the default.
 
-    Catches ``KeyboardInterrupt`` and ``ExternalShutdownException``; a second SIGINT during
-    cleanup is ignored so an interrupted launch still exits cleanly.
+    Catches ``KeyboardInterrupt`` and ``ExternalShutdownException``; once shutting down,
+    SIGINT is ignored for the rest of the process so an interrupted launch exits cleanly (0).
     """
     rclpy.init(args=args)
     node = None
@@ -119,8 +105,17 @@ def run_node(factory: Callable[[], Node], args: list[str] | None = None,
             print(f"[FATAL] {type(exc).__name__}: {exc}", flush=True)
         code = 1
     finally:
-        with ignore_sigint():
-            if node is not None:
-                node.destroy_node()
-            rclpy.try_shutdown()
+        # From here on SIGINT is ignored for good: a second Ctrl-C (the terminal's plus the one
+        # ros2 launch forwards) must not interrupt the cleanup, nor the interpreter's own
+        # teardown after main returns (Python resets custom handlers to SIG_DFL then, but
+        # leaves SIG_IGN alone), which would turn a clean exit into "exit code -2".
+        _ignore_sigint_for_good()
+        if node is not None:
+            node.destroy_node()
+        rclpy.try_shutdown()
     return code
+
+
+def _ignore_sigint_for_good() -> None:
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
