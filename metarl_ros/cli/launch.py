@@ -137,7 +137,7 @@ def run_graph(graph: Graph, duration_s: float | None = None, threads: int = 1,
             executor.add_node(node)
         spin_thread = threading.Thread(target=executor.spin, name="executor", daemon=True)
         spin_thread.start()
-        sim = next((n for n in nodes if hasattr(n, "finished")), None)
+        sim = next((n for n, spec in zip(nodes, graph.nodes) if spec.name == "sim_node"), None)
         while not stop.is_set():
             if sim is not None and sim.finished.is_set():
                 break
