@@ -48,7 +48,7 @@ console_scripts = [
     "sim_node = metarl_ros.nodes.sim_node:main",
     "adapter_node = metarl_ros.nodes.adapter_node:main",
     # "onnx_policy_node = metarl_ros.nodes.onnx_policy:main",
-    # "recorder_node = metarl_ros.nodes.recorder:main",
+    "recorder_node = metarl_ros.nodes.recorder_node:main",
 ]
 
 setup(

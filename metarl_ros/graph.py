@@ -100,7 +100,11 @@ ADAPT_SIM_ARGUMENTS: tuple[LaunchArgument, ...] = (
                    "Fault scenario YAML for sim_node ('' = none)."),
     LaunchArgument("gui", "false", "Show the PyBullet GUI.", kind=bool),
     LaunchArgument("record", "false",
-                   "Record a bag (not available yet: accepted and ignored).", kind=bool),
+                   "Record state, commands, reference, latent, diagnostics and true task "
+                   "events to a rosbag2 bag (recorder_node).", kind=bool),
+    LaunchArgument("bag", "",
+                   "Bag directory for record:=true (must not exist; '' = "
+                   "rosbag2_<date-time> in the working directory)."),
     LaunchArgument("use_sim_time", "true", "Nodes follow /clock from sim_node.", kind=bool),
     LaunchArgument("real_time_factor", "1.0",
                    "sim_node pacing: simulated s per wall s; 0 = lockstep, as fast as possible.",
@@ -123,7 +127,8 @@ def resolve_arguments(declared: tuple[LaunchArgument, ...],
 
 
 def adapt_sim_graph(values: Mapping[str, str] | None = None) -> Graph:
-    """The simulated adaptation setup: ``sim_node`` + ``adapter_node``."""
+    """The simulated adaptation setup: ``sim_node`` + ``adapter_node`` (+ ``recorder_node``
+    with ``record:=true``)."""
     args = resolve_arguments(ADAPT_SIM_ARGUMENTS, values)
     sim = NodeSpec(
         name="sim_node", executable="sim_node", module="metarl_ros.nodes.sim_node",
@@ -149,10 +154,31 @@ def adapt_sim_graph(values: Mapping[str, str] | None = None) -> Graph:
             "use_sim_time": args["use_sim_time"],
         },
     )
+    nodes: tuple[NodeSpec, ...] = (sim, adapter)
     notes = []
     if args["record"]:
-        notes.append("record:=true ignored: the recorder node does not exist yet")
-    return Graph("adapt_sim", args, (sim, adapter), tuple(notes))
+        # first, so that it is subscribed before the simulation starts stepping
+        nodes = (recorder_spec(args["controller"], args["bag"]), *nodes)
+        notes.append(f"record:=true: recorder_node writes {args['bag'] or 'rosbag2_<date-time>'}")
+    return Graph("adapt_sim", args, nodes, tuple(notes))
+
+
+def recorder_spec(controller: str, bag: str) -> NodeSpec:
+    """recorder_node on the topics of sim_node + adapter_node (types given: no discovery wait)."""
+    topics = {
+        "/joint_states": "sensor_msgs/msg/JointState",
+        f"/{controller.strip('/')}/commands": "std_msgs/msg/Float64MultiArray",
+        "/reference": "sensor_msgs/msg/JointState",
+        "/adapter_node/latent": "std_msgs/msg/Float64MultiArray",
+        "/diagnostics": "diagnostic_msgs/msg/DiagnosticArray",
+        "/sim/true_task": "std_msgs/msg/String",
+    }
+    return NodeSpec(
+        name="recorder_node", executable="recorder_node",
+        module="metarl_ros.nodes.recorder_node", node_class="RecorderNode",
+        parameter_files=("config/recorder_node.yaml",),
+        parameters={"output": bag, "topics": list(topics), "types": list(topics.values())},
+    )
 
 
 GRAPHS = {"adapt_sim": (ADAPT_SIM_ARGUMENTS, adapt_sim_graph)}

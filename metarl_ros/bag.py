@@ -1,0 +1,414 @@
+"""rosbag2 files without ROS: writing raw CDR messages, and decoding the few types we read fast.
+
+Used by the recorder node (:mod:`metarl_ros.nodes.recorder_node`), ``metarl retrain``
+(:mod:`metarl_ros.learning.bag_dataset`) and ``benchmarks/bag_throughput.py``. Built on the
+``rosbags`` library; no rclpy import here.
+
+**Writing** (:class:`BagWriter`): messages arrive already serialized (CDR bytes, as a raw
+subscription hands them over) and are written as they are -- no decode/encode per message.
+Every topic is registered with its message definition from the ROS 2 Jazzy typestore (plus
+its type hash and the publishers' offered QoS), so ``ros2 bag info`` / ``ros2 bag play`` and
+readers that take definitions from the bag (MCAP's ``mcap-ros2-support``, rosbags'
+``AnyReader``) read it without the message packages installed. Formats:
+
+* ``mcap`` (default), rosbag2 metadata version 9: what Jazzy and later record by default;
+* ``sqlite3`` with metadata version 8: the format to use when the bag must play on Humble.
+
+**Incomplete bags.** rosbag2 (and rosbags) refuse to write into an existing directory, so a
+bag is written straight into its final directory -- no temporary name, so ``ros2 bag reindex``
+and the usual tools work on it. ``metadata.yaml`` is written last, atomically, by
+:meth:`BagWriter.close`; MCAP data is buffered in chunks and an MCAP file only gets its
+summary and footer at close. A bag whose writer never closed (recorder killed, power loss) is
+therefore recognisable: it has no ``metadata.yaml`` (:func:`bag_is_complete`), and
+``metarl retrain`` refuses it as truncated. ``ros2 bag reindex <dir>`` rebuilds the metadata
+of what reached the disk (the last, unflushed MCAP chunk is lost).
+
+**Decoding** (:func:`decode_joint_state`, :func:`decode_float64_array`): hand-written
+little-endian CDR readers for ``sensor_msgs/msg/JointState`` and
+``std_msgs/msg/Float64MultiArray`` -- the two types that make up almost all of a recording --
+several times faster than a generic deserializer. They check the layout as they go and raise
+:class:`CdrLayoutError` on anything unexpected (big-endian data, an ambiguous empty array,
+a size that does not add up); callers then fall back to ``rosbags``' deserializer.
+"""
+
+from __future__ import annotations
+
+import struct
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+from rosbags.interfaces import (
+    Qos,
+    QosDurability,
+    QosHistory,
+    QosLiveliness,
+    QosReliability,
+    QosTime,
+)
+from rosbags.rosbag2 import StoragePlugin, Writer
+from rosbags.typesys import Stores, get_typestore
+from rosbags.typesys.store import Typestore
+
+from metarl_ros.errors import MetarlError
+
+StorageFormat = Literal["mcap", "sqlite3"]
+STORAGE_FORMATS: tuple[str, ...] = ("mcap", "sqlite3")
+#: metadata version written by default per storage format (see the module doc)
+DEFAULT_VERSION: dict[str, int] = {"mcap": 9, "sqlite3": 8}
+_PLUGINS = {"mcap": StoragePlugin.MCAP, "sqlite3": StoragePlugin.SQLITE3}
+
+JOINT_STATE = "sensor_msgs/msg/JointState"
+FLOAT64_ARRAY = "std_msgs/msg/Float64MultiArray"
+STRING = "std_msgs/msg/String"
+
+
+class BagError(MetarlError, ValueError):
+    """A bag cannot be written or read as asked; the message names the bag and the problem."""
+
+
+def jazzy_typestore() -> Typestore:
+    """A fresh typestore with the ROS 2 Jazzy message definitions (pinned, not ``LATEST``)."""
+    return get_typestore(Stores.ROS2_JAZZY)
+
+
+def bag_is_complete(path: str | Path) -> bool:
+    """True if ``path`` is a rosbag2 directory whose writer closed it (``metadata.yaml``)."""
+    return (Path(path) / "metadata.yaml").is_file()
+
+
+def make_qos(reliable: bool = True, transient_local: bool = False, depth: int = 10) -> Qos:
+    """A rosbags QoS record (what ``offered_qos_profiles`` in the bag metadata holds)."""
+    zero = QosTime(0, 0)
+    return Qos(
+        history=QosHistory.KEEP_LAST, depth=int(depth),
+        reliability=QosReliability.RELIABLE if reliable else QosReliability.BEST_EFFORT,
+        durability=QosDurability.TRANSIENT_LOCAL if transient_local else QosDurability.VOLATILE,
+        deadline=zero, lifespan=zero, liveliness=QosLiveliness.AUTOMATIC,
+        liveliness_lease_duration=zero, avoid_ros_namespace_conventions=False,
+    )
+
+
+def _register_from_share(store: Typestore, msgtype: str) -> bool:
+    """Try to register ``pkg/msg/Name`` from an installed ``share/pkg/msg/Name.msg``."""
+    import os
+
+    from rosbags.typesys import get_types_from_msg
+
+    pkg, _, name = msgtype.split("/")
+    for prefix in os.environ.get("AMENT_PREFIX_PATH", "").split(os.pathsep):
+        candidate = Path(prefix) / "share" / pkg / "msg" / f"{name}.msg"
+        if prefix and candidate.is_file():
+            try:
+                store.register(get_types_from_msg(candidate.read_text(), msgtype))
+                store.generate_msgdef(msgtype, ros_version=2)  # all dependencies known?
+                return True
+            except Exception:  # noqa: BLE001 - a definition we cannot use: report as unknown
+                return False
+    return False
+
+
+class BagWriter:
+    """A rosbag2 bag being written from serialized (CDR) messages. Thread-safe.
+
+    Args:
+        path: bag directory; must not exist yet (rosbag2 never writes into an existing one).
+        storage: ``mcap`` (default) or ``sqlite3``.
+        version: rosbag2 metadata version, 8 or 9; default :data:`DEFAULT_VERSION`.
+        typestore: where message definitions come from (default: ROS 2 Jazzy's).
+
+    Topics are added with :meth:`add_topic` (at any time, also after messages were written);
+    :meth:`close` is idempotent and must be called to make the bag complete.
+    """
+
+    def __init__(self, path: str | Path, storage: str = "mcap", version: int | None = None,
+                 typestore: Typestore | None = None) -> None:
+        if storage not in STORAGE_FORMATS:
+            raise BagError(f"storage {storage!r}: expected one of {', '.join(STORAGE_FORMATS)}")
+        self.path = Path(path)
+        self.storage = storage
+        self.version = DEFAULT_VERSION[storage] if version is None else int(version)
+        if self.version not in (8, 9):
+            raise BagError(f"rosbag2 metadata version {self.version}: expected 8 or 9")
+        if self.path.exists():
+            raise BagError(f"{self.path}: exists already; a bag is always written into a new "
+                           "directory")
+        self.typestore = typestore or jazzy_typestore()
+        self._writer = Writer(self.path, version=self.version,  # type: ignore[arg-type]
+                              storage_plugin=_PLUGINS[storage])
+        self._writer.open()
+        self._lock = threading.Lock()
+        self._connections: dict[str, object] = {}
+        self.types: dict[str, str] = {}
+        """topic -> message type of every registered topic."""
+        self.counts: dict[str, int] = {}
+        """topic -> messages written."""
+        self.closed = False
+
+    def has_topic(self, topic: str) -> bool:
+        return topic in self._connections
+
+    def add_topic(self, topic: str, msgtype: str, qos: Qos | None = None) -> None:
+        """Register ``topic`` with the definition of ``msgtype`` (``pkg/msg/Name``).
+
+        Raises :class:`BagError` if the type is unknown (not in the typestore and not found
+        as ``share/<pkg>/msg/<Name>.msg`` under ``AMENT_PREFIX_PATH``) or the topic exists.
+        """
+        with self._lock:
+            if self.closed:
+                raise BagError(f"{self.path}: bag is closed")
+            if topic in self._connections:
+                raise BagError(f"{self.path}: topic {topic} registered twice")
+            if msgtype not in self.typestore.fielddefs and not _register_from_share(
+                    self.typestore, msgtype):
+                raise BagError(f"unknown message type {msgtype!r} (topic {topic}): no "
+                               "definition in the ROS 2 Jazzy typestore or the installed "
+                               "packages; cannot record it with a definition")
+            self._connections[topic] = self._writer.add_connection(
+                topic, msgtype, typestore=self.typestore,
+                offered_qos_profiles=[qos] if qos is not None else [])
+            self.types[topic] = msgtype
+            self.counts[topic] = 0
+
+    def write(self, topic: str, timestamp_ns: int, data: bytes | memoryview) -> bool:
+        """Append one serialized message; False (nothing written) once the bag is closed."""
+        with self._lock:
+            if self.closed:
+                return False
+            self._writer.write(self._connections[topic], int(timestamp_ns), data)  # type: ignore[arg-type]
+            self.counts[topic] += 1
+            return True
+
+    @property
+    def message_count(self) -> int:
+        with self._lock:
+            return sum(self.counts.values())
+
+    def close(self) -> bool:
+        """Flush and finish the bag (index, summary, ``metadata.yaml``). Idempotent.
+
+        Returns True the first time (the call that closed it).
+        """
+        with self._lock:
+            if self.closed:
+                return False
+            self.closed = True
+            self._writer.close()
+            return True
+
+    def __enter__(self) -> "BagWriter":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+# ------------------------------------------------------------------------------------------
+# Fast CDR decoding of the two high-rate types
+
+_U32 = struct.Struct("<I")
+_STAMP_LEN = struct.Struct("<iII")
+_3U32 = struct.Struct("<III")
+_HEADER_SIZE = 4  # CDR encapsulation header; alignment is relative to what follows it
+
+
+class CdrLayoutError(ValueError):
+    """The bytes are not the plain little-endian CDR layout the fast decoder handles."""
+
+
+@dataclass(frozen=True)
+class JointStateLayout:
+    """What varies between JointState messages of one publisher: names and array sizes."""
+
+    names: tuple[str, ...]
+    n_position: int
+    n_velocity: int
+    n_effort: int
+
+    @property
+    def size(self) -> int:
+        return self.n_position + self.n_velocity + self.n_effort
+
+    def split(self, values) -> tuple:
+        """``values`` (position + velocity + effort, along the last axis) -> the three parts."""
+        a, b = self.n_position, self.n_position + self.n_velocity
+        return values[..., :a], values[..., a:b], values[..., b:]
+
+
+def _check_encapsulation(raw: bytes | memoryview) -> None:
+    if len(raw) < 8 or raw[0] != 0 or raw[1] != 1:  # CDR_LE
+        raise CdrLayoutError("not little-endian plain CDR")
+
+
+def _align(pos: int, size: int) -> int:
+    """Absolute offset ``pos`` aligned to ``size`` relative to the data after the header."""
+    return pos + (_HEADER_SIZE - pos) % size
+
+
+def _string_end(raw: bytes | memoryview, pos: int) -> int:
+    """Offset after the string whose (4-aligned) length field is at ``pos``."""
+    (length,) = _U32.unpack_from(raw, pos)
+    end = pos + 4 + length
+    if length == 0 or end > len(raw):
+        raise CdrLayoutError("bad string length")
+    return end
+
+
+def _float64_sequences(raw: bytes | memoryview, pos: int, count: int) -> tuple[list[int], int, str]:
+    """Walk ``count`` consecutive ``float64[]`` fields starting at ``pos``.
+
+    Returns their sizes, the end offset and a :mod:`struct` format that unpacks all of them
+    (length fields and values, with explicit padding) from ``pos``. An empty sequence is
+    ambiguous between serializers (fastcdr pads to 8 for it, others do not), so it is only
+    accepted as the last field.
+    """
+    sizes, fmt = [], "<"
+    for i in range(count):
+        aligned = _align(pos, 4)
+        fmt += "x" * (aligned - pos) + "I"
+        (size,) = _U32.unpack_from(raw, aligned)
+        pos = aligned + 4
+        if size == 0:
+            if i != count - 1 and (pos - _HEADER_SIZE) % 8:
+                raise CdrLayoutError("empty float64 sequence with ambiguous padding")
+        else:
+            aligned = _align(pos, 8)
+            fmt += "x" * (aligned - pos) + f"{size}d"
+            pos = aligned + 8 * size
+        if pos > len(raw):
+            raise CdrLayoutError("float64 sequence runs past the end")
+        sizes.append(size)
+    return sizes, pos, fmt
+
+
+class JointStateDecoder:
+    """Decode ``sensor_msgs/msg/JointState`` CDR bytes.
+
+    A driver sends the same names and array sizes in every message, so the first message of a
+    layout is parsed field by field and the rest with one precompiled :class:`struct.Struct`
+    call after a byte comparison of the name block.
+    """
+
+    def __init__(self) -> None:
+        self._start = -1
+        self._block = b""
+        self._layout: JointStateLayout | None = None
+        self._struct: struct.Struct | None = None
+        self._count_index: tuple[int, int, int] = (0, 0, 0)
+
+    def decode(self, raw: bytes | memoryview) -> tuple[int, JointStateLayout, tuple[float, ...]]:
+        """Return ``(stamp_ns, layout, values)``; ``values`` = position + velocity + effort.
+
+        Raises :class:`CdrLayoutError` if the bytes are not a plain little-endian JointState.
+        """
+        if not isinstance(raw, bytes):
+            raw = bytes(raw)
+        if len(raw) < 16 or raw[0] != 0 or raw[1] != 1:
+            raise CdrLayoutError("not little-endian plain CDR")
+        sec, nanosec, frame_len = _STAMP_LEN.unpack_from(raw, 4)
+        start = _align(16 + frame_len, 4)
+        if start == self._start and self._struct is not None and \
+                raw.startswith(self._block, start):
+            offset = start + len(self._block)
+            rest = len(raw) - offset - self._struct.size
+            if 0 <= rest <= 7:
+                fields = self._struct.unpack_from(raw, offset)
+                i, j, k = self._count_index
+                layout = self._layout
+                assert layout is not None
+                if (fields[i] == layout.n_position and fields[j] == layout.n_velocity
+                        and fields[k] == layout.n_effort):
+                    return (sec * 1_000_000_000 + nanosec, layout,
+                            fields[1:j] + fields[j + 1:k] + fields[k + 1:])
+        return self._decode_slow(raw, sec * 1_000_000_000 + nanosec, start)
+
+    def _decode_slow(self, raw: bytes | memoryview, stamp_ns: int, start: int):
+        _check_encapsulation(raw)
+        if start > len(raw):
+            raise CdrLayoutError("bad frame_id length")
+        (count,) = _U32.unpack_from(raw, start)
+        pos, names = start + 4, []
+        for _ in range(count):
+            pos = _align(pos, 4)
+            end = _string_end(raw, pos)
+            names.append(bytes(raw[pos + 4:end - 1]).decode("utf-8"))
+            pos = end
+        sizes, end, fmt = _float64_sequences(raw, pos, 3)
+        if len(raw) - end > 7:
+            raise CdrLayoutError("trailing bytes after JointState")
+        layout = JointStateLayout(tuple(names), *sizes)
+        fields = struct.unpack_from(fmt, raw, pos)
+        i = 0
+        j = i + 1 + sizes[0]
+        k = j + 1 + sizes[1]
+        values = fields[1:j] + fields[j + 1:k] + fields[k + 1:]
+        # the fast path for the next messages: same name block at the same offset
+        self._start, self._block = start, bytes(raw[start:pos])
+        self._layout, self._struct = layout, struct.Struct(fmt)
+        self._count_index = (i, j, k)
+        return stamp_ns, layout, values
+
+    def __call__(self, raw: bytes | memoryview) -> "JointStateData":
+        stamp, layout, values = self.decode(raw)
+        array = np.asarray(values, dtype=np.float64)
+        position, velocity, effort = layout.split(array)
+        return JointStateData(stamp, layout.names, position, velocity, effort)
+
+
+@dataclass(frozen=True)
+class JointStateData:
+    """A decoded ``sensor_msgs/JointState``: stamp (ns) and arrays of shape (len(names),)."""
+
+    stamp_ns: int
+    names: tuple[str, ...]
+    position: np.ndarray
+    velocity: np.ndarray
+    effort: np.ndarray
+
+
+def decode_joint_state(raw: bytes | memoryview) -> JointStateData:
+    """One-off :class:`JointStateDecoder` call (keep a decoder to reuse its layout cache)."""
+    return JointStateDecoder()(raw)
+
+
+class Float64ArrayDecoder:
+    """``data`` of ``std_msgs/msg/Float64MultiArray`` CDR bytes, as a tuple of floats.
+
+    The common case -- no layout dimensions -- is one :class:`struct.Struct` call.
+    """
+
+    def __init__(self) -> None:
+        self._structs: dict[int, struct.Struct] = {}
+
+    def __call__(self, raw: bytes | memoryview) -> tuple[float, ...]:
+        if len(raw) >= 16 and raw[0] == 0 and raw[1] == 1:
+            dims, _, count = _3U32.unpack_from(raw, 4)
+            if dims == 0:
+                if count == 0:
+                    return ()
+                packer = self._structs.get(count)
+                if packer is None:
+                    packer = self._structs[count] = struct.Struct(f"<{count}d")
+                if 0 <= len(raw) - 20 - packer.size <= 7:
+                    return packer.unpack_from(raw, 20)
+        return self._slow(raw)
+
+    @staticmethod
+    def _slow(raw: bytes | memoryview) -> tuple[float, ...]:
+        _check_encapsulation(raw)
+        (dims,) = _U32.unpack_from(raw, 4)
+        pos = 8
+        for _ in range(dims):  # MultiArrayDimension: label, size, stride
+            pos = _align(_string_end(raw, _align(pos, 4)), 4) + 8
+        pos = _align(pos, 4) + 4  # data_offset
+        sizes, end, fmt = _float64_sequences(raw, pos, 1)
+        if len(raw) - end > 7:
+            raise CdrLayoutError("trailing bytes after Float64MultiArray")
+        return struct.unpack_from(fmt, raw, pos)[1:]
+
+
+def decode_float64_array(raw: bytes | memoryview) -> np.ndarray:
+    """``data`` of a ``std_msgs/msg/Float64MultiArray`` (the layout is skipped), shape (N,)."""
+    return np.asarray(Float64ArrayDecoder()(raw), dtype=np.float64)
