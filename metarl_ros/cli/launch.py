@@ -135,7 +135,8 @@ def run_graph(graph: Graph, duration_s: float | None = None, threads: int = 1,
                     else SingleThreadedExecutor(context=context))
         for node in nodes:
             executor.add_node(node)
-        spin_thread = threading.Thread(target=executor.spin, name="executor", daemon=True)
+        spin_thread = threading.Thread(target=_spin, args=(executor, stop), name="executor",
+                                       daemon=True)
         spin_thread.start()
         sim = next((n for n, spec in zip(nodes, graph.nodes) if spec.name == "sim_node"), None)
         while not stop.is_set():
@@ -147,14 +148,26 @@ def run_graph(graph: Graph, duration_s: float | None = None, threads: int = 1,
             stop.wait(0.05)
         _summary(nodes)
     finally:
+        stop.set()  # tells _spin that errors from here on are shutdown noise
         if executor is not None:
             executor.shutdown(timeout_sec=2.0)
+        if spin_thread is not None:
+            spin_thread.join(timeout=5.0)
         for node in nodes:
             node.destroy_node()
         rclpy.try_shutdown(context=context)
-        if spin_thread is not None:
-            spin_thread.join(timeout=5.0)
     return code
+
+
+def _spin(executor, stop: threading.Event) -> None:
+    """Spin until shutdown; a failure while running is reported, one while stopping is not."""
+    try:
+        executor.spin()
+    except Exception as exc:  # noqa: BLE001
+        if not stop.is_set():
+            print(f"[metarl launch] executor failed: {type(exc).__name__}: {exc}",
+                  file=sys.stderr, flush=True)
+            raise
 
 
 def _summary(nodes) -> None:
