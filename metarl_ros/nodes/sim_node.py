@@ -16,7 +16,8 @@ Publishes
     just before ``/joint_states``.
     ``/sim/true_task`` (std_msgs/String, RELIABLE + TRANSIENT_LOCAL, latched) -- ground truth
     for debugging and evaluation, JSON ``{"time_s", "label", "task": {TaskParams fields}}``,
-    on every change.
+    on every change; ``time_s`` is the simulated time the change took effect (a scheduled
+    fault's own time, not the end of the step that reported it).
     ``/diagnostics`` (diagnostic_msgs/DiagnosticArray) -- sim time, achieved real-time factor,
     command counts, lockstep timeouts, current task label (1 Hz, wall clock).
 
@@ -265,9 +266,11 @@ class SimNode(Node):
         state.header.stamp = stamp
         self._joint_pub.publish(state)
 
-    def _publish_task(self, task: TaskParams, label: str) -> None:
+    def _publish_task(self, task: TaskParams, label: str, time_s: float | None = None) -> None:
+        """Publish the true task; ``time_s`` = when it took effect (default: now)."""
         self.task_label = label
-        self._task_pub.publish(String(data=task_to_json(task, self.sim.time_s, label)))
+        time_s = self.sim.time_s if time_s is None else time_s
+        self._task_pub.publish(String(data=task_to_json(task, time_s, label)))
 
     def _apply_pending_tasks(self) -> None:
         with self._cond:
@@ -354,7 +357,8 @@ class SimNode(Node):
                 events = self._step_real_time()
             publish_index += 1
             for event in events:
-                self._publish_task(event.task, event.label)
+                # stamped with the time it struck (not the end of the step that reported it)
+                self._publish_task(event.task, event.label, event.time_s)
                 self.get_logger().info(f"t={event.time_s:.3f}s scheduled fault: {event.label}")
 
     def _mark_started(self) -> None:
