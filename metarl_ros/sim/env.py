@@ -34,12 +34,14 @@ loses stiffness with a weak motor; the policy's job is to win that back.
       qdd_ref * acceleration_scale,
       previous action ]
 
-**Reward** (from the true state)::
+**Reward** (from the true state), with ``e = min(||q_ref - q||_2, max_error_rad)``::
 
-    r = -min(||q_ref - q||_2, max_error_rad) / tracking_scale_rad - effort_weight * mean(a^2)
+    kind: log      r = -ln(1 + e / tracking_scale_rad) - effort_weight * mean(a^2)   (shipped)
+    kind: linear   r = -e / tracking_scale_rad         - effort_weight * mean(a^2)
 
-(the error term saturates so that a flailing arm early in training does not dominate the
-critic's targets).
+The log form values halving the error equally at every scale, so the precise tracking of easy
+tasks is not drowned out by the large errors of hard ones in a critic shared across tasks. The
+error saturates so that a flailing arm early in training does not dominate the critic.
 
 **Info** has ``tracking_error`` (||q_ref - q||_2 in rad, true state), ``time_s``,
 ``faults`` (labels of fault events that struck during the step) and ``task`` (the true task,
@@ -48,9 +50,10 @@ for oracle baselines and diagnostics only).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import gymnasium as gym
 import numpy as np
@@ -74,6 +77,8 @@ class ObservationConfig(StrictModel):
 
 
 class RewardConfig(StrictModel):
+    kind: Literal["linear", "log"] = Field(
+        default="linear", description="linear: -min(e, max)/scale; log: -ln(1 + e/scale)")
     tracking_scale_rad: PositiveFloat = 0.1
     max_error_rad: PositiveFloat = 1.0
     effort_weight: float = Field(default=0.05, ge=0.0)
@@ -224,6 +229,8 @@ def tracking_reward(setup: EnvSetup, tracking_error: float, action: np.ndarray) 
     reward_cfg = setup.config.reward
     effort = float(np.dot(action, action)) / action.shape[0]
     error = min(tracking_error, reward_cfg.max_error_rad)
+    if reward_cfg.kind == "log":
+        return -math.log1p(error / reward_cfg.tracking_scale_rad) - reward_cfg.effort_weight * effort
     return -error / reward_cfg.tracking_scale_rad - reward_cfg.effort_weight * effort
 
 
