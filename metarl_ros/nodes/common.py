@@ -85,7 +85,8 @@ def run_node(factory: Callable[[], Node], args: list[str] | None = None,
     Catches ``KeyboardInterrupt`` and ``ExternalShutdownException``; once shutting down,
     SIGINT is ignored for the rest of the process so an interrupted launch exits cleanly (0).
     """
-    rclpy.init(args=args)
+    interrupted = _watch_signals()
+    rclpy.init(args=args)  # rclpy's handlers chain to ours
     node = None
     code = 0
     try:
@@ -98,12 +99,18 @@ def run_node(factory: Callable[[], Node], args: list[str] | None = None,
         executor.spin()
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
-    except Exception as exc:  # start-up errors (bad config): one readable line, exit 1
-        if node is not None:
-            node.get_logger().fatal(f"{type(exc).__name__}: {exc}")
-        else:
-            print(f"[FATAL] {type(exc).__name__}: {exc}", flush=True)
-        code = 1
+    except Exception as exc:
+        if node is not None and (interrupted.is_set() or not rclpy.ok()):
+            # Shutting down after SIGINT: rclpy can raise odd errors from the interrupted wait
+            # (seen: "Unable to convert call argument '0' to Python object"). Still clean.
+            pass
+        else:  # start-up errors (bad config) or a crash: one readable line, exit 1
+            message = f"{type(exc).__name__}: {exc}"
+            if node is not None:
+                node.get_logger().fatal(message)
+            else:
+                print(f"[FATAL] {message}", flush=True)
+            code = 1
     finally:
         # From here on SIGINT is ignored for good: a second Ctrl-C (the terminal's plus the one
         # ros2 launch forwards) must not interrupt the cleanup, nor the interpreter's own
@@ -114,6 +121,27 @@ def run_node(factory: Callable[[], Node], args: list[str] | None = None,
             node.destroy_node()
         rclpy.try_shutdown()
     return code
+
+
+def _watch_signals() -> threading.Event:
+    """Python-level SIGINT/SIGTERM handlers that record the signal (rclpy chains to them).
+
+    SIGINT still raises ``KeyboardInterrupt``; SIGTERM is left to rclpy's shutdown.
+    """
+    interrupted = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        return interrupted
+
+    def on_sigint(signum, frame):
+        interrupted.set()
+        raise KeyboardInterrupt
+
+    def on_sigterm(signum, frame):
+        interrupted.set()
+
+    signal.signal(signal.SIGINT, on_sigint)
+    signal.signal(signal.SIGTERM, on_sigterm)
+    return interrupted
 
 
 def _ignore_sigint_for_good() -> None:

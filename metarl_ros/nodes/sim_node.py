@@ -308,13 +308,15 @@ class SimNode(Node):
     def _run(self) -> None:
         try:
             self._loop()
-        except Exception as exc:  # pragma: no cover - reported, the node stays inspectable
+        except Exception as exc:
+            if self._stop.is_set() or not self.context.ok():
+                return  # shutting down (e.g. SIGINT shut the context before destroy_node)
             self.get_logger().fatal(f"simulation loop crashed: {type(exc).__name__}: {exc}")
             raise
 
     def _loop(self) -> None:
         publish_index = 0
-        while not self._stop.is_set():
+        while not self._stop.is_set() and self.context.ok():
             self._apply_pending_tasks()
             if self.duration_s and self.sim.time_s >= self.duration_s - 0.5 * self.sim.dt:
                 if not self.finished.is_set():
