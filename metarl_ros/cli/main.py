@@ -54,6 +54,12 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _retrain(args: argparse.Namespace) -> int:
+    from metarl_ros.learning.offline import retrain_command
+
+    return retrain_command(args)
+
+
 def _demo(args: argparse.Namespace) -> int:
     from metarl_ros.demo import demo_command
 
@@ -95,6 +101,19 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--model", required=True, help="model.pt (or its directory)")
     export.add_argument("--out", required=True, help="new directory for the ONNX files")
     export.set_defaults(func=_export)
+
+    retrain = sub.add_parser("retrain", help="fine-tune a model offline from rosbag2 bags "
+                             "(TD3+BC), evaluate before/after, write model.pt + ONNX")
+    retrain.add_argument("--bag", required=True, nargs="+", metavar="DIR",
+                         help="rosbag2 directories (recorder_node or ros2 bag record)")
+    retrain.add_argument("--model", required=True, help="input model.pt (or its directory)")
+    retrain.add_argument("--out", required=True,
+                         help="new (or empty) directory for model.pt, onnx/, eval.json, "
+                              "retrain.json")
+    retrain.add_argument("--config", help="retrain YAML (topics, alignment, training, "
+                         "evaluation; default: built-in defaults, see config/retrain.yaml)")
+    retrain.add_argument("--no-progress", action="store_true", help="no progress bars")
+    retrain.set_defaults(func=_retrain)
 
     demo = sub.add_parser("demo", help="the main job: adaptation demo on the shipped model")
     demo.add_argument("--out", default="out/demo", help="where the JSON summary and plot go")

@@ -1,0 +1,501 @@
+"""``metarl retrain``: fine-tune a trained model offline from rosbag2 recordings.
+
+    metarl retrain --bag runs/bag_a runs/bag_b --model models/pearl/model.pt --out models/pearl_v2
+
+1. **Read** the bags into (s, a, r, s') transitions (:mod:`metarl_ros.learning.bag_dataset`):
+   state, command and reference aligned on the control grid, actions recovered from the
+   commands, observation and reward rebuilt with the env's own functions.
+2. **Split into tasks** by recorded fault events, else by change points of the encoder's
+   posterior.
+3. **Fine-tune** encoder, critic and policy offline, starting from the input model.
+4. **Evaluate** the input and the new model in simulation on the tasks the bags came from
+   (when the bags recorded true task events, i.e. came from simulation): each bag becomes an
+   episode with its initial task and its faults at their recorded times, run with the same
+   seeds for both models.
+5. **Write** ``--out``: ``model.pt`` (same format, contract, dynamics models and training
+   config as the input, metadata says where it came from), ``onnx/`` (``metarl export``'s
+   output), ``eval.json`` (before/after) and ``retrain.json`` (what was read and dropped, the
+   tasks, training statistics). Everything is built in a temporary sibling directory and renamed
+   into place at the end, so ``--out`` either does not exist or is complete; it must not exist
+   or be empty beforehand, and the input model is never touched.
+
+**Offline objective: TD3+BC on the SAC networks** (Fujimoto & Gu, 2021, "A Minimalist
+Approach to Offline RL"), with PEARL's encoder trained as in meta-training:
+
+* critic: clipped double-Q regression on ``r + gamma * min_j Q'_j(s', pi(s'), z)`` with the
+  policy's *deterministic* action ``pi(s') = tanh(mean)`` -- the action the deployed policy
+  takes -- and no entropy bonus (there is no exploration offline);
+* encoder: through the critic loss plus ``kl_weight * KL(q(z|c) || N(0, I))``, contexts are
+  windows of consecutive transitions of the same task, as in :mod:`~metarl_ros.learning.trainer`;
+* actor: ``-lambda * Q_1(s, pi(s), z) + mean((pi(s) - a)^2)`` with
+  ``lambda = bc_alpha / mean|Q_1|`` (the normalization makes ``bc_alpha`` scale-free).
+
+Why: plain SAC on a fixed dataset maximizes Q where the data say nothing -- actions the
+critic never saw get arbitrary values, the actor chases them and the policy collapses
+(extrapolation error). A behaviour-cloning term keeps the policy on the data's support while Q
+still ranks the actions the data contain. TD3+BC needs one extra hyper-parameter and one
+extra loss term, costs nothing per update (CQL's logsumexp over sampled actions would need many
+extra critic evaluations per state on a 2-core robot PC) and is the standard strong baseline on
+D4RL's locomotion sets. Fine-tuning starts from the input model with reduced learning rates
+(``lr_scale``), so little data moves the model only as far as the data support. The flip side:
+offline data from one controller cannot show actions far from it -- the new model stays close
+to what was recorded, which is the point.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from pydantic import Field, NonNegativeInt, PositiveFloat, PositiveInt
+
+from metarl_ros import __version__
+from metarl_ros.config import StrictModel, load_yaml_model
+from metarl_ros.learning.agent import ConditionedSAC
+from metarl_ros.learning.bag_dataset import (
+    AlignmentConfig,
+    BagTopics,
+    BagTransitions,
+    SegmentationConfig,
+    TaskData,
+    build_tasks,
+    read_bag,
+)
+from metarl_ros.learning.checkpoint import (
+    CheckpointError,
+    atomic_torch_save,
+    build_model_payload,
+)
+from metarl_ros.learning.encoder import kl_to_standard_normal, make_transition
+from metarl_ros.learning.replay import TransitionBatch
+from metarl_ros.learning.rollout import VectorRollout
+from metarl_ros.learning.runtime import LoadedModel, load_model
+from metarl_ros.sim.env import EnvSetup, load_env_setup
+from metarl_ros.sim.tasks import FaultEvent, TaskParams
+
+OBJECTIVE = "TD3+BC (deterministic clipped double-Q targets, BC-regularized actor)"
+
+
+class OfflineTrainingConfig(StrictModel):
+    """Fine-tuning settings."""
+
+    updates: PositiveInt = 2000
+    batch_size: PositiveInt = Field(default=128, description="transitions per task per update")
+    meta_batch_tasks: PositiveInt = 4
+    bc_alpha: PositiveFloat = Field(
+        default=2.5, description="TD3+BC's alpha: weight of the normalized Q term against BC")
+    lr_scale: PositiveFloat = Field(
+        default=0.3, description="the model's learning rates are multiplied by this")
+    critic_warmup: float = Field(
+        default=0.2, ge=0.0, lt=1.0, description="fraction of the updates that train only the "
+        "critic (and encoder) before the actor follows Q: a critic fitted to the data first")
+    min_context: PositiveInt = Field(default=1, description="shortest context window sampled")
+    finetune_encoder: bool = True
+    seed: NonNegativeInt = 0
+    torch_threads: PositiveInt = 1
+
+
+class RetrainEvaluationConfig(StrictModel):
+    """Before/after evaluation in simulation (bags with true task events only)."""
+
+    enabled: bool = True
+    seeds: list[NonNegativeInt] = Field(default=[0, 1, 2], min_length=1,
+                                        description="episode seeds, the same for both models")
+    max_episode_s: PositiveFloat = Field(default=20.0,
+                                         description="longer bags are evaluated on their start")
+
+
+class RetrainConfig(StrictModel):
+    """``--config`` of ``metarl retrain`` (all sections optional; see config/retrain.yaml)."""
+
+    topics: BagTopics = BagTopics()
+    alignment: AlignmentConfig = AlignmentConfig()
+    segmentation: SegmentationConfig = SegmentationConfig()
+    training: OfflineTrainingConfig = OfflineTrainingConfig()
+    evaluation: RetrainEvaluationConfig = RetrainEvaluationConfig()
+
+
+def load_retrain_config(path: str | Path | None) -> RetrainConfig:
+    return RetrainConfig() if path is None else load_yaml_model(RetrainConfig, path)
+
+
+class RetrainError(CheckpointError):
+    """``metarl retrain`` cannot run as asked (bad --out, unsupported model, ...)."""
+
+
+# ------------------------------------------------------------------------------------------
+# Offline fine-tuning
+
+
+class OfflineTrainer:
+    """TD3+BC fine-tuning of a loaded :class:`ConditionedSAC` on per-task transition sets.
+
+    Args:
+        agent: the model's agent (modified in place).
+        tasks: transitions per task.
+        config: fine-tuning settings.
+        window: context window (the model's contract ``window_size``).
+    """
+
+    def __init__(self, agent: ConditionedSAC, tasks: Sequence[TaskData],
+                 config: OfflineTrainingConfig, window: int) -> None:
+        if not tasks:
+            raise RetrainError("no transitions to train on")
+        self.agent = agent
+        self.config = config
+        self.window = max(1, window)
+        self.rng = np.random.default_rng(config.seed)
+        self.generator = torch.Generator().manual_seed(config.seed)
+        self.data = [
+            {k: torch.from_numpy(np.ascontiguousarray(getattr(t, k)))
+             for k in ("obs", "action", "reward", "next_obs")} for t in tasks]
+        self.sizes = np.asarray([len(t) for t in tasks])
+        spec = agent.spec
+        scale = config.lr_scale
+        self.critic_optimizer = torch.optim.Adam(agent.critic.parameters(), spec.critic_lr * scale)
+        self.actor_optimizer = torch.optim.Adam(agent.actor.parameters(), spec.actor_lr * scale)
+        self.encoder_optimizer = (
+            torch.optim.Adam(agent.encoder.parameters(), spec.encoder_lr * scale)
+            if agent.encoder is not None and config.finetune_encoder else None)
+        self.updates = 0
+        self.warmup_updates = int(config.critic_warmup * config.updates)
+
+    def _batch(self, task_ids: np.ndarray) -> TransitionBatch:
+        parts: dict[str, list[torch.Tensor]] = {k: [] for k in ("obs", "action", "reward",
+                                                                 "next_obs")}
+        for t in task_ids:
+            index = torch.from_numpy(self.rng.integers(0, self.sizes[t],
+                                                       size=self.config.batch_size))
+            for key in parts:
+                parts[key].append(self.data[t][key][index])
+        return TransitionBatch(**{k: torch.stack(v) for k, v in parts.items()})
+
+    def _context(self, task_ids: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """Consecutive windows per task: context (T, K, D), mask (T, K) with random fill."""
+        k = self.window
+        rows, masks = [], []
+        for t in task_ids:
+            size = int(self.sizes[t])
+            start = int(self.rng.integers(0, max(1, size - k + 1)))
+            index = np.arange(start, start + k)
+            inside = index < size
+            index = np.minimum(index, size - 1)
+            d = self.data[t]
+            rows.append(make_transition(d["obs"][index], d["action"][index], d["reward"][index],
+                                        d["next_obs"][index]))
+            fill = int(self.rng.integers(min(self.config.min_context, k), k + 1))
+            mask = (np.arange(k) >= k - fill) & inside
+            masks.append(torch.from_numpy(mask.astype(np.float32)))
+        return torch.stack(rows), torch.stack(masks)
+
+    def update(self) -> dict[str, float]:
+        """One TD3+BC step on a meta-batch of tasks (see the module doc)."""
+        agent, spec, c = self.agent, self.agent.spec, self.config
+        count = len(self.data)
+        task_ids = self.rng.choice(count, size=min(c.meta_batch_tasks, count), replace=False)
+        batch = self._batch(task_ids)
+        num_tasks, per_task = batch.reward.shape
+        kl = torch.zeros(())
+        if spec.conditioning == "latent":
+            assert agent.encoder is not None
+            context, mask = self._context(task_ids)
+            mu, var = agent.encoder.posterior(context, mask)
+            z = mu + var.sqrt() * torch.randn(mu.shape, generator=self.generator)
+            kl = kl_to_standard_normal(mu, var).mean()
+            if self.encoder_optimizer is None:
+                z = z.detach()
+        else:
+            z = torch.zeros(num_tasks, 0)
+        cond = z.unsqueeze(1).expand(-1, per_task, -1).reshape(num_tasks * per_task, -1)
+        flat = batch.flatten()
+        x = torch.cat([flat.obs, cond], dim=-1)
+        next_x = torch.cat([flat.next_obs, cond.detach()], dim=-1)
+        with torch.no_grad():
+            next_action = agent.actor(next_x)
+            target = flat.reward + spec.gamma * agent.critic_target(next_x, next_action).min(0).values
+        q = agent.critic(x, flat.action)
+        critic_loss = (q - target).pow(2).mean(-1).sum()
+        self.critic_optimizer.zero_grad(set_to_none=True)
+        if self.encoder_optimizer is not None:
+            self.encoder_optimizer.zero_grad(set_to_none=True)
+        (critic_loss + spec.kl_weight * kl).backward()
+        self.critic_optimizer.step()
+        if self.encoder_optimizer is not None:
+            self.encoder_optimizer.step()
+
+        stats = {"critic_loss": critic_loss.item(), "q_mean": q.mean().item(), "kl": kl.item()}
+        self.updates += 1
+        if self.updates <= self.warmup_updates:
+            self._polyak()
+            return {**stats, "actor_loss": float("nan"), "bc_mse": float("nan")}
+        x_actor = x.detach()
+        agent.critic.requires_grad_(False)
+        action = agent.actor(x_actor)
+        q_pi = agent.critic(x_actor, action)[0]
+        lam = c.bc_alpha / q_pi.abs().mean().detach().clamp_min(1e-6)
+        bc = (action - flat.action).pow(2).mean()
+        actor_loss = -lam * q_pi.mean() + bc
+        self.actor_optimizer.zero_grad(set_to_none=True)
+        actor_loss.backward()
+        self.actor_optimizer.step()
+        agent.critic.requires_grad_(True)
+        self._polyak()
+        return {**stats, "actor_loss": actor_loss.item(), "bc_mse": bc.item()}
+
+    def _polyak(self) -> None:
+        with torch.no_grad():
+            torch._foreach_lerp_(list(self.agent.critic_target.parameters()),
+                                 list(self.agent.critic.parameters()), self.agent.spec.tau)
+
+    def run(self, progress: bool = False) -> dict[str, float]:
+        from tqdm import tqdm
+
+        self.agent.train()
+        stats: dict[str, float] = {}
+        sums: Counter = Counter()
+        bar = tqdm(range(self.config.updates), disable=not progress, desc="retrain",
+                   unit="upd", dynamic_ncols=True, mininterval=0.5)
+        start = time.perf_counter()
+        for step in bar:
+            stats = self.update()
+            if step >= self.config.updates - 100:
+                sums.update(stats)
+            if step % 50 == 0:
+                bar.set_postfix(q=f"{stats['q_mean']:.2f}", bc=f"{stats['bc_mse']:.4f}",
+                                qloss=f"{stats['critic_loss']:.3f}")
+        bar.close()
+        self.agent.eval()
+        last = min(100, self.config.updates)
+        result = {f"final/{k}": v / last for k, v in sums.items()}
+        result["updates"] = self.updates
+        result["seconds"] = time.perf_counter() - start
+        return result
+
+
+# ------------------------------------------------------------------------------------------
+# Evaluation in simulation
+
+
+@dataclass
+class EvalEpisode:
+    """One bag as a simulated episode: its initial task, faults (episode time) and length."""
+
+    source: str
+    initial: TaskParams
+    initial_label: str
+    faults: list[FaultEvent]
+    steps: int
+
+
+def episodes_from_bags(bags: Sequence[BagTransitions], setup: EnvSetup,
+                       max_episode_s: float) -> list[EvalEpisode]:
+    """Episodes for the bags that recorded true task events (others cannot be simulated)."""
+    episodes = []
+    for bag in bags:
+        if not bag.events:
+            continue
+        start = bag.start_s
+        before = [e for e in bag.events if e.time_s <= start + 1e-9]
+        initial = before[-1] if before else bag.events[0]
+        later = [e for e in bag.events if e.time_s > start + 1e-9 and e is not initial]
+        length = min(bag.duration_s, max_episode_s)
+        steps = int(round(length / setup.control_dt))
+        faults = [FaultEvent(e.time_s - start, e.task, e.label or "fault") for e in later
+                  if e.time_s - start < length]
+        if steps > 0:
+            episodes.append(EvalEpisode(str(bag.path), initial.task, initial.label, faults,
+                                        steps))
+    return episodes
+
+
+def evaluate_agent(agent: ConditionedSAC, setup: EnvSetup, episodes: Sequence[EvalEpisode],
+                   seeds: Sequence[int], window: int) -> dict:
+    """Deterministic episodes (posterior mean), one per (episode, seed); returns metrics."""
+    rows = []
+    rollout = VectorRollout(setup, len(seeds))
+    try:
+        for episode in episodes:
+            result = rollout.run(
+                agent, [episode.initial] * len(seeds), list(seeds),
+                faults=[episode.faults] * len(seeds), deterministic=True, latent_mode="mean",
+                window=window, steps=episode.steps)
+            fault = None
+            if episode.faults:
+                fault = int(round(episode.faults[0].time_s / setup.control_dt))
+            for i, seed in enumerate(seeds):
+                reward, error = result.reward[i], result.tracking_error[i]
+                row = {"source": episode.source, "seed": int(seed),
+                       "return": float(reward.sum()),
+                       "tracking_error_mean": float(error.mean())}
+                if fault is not None and 0 < fault < len(reward):
+                    row.update({"post_fault_return": float(reward[fault:].sum()),
+                                "tracking_error_before_fault": float(error[:fault].mean()),
+                                "tracking_error_after_fault": float(error[fault:].mean())})
+                rows.append(row)
+    finally:
+        rollout.close()
+    summary: dict = {"episodes": rows}
+    for key in ("return", "tracking_error_mean", "post_fault_return",
+                "tracking_error_before_fault", "tracking_error_after_fault"):
+        values = [r[key] for r in rows if key in r]
+        if values:
+            summary[f"{key}_mean"] = float(np.mean(values))
+    return summary
+
+
+# ------------------------------------------------------------------------------------------
+# The command
+
+
+def _check_out(out: Path) -> None:
+    """``--out`` must not exist or be an empty directory (so the input model is never in it)."""
+    if out.exists():
+        if not out.is_dir():
+            raise RetrainError(f"--out {out}: exists and is not a directory")
+        if any(out.iterdir()):
+            raise RetrainError(f"--out {out}: exists and is not empty; choose a new directory "
+                               "(the input model is never overwritten)")
+
+
+def summary_lines(bags: Sequence[BagTransitions], tasks: Sequence[TaskData],
+                  how: dict[str, str]) -> list[str]:
+    """Human-readable account of what was read, kept and dropped."""
+    lines = []
+    for bag in bags:
+        lines.append(f"{bag.path}: {bag.duration_s:.2f} s, {bag.read_messages} messages read, "
+                     f"{bag.control_instants} control instants, {len(bag)} transitions; "
+                     f"tasks: {how.get(str(bag.path), '-')}")
+        for topic, (msgtype, count) in sorted(bag.topics.items()):
+            lines.append(f"    {topic:<32} {msgtype:<40} {count:>8} messages")
+        for reason, count in sorted(bag.dropped.items()):
+            lines.append(f"    dropped {count:>6}: {reason}")
+        if bag.events:
+            lines.append("    task events: " + ", ".join(
+                f"{e.label or 'event'} @ {e.time_s:.3f} s" for e in bag.events))
+    lines.append(f"{len(tasks)} task(s): " + "; ".join(
+        f"{t.name} ({len(t)} transitions)" for t in tasks))
+    return lines
+
+
+def retrain(bag_paths: Sequence[str | Path], model_path: str | Path, out: str | Path,
+            config: RetrainConfig = RetrainConfig(), progress: bool = True,
+            log=print) -> dict:
+    """Everything ``metarl retrain`` does; returns the report written to ``retrain.json``."""
+    out, model_path = Path(out), Path(model_path)
+    _check_out(out)
+    torch.set_num_threads(config.training.torch_threads)
+    loaded: LoadedModel = load_model(model_path)
+    spec = loaded.agent.spec
+    if spec.conditioning == "oracle":
+        raise RetrainError(f"{loaded.path}: an oracle model needs the true task online; "
+                           "retrain a pearl, robust or nominal model")
+    contract = loaded.contract
+    setup = load_env_setup(loaded.payload["env_config"])
+    window = contract.window_size or 1
+
+    bags = [read_bag(p, setup, contract.joint_names, config.topics, config.alignment,
+                     contract.control_rate_hz, progress) for p in bag_paths]
+    encoder = loaded.agent.encoder if spec.conditioning == "latent" else None
+    tasks, how = build_tasks(bags, encoder, window, config.segmentation)
+    tasks = [t for t in tasks if len(t)]
+    for line in summary_lines(bags, tasks, how):
+        log(line)
+    if not tasks:
+        raise RetrainError("no usable transitions in " + ", ".join(str(p) for p in bag_paths)
+                           + " (see the dropped counts above)")
+
+    episodes = (episodes_from_bags(bags, setup, config.evaluation.max_episode_s)
+                if config.evaluation.enabled else [])
+    seeds = list(config.evaluation.seeds)
+    before = evaluate_agent(loaded.agent, setup, episodes, seeds, window) if episodes else None
+
+    stats = OfflineTrainer(loaded.agent, tasks, config.training, window).run(progress)
+    log(f"trained {stats['updates']} updates in {stats['seconds']:.1f} s ({OBJECTIVE}); "
+        f"final critic loss {stats.get('final/critic_loss', float('nan')):.4f}, "
+        f"BC mse {stats.get('final/bc_mse', float('nan')):.5f}")
+
+    after = evaluate_agent(loaded.agent, setup, episodes, seeds, window) if episodes else None
+    evaluation: dict = {"seeds": seeds, "episodes": [
+        {"source": e.source, "initial_task": e.initial_label, "steps": e.steps,
+         "faults": [{"time_s": f.time_s, "label": f.label} for f in e.faults]}
+        for e in episodes]}
+    if before is not None and after is not None:
+        evaluation.update(before=before, after=after)
+        for key in ("return_mean", "post_fault_return_mean"):
+            if key in before and key in after:
+                log(f"eval {key}: {before[key]:.2f} (input model) -> {after[key]:.2f} (retrained)")
+    else:
+        evaluation["skipped"] = "no bag recorded true task events (not from simulation)"
+        log("eval skipped: no bag recorded true task events (not from simulation)")
+
+    report = {
+        "model": str(loaded.path), "bags": [str(p) for p in bag_paths],
+        "objective": OBJECTIVE, "config": config.model_dump(mode="json"),
+        "bags_read": [{
+            "path": str(b.path), "duration_s": b.duration_s, "messages_read": b.read_messages,
+            "topics": {t: {"type": ty, "messages": c} for t, (ty, c) in b.topics.items()},
+            "control_instants": b.control_instants, "transitions": len(b),
+            "dropped": dict(b.dropped), "task_split": how.get(str(b.path), ""),
+            "events": [{"time_s": e.time_s, "label": e.label} for e in b.events],
+        } for b in bags],
+        "tasks": [{"name": t.name, "transitions": len(t), "sources": t.sources,
+                   "task": t.task.to_dict() if t.task else None} for t in tasks],
+        "training": stats,
+    }
+    metadata = dict(loaded.payload.get("metadata", {}))
+    metadata.update({
+        "retrained_from": str(loaded.path),
+        "retrain": {"bags": [str(p) for p in bag_paths], "objective": OBJECTIVE,
+                    "updates": stats["updates"],
+                    "transitions": int(sum(len(t) for t in tasks)), "tasks": len(tasks)},
+        "metarl_ros_version": __version__,
+    })
+    payload = build_model_payload(
+        agent_state={k: v.detach().clone() for k, v in loaded.agent.state_dict().items()},
+        agent_spec=spec, train_config=loaded.payload["train_config"],
+        env_config_path=loaded.payload["env_config"], contract=loaded.payload["contract"],
+        extra_states=loaded.payload.get("extra", {}), metadata=metadata)
+    _write_outputs(out, payload, report, evaluation)
+    log(f"wrote {out}: model.pt, onnx/, eval.json, retrain.json")
+    return {**report, "evaluation": evaluation}
+
+
+def _write_outputs(out: Path, payload: dict, report: dict, evaluation: dict) -> None:
+    """Build ``out`` in a temporary sibling, then rename it into place (see the module doc)."""
+    from metarl_ros.learning.export import export_model
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        atomic_torch_save(payload, staging / "model.pt")
+        export_model(staging / "model.pt", staging / "onnx")
+        export_json = staging / "onnx" / "export.json"
+        exported = json.loads(export_json.read_text())
+        exported["model"] = str(out / "model.pt")
+        export_json.write_text(json.dumps(exported, indent=2))
+        (staging / "eval.json").write_text(json.dumps(evaluation, indent=2))
+        (staging / "retrain.json").write_text(json.dumps(report, indent=2, default=str))
+        os.chmod(staging, 0o755)  # mkdtemp makes it private
+        if out.exists():
+            out.rmdir()  # empty (checked before anything was read)
+        os.replace(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def retrain_command(args: argparse.Namespace) -> int:
+    """Entry point of ``metarl retrain`` (errors are :class:`MetarlError`: one line, exit 2)."""
+    config = load_retrain_config(args.config)
+    retrain(args.bag, args.model, args.out, config, progress=not args.no_progress)
+    return 0
