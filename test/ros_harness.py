@@ -14,9 +14,37 @@ from rclpy.node import Node
 from rclpy.parameter import Parameter
 
 
-def domain_id(offset: int) -> int:
-    """A ROS domain in 1..101 for this process and test module (``offset`` per module)."""
-    return (os.getpid() + offset) % 101 + 1
+def domain_id(offset: int, probe_s: float = 0.3, tries: int = 6) -> int:
+    """A ROS domain in 1..101 for this process and test module (``offset`` per module).
+
+    Starts from ``(pid + offset) % 101 + 1`` and skips domains where other ROS nodes are
+    already seen (other test runs, benchmarks, demos on this machine), so concurrent runs
+    do not cross-talk; gives up probing after ``tries`` domains.
+    """
+    first = (os.getpid() + offset) % 101
+    for step in range(tries):
+        candidate = (first + 7 * step) % 101 + 1
+        if not _domain_busy(candidate, probe_s):
+            return candidate
+    return first + 1
+
+
+def _domain_busy(domain: int, probe_s: float) -> bool:
+    context = Context()
+    rclpy.init(context=context, domain_id=domain)
+    try:
+        node = Node("domain_probe", context=context)
+        try:
+            deadline = time.monotonic() + probe_s
+            while time.monotonic() < deadline:
+                if [n for n in node.get_node_names() if n != "domain_probe"]:
+                    return True
+                time.sleep(0.05)
+            return False
+        finally:
+            node.destroy_node()
+    finally:
+        rclpy.try_shutdown(context=context)
 
 
 class RosSession:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import functools
 import importlib.util
 import os
 import signal
@@ -21,7 +22,9 @@ from ros_harness import domain_id
 
 REPO = Path(__file__).resolve().parent.parent
 LAUNCH_FILE = REPO / "launch" / "adapt_sim.launch.py"
-DOMAIN = domain_id(offset=37)
+@functools.lru_cache(maxsize=1)
+def _domain() -> int:
+    return domain_id(offset=37)
 
 
 # ------------------------------------------------------------------------------ graph
@@ -78,7 +81,7 @@ def test_parameter_files_match_what_the_nodes_declare():
     from rclpy.context import Context
 
     context = Context()
-    rclpy.init(context=context, domain_id=DOMAIN)
+    rclpy.init(context=context, domain_id=_domain())
     try:
         for spec in adapt_sim_graph().nodes:
             path = parameter_file_path(spec.parameter_files[0])
@@ -228,7 +231,7 @@ def test_launch_file_with_the_real_launch_library():
 
 def _env():
     env = dict(os.environ)
-    env.update(ROS_DOMAIN_ID=str(DOMAIN), ROS_LOCALHOST_ONLY="1",
+    env.update(ROS_DOMAIN_ID=str(_domain()), ROS_LOCALHOST_ONLY="1",
                ROS_AUTOMATIC_DISCOVERY_RANGE="LOCALHOST", PYTHONUNBUFFERED="1")
     return env
 
