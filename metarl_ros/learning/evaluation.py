@@ -63,7 +63,8 @@ class MethodRun:
 
 
 class MAMLCorrection:
-    """Rollout hook: one :class:`DynamicsAdaptation` per env, adapting inline at 10 Hz."""
+    """Rollout hook: one :class:`DynamicsAdaptation` per env, stepping inline at 10 Hz -- the
+    same schedule as the robot's background thread, so evaluation measures what deploys."""
 
     def __init__(self, loaded_dynamics_owner: LoadedModel, with_latent: bool, num_envs: int,
                  adapt_every: int) -> None:
@@ -76,13 +77,13 @@ class MAMLCorrection:
     def correct(self, obs: np.ndarray, action: np.ndarray, latent: np.ndarray | None) -> np.ndarray:
         out = np.empty_like(action)
         for i, adaptation in enumerate(self.adaptations[: len(obs)]):
-            out[i] = adaptation.correct(obs[i], action[i], None if latent is None else latent[i])
+            out[i] = adaptation.apply(obs[i], action[i], None if latent is None else latent[i])
         return out
 
     def record(self, obs, action, next_obs, latent) -> None:
         for i, adaptation in enumerate(self.adaptations[: len(obs)]):
             adaptation.record(obs[i], action[i], next_obs[i], None if latent is None else latent[i])
-            adaptation.maybe_adapt()
+            adaptation.maybe_step()
 
 
 def load_method_models(model_root: Path, methods: Sequence[str]) -> dict[str, LoadedModel]:

@@ -10,6 +10,7 @@ actor's action with the adapted model.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections import deque
@@ -25,6 +26,8 @@ from metarl_ros.learning.agent import AgentSpec, ConditionedSAC
 from metarl_ros.learning.checkpoint import CheckpointError, load_model_payload, load_state_strict
 from metarl_ros.learning.encoder import StreamingPosterior, make_transition
 from metarl_ros.runtime import PolicyContract, PosteriorSummary
+
+_LOG = logging.getLogger(__name__)
 
 
 @dataclass
@@ -89,11 +92,18 @@ def load_model(path: str | Path) -> LoadedModel:
 class DynamicsAdaptation:
     """MAML online adaptation + action correction for one stream of transitions.
 
+    The expensive work happens in :meth:`step`, at the adaptation rate (10 Hz): adapt the
+    dynamics model on the recent window (:class:`~metarl_ros.learning.maml.OnlineAdapter`:
+    from the meta-init, bounded steps, rollback on held-out data), then solve the action
+    correction for the newest state the policy acted in and keep it as an offset. The control
+    loop only adds the held offset (:meth:`apply`), so a tick costs microseconds; the offset is
+    at most one adaptation period old, like the adapted weights themselves.
+
     Args:
         model: the meta-trained dynamics model (with or without latent input).
         config: inner-loop settings (as meta-trained).
         window: how many recent transitions adaptation uses.
-        adapt_every: adapt after this many new transitions (inline mode).
+        adapt_every: inline mode: run :meth:`step` after this many new transitions.
     """
 
     def __init__(self, model: maml.DynamicsModel, config: maml.MAMLConfig, window: int = 60,
@@ -103,21 +113,39 @@ class DynamicsAdaptation:
         self.window: deque[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]] = deque(
             maxlen=window)
         self.adapt_every = adapt_every
-        self._since_adapt = 0
+        self._since_step = 0
         self._lock = threading.Lock()
+        self._query: tuple[np.ndarray, np.ndarray, np.ndarray | None] | None = None
+        self._offset = np.zeros(model.act_dim, np.float32)
         self.last_result: maml.AdaptationResult | None = None
+        self.steps = 0
+        self.errors = 0
+        self.last_error: BaseException | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
 
     def reset(self) -> None:
         with self._lock:
             self.window.clear()
+            self._query = None
+            self._offset = np.zeros_like(self._offset)
         self.adapter.reset()
-        self._since_adapt = 0
+        self._since_step = 0
+
+    # ------------------------------------------------------------ control-loop side (cheap)
+
+    def apply(self, obs: np.ndarray, action: np.ndarray, latent: np.ndarray | None) -> np.ndarray:
+        """Remember the query for the next :meth:`step`; return ``action`` + held offset."""
+        self._query = (obs, action, latent)
+        return np.clip(action + self._offset, -1.0, 1.0).astype(np.float32)
 
     def record(self, obs: np.ndarray, action: np.ndarray, next_obs: np.ndarray,
                latent: np.ndarray | None) -> None:
         with self._lock:
             self.window.append((obs, action, next_obs, latent))
-        self._since_adapt += 1
+        self._since_step += 1
+
+    # ------------------------------------------------------------ adaptation side (10 Hz)
 
     def batch(self) -> maml.TransitionBatch | None:
         """The recent window as a batch (oldest first), or None if it is too short."""
@@ -134,20 +162,55 @@ class DynamicsAdaptation:
                                     torch.from_numpy(np.stack(action)).float(),
                                     torch.from_numpy(np.stack(next_obs)).float(), z)
 
-    def maybe_adapt(self) -> None:
-        """Inline mode: adapt every ``adapt_every`` transitions."""
-        if self._since_adapt < self.adapt_every:
-            return
-        self._since_adapt = 0
+    def step(self) -> None:
+        """Adapt on the window, then recompute the held correction for the newest query."""
         window = self.batch()
         if window is not None:
             self.last_result = self.adapter.adapt(window)
+        query = self._query
+        if query is not None:
+            obs, action, latent = query
+            z = (torch.from_numpy(np.asarray(latent)).float()
+                 if self.uses_latent and latent is not None else None)
+            corrected = self.adapter.correct_action(
+                torch.from_numpy(obs).float(), torch.from_numpy(action).float(), z)
+            self._offset = (corrected.numpy() - action).astype(np.float32)
+        self.steps += 1
 
-    def correct(self, obs: np.ndarray, action: np.ndarray, latent: np.ndarray | None) -> np.ndarray:
-        z = torch.from_numpy(latent).float() if self.uses_latent and latent is not None else None
-        corrected = self.adapter.correct_action(torch.from_numpy(obs).float(),
-                                                torch.from_numpy(action).float(), z)
-        return corrected.numpy().astype(np.float32)
+    def maybe_step(self) -> None:
+        """Inline mode: :meth:`step` every ``adapt_every`` transitions."""
+        if self._since_step >= self.adapt_every:
+            self._since_step = 0
+            self.step()
+
+    def start_background(self, period_s: float) -> None:
+        """Run :meth:`step` every ``period_s`` in a daemon thread; errors are counted, logged
+        and never stop the thread (nor the control loop)."""
+        if self._thread is not None and self._thread.is_alive():
+            return
+        self._stop.clear()
+
+        def loop() -> None:
+            while not self._stop.wait(period_s):
+                try:
+                    self.step()
+                except Exception as exc:  # noqa: BLE001 - the thread must survive anything
+                    self.errors += 1
+                    self.last_error = exc
+                    _LOG.exception("MAML adaptation step failed (%d so far)", self.errors)
+
+        self._thread = threading.Thread(target=loop, name="maml-adaptation", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5.0)
+            self._thread = None
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
 
 
 def dynamics_for(loaded: LoadedModel, with_latent: bool) -> maml.DynamicsModel:
@@ -203,12 +266,12 @@ class TorchAdaptivePolicy:
             self._noise = torch.randn(self.agent.spec.latent_dim, generator=self._generator)
         if self.adaptation is not None:
             self.adaptation.reset()
-            if self.background and not self.adaptation.adapter.running:
-                self.adaptation.adapter.start_background(self.adaptation.batch, self.adapt_period_s)
+            if self.background:
+                self.adaptation.start_background(self.adapt_period_s)
 
     def close(self) -> None:
-        if self.adaptation is not None and self.adaptation.adapter.running:
-            self.adaptation.adapter.stop()
+        if self.adaptation is not None:
+            self.adaptation.stop()
 
     def _latent(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self.stream is None:
@@ -227,7 +290,7 @@ class TorchAdaptivePolicy:
             self.adaptation.record(np.asarray(obs, np.float32), np.asarray(action, np.float32),
                                    np.asarray(next_obs, np.float32), latent_before)
             if not self.background:
-                self.adaptation.maybe_adapt()
+                self.adaptation.maybe_step()
 
     @torch.no_grad()
     def act(self, obs: np.ndarray) -> np.ndarray:
@@ -237,8 +300,8 @@ class TorchAdaptivePolicy:
         action = self.agent.act(torch.as_tensor(obs, dtype=torch.float32)[None],
                                 condition[None], deterministic=True)[0].numpy()
         if self.adaptation is not None:
-            action = self.adaptation.correct(np.asarray(obs, np.float32), action,
-                                             mu.numpy() if self.stream is not None else None)
+            action = self.adaptation.apply(np.asarray(obs, np.float32), action,
+                                           mu.numpy() if self.stream is not None else None)
         self.inference_time_s = time.perf_counter() - start
         return action
 
@@ -249,5 +312,7 @@ class TorchAdaptivePolicy:
 
 def load_adaptive_policy(model_path: str | Path, adaptation: bool = False,
                          background: bool = True) -> TorchAdaptivePolicy:
-    """Entry point for the ROS adapter node."""
+    """Entry point for the ROS adapter node (one torch thread: the control loop's inference
+    must not fan out over the cores the rest of the robot needs)."""
+    torch.set_num_threads(1)
     return TorchAdaptivePolicy(load_model(model_path), adaptation=adaptation, background=background)
