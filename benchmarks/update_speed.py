@@ -28,12 +28,21 @@ SIZES = {
 
 
 def time_update(size: dict, repeats: int) -> float:
-    spec = AgentSpec(obs_dim=OBS, act_dim=ACT, actor_hidden=size["hidden"],
-                     critic_hidden=size["hidden"], encoder_hidden=size["encoder"])
+    spec = AgentSpec(
+        obs_dim=OBS,
+        act_dim=ACT,
+        actor_hidden=size["hidden"],
+        critic_hidden=size["hidden"],
+        encoder_hidden=size["encoder"],
+    )
     agent = ConditionedSAC(spec)
     t, b = size["tasks"], size["batch"]
-    batch = TransitionBatch(torch.randn(t, b, OBS), torch.rand(t, b, ACT) * 2 - 1,
-                            torch.randn(t, b), torch.randn(t, b, OBS))
+    batch = TransitionBatch(
+        torch.randn(t, b, OBS),
+        torch.rand(t, b, ACT) * 2 - 1,
+        torch.randn(t, b),
+        torch.randn(t, b, OBS),
+    )
     context = torch.randn(t, size["context"], spec.transition_dim)
     for _ in range(3):
         agent.update(batch, context)

@@ -53,8 +53,10 @@ class _FrozenContext:
 def run_scenario(env: ArmTrackingEnv, scenario: Scenario, policy: AdaptivePolicy | None) -> dict:
     """One run; ``policy=None`` is the PD feedback alone. Returns per-step arrays."""
     steps = int(round(scenario.config.duration_s / env.setup.control_dt))
-    obs, _ = env.reset(seed=scenario.config.reference_seed,
-                       options={"task": scenario.initial_task, "faults": list(scenario.events)})
+    obs, _ = env.reset(
+        seed=scenario.config.reference_seed,
+        options={"task": scenario.initial_task, "faults": list(scenario.events)},
+    )
     if policy is not None:
         policy.reset()
     errors = np.zeros(steps)
@@ -75,14 +77,14 @@ def phase_errors(errors: np.ndarray, scenario: Scenario, dt: float) -> dict:
     """Mean tracking error before the first event and, per event, right after and adapted."""
     times = [event.time_s for event in scenario.events]
     first = int(round(times[0] / dt)) if times else len(errors)
-    phases = {"before_faults": float(errors[int(round(1.0 / dt)):first].mean())}
+    phases = {"before_faults": float(errors[int(round(1.0 / dt)) : first].mean())}
     ends = times[1:] + [scenario.config.duration_s]
     for event, end in zip(scenario.events, ends):
         start = int(round(event.time_s / dt))
         stop = int(round(end / dt))
         phases[event.label] = {
-            "right_after": float(errors[start:start + int(RIGHT_AFTER_S / dt)].mean()),
-            "adapted": float(errors[max(start, stop - int(ADAPTED_S / dt)):stop].mean()),
+            "right_after": float(errors[start : start + int(RIGHT_AFTER_S / dt)].mean()),
+            "adapted": float(errors[max(start, stop - int(ADAPTED_S / dt)) : stop].mean()),
         }
     return phases
 
@@ -135,8 +137,10 @@ def demo_command(args: argparse.Namespace) -> int:
         results[name] = run_scenario(env, scenario, policy)
         summary[name] = phase_errors(results[name]["tracking_error"], scenario, setup.control_dt)
     env.close()
-    print(f"\nmean tracking error ||q_ref - q|| [rad] (right after = first {RIGHT_AFTER_S} s, "
-          f"adapted = last {ADAPTED_S} s before the next event)")
+    print(
+        f"\nmean tracking error ||q_ref - q|| [rad] (right after = first {RIGHT_AFTER_S} s, "
+        f"adapted = last {ADAPTED_S} s before the next event)"
+    )
     header = f"{'controller':16s}{'before faults':>15s}"
     for event in scenario.events:
         header += f"{'after ' + event.label[:18]:>28s}{'adapted':>10s}"
@@ -144,13 +148,22 @@ def demo_command(args: argparse.Namespace) -> int:
     for name, phases in summary.items():
         row = f"{name:16s}{phases['before_faults']:15.4f}"
         for event in scenario.events:
-            row += f"{phases[event.label]['right_after']:28.4f}{phases[event.label]['adapted']:10.4f}"
+            row += (
+                f"{phases[event.label]['right_after']:28.4f}{phases[event.label]['adapted']:10.4f}"
+            )
         print(row)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "summary.json").write_text(json.dumps(
-        {"scenario": scenario.config.name, "model": str(model_dir / "pearl" / "model.pt"),
-         "tracking_error_rad": summary}, indent=2))
+    (out / "summary.json").write_text(
+        json.dumps(
+            {
+                "scenario": scenario.config.name,
+                "model": str(model_dir / "pearl" / "model.pt"),
+                "tracking_error_rad": summary,
+            },
+            indent=2,
+        )
+    )
     plot(results, scenario, setup.control_dt, out / "tracking_error.png")
     print(f"\nwrote {out / 'summary.json'} and {out / 'tracking_error.png'}")
     return 0

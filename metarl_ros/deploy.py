@@ -22,8 +22,17 @@ import numpy as np
 from metarl_ros.errors import MetarlError
 from metarl_ros.runtime import PolicyContract, PosteriorSummary
 
-REQUIRED_KEYS = ("joint_names", "control_rate_hz", "window_size", "latent_dim", "obs_dim",
-                 "act_dim", "action_scale", "effort_limits", "contract_version")
+REQUIRED_KEYS = (
+    "joint_names",
+    "control_rate_hz",
+    "window_size",
+    "latent_dim",
+    "obs_dim",
+    "act_dim",
+    "action_scale",
+    "effort_limits",
+    "contract_version",
+)
 SUPPORTED_CONTRACT_VERSION = 1
 
 
@@ -48,15 +57,18 @@ def read_contract(session, path: Path) -> dict[str, Any]:
     raw = session.get_modelmeta().custom_metadata_map
     missing = [key for key in REQUIRED_KEYS if key not in raw]
     if missing:
-        raise ModelContractError(f"{path}: no metarl_ros contract (missing {missing}); "
-                                 "export it with `metarl export`")
+        raise ModelContractError(
+            f"{path}: no metarl_ros contract (missing {missing}); export it with `metarl export`"
+        )
     try:
         contract = {key: json.loads(value) for key, value in raw.items()}
     except json.JSONDecodeError as exc:
         raise ModelContractError(f"{path}: contract metadata is not valid JSON ({exc})") from None
     if contract["contract_version"] != SUPPORTED_CONTRACT_VERSION:
-        raise ModelContractError(f"{path}: contract version {contract['contract_version']} is not "
-                                 f"supported (expected {SUPPORTED_CONTRACT_VERSION})")
+        raise ModelContractError(
+            f"{path}: contract version {contract['contract_version']} is not "
+            f"supported (expected {SUPPORTED_CONTRACT_VERSION})"
+        )
     return contract
 
 
@@ -69,9 +81,13 @@ class OnnxAdaptivePolicy:
             for; any mismatch with the model's contract refuses to start.
     """
 
-    def __init__(self, model_dir: str | Path, expected_joint_names: list[str] | None = None,
-                 expected_rate_hz: float | None = None,
-                 expected_window: int | None = None) -> None:
+    def __init__(
+        self,
+        model_dir: str | Path,
+        expected_joint_names: list[str] | None = None,
+        expected_rate_hz: float | None = None,
+        expected_window: int | None = None,
+    ) -> None:
         model_dir = Path(model_dir)
         policy_path = model_dir / "policy.onnx"
         if not policy_path.is_file():
@@ -80,14 +96,19 @@ class OnnxAdaptivePolicy:
         c = read_contract(self._policy, policy_path)
         self.raw_contract = c
         self.contract = PolicyContract(
-            joint_names=tuple(c["joint_names"]), control_rate_hz=float(c["control_rate_hz"]),
-            window_size=int(c["window_size"]), latent_dim=int(c["latent_dim"]),
-            obs_dim=int(c["obs_dim"]), act_dim=int(c["act_dim"]),
-            action_scale=tuple(c["action_scale"]), effort_limits=tuple(c["effort_limits"]),
+            joint_names=tuple(c["joint_names"]),
+            control_rate_hz=float(c["control_rate_hz"]),
+            window_size=int(c["window_size"]),
+            latent_dim=int(c["latent_dim"]),
+            obs_dim=int(c["obs_dim"]),
+            act_dim=int(c["act_dim"]),
+            action_scale=tuple(c["action_scale"]),
+            effort_limits=tuple(c["effort_limits"]),
             extra={k: v for k, v in c.items() if k not in PolicyContract.__dataclass_fields__},
         )
-        self._check_expectations(policy_path, expected_joint_names, expected_rate_hz,
-                                 expected_window)
+        self._check_expectations(
+            policy_path, expected_joint_names, expected_rate_hz, expected_window
+        )
         self._encoder = None
         latent = self.contract.latent_dim
         if latent:
@@ -95,9 +116,13 @@ class OnnxAdaptivePolicy:
             if not encoder_path.is_file():
                 raise ModelContractError(f"{encoder_path}: missing (the policy needs a latent)")
             self._encoder = _open_session(encoder_path)
-            if read_contract(self._encoder, encoder_path).get("config_hash") != c.get("config_hash"):
-                raise ModelContractError(f"{encoder_path}: comes from another model than "
-                                         f"{policy_path} (config hash differs)")
+            if read_contract(self._encoder, encoder_path).get("config_hash") != c.get(
+                "config_hash"
+            ):
+                raise ModelContractError(
+                    f"{encoder_path}: comes from another model than "
+                    f"{policy_path} (config hash differs)"
+                )
         k = max(1, self.contract.window_size - 1)
         self._window_mean = np.zeros((k, latent), np.float32)
         self._window_var = np.ones((k, latent), np.float32)
@@ -113,13 +138,16 @@ class OnnxAdaptivePolicy:
         if joints is not None and list(joints) != list(c.joint_names):
             raise ModelContractError(
                 f"{path}: model joints {list(c.joint_names)} do not match the configured "
-                f"joints {list(joints)} (order matters; remap by parameter)")
+                f"joints {list(joints)} (order matters; remap by parameter)"
+            )
         if rate is not None and abs(float(rate) - c.control_rate_hz) > 1e-6:
-            raise ModelContractError(f"{path}: model control rate {c.control_rate_hz} Hz, "
-                                     f"configured {rate} Hz")
+            raise ModelContractError(
+                f"{path}: model control rate {c.control_rate_hz} Hz, configured {rate} Hz"
+            )
         if window is not None and int(window) != c.window_size:
-            raise ModelContractError(f"{path}: model context window {c.window_size}, "
-                                     f"configured {window}")
+            raise ModelContractError(
+                f"{path}: model context window {c.window_size}, configured {window}"
+            )
 
     # ----------------------------------------------------------------- AdaptivePolicy
 
@@ -133,18 +161,32 @@ class OnnxAdaptivePolicy:
         if self._encoder is None:
             return
         start = time.perf_counter()
-        transition = np.concatenate([np.asarray(obs, np.float32), np.asarray(action, np.float32),
-                                     np.asarray([reward], np.float32),
-                                     np.asarray(next_obs, np.float32)])[None]
-        factor_mean, factor_var, mean, std = self._encoder.run(None, {
-            "transition": transition, "window_mean": self._window_mean,
-            "window_var": self._window_var, "window_mask": self._window_mask})
+        transition = np.concatenate(
+            [
+                np.asarray(obs, np.float32),
+                np.asarray(action, np.float32),
+                np.asarray([reward], np.float32),
+                np.asarray(next_obs, np.float32),
+            ]
+        )[None]
+        factor_mean, factor_var, mean, std = self._encoder.run(
+            None,
+            {
+                "transition": transition,
+                "window_mean": self._window_mean,
+                "window_var": self._window_var,
+                "window_mask": self._window_mask,
+            },
+        )
         # shift the ring: oldest out, newest in (K-1 slots, oldest first)
         self._window_mean[:-1] = self._window_mean[1:]
         self._window_var[:-1] = self._window_var[1:]
         self._window_mask[:-1] = self._window_mask[1:]
         self._window_mean[-1], self._window_var[-1], self._window_mask[-1] = (
-            factor_mean[0], factor_var[0], 1.0)
+            factor_mean[0],
+            factor_var[0],
+            1.0,
+        )
         self._mean, self._std = mean, std
         self._fill = min(self._fill + 1, self.contract.window_size)
         self.encoder_time_s = time.perf_counter() - start

@@ -52,9 +52,13 @@ class AdaptivePolicy(Protocol):
     def reset(self) -> None:
         """Forget the context (e.g. at the start of an episode)."""
 
-    def observe(self, obs: np.ndarray, action: np.ndarray, reward: float,
-                next_obs: np.ndarray) -> None:
-        """Add one transition (obs (obs_dim,), action (act_dim,), reward, next_obs) to the window."""
+    def observe(
+        self, obs: np.ndarray, action: np.ndarray, reward: float, next_obs: np.ndarray
+    ) -> None:
+        """Add one transition to the window.
+
+        obs, next_obs: (obs_dim,); action: (act_dim,); reward: float.
+        """
 
     def act(self, obs: np.ndarray) -> np.ndarray:
         """Normalized action in [-1, 1], shape (act_dim,), for observation (obs_dim,)."""
@@ -70,8 +74,14 @@ class PDPolicy:
     :mod:`metarl_ros.sim.env`), so it needs the scales used to build it.
     """
 
-    def __init__(self, contract: PolicyContract, kp: np.ndarray, kd: np.ndarray,
-                 position_error_scale: float, velocity_error_scale: float) -> None:
+    def __init__(
+        self,
+        contract: PolicyContract,
+        kp: np.ndarray,
+        kd: np.ndarray,
+        position_error_scale: float,
+        velocity_error_scale: float,
+    ) -> None:
         n = contract.act_dim
         self.contract = contract
         self._kp = np.asarray(kp, dtype=np.float64)

@@ -3,7 +3,8 @@
 One implementation serves every method of the evaluation protocol; only the conditioning
 differs:
 
-* ``latent`` -- PEARL: ``z ~ q(z | context)`` from :class:`~metarl_ros.learning.encoder.ContextEncoder`,
+* ``latent`` -- PEARL: ``z ~ q(z | context)`` from
+  :class:`~metarl_ros.learning.encoder.ContextEncoder`,
   trained by the critic's Bellman loss plus ``kl_weight * KL(q(z|c) || N(0, I))``; the actor
   sees ``z`` detached (Rakelly et al., 2019, Sec. 4).
 * ``oracle`` -- the true task parameters (:meth:`TaskParams.oracle_vector`), an upper bound.
@@ -76,7 +77,8 @@ class ConditionedSAC(nn.Module):
         in_dim = spec.obs_dim + spec.cond_dim
         self.encoder = (
             ContextEncoder(spec.transition_dim, spec.latent_dim, spec.encoder_hidden)
-            if spec.conditioning == "latent" else None
+            if spec.conditioning == "latent"
+            else None
         )
         self.actor = TanhGaussianActor(in_dim, spec.actor_hidden, spec.act_dim)
         self.critic = TwinCritic(in_dim + spec.act_dim, spec.critic_hidden)

@@ -618,11 +618,12 @@ def posterior_change_points(mean: np.ndarray, std: np.ndarray, window: int,
                             config: SegmentationConfig = SegmentationConfig()) -> list[int]:
     """Indices where a new task starts, from a streaming posterior (mean, std: (M, L)).
 
-    Two-window test: at step t the posterior over the window ending at t is compared with the
-    one over the window ending at t - window, ``d_t = RMS((mu_t - mu_{t-K}) / std_t)``. A task
-    change between them makes ``d`` peak when the change sits at ``t - K``; a peak above
-    ``jump_ratio`` times the median ``d`` (and above ``min_shift``) starts a task at ``t - K``.
-    Peaks are at least ``min_segment_steps`` apart.
+    Two-window test: the posterior over the window ending at step t (transitions
+    ``t-K+1 .. t``) is compared with the one over the window before it (ending at ``t - K``):
+    ``d_t = RMS((mu_t - mu_{t-K}) / std_t)``. A task change makes ``d`` peak when the newer
+    window holds only the new task and the older one only the old task, i.e. the change is at
+    ``t - K + 1``; a peak above ``jump_ratio`` times the median ``d`` (and above
+    ``min_shift``) starts a task there. Change points are at least ``min_segment_steps`` apart.
     """
     m = len(mean)
     k = window
@@ -638,7 +639,7 @@ def posterior_change_points(mean: np.ndarray, std: np.ndarray, window: int,
     for t in candidates:
         if d[t] <= threshold:
             break
-        start = int(t) - k
+        start = int(t) - k + 1
         if start < config.min_segment_steps or m - start < config.min_segment_steps:
             continue
         if all(abs(start - p) >= config.min_segment_steps for p in points):

@@ -107,7 +107,9 @@ def load_model_payload(path: str | Path) -> dict:
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for corrupt files
-        raise CheckpointError(f"{path}: not a readable model file ({type(exc).__name__}: {exc})") from None
+        raise CheckpointError(
+            f"{path}: not a readable model file ({type(exc).__name__}: {exc})"
+        ) from None
     if not isinstance(payload, dict) or payload.get("format") != MODEL_FORMAT:
         raise CheckpointError(f"{path}: not a metarl_ros model (missing format tag)")
     if payload.get("format_version") != MODEL_FORMAT_VERSION:
@@ -127,7 +129,9 @@ def load_state_strict(module: torch.nn.Module, state: dict, what: str, source: P
         module.load_state_dict(state, strict=True)
     except RuntimeError as exc:
         first = str(exc).splitlines()[0:4]
-        raise CheckpointError(f"{source}: {what} weights do not fit the network: {' '.join(first)}") from None
+        raise CheckpointError(
+            f"{source}: {what} weights do not fit the network: {' '.join(first)}"
+        ) from None
 
 
 class CheckpointDirectory:

@@ -37,8 +37,9 @@ class DynamicsConfig(StrictModel):
     enabled: bool = True
     hidden_sizes: list[PositiveInt] = [128, 128]
     target_blocks: PositiveInt = Field(
-        default=2, description="predict the change of the first k observation blocks "
-        "(block 0: joint positions, block 1: joint velocities)"
+        default=2,
+        description="predict the change of the first k observation blocks "
+        "(block 0: joint positions, block 1: joint velocities)",
     )
     inner_steps: PositiveInt = 2
     inner_lr: PositiveFloat = 0.05
@@ -60,7 +61,8 @@ class TrainConfig(StrictModel):
     seed: NonNegativeInt = 0
     total_iterations: PositiveInt = 200
     envs_per_iteration: PositiveInt = Field(
-        default=8, description="episodes collected per iteration, one per sampled task, in lockstep"
+        default=8,
+        description="episodes collected per iteration, one per sampled task, in lockstep",
     )
     initial_episodes_per_task: NonNegativeInt = 1
     updates_per_iteration: PositiveInt = 400
@@ -90,12 +92,22 @@ class TrainConfig(StrictModel):
     def agent_spec(self, obs_dim: int, act_dim: int, oracle_dim: int) -> AgentSpec:
         a = self.agent
         return AgentSpec(
-            obs_dim=obs_dim, act_dim=act_dim, conditioning=self.conditioning,  # type: ignore[arg-type]
-            latent_dim=a.latent_dim, oracle_dim=oracle_dim,
-            encoder_hidden=tuple(a.encoder_hidden), actor_hidden=tuple(a.actor_hidden),
-            critic_hidden=tuple(a.critic_hidden), gamma=a.gamma, tau=a.tau,
-            actor_lr=a.actor_lr, critic_lr=a.critic_lr, encoder_lr=a.encoder_lr,
-            alpha_lr=a.alpha_lr, init_alpha=a.init_alpha, kl_weight=a.kl_weight,
+            obs_dim=obs_dim,
+            act_dim=act_dim,
+            conditioning=self.conditioning,  # type: ignore[arg-type]
+            latent_dim=a.latent_dim,
+            oracle_dim=oracle_dim,
+            encoder_hidden=tuple(a.encoder_hidden),
+            actor_hidden=tuple(a.actor_hidden),
+            critic_hidden=tuple(a.critic_hidden),
+            gamma=a.gamma,
+            tau=a.tau,
+            actor_lr=a.actor_lr,
+            critic_lr=a.critic_lr,
+            encoder_lr=a.encoder_lr,
+            alpha_lr=a.alpha_lr,
+            init_alpha=a.init_alpha,
+            kl_weight=a.kl_weight,
         )
 
 

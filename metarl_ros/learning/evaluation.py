@@ -45,8 +45,12 @@ from metarl_ros.sim.tasks import FaultEpisode, fault_episodes, make_split, nomin
 METHODS = ("oracle", "robust", "nominal", "pearl", "maml", "pearl_maml")
 # which trained model each method runs, and whether it adds MAML correction
 _SOURCE = {
-    "oracle": ("oracle", False), "robust": ("robust", False), "nominal": ("nominal", False),
-    "pearl": ("pearl", False), "maml": ("robust", True), "pearl_maml": ("pearl", True),
+    "oracle": ("oracle", False),
+    "robust": ("robust", False),
+    "nominal": ("nominal", False),
+    "pearl": ("pearl", False),
+    "maml": ("robust", True),
+    "pearl_maml": ("pearl", True),
 }
 ROLLING_WINDOW_S = 0.25
 RECOVERY_RATIO = 1.10
@@ -66,15 +70,23 @@ class MAMLCorrection:
     """Rollout hook: one :class:`DynamicsAdaptation` per env, stepping inline at 10 Hz -- the
     same schedule as the robot's background thread, so evaluation measures what deploys."""
 
-    def __init__(self, loaded_dynamics_owner: LoadedModel, with_latent: bool, num_envs: int,
-                 adapt_every: int) -> None:
+    def __init__(
+        self,
+        loaded_dynamics_owner: LoadedModel,
+        with_latent: bool,
+        num_envs: int,
+        adapt_every: int,
+    ) -> None:
         model = dynamics_for(loaded_dynamics_owner, with_latent)
         config = loaded_dynamics_owner.maml_config
         assert config is not None
-        self.adaptations = [DynamicsAdaptation(model, config, adapt_every=adapt_every)
-                            for _ in range(num_envs)]
+        self.adaptations = [
+            DynamicsAdaptation(model, config, adapt_every=adapt_every) for _ in range(num_envs)
+        ]
 
-    def correct(self, obs: np.ndarray, action: np.ndarray, latent: np.ndarray | None) -> np.ndarray:
+    def correct(
+        self, obs: np.ndarray, action: np.ndarray, latent: np.ndarray | None
+    ) -> np.ndarray:
         out = np.empty_like(action)
         for i, adaptation in enumerate(self.adaptations[: len(obs)]):
             out[i] = adaptation.apply(obs[i], action[i], None if latent is None else latent[i])
@@ -82,7 +94,9 @@ class MAMLCorrection:
 
     def record(self, obs, action, next_obs, latent) -> None:
         for i, adaptation in enumerate(self.adaptations[: len(obs)]):
-            adaptation.record(obs[i], action[i], next_obs[i], None if latent is None else latent[i])
+            adaptation.record(
+                obs[i], action[i], next_obs[i], None if latent is None else latent[i]
+            )
             adaptation.maybe_step()
 
 
@@ -93,33 +107,52 @@ def load_method_models(model_root: Path, methods: Sequence[str]) -> dict[str, Lo
     for name in needed:
         path = model_root / name / "model.pt"
         if not path.is_file():
-            raise CheckpointError(f"{path}: missing; method(s) "
-                                  f"{[m for m in methods if _SOURCE[m][0] == name] or [name]} "
-                                  "need it (oracle and nominal are needed for normalization)")
+            raise CheckpointError(
+                f"{path}: missing; method(s) "
+                f"{[m for m in methods if _SOURCE[m][0] == name] or [name]} "
+                "need it (oracle and nominal are needed for normalization)"
+            )
         models[name] = load_model(path)
         if models[name].method != name:
-            raise CheckpointError(f"{path}: holds a {models[name].method!r} model, expected {name!r}")
+            raise CheckpointError(
+                f"{path}: holds a {models[name].method!r} model, expected {name!r}"
+            )
     return models
 
 
-def run_method(method: str, models: dict[str, LoadedModel], setup: EnvSetup,
-               episodes: Sequence[FaultEpisode], rollout: VectorRollout, window: int) -> MethodRun:
+def run_method(
+    method: str,
+    models: dict[str, LoadedModel],
+    setup: EnvSetup,
+    episodes: Sequence[FaultEpisode],
+    rollout: VectorRollout,
+    window: int,
+) -> MethodRun:
     source, with_maml = _SOURCE[method]
     loaded = models[source]
     rewards, errors, latents = [], [], []
     nominal = nominal_task(setup.robot.num_joints)
     batch = len(rollout.envs)
     for start in range(0, len(episodes), batch):
-        chunk = episodes[start:start + batch]
+        chunk = episodes[start : start + batch]
         hook = None
         if with_maml:
             owner = models["pearl"]  # the dynamics models are trained in the PEARL run
-            hook = MAMLCorrection(owner, with_latent=source == "pearl", num_envs=len(chunk),
-                                  adapt_every=max(1, int(round(setup.config.control_rate_hz / 10))))
+            hook = MAMLCorrection(
+                owner,
+                with_latent=source == "pearl",
+                num_envs=len(chunk),
+                adapt_every=max(1, int(round(setup.config.control_rate_hz / 10))),
+            )
         result: RolloutResult = rollout.run(
-            loaded.agent, [nominal] * len(chunk), [e.seed for e in chunk],
-            faults=[e.faults() for e in chunk], deterministic=True, latent_mode="mean",
-            window=window, hook=hook,
+            loaded.agent,
+            [nominal] * len(chunk),
+            [e.seed for e in chunk],
+            faults=[e.faults() for e in chunk],
+            deterministic=True,
+            latent_mode="mean",
+            window=window,
+            hook=hook,
         )
         rewards.append(result.reward)
         errors.append(result.tracking_error)
@@ -136,8 +169,9 @@ def rolling_mean(x: np.ndarray, width: int) -> np.ndarray:
     return out / counts
 
 
-def recovery_times(error: np.ndarray, oracle_error: np.ndarray, fault_steps: Sequence[int],
-                   dt: float) -> tuple[np.ndarray, np.ndarray]:
+def recovery_times(
+    error: np.ndarray, oracle_error: np.ndarray, fault_steps: Sequence[int], dt: float
+) -> tuple[np.ndarray, np.ndarray]:
     """Per episode: seconds from the fault until the rolling error stays within bounds, and
     whether it ever did (else the remaining time is counted)."""
     width = max(1, int(round(ROLLING_WINDOW_S / dt)))
@@ -170,17 +204,24 @@ def summarize(runs: dict[str, MethodRun], episodes: Sequence[FaultEpisode], dt: 
     gap_full = float(oracle.reward.sum() - nominal.reward.sum())
     summary = {}
     for name, run in runs.items():
-        times, recovered = recovery_times(run.tracking_error, oracle.tracking_error, fault_steps, dt)
+        times, recovered = recovery_times(
+            run.tracking_error, oracle.tracking_error, fault_steps, dt
+        )
         before = np.array([run.tracking_error[i, :s].mean() for i, s in enumerate(fault_steps)])
         after = np.array([run.tracking_error[i, s:].mean() for i, s in enumerate(fault_steps)])
         returns = run.reward.sum(axis=1)
         summary[name] = {
-            "normalized_return": (post(run) - post(nominal)) / gap_post if gap_post else float("nan"),
+            "normalized_return": (post(run) - post(nominal)) / gap_post
+            if gap_post
+            else float("nan"),
             "normalized_return_full": float((run.reward.sum() - nominal.reward.sum()) / gap_full)
-            if gap_full else float("nan"),
-            "return_mean": float(returns.mean()), "return_std": float(returns.std()),
+            if gap_full
+            else float("nan"),
+            "return_mean": float(returns.mean()),
+            "return_std": float(returns.std()),
             "post_fault_return_sum": post(run),
-            "recover_time_s_mean": float(times.mean()), "recover_time_s_std": float(times.std()),
+            "recover_time_s_mean": float(times.mean()),
+            "recover_time_s_std": float(times.std()),
             "recovered_fraction": float(recovered.mean()),
             "tracking_error_before_mean": float(before.mean()),
             "tracking_error_before_std": float(before.std()),
@@ -190,8 +231,9 @@ def summarize(runs: dict[str, MethodRun], episodes: Sequence[FaultEpisode], dt: 
     return summary
 
 
-def plot_around_fault(runs: dict[str, MethodRun], episodes: Sequence[FaultEpisode], dt: float,
-                      path: Path, title: str) -> None:
+def plot_around_fault(
+    runs: dict[str, MethodRun], episodes: Sequence[FaultEpisode], dt: float, path: Path, title: str
+) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -206,7 +248,7 @@ def plot_around_fault(runs: dict[str, MethodRun], episodes: Sequence[FaultEpisod
         for i, e in enumerate(episodes):
             s = int(round(e.fault_time_s / dt))
             if s - lo >= 0 and s + hi <= run.tracking_error.shape[1]:
-                rows.append(run.tracking_error[i, s - lo:s + hi])
+                rows.append(run.tracking_error[i, s - lo : s + hi])
         if rows:
             ax.plot(axis, np.mean(rows, axis=0), label=name)
     ax.axvline(0.0, color="k", linestyle="--", linewidth=0.8)
@@ -221,8 +263,14 @@ def plot_around_fault(runs: dict[str, MethodRun], episodes: Sequence[FaultEpisod
     plt.close(fig)
 
 
-def evaluate(model_root: Path, split: str, episodes: int, seed: int,
-             methods: Sequence[str] = METHODS, num_envs: int = 10) -> tuple[dict, dict[str, MethodRun], list[FaultEpisode], EnvSetup]:
+def evaluate(
+    model_root: Path,
+    split: str,
+    episodes: int,
+    seed: int,
+    methods: Sequence[str] = METHODS,
+    num_envs: int = 10,
+) -> tuple[dict, dict[str, MethodRun], list[FaultEpisode], EnvSetup]:
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise CheckpointError(f"unknown method(s) {unknown}; choose from {list(METHODS)}")
@@ -259,10 +307,14 @@ def print_table(summary: dict) -> None:
     for column in ("method", "norm. return", "recover s", "recovered", "err before", "err after"):
         table.add_column(column, justify="right")
     for name, m in summary.items():
-        table.add_row(name, f"{m['normalized_return']:.3f}",
-                      f"{m['recover_time_s_mean']:.2f}±{m['recover_time_s_std']:.2f}",
-                      f"{m['recovered_fraction']:.0%}",
-                      f"{m['tracking_error_before_mean']:.4f}", f"{m['tracking_error_after_mean']:.4f}")
+        table.add_row(
+            name,
+            f"{m['normalized_return']:.3f}",
+            f"{m['recover_time_s_mean']:.2f}±{m['recover_time_s_std']:.2f}",
+            f"{m['recovered_fraction']:.0%}",
+            f"{m['tracking_error_before_mean']:.4f}",
+            f"{m['tracking_error_after_mean']:.4f}",
+        )
     Console().print(table)
 
 
@@ -270,23 +322,41 @@ def evaluate_command(args: argparse.Namespace) -> int:
     torch.set_num_threads(int(os.environ.get("METARL_TORCH_THREADS", "1")))
     model_root = Path(args.model)
     if model_root.is_file():
-        raise CheckpointError(f"{model_root}: eval compares methods; give the directory holding "
-                              "oracle/, robust/, nominal/, pearl/")
+        raise CheckpointError(
+            f"{model_root}: eval compares methods; give the directory holding "
+            "oracle/, robust/, nominal/, pearl/"
+        )
     methods = args.methods.split(",") if args.methods else list(METHODS)
     if args.episodes < 1:
         raise CheckpointError("--episodes must be >= 1")
-    summary, runs, plan, setup = evaluate(model_root, args.split, args.episodes, args.seed, methods)
+    summary, runs, plan, setup = evaluate(
+        model_root, args.split, args.episodes, args.seed, methods
+    )
     print_table(summary)
-    _write_json_atomic(Path(args.json), {
-        **summary,
-        "protocol": {"split": args.split, "episodes": args.episodes, "seed": args.seed,
-                     "models": str(model_root), "control_dt": setup.control_dt,
-                     "rolling_window_s": ROLLING_WINDOW_S, "recovery_ratio": RECOVERY_RATIO,
-                     "recovery_floor_rad": RECOVERY_FLOOR_RAD},
-    })
+    _write_json_atomic(
+        Path(args.json),
+        {
+            **summary,
+            "protocol": {
+                "split": args.split,
+                "episodes": args.episodes,
+                "seed": args.seed,
+                "models": str(model_root),
+                "control_dt": setup.control_dt,
+                "rolling_window_s": ROLLING_WINDOW_S,
+                "recovery_ratio": RECOVERY_RATIO,
+                "recovery_floor_rad": RECOVERY_FLOOR_RAD,
+            },
+        },
+    )
     print(f"wrote {args.json}")
     if args.plot:
-        plot_around_fault(runs, plan, setup.control_dt, Path(args.plot),
-                          f"{args.split}: tracking error around the fault ({args.episodes} episodes)")
+        plot_around_fault(
+            runs,
+            plan,
+            setup.control_dt,
+            Path(args.plot),
+            f"{args.split}: tracking error around the fault ({args.episodes} episodes)",
+        )
         print(f"wrote {args.plot}")
     return 0

@@ -85,18 +85,25 @@ def export_contract(loaded: LoadedModel) -> dict[str, str]:
     contract = dict(payload["contract"])
     contract["feedback"] = setup.config.feedback.model_dump()
     contract["observation_layout"] = [
-        "q - default_pose", "qd * velocity_scale", "(q_ref - q) * position_error_scale",
-        "(qd_ref - qd) * velocity_error_scale", "qd_ref * velocity_scale",
-        "qdd_ref * acceleration_scale", "previous action"]
+        "q - default_pose",
+        "qd * velocity_scale",
+        "(q_ref - q) * position_error_scale",
+        "(qd_ref - qd) * velocity_error_scale",
+        "qd_ref * velocity_scale",
+        "qdd_ref * acceleration_scale",
+        "previous action",
+    ]
     contract["effort"] = "kp * (q_ref - q) + kd * (qd_ref - qd) + action * action_scale"
     props = {key: json.dumps(value) for key, value in contract.items()}
-    props.update({
-        "contract_version": json.dumps(CONTRACT_VERSION),
-        "model_format_version": json.dumps(payload["format_version"]),
-        "config_hash": json.dumps(payload["config_hash"]),
-        "method": json.dumps(loaded.method),
-        "opset": json.dumps(OPSET),
-    })
+    props.update(
+        {
+            "contract_version": json.dumps(CONTRACT_VERSION),
+            "model_format_version": json.dumps(payload["format_version"]),
+            "config_hash": json.dumps(payload["config_hash"]),
+            "method": json.dumps(loaded.method),
+            "opset": json.dumps(OPSET),
+        }
+    )
     return props
 
 
@@ -143,8 +150,13 @@ def _recorded_inputs(loaded: LoadedModel, steps: int = 60) -> list[dict[str, np.
     return records
 
 
-def check_parity(loaded: LoadedModel, encoder_path: Path | None, policy_path: Path,
-                 samples: int = 20, seed: int = 0) -> float:
+def check_parity(
+    loaded: LoadedModel,
+    encoder_path: Path | None,
+    policy_path: Path,
+    samples: int = 20,
+    seed: int = 0,
+) -> float:
     """Max abs difference between torch and onnxruntime over random and recorded inputs."""
     agent = loaded.agent
     spec = agent.spec
@@ -158,8 +170,11 @@ def check_parity(loaded: LoadedModel, encoder_path: Path | None, policy_path: Pa
     for obs in obs_batch:
         latent = rng.normal(size=(1, latent_dim)).astype(np.float32)
         expected = PolicyGraph(agent.actor)(torch.from_numpy(obs), torch.from_numpy(latent))
-        got = policy_session.run(None, {"obs": obs, "latent": latent})[0] if latent_dim else \
-            policy_session.run(None, {"obs": obs})[0]
+        got = (
+            policy_session.run(None, {"obs": obs, "latent": latent})[0]
+            if latent_dim
+            else policy_session.run(None, {"obs": obs})[0]
+        )
         worst = max(worst, float(np.abs(expected.detach().numpy() - got).max()))
     if encoder_path is not None:
         k = loaded.contract.window_size
@@ -167,23 +182,33 @@ def check_parity(loaded: LoadedModel, encoder_path: Path | None, policy_path: Pa
         tick = EncoderTick(agent.encoder)
         cases = []
         for _ in range(samples):
-            cases.append((rng.normal(size=(1, spec.transition_dim)),
-                          rng.normal(size=(k - 1, latent_dim)),
-                          rng.uniform(0.01, 2.0, size=(k - 1, latent_dim)),
-                          (rng.random(k - 1) < rng.random()).astype(np.float64)))
+            cases.append(
+                (
+                    rng.normal(size=(1, spec.transition_dim)),
+                    rng.normal(size=(k - 1, latent_dim)),
+                    rng.uniform(0.01, 2.0, size=(k - 1, latent_dim)),
+                    (rng.random(k - 1) < rng.random()).astype(np.float64),
+                )
+            )
         # recorded: a real window, as the deployed node would hold it
         with torch.no_grad():
             for i in range(k, len(records)):
-                window = records[i - k + 1:i + 1]
-                transitions = np.stack([np.concatenate([r["obs"], r["action"], [r["reward"]],
-                                                        r["next_obs"]]) for r in window])
+                window = records[i - k + 1 : i + 1]
+                transitions = np.stack(
+                    [
+                        np.concatenate([r["obs"], r["action"], [r["reward"]], r["next_obs"]])
+                        for r in window
+                    ]
+                )
                 mu, var = agent.encoder.factors(torch.from_numpy(transitions).float())
                 cases.append((transitions[-1:], mu[:-1].numpy(), var[:-1].numpy(), np.ones(k - 1)))
         for transition, w_mean, w_var, w_mask in cases:
-            inputs = {"transition": transition.astype(np.float32),
-                      "window_mean": w_mean.astype(np.float32),
-                      "window_var": w_var.astype(np.float32),
-                      "window_mask": w_mask.astype(np.float32)}
+            inputs = {
+                "transition": transition.astype(np.float32),
+                "window_mean": w_mean.astype(np.float32),
+                "window_var": w_var.astype(np.float32),
+                "window_mask": w_mask.astype(np.float32),
+            }
             with torch.no_grad():
                 expected = tick(*(torch.from_numpy(v) for v in inputs.values()))
             got = session.run(None, inputs)
@@ -211,32 +236,53 @@ def export_model(model_path: str | Path, out_dir: str | Path) -> dict:
         latent = torch.zeros(1, latent_dim)
         with torch.no_grad():
             torch.onnx.export(
-                PolicyGraph(loaded.agent.actor).eval(), (obs, latent), str(policy_path),
+                PolicyGraph(loaded.agent.actor).eval(),
+                (obs, latent),
+                str(policy_path),
                 input_names=["obs", "latent"] if latent_dim else ["obs"],
-                output_names=["action"], opset_version=OPSET, dynamo=False,
+                output_names=["action"],
+                opset_version=OPSET,
+                dynamo=False,
             )
         _add_metadata(policy_path, props, "metarl_ros policy: obs, latent -> action in [-1, 1]")
         encoder_path = None
         if latent_dim:
             k = loaded.contract.window_size
             encoder_path = staging / "encoder.onnx"
-            example = (torch.zeros(1, spec.transition_dim), torch.zeros(k - 1, latent_dim),
-                       torch.ones(k - 1, latent_dim), torch.zeros(k - 1))
+            example = (
+                torch.zeros(1, spec.transition_dim),
+                torch.zeros(k - 1, latent_dim),
+                torch.ones(k - 1, latent_dim),
+                torch.zeros(k - 1),
+            )
             with torch.no_grad():
                 torch.onnx.export(
-                    EncoderTick(loaded.agent.encoder).eval(), example, str(encoder_path),
+                    EncoderTick(loaded.agent.encoder).eval(),
+                    example,
+                    str(encoder_path),
                     input_names=["transition", "window_mean", "window_var", "window_mask"],
                     output_names=["factor_mean", "factor_var", "posterior_mean", "posterior_std"],
-                    opset_version=OPSET, dynamo=False,
+                    opset_version=OPSET,
+                    dynamo=False,
                 )
-            _add_metadata(encoder_path, props,
-                          "metarl_ros PEARL encoder tick: new factor + product of Gaussians")
+            _add_metadata(
+                encoder_path,
+                props,
+                "metarl_ros PEARL encoder tick: new factor + product of Gaussians",
+            )
         worst = check_parity(loaded, encoder_path, policy_path)
         if not worst <= PARITY_TOLERANCE:
-            raise ExportError(f"{loaded.path}: ONNX outputs differ from torch by {worst:.2e} "
-                              f"(> {PARITY_TOLERANCE:.0e}); nothing written")
-        summary = {"model": str(loaded.path), "method": loaded.method, "opset": OPSET,
-                   "max_abs_diff": worst, "files": sorted(p.name for p in staging.iterdir())}
+            raise ExportError(
+                f"{loaded.path}: ONNX outputs differ from torch by {worst:.2e} "
+                f"(> {PARITY_TOLERANCE:.0e}); nothing written"
+            )
+        summary = {
+            "model": str(loaded.path),
+            "method": loaded.method,
+            "opset": OPSET,
+            "max_abs_diff": worst,
+            "files": sorted(p.name for p in staging.iterdir()),
+        }
         (staging / "export.json").write_text(json.dumps(summary, indent=2))
         if out_dir.exists():
             out_dir.rmdir()  # empty (checked above)

@@ -111,5 +111,7 @@ class TanhGaussianActor(nn.Module):
             -0.5 * ((pre_tanh - mean) / std).pow(2) - log_std - 0.5 * math.log(2 * math.pi)
         ).sum(-1)
         # log|d tanh(u)/du| = 2 * (log 2 - u - softplus(-2u)), numerically stable
-        log_prob = log_prob - (2.0 * (math.log(2.0) - pre_tanh - F.softplus(-2.0 * pre_tanh))).sum(-1)
+        log_prob = log_prob - (2.0 * (math.log(2.0) - pre_tanh - F.softplus(-2.0 * pre_tanh))).sum(
+            -1
+        )
         return action, log_prob

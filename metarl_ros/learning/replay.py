@@ -26,8 +26,10 @@ class TransitionBatch:
     def flatten(self) -> "TransitionBatch":
         """(T, N, ...) -> (T*N, ...)."""
         return TransitionBatch(
-            self.obs.flatten(0, 1), self.action.flatten(0, 1),
-            self.reward.flatten(0, 1), self.next_obs.flatten(0, 1),
+            self.obs.flatten(0, 1),
+            self.action.flatten(0, 1),
+            self.reward.flatten(0, 1),
+            self.next_obs.flatten(0, 1),
         )
 
 
@@ -43,8 +45,9 @@ class TaskReplay:
         self.size = 0
         self.cursor = 0
 
-    def add(self, obs: np.ndarray, action: np.ndarray, reward: np.ndarray,
-            next_obs: np.ndarray) -> None:
+    def add(
+        self, obs: np.ndarray, action: np.ndarray, reward: np.ndarray, next_obs: np.ndarray
+    ) -> None:
         """Append a chunk of transitions, arrays with leading dim M."""
         count = len(reward)
         index = (self.cursor + np.arange(count)) % self.capacity
@@ -65,8 +68,12 @@ class TaskReplay:
 
     def state(self) -> dict[str, np.ndarray]:
         return {
-            **{name: getattr(self, name)[: self.size] if self.size < self.capacity
-               else getattr(self, name) for name in _FIELDS},
+            **{
+                name: getattr(self, name)[: self.size]
+                if self.size < self.capacity
+                else getattr(self, name)
+                for name in _FIELDS
+            },
             "meta": np.array([self.size, self.cursor], dtype=np.int64),
         }
 
@@ -89,8 +96,9 @@ class MultiTaskReplay:
     def add(self, task_id: int, obs, action, reward, next_obs) -> None:
         self.tasks[task_id].add(obs, action, reward, next_obs)
 
-    def sample(self, task_ids: list[int], count: int, rng: np.random.Generator,
-               recent: int | None = None) -> TransitionBatch:
+    def sample(
+        self, task_ids: list[int], count: int, rng: np.random.Generator, recent: int | None = None
+    ) -> TransitionBatch:
         """``count`` transitions from each task: tensors with leading dims (T, count)."""
         parts = {name: [] for name in _FIELDS}
         for task_id in task_ids:
@@ -98,8 +106,9 @@ class MultiTaskReplay:
             index = buffer.sample_index(count, rng, recent)
             for name in _FIELDS:
                 parts[name].append(getattr(buffer, name)[index])
-        return TransitionBatch(**{name: torch.from_numpy(np.stack(parts[name]))
-                                  for name in _FIELDS})
+        return TransitionBatch(
+            **{name: torch.from_numpy(np.stack(parts[name])) for name in _FIELDS}
+        )
 
     def save(self, path: Path) -> None:
         """Write all buffers to ``path`` (an ``.npz``); the caller makes it atomic."""

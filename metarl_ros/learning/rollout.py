@@ -25,18 +25,20 @@ from metarl_ros.sim.tasks import FaultEvent, TaskParams
 LatentMode = Literal["mean", "sample"]
 
 
-
 class StepHook(Protocol):
     """Per-step extension of a rollout (the MAML correction uses it).
 
     Shapes: obs/next_obs (E, obs_dim), action (E, act_dim), latent (E, L) or None.
     """
 
-    def correct(self, obs: np.ndarray, action: np.ndarray, latent: np.ndarray | None) -> np.ndarray:
+    def correct(
+        self, obs: np.ndarray, action: np.ndarray, latent: np.ndarray | None
+    ) -> np.ndarray:
         """Return the actions to execute instead of the policy's."""
 
-    def record(self, obs: np.ndarray, action: np.ndarray, next_obs: np.ndarray,
-               latent: np.ndarray | None) -> None:
+    def record(
+        self, obs: np.ndarray, action: np.ndarray, next_obs: np.ndarray, latent: np.ndarray | None
+    ) -> None:
         """See the executed transitions (with the latent the policy had when acting)."""
 
 
@@ -105,10 +107,12 @@ class VectorRollout:
         envs = self.envs[:count]
         steps = steps or self.setup.episode_steps
         faults = faults or [[] for _ in range(count)]
-        obs = np.stack([
-            env.reset(seed=int(seed), options={"task": task, "faults": list(fault)})[0]
-            for env, task, seed, fault in zip(envs, tasks, seeds, faults)
-        ])
+        obs = np.stack(
+            [
+                env.reset(seed=int(seed), options={"task": task, "faults": list(fault)})[0]
+                for env, task, seed, fault in zip(envs, tasks, seeds, faults)
+            ]
+        )
         latent_dim = spec.latent_dim if spec.conditioning == "latent" else 0
         windows = BatchedWindows(count, window, latent_dim) if latent_dim else None
         noise = torch.randn(count, latent_dim) if latent_mode == "sample" else None
@@ -128,9 +132,11 @@ class VectorRollout:
                 out_mu[:, t], out_std[:, t] = mu.numpy(), std.numpy()
                 mu_np = out_mu[:, t]
             elif spec.conditioning == "oracle":
-                condition = torch.from_numpy(np.stack([
-                    env.true_task.oracle_vector(self.setup.robot.num_joints) for env in envs
-                ]))
+                condition = torch.from_numpy(
+                    np.stack(
+                        [env.true_task.oracle_vector(self.setup.robot.num_joints) for env in envs]
+                    )
+                )
             else:
                 condition = torch.zeros(count, 0)
             obs_t = torch.from_numpy(obs)
@@ -146,10 +152,20 @@ class VectorRollout:
                 hook.record(obs, action, next_obs, mu_np)
             if windows is not None:
                 transition = make_transition(
-                    obs_t, torch.from_numpy(action), torch.from_numpy(out_reward[:, t]),
+                    obs_t,
+                    torch.from_numpy(action),
+                    torch.from_numpy(out_reward[:, t]),
                     torch.from_numpy(next_obs),
                 )
                 windows.push(*agent.encoder.factors(transition))
             obs = next_obs
-        return RolloutResult(out_obs, out_action, out_reward, out_next, out_error,
-                             out_mu, out_std, self.setup.control_dt)
+        return RolloutResult(
+            out_obs,
+            out_action,
+            out_reward,
+            out_next,
+            out_error,
+            out_mu,
+            out_std,
+            self.setup.control_dt,
+        )

@@ -48,10 +48,14 @@ class LoadedModel:
     def contract(self) -> PolicyContract:
         c = self.payload["contract"]
         return PolicyContract(
-            joint_names=tuple(c["joint_names"]), control_rate_hz=float(c["control_rate_hz"]),
-            window_size=int(c["window_size"]), latent_dim=int(c["latent_dim"]),
-            obs_dim=int(c["obs_dim"]), act_dim=int(c["act_dim"]),
-            action_scale=tuple(c["action_scale"]), effort_limits=tuple(c["effort_limits"]),
+            joint_names=tuple(c["joint_names"]),
+            control_rate_hz=float(c["control_rate_hz"]),
+            window_size=int(c["window_size"]),
+            latent_dim=int(c["latent_dim"]),
+            obs_dim=int(c["obs_dim"]),
+            act_dim=int(c["act_dim"]),
+            action_scale=tuple(c["action_scale"]),
+            effort_limits=tuple(c["effort_limits"]),
             extra={k: v for k, v in c.items() if k not in PolicyContract.__dataclass_fields__},
         )
 
@@ -62,9 +66,12 @@ def load_model(path: str | Path) -> LoadedModel:
     payload = load_model_payload(path)
     source = path / "model.pt" if path.is_dir() else path
     try:
-        spec = AgentSpec(**{**payload["agent_spec"],
-                            **{k: tuple(v) for k, v in payload["agent_spec"].items()
-                               if isinstance(v, list)}})
+        spec = AgentSpec(
+            **{
+                **payload["agent_spec"],
+                **{k: tuple(v) for k, v in payload["agent_spec"].items() if isinstance(v, list)},
+            }
+        )
     except TypeError as exc:
         raise CheckpointError(f"{source}: agent spec does not match this version: {exc}") from None
     agent = ConditionedSAC(spec)
@@ -77,15 +84,21 @@ def load_model(path: str | Path) -> LoadedModel:
             raise CheckpointError(f"{source}: dynamics model {name!r} has no spec")
         s = specs[name]
         model = maml.DynamicsModel(
-            s["obs_dim"], s["act_dim"], s["target_dim"], latent_dim=s["latent_dim"],
+            s["obs_dim"],
+            s["act_dim"],
+            s["target_dim"],
+            latent_dim=s["latent_dim"],
             hidden_sizes=tuple(s["hidden_sizes"]),
         )
         load_state_strict(model, state, name, source)
         dynamics[name] = model
     maml_cfg = payload["metadata"].get("maml_config") or None
     return LoadedModel(
-        agent=agent, payload=payload, dynamics=dynamics,
-        maml_config=maml.MAMLConfig.from_dict(maml_cfg) if maml_cfg else None, path=source,
+        agent=agent,
+        payload=payload,
+        dynamics=dynamics,
+        maml_config=maml.MAMLConfig.from_dict(maml_cfg) if maml_cfg else None,
+        path=source,
     )
 
 
@@ -106,12 +119,18 @@ class DynamicsAdaptation:
         adapt_every: inline mode: run :meth:`step` after this many new transitions.
     """
 
-    def __init__(self, model: maml.DynamicsModel, config: maml.MAMLConfig, window: int = 60,
-                 adapt_every: int = 10) -> None:
+    def __init__(
+        self,
+        model: maml.DynamicsModel,
+        config: maml.MAMLConfig,
+        window: int = 60,
+        adapt_every: int = 10,
+    ) -> None:
         self.adapter = maml.OnlineAdapter(model, config)
         self.uses_latent = model.latent_dim > 0
         self.window: deque[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]] = deque(
-            maxlen=window)
+            maxlen=window
+        )
         self.adapt_every = adapt_every
         self._since_step = 0
         self._lock = threading.Lock()
@@ -139,8 +158,9 @@ class DynamicsAdaptation:
         self._query = (obs, action, latent)
         return np.clip(action + self._offset, -1.0, 1.0).astype(np.float32)
 
-    def record(self, obs: np.ndarray, action: np.ndarray, next_obs: np.ndarray,
-               latent: np.ndarray | None) -> None:
+    def record(
+        self, obs: np.ndarray, action: np.ndarray, next_obs: np.ndarray, latent: np.ndarray | None
+    ) -> None:
         with self._lock:
             self.window.append((obs, action, next_obs, latent))
         self._since_step += 1
@@ -158,9 +178,12 @@ class DynamicsAdaptation:
         if self.uses_latent:
             # condition every transition on the newest belief (what the policy uses now)
             z = torch.from_numpy(np.repeat(np.asarray(latent[-1])[None], len(items), 0)).float()
-        return maml.TransitionBatch(torch.from_numpy(np.stack(obs)).float(),
-                                    torch.from_numpy(np.stack(action)).float(),
-                                    torch.from_numpy(np.stack(next_obs)).float(), z)
+        return maml.TransitionBatch(
+            torch.from_numpy(np.stack(obs)).float(),
+            torch.from_numpy(np.stack(action)).float(),
+            torch.from_numpy(np.stack(next_obs)).float(),
+            z,
+        )
 
     def step(self) -> None:
         """Adapt on the window, then recompute the held correction for the newest query."""
@@ -170,10 +193,14 @@ class DynamicsAdaptation:
         query = self._query
         if query is not None:
             obs, action, latent = query
-            z = (torch.from_numpy(np.asarray(latent)).float()
-                 if self.uses_latent and latent is not None else None)
+            z = (
+                torch.from_numpy(np.asarray(latent)).float()
+                if self.uses_latent and latent is not None
+                else None
+            )
             corrected = self.adapter.correct_action(
-                torch.from_numpy(obs).float(), torch.from_numpy(action).float(), z)
+                torch.from_numpy(obs).float(), torch.from_numpy(action).float(), z
+            )
             self._offset = (corrected.numpy() - action).astype(np.float32)
         self.steps += 1
 
@@ -216,8 +243,10 @@ class DynamicsAdaptation:
 def dynamics_for(loaded: LoadedModel, with_latent: bool) -> maml.DynamicsModel:
     name = "dynamics_latent" if with_latent else "dynamics_plain"
     if name not in loaded.dynamics or loaded.maml_config is None:
-        raise CheckpointError(f"{loaded.path}: has no MAML dynamics model {name!r}; "
-                              "train with method pearl and dynamics.enabled")
+        raise CheckpointError(
+            f"{loaded.path}: has no MAML dynamics model {name!r}; "
+            "train with method pearl and dynamics.enabled"
+        )
     return loaded.dynamics[name]
 
 
@@ -232,21 +261,31 @@ class TorchAdaptivePolicy:
             otherwise inline every ``adapt_every`` transitions (deterministic evaluation).
     """
 
-    def __init__(self, loaded: LoadedModel, latent_mode: Literal["mean", "sample"] = "mean",
-                 adaptation: bool = False, background: bool = False,
-                 adapt_period_s: float = 0.1, dynamics_model: maml.DynamicsModel | None = None,
-                 seed: int = 0) -> None:
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        latent_mode: Literal["mean", "sample"] = "mean",
+        adaptation: bool = False,
+        background: bool = False,
+        adapt_period_s: float = 0.1,
+        dynamics_model: maml.DynamicsModel | None = None,
+        seed: int = 0,
+    ) -> None:
         self.loaded = loaded
         self.contract = loaded.contract
         self.agent = loaded.agent
         spec = self.agent.spec
         if spec.conditioning == "oracle":
-            raise CheckpointError(f"{loaded.path}: the oracle needs the true task and cannot run "
-                                  "on a robot")
+            raise CheckpointError(
+                f"{loaded.path}: the oracle needs the true task and cannot run on a robot"
+            )
         self.latent_mode = latent_mode
         self._generator = torch.Generator().manual_seed(seed)
-        self.stream = (StreamingPosterior(self.agent.encoder, self.contract.window_size)
-                       if spec.conditioning == "latent" else None)
+        self.stream = (
+            StreamingPosterior(self.agent.encoder, self.contract.window_size)
+            if spec.conditioning == "latent"
+            else None
+        )
         self._noise = torch.zeros(spec.latent_dim)
         self.adaptation: DynamicsAdaptation | None = None
         if adaptation:
@@ -283,12 +322,19 @@ class TorchAdaptivePolicy:
         latent_before = self._latent()[0].numpy()
         if self.stream is not None:
             transition = make_transition(
-                torch.as_tensor(obs, dtype=torch.float32), torch.as_tensor(action, dtype=torch.float32),
-                torch.tensor([float(reward)]), torch.as_tensor(next_obs, dtype=torch.float32))
+                torch.as_tensor(obs, dtype=torch.float32),
+                torch.as_tensor(action, dtype=torch.float32),
+                torch.tensor([float(reward)]),
+                torch.as_tensor(next_obs, dtype=torch.float32),
+            )
             self.stream.push(transition)
         if self.adaptation is not None:
-            self.adaptation.record(np.asarray(obs, np.float32), np.asarray(action, np.float32),
-                                   np.asarray(next_obs, np.float32), latent_before)
+            self.adaptation.record(
+                np.asarray(obs, np.float32),
+                np.asarray(action, np.float32),
+                np.asarray(next_obs, np.float32),
+                latent_before,
+            )
             if not self.background:
                 self.adaptation.maybe_step()
 
@@ -296,23 +342,34 @@ class TorchAdaptivePolicy:
     def act(self, obs: np.ndarray) -> np.ndarray:
         start = time.perf_counter()
         mu, std = self._latent()
-        condition = mu if self.latent_mode == "mean" or self.stream is None else mu + std * self._noise
-        action = self.agent.act(torch.as_tensor(obs, dtype=torch.float32)[None],
-                                condition[None], deterministic=True)[0].numpy()
+        condition = (
+            mu if self.latent_mode == "mean" or self.stream is None else mu + std * self._noise
+        )
+        action = self.agent.act(
+            torch.as_tensor(obs, dtype=torch.float32)[None], condition[None], deterministic=True
+        )[0].numpy()
         if self.adaptation is not None:
-            action = self.adaptation.apply(np.asarray(obs, np.float32), action,
-                                           mu.numpy() if self.stream is not None else None)
+            action = self.adaptation.apply(
+                np.asarray(obs, np.float32),
+                action,
+                mu.numpy() if self.stream is not None else None,
+            )
         self.inference_time_s = time.perf_counter() - start
         return action
 
     def posterior(self) -> PosteriorSummary:
         mu, std = self._latent()
-        return PosteriorSummary(mu.numpy(), std.numpy(), 0 if self.stream is None else len(self.stream))
+        return PosteriorSummary(
+            mu.numpy(), std.numpy(), 0 if self.stream is None else len(self.stream)
+        )
 
 
-def load_adaptive_policy(model_path: str | Path, adaptation: bool = False,
-                         background: bool = True) -> TorchAdaptivePolicy:
+def load_adaptive_policy(
+    model_path: str | Path, adaptation: bool = False, background: bool = True
+) -> TorchAdaptivePolicy:
     """Entry point for the ROS adapter node (one torch thread: the control loop's inference
     must not fan out over the cores the rest of the robot needs)."""
     torch.set_num_threads(1)
-    return TorchAdaptivePolicy(load_model(model_path), adaptation=adaptation, background=background)
+    return TorchAdaptivePolicy(
+        load_model(model_path), adaptation=adaptation, background=background
+    )

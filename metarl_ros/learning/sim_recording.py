@@ -43,11 +43,10 @@ class SimRecording:
     control_instants: int
 
 
-class _Messages:
-    """CDR serialization of the few message types, via the bag's typestore."""
+class CdrMessages:
+    """CDR bytes of the message types sim_node and adapter_node publish (rosbags typestore)."""
 
-    def __init__(self, writer: BagWriter) -> None:
-        store = writer.typestore
+    def __init__(self, store) -> None:
         self._store = store
         self._JointState = store.types[JOINT_STATE]
         self._Header = store.types["std_msgs/msg/Header"]
@@ -56,10 +55,11 @@ class _Messages:
         self._Layout = store.types["std_msgs/msg/MultiArrayLayout"]
         self._String = store.types[STRING]
 
-    def joint_state(self, stamp_ns: int, names: list[str], position, velocity, effort) -> bytes:
+    def joint_state(self, stamp_ns: int, names: Sequence[str], position, velocity,
+                    effort) -> bytes:
         header = self._Header(stamp=self._Time(sec=stamp_ns // 1_000_000_000,
                                                nanosec=stamp_ns % 1_000_000_000), frame_id="")
-        msg = self._JointState(header=header, name=names,
+        msg = self._JointState(header=header, name=list(names),
                                position=np.asarray(position, np.float64),
                                velocity=np.asarray(velocity, np.float64),
                                effort=np.asarray(effort, np.float64))
@@ -129,7 +129,7 @@ def record_simulated_run(
                 (command_topic, FLOAT64_ARRAY, reliable),
                 ("/adapter_node/latent", FLOAT64_ARRAY, reliable)):
             writer.add_topic(topic, msgtype, qos)
-        messages = _Messages(writer)
+        messages = CdrMessages(writer.typestore)
         log = LOG_ORIGIN_NS
 
         def write(topic: str, data: bytes, gap_ns: int = 50_000) -> None:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -80,24 +79,37 @@ def training_tasks(config: TrainConfig, setup: EnvSetup) -> list[TaskParams]:
 class Trainer:
     """Owns the agent, buffers, dynamics models and the loop. ``run()`` trains to the end."""
 
-    def __init__(self, config: TrainConfig, run_dir: Path, config_path: Path | None = None,
-                 progress: bool = True) -> None:
+    def __init__(
+        self,
+        config: TrainConfig,
+        run_dir: Path,
+        config_path: Path | None = None,
+        progress: bool = True,
+    ) -> None:
         self.config = config
         self.run_dir = Path(run_dir)
         self.progress = progress
         torch.set_num_threads(config.torch_threads)
-        self.env_path = str(resolve_path(config.env, base=config_path.parent if config_path else None))
+        self.env_path = str(
+            resolve_path(config.env, base=config_path.parent if config_path else None)
+        )
         self.setup = load_env_setup(self.env_path)
         n = self.setup.robot.num_joints
         self.tasks = training_tasks(config, self.setup)
         self.heldout = make_split(self.setup.tasks, "heldout", self.setup.robot.friction_scale)
         self.oracle_vectors = torch.from_numpy(np.stack([t.oracle_vector(n) for t in self.tasks]))
-        self.spec = config.agent_spec(self.setup.obs_dim, self.setup.act_dim, oracle_vector_size(n))
+        self.spec = config.agent_spec(
+            self.setup.obs_dim, self.setup.act_dim, oracle_vector_size(n)
+        )
         torch.manual_seed(config.seed)
         self.rng = np.random.default_rng(config.seed)
         self.agent = ConditionedSAC(self.spec)
-        self.replay = MultiTaskReplay(len(self.tasks), config.replay_capacity_per_task,
-                                      self.setup.obs_dim, self.setup.act_dim)
+        self.replay = MultiTaskReplay(
+            len(self.tasks),
+            config.replay_capacity_per_task,
+            self.setup.obs_dim,
+            self.setup.act_dim,
+        )
         self.rollout = VectorRollout(self.setup, config.envs_per_iteration)
         self.eval_rollout = VectorRollout(self.setup, config.eval_tasks)
         self.dynamics: dict[str, maml.DynamicsModel] = {}
@@ -116,18 +128,28 @@ class Trainer:
     def _maml_config(self) -> maml.MAMLConfig:
         d = self.config.dynamics
         return maml.MAMLConfig(
-            hidden_sizes=tuple(d.hidden_sizes), inner_steps=d.inner_steps, inner_lr=d.inner_lr,
-            first_order=d.first_order, max_step_norm=d.max_step_norm,
+            hidden_sizes=tuple(d.hidden_sizes),
+            inner_steps=d.inner_steps,
+            inner_lr=d.inner_lr,
+            first_order=d.first_order,
+            max_step_norm=d.max_step_norm,
         )
 
     def _build_dynamics(self) -> None:
         d = self.config.dynamics
         target_dim = d.target_blocks * self.setup.robot.num_joints
         for name, latent_dim in (("dynamics_latent", self.spec.latent_dim), ("dynamics_plain", 0)):
-            model = maml.DynamicsModel(self.setup.obs_dim, self.setup.act_dim, target_dim,
-                                       latent_dim=latent_dim, hidden_sizes=tuple(d.hidden_sizes))
+            model = maml.DynamicsModel(
+                self.setup.obs_dim,
+                self.setup.act_dim,
+                target_dim,
+                latent_dim=latent_dim,
+                hidden_sizes=tuple(d.hidden_sizes),
+            )
             self.dynamics[name] = model
-            self.meta_trainers[name] = maml.MAMLTrainer(model, self._maml_config(), meta_lr=d.meta_lr)
+            self.meta_trainers[name] = maml.MAMLTrainer(
+                model, self._maml_config(), meta_lr=d.meta_lr
+            )
 
     # ------------------------------------------------------------------ data
 
@@ -135,12 +157,21 @@ class Trainer:
         """One episode per task id; store transitions. Returns episode returns."""
         seeds = self.rng.integers(0, 2**31 - 1, size=len(task_ids))
         result = self.rollout.run(
-            self.agent, [self.tasks[i] for i in task_ids], seeds,
-            deterministic=deterministic, latent_mode="sample", window=self.config.context_window,
+            self.agent,
+            [self.tasks[i] for i in task_ids],
+            seeds,
+            deterministic=deterministic,
+            latent_mode="sample",
+            window=self.config.context_window,
         )
         for row, task_id in enumerate(task_ids):
-            self.replay.add(task_id, result.obs[row], result.action[row], result.reward[row],
-                            result.next_obs[row])
+            self.replay.add(
+                task_id,
+                result.obs[row],
+                result.action[row],
+                result.reward[row],
+                result.next_obs[row],
+            )
         self.env_steps += result.reward.size
         return result.returns
 
@@ -156,8 +187,17 @@ class Trainer:
         for task_id in task_ids:
             buffer = self.replay.tasks[task_id]
             index = self._consecutive_index(task_id, k)
-            rows.append(np.concatenate([buffer.obs[index], buffer.action[index],
-                                        buffer.reward[index, None], buffer.next_obs[index]], -1))
+            rows.append(
+                np.concatenate(
+                    [
+                        buffer.obs[index],
+                        buffer.action[index],
+                        buffer.reward[index, None],
+                        buffer.next_obs[index],
+                    ],
+                    -1,
+                )
+            )
         context = torch.from_numpy(np.stack(rows))
         fill = self.rng.integers(self.config.min_context, k + 1, size=len(task_ids))
         mask = torch.from_numpy((np.arange(k)[None, :] >= (k - fill)[:, None]).astype(np.float32))
@@ -165,8 +205,13 @@ class Trainer:
 
     def update(self) -> dict[str, float]:
         c = self.config
-        task_ids = list(self.rng.choice(len(self.tasks), size=min(c.meta_batch_tasks, len(self.tasks)),
-                                        replace=len(self.tasks) < c.meta_batch_tasks))
+        task_ids = list(
+            self.rng.choice(
+                len(self.tasks),
+                size=min(c.meta_batch_tasks, len(self.tasks)),
+                replace=len(self.tasks) < c.meta_batch_tasks,
+            )
+        )
         batch = self.replay.sample(task_ids, c.batch_size, self.rng)
         context = mask = task_condition = None
         if self.spec.conditioning == "latent":
@@ -178,7 +223,9 @@ class Trainer:
 
     # ------------------------------------------------------------------ dynamics (MAML)
 
-    def _dynamics_window(self, task_id: int, latent: bool) -> tuple[maml.TransitionBatch, maml.TransitionBatch]:
+    def _dynamics_window(
+        self, task_id: int, latent: bool
+    ) -> tuple[maml.TransitionBatch, maml.TransitionBatch]:
         d = self.config.dynamics
         index = self._consecutive_index(task_id, d.support_size + d.query_size)
         buffer = self.replay.tasks[task_id]
@@ -189,14 +236,18 @@ class Trainer:
         if latent:
             with torch.no_grad():
                 support = slice(0, d.support_size)
-                transitions = make_transition(obs[support][-self.config.context_window:],
-                                              action[support][-self.config.context_window:],
-                                              torch.from_numpy(buffer.reward[index][:d.support_size][-self.config.context_window:]),
-                                              next_obs[support][-self.config.context_window:])
+                transitions = make_transition(
+                    obs[support][-self.config.context_window :],
+                    action[support][-self.config.context_window :],
+                    torch.from_numpy(
+                        buffer.reward[index][: d.support_size][-self.config.context_window :]
+                    ),
+                    next_obs[support][-self.config.context_window :],
+                )
                 mu, _ = self.agent.encoder.posterior(transitions.unsqueeze(0))
                 z = mu.expand(len(index), -1)
         whole = maml.TransitionBatch(obs, action, next_obs, z)
-        return whole[: d.support_size], whole[d.support_size:]
+        return whole[: d.support_size], whole[d.support_size :]
 
     def _fit_normalizers(self) -> None:
         d = self.config.dynamics
@@ -204,7 +255,9 @@ class Trainer:
         deltas = []
         for buffer in self.replay.tasks:
             if buffer.size:
-                deltas.append(buffer.next_obs[: buffer.size, :target] - buffer.obs[: buffer.size, :target])
+                deltas.append(
+                    buffer.next_obs[: buffer.size, :target] - buffer.obs[: buffer.size, :target]
+                )
         all_deltas = torch.from_numpy(np.concatenate(deltas))
         for model in self.dynamics.values():
             model.fit_normalizer(all_deltas)
@@ -218,11 +271,14 @@ class Trainer:
             self._fit_normalizers()
         d = self.config.dynamics
         for _ in range(d.meta_steps_per_iteration):
-            task_ids = self.rng.choice(len(self.tasks), size=min(d.tasks_per_meta_step, len(self.tasks)),
-                                       replace=False)
+            task_ids = self.rng.choice(
+                len(self.tasks), size=min(d.tasks_per_meta_step, len(self.tasks)), replace=False
+            )
             for name, trainer in self.meta_trainers.items():
-                windows = [self._dynamics_window(int(t), latent=name == "dynamics_latent")
-                           for t in task_ids]
+                windows = [
+                    self._dynamics_window(int(t), latent=name == "dynamics_latent")
+                    for t in task_ids
+                ]
                 result = trainer.step(windows)
                 stats[f"{name}/pre_adapt_loss"] = result.pre_adapt_loss
                 stats[f"{name}/post_adapt_loss"] = result.post_adapt_loss
@@ -232,20 +288,27 @@ class Trainer:
 
     def evaluate(self) -> dict[str, float]:
         """Deterministic episodes on held-out tasks with a mid-episode fault."""
-        episodes = fault_episodes(self.setup.tasks, self.heldout, self.config.eval_tasks,
-                                  seed=self.config.seed + 1000)
+        episodes = fault_episodes(
+            self.setup.tasks, self.heldout, self.config.eval_tasks, seed=self.config.seed + 1000
+        )
         nominal = nominal_task(self.setup.robot.num_joints)
         result = self.eval_rollout.run(
-            self.agent, [nominal] * len(episodes), [e.seed for e in episodes],
-            faults=[e.faults() for e in episodes], deterministic=True, latent_mode="mean",
+            self.agent,
+            [nominal] * len(episodes),
+            [e.seed for e in episodes],
+            faults=[e.faults() for e in episodes],
+            deterministic=True,
+            latent_mode="mean",
             window=self.config.context_window,
         )
         fault_step = [int(round(e.fault_time_s / self.setup.control_dt)) for e in episodes]
         after = np.mean([result.tracking_error[i, s:].mean() for i, s in enumerate(fault_step)])
         before = np.mean([result.tracking_error[i, :s].mean() for i, s in enumerate(fault_step)])
-        return {"eval/return": float(result.returns.mean()),
-                "eval/tracking_error_before": float(before),
-                "eval/tracking_error_after": float(after)}
+        return {
+            "eval/return": float(result.returns.mean()),
+            "eval/tracking_error_before": float(before),
+            "eval/tracking_error_after": float(after),
+        }
 
     # ------------------------------------------------------------------ persistence
 
@@ -259,10 +322,15 @@ class Trainer:
             env_config_path=self.env_path,
             contract=policy_contract(self.setup, self.config),
             extra_states=extra,
-            metadata={"method": self.config.method, "iteration": self.iteration,
-                      "env_steps": self.env_steps, "updates": self.updates,
-                      "metarl_ros_version": __version__, "maml_config": maml_cfg,
-                      "dynamics_specs": {n: m.spec() for n, m in self.dynamics.items()}},
+            metadata={
+                "method": self.config.method,
+                "iteration": self.iteration,
+                "env_steps": self.env_steps,
+                "updates": self.updates,
+                "metarl_ros_version": __version__,
+                "maml_config": maml_cfg,
+                "dynamics_specs": {n: m.spec() for n, m in self.dynamics.items()},
+            },
         )
 
     def _agent_weights(self) -> dict[str, torch.Tensor]:
@@ -274,10 +342,13 @@ class Trainer:
             "env_steps": self.env_steps,
             "updates": self.updates,
             "normalizer_fitted": self.normalizer_fitted,
-            "config_hash": build_model_payload({}, self.spec, self.config.model_dump(mode="json"),
-                                               "", {})["config_hash"],
+            "config_hash": build_model_payload(
+                {}, self.spec, self.config.model_dump(mode="json"), "", {}
+            )["config_hash"],
             "optimizers": {k: o.state_dict() for k, o in self.agent.optimizers().items()},
-            "meta_optimizers": {k: t.optimizer.state_dict() for k, t in self.meta_trainers.items()},
+            "meta_optimizers": {
+                k: t.optimizer.state_dict() for k, t in self.meta_trainers.items()
+            },
             "numpy_rng": json.dumps(self.rng.bit_generator.state),
             "torch_rng": torch.get_rng_state(),
         }
@@ -298,7 +369,9 @@ class Trainer:
 
         payload = load_model_payload(latest / "model.pt")
         state = torch.load(latest / "train_state.pt", map_location="cpu", weights_only=True)
-        expected = build_model_payload({}, self.spec, self.config.model_dump(mode="json"), "", {})["config_hash"]
+        expected = build_model_payload({}, self.spec, self.config.model_dump(mode="json"), "", {})[
+            "config_hash"
+        ]
         if state["config_hash"] != expected:
             raise CheckpointError(
                 f"{latest}: checkpoint was made with a different config (hash "
@@ -336,9 +409,11 @@ class Trainer:
         c = self.config
         ids = [i for i in range(len(self.tasks)) for _ in range(c.initial_episodes_per_task)]
         for start in range(0, len(ids), c.envs_per_iteration):
-            self.collect(ids[start:start + c.envs_per_iteration])
+            self.collect(ids[start : start + c.envs_per_iteration])
 
-    def run(self, max_iterations: int | None = None, stop_after_seconds: float | None = None) -> dict:
+    def run(
+        self, max_iterations: int | None = None, stop_after_seconds: float | None = None
+    ) -> dict:
         """Train until ``total_iterations`` (or ``max_iterations`` more, or a time budget)."""
         from torch.utils.tensorboard import SummaryWriter
 
@@ -349,15 +424,29 @@ class Trainer:
             self.collect_initial()
         last_checkpoint = time.monotonic()
         start = time.monotonic()
-        end = c.total_iterations if max_iterations is None else min(
-            c.total_iterations, self.iteration + max_iterations)
+        end = (
+            c.total_iterations
+            if max_iterations is None
+            else min(c.total_iterations, self.iteration + max_iterations)
+        )
         stats: dict[str, float] = {}
-        bar = tqdm(total=c.total_iterations, initial=self.iteration, disable=not self.progress,
-                   desc=f"train {c.method}", unit="it", dynamic_ncols=True)
+        bar = tqdm(
+            total=c.total_iterations,
+            initial=self.iteration,
+            disable=not self.progress,
+            desc=f"train {c.method}",
+            unit="it",
+            dynamic_ncols=True,
+        )
         try:
             while self.iteration < end:
-                task_ids = list(self.rng.choice(len(self.tasks), size=c.envs_per_iteration,
-                                                replace=len(self.tasks) < c.envs_per_iteration))
+                task_ids = list(
+                    self.rng.choice(
+                        len(self.tasks),
+                        size=c.envs_per_iteration,
+                        replace=len(self.tasks) < c.envs_per_iteration,
+                    )
+                )
                 t0 = time.perf_counter()
                 returns = self.collect(task_ids)
                 t1 = time.perf_counter()
@@ -367,32 +456,42 @@ class Trainer:
                 stats.update(self.meta_train_dynamics())
                 t3 = time.perf_counter()
                 self.iteration += 1
-                stats.update({
-                    "train/return": float(np.mean(returns)),
-                    "time/collect_s": t1 - t0,
-                    "time/update_ms": 1000.0 * (t2 - t1) / c.updates_per_iteration,
-                    "time/dynamics_s": t3 - t2,
-                })
+                stats.update(
+                    {
+                        "train/return": float(np.mean(returns)),
+                        "time/collect_s": t1 - t0,
+                        "time/update_ms": 1000.0 * (t2 - t1) / c.updates_per_iteration,
+                        "time/dynamics_s": t3 - t2,
+                    }
+                )
                 if self.iteration % c.eval_every_iterations == 0 or self.iteration == end:
                     stats.update(self.evaluate())
                     if not self.progress:
-                        print(f"iteration {self.iteration}/{c.total_iterations}: "
-                              f"train return {stats['train/return']:.1f}, "
-                              f"eval return {stats['eval/return']:.1f}, tracking error "
-                              f"{stats['eval/tracking_error_before']:.4f} before / "
-                              f"{stats['eval/tracking_error_after']:.4f} after the fault, "
-                              f"{stats['time/update_ms']:.0f} ms/update", flush=True)
+                        print(
+                            f"iteration {self.iteration}/{c.total_iterations}: "
+                            f"train return {stats['train/return']:.1f}, "
+                            f"eval return {stats['eval/return']:.1f}, tracking error "
+                            f"{stats['eval/tracking_error_before']:.4f} before / "
+                            f"{stats['eval/tracking_error_after']:.4f} after the fault, "
+                            f"{stats['time/update_ms']:.0f} ms/update",
+                            flush=True,
+                        )
                 for key, value in stats.items():
                     self.writer.add_scalar(key, value, self.iteration)
                 bar.update(1)
-                bar.set_postfix(ret=f"{stats['train/return']:.0f}",
-                                eval=f"{stats.get('eval/return', float('nan')):.0f}",
-                                qloss=f"{stats['critic_loss']:.2f}",
-                                upd_ms=f"{stats['time/update_ms']:.0f}")
+                bar.set_postfix(
+                    ret=f"{stats['train/return']:.0f}",
+                    eval=f"{stats.get('eval/return', float('nan')):.0f}",
+                    qloss=f"{stats['critic_loss']:.2f}",
+                    upd_ms=f"{stats['time/update_ms']:.0f}",
+                )
                 if time.monotonic() - last_checkpoint > 60.0 * c.checkpoint_every_minutes:
                     self.save_checkpoint()
                     last_checkpoint = time.monotonic()
-                if stop_after_seconds is not None and time.monotonic() - start > stop_after_seconds:
+                if (
+                    stop_after_seconds is not None
+                    and time.monotonic() - start > stop_after_seconds
+                ):
                     break
         finally:
             bar.close()

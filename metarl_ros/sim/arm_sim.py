@@ -113,7 +113,9 @@ class ArmSimulation:
         urdf = Path(self.robot.urdf)
         if not urdf.is_absolute():
             base = robot_file.parent if robot_file is not None else None
-            candidates = ([base / urdf] if base else []) + [Path(pybullet_data.getDataPath()) / urdf]
+            candidates = ([base / urdf] if base else []) + [
+                Path(pybullet_data.getDataPath()) / urdf
+            ]
             found = [c for c in candidates if c.is_file()]
             if not found:
                 raise FileNotFoundError(
@@ -135,19 +137,28 @@ class ArmSimulation:
         if missing:
             raise ValueError(f"robot {self.robot.name!r}: joints {missing} not in {urdf}")
         if self.robot.flange_link not in links:
-            raise ValueError(f"robot {self.robot.name!r}: link {self.robot.flange_link!r} not in {urdf}")
+            raise ValueError(
+                f"robot {self.robot.name!r}: link {self.robot.flange_link!r} not in {urdf}"
+            )
         joint_ids = [by_name[name] for name in self.robot.joint_names]
         for link in [-1, *range(self._call(pybullet.getNumJoints, body))]:
             self._call(
-                pybullet.changeDynamics, body, link,
-                linearDamping=0.0, angularDamping=0.0, jointDamping=0.0,
+                pybullet.changeDynamics,
+                body,
+                link,
+                linearDamping=0.0,
+                angularDamping=0.0,
+                jointDamping=0.0,
             )
         for jid, armature in zip(joint_ids, self.robot.armature):
             inertia = np.asarray(self._call(pybullet.getDynamicsInfo, body, jid)[2]) + armature
             self._call(pybullet.changeDynamics, body, jid, localInertiaDiagonal=inertia.tolist())
         # Disable the default velocity motors so joints are torque-driven.
         self._call(
-            pybullet.setJointMotorControlArray, body, joint_ids, pybullet.VELOCITY_CONTROL,
+            pybullet.setJointMotorControlArray,
+            body,
+            joint_ids,
+            pybullet.VELOCITY_CONTROL,
             forces=[0.0] * len(joint_ids),
         )
         return body, joint_ids, links[self.robot.flange_link]
@@ -167,8 +178,9 @@ class ArmSimulation:
         self._motor_limit = self._strength * self._effort_limits
         self._coulomb = np.asarray(task.coulomb_friction, dtype=np.float64)
         for j, jid in enumerate(self._joint_ids):
-            pybullet.changeDynamics(self._body, jid, jointDamping=task.viscous_damping[j],
-                                    physicsClientId=self._client)
+            pybullet.changeDynamics(
+                self._body, jid, jointDamping=task.viscous_damping[j], physicsClientId=self._client
+            )
         self._locked = ()  # re-applied below, so friction motors are restored on free joints
         self._set_locks(task.locked_joints)
         self._set_payload(task.payload_mass, task.payload_offset)
@@ -191,15 +203,24 @@ class ArmSimulation:
         for j, jid in enumerate(self._joint_ids):
             if j in locked:
                 pybullet.setJointMotorControl2(
-                    self._body, jid, pybullet.POSITION_CONTROL,
-                    targetPosition=float(self._position[j]), targetVelocity=0.0,
+                    self._body,
+                    jid,
+                    pybullet.POSITION_CONTROL,
+                    targetPosition=float(self._position[j]),
+                    targetVelocity=0.0,
                     force=_BRAKE_FORCE_FACTOR * float(self._effort_limits[j]),
-                    positionGain=1.0, velocityGain=1.0, physicsClientId=self._client,
+                    positionGain=1.0,
+                    velocityGain=1.0,
+                    physicsClientId=self._client,
                 )
             else:
                 pybullet.setJointMotorControl2(
-                    self._body, jid, pybullet.VELOCITY_CONTROL, targetVelocity=0.0,
-                    force=float(self._coulomb[j]), physicsClientId=self._client,
+                    self._body,
+                    jid,
+                    pybullet.VELOCITY_CONTROL,
+                    targetVelocity=0.0,
+                    force=float(self._coulomb[j]),
+                    physicsClientId=self._client,
                 )
         self._locked = tuple(locked)
         self._free_joint_ids = [
@@ -221,26 +242,41 @@ class ArmSimulation:
         dyn = self._call(pybullet.getDynamicsInfo, self._body, self._flange_id)
         inv_pos, inv_orn = pybullet.invertTransform(dyn[3], dyn[4])
         local_pos, _ = pybullet.multiplyTransforms(inv_pos, inv_orn, offset, [0, 0, 0, 1])
-        link = self._call(pybullet.getLinkState, self._body, self._flange_id,
-                          computeForwardKinematics=True)
+        link = self._call(
+            pybullet.getLinkState, self._body, self._flange_id, computeForwardKinematics=True
+        )
         world_pos, _ = pybullet.multiplyTransforms(link[4], link[5], offset, [0, 0, 0, 1])
         self._payload_body = self._call(
-            pybullet.createMultiBody, baseMass=float(mass), baseCollisionShapeIndex=-1,
-            baseVisualShapeIndex=-1, basePosition=world_pos, baseOrientation=link[1],
+            pybullet.createMultiBody,
+            baseMass=float(mass),
+            baseCollisionShapeIndex=-1,
+            baseVisualShapeIndex=-1,
+            basePosition=world_pos,
+            baseOrientation=link[1],
         )
         self._payload_constraint = self._call(
-            pybullet.createConstraint, self._body, self._flange_id, self._payload_body, -1,
-            pybullet.JOINT_FIXED, [0, 0, 0], local_pos, [0, 0, 0],
+            pybullet.createConstraint,
+            self._body,
+            self._flange_id,
+            self._payload_body,
+            -1,
+            pybullet.JOINT_FIXED,
+            [0, 0, 0],
+            local_pos,
+            [0, 0, 0],
         )
-        self._call(pybullet.changeConstraint, self._payload_constraint,
-                   maxForce=_PAYLOAD_CONSTRAINT_FORCE)
+        self._call(
+            pybullet.changeConstraint, self._payload_constraint, maxForce=_PAYLOAD_CONSTRAINT_FORCE
+        )
         # A body without collision shape gets a default inertia far too large for a small
         # payload: give it that of a solid 3 cm sphere.
         sphere = 0.4 * float(mass) * _PAYLOAD_RADIUS**2
-        self._call(pybullet.changeDynamics, self._payload_body, -1,
-                   localInertiaDiagonal=[sphere] * 3)
-        vel = self._call(pybullet.getLinkState, self._body, self._flange_id,
-                         computeLinkVelocity=True)
+        self._call(
+            pybullet.changeDynamics, self._payload_body, -1, localInertiaDiagonal=[sphere] * 3
+        )
+        vel = self._call(
+            pybullet.getLinkState, self._body, self._flange_id, computeLinkVelocity=True
+        )
         self._call(pybullet.resetBaseVelocity, self._payload_body, vel[6], vel[7])
 
     def _set_delay(self, delay_s: float) -> None:
@@ -270,8 +306,9 @@ class ArmSimulation:
         self._set_locks(())
         self._set_payload(0.0, (0.0, 0.0, 0.0))
         for j, jid in enumerate(self._joint_ids):
-            self._call(pybullet.resetJointState, self._body, jid, float(position[j]),
-                       float(velocity[j]))
+            self._call(
+                pybullet.resetJointState, self._body, jid, float(position[j]), float(velocity[j])
+            )
         self._position, self._velocity = position.copy(), velocity.copy()
         self._pending.clear()
         self._delay_queue.clear()
@@ -282,8 +319,7 @@ class ArmSimulation:
         self.set_task(task if task is not None else TaskParams())
 
     def _read_joints(self) -> None:
-        states = pybullet.getJointStates(self._body, self._joint_ids,
-                                         physicsClientId=self._client)
+        states = pybullet.getJointStates(self._body, self._joint_ids, physicsClientId=self._client)
         self._position = np.array([s[0] for s in states])
         self._velocity = np.array([s[1] for s in states])
 
@@ -315,9 +351,11 @@ class ArmSimulation:
         client, body = self._client, self._body
         gravity = 0.0
         if self.gravity_compensation:
-            gravity = np.asarray(pybullet.calculateInverseDynamics(
-                body, self._position.tolist(), self._zeros, self._zeros, physicsClientId=client
-            ))
+            gravity = np.asarray(
+                pybullet.calculateInverseDynamics(
+                    body, self._position.tolist(), self._zeros, self._zeros, physicsClientId=client
+                )
+            )
         applied: list[FaultEvent] = []
         forces: list[float] | None = None
         for _ in range(substeps):
@@ -333,7 +371,10 @@ class ArmSimulation:
             if forces is None:
                 forces = self._motor_forces(torque + gravity)
             pybullet.setJointMotorControlArray(
-                body, self._free_joint_ids, pybullet.TORQUE_CONTROL, forces=forces,
+                body,
+                self._free_joint_ids,
+                pybullet.TORQUE_CONTROL,
+                forces=forces,
                 physicsClientId=client,
             )
             pybullet.stepSimulation(physicsClientId=client)
@@ -357,8 +398,9 @@ class ArmSimulation:
 
     def true_state(self) -> JointReading:
         """Noise-free joint positions (rad), velocities (rad/s) and motor efforts (N*m)."""
-        return JointReading(self._position.copy(), self._velocity.copy(),
-                            self._last_motor_effort.copy())
+        return JointReading(
+            self._position.copy(), self._velocity.copy(), self._last_motor_effort.copy()
+        )
 
     def measure(self) -> JointReading:
         """Joint readings as sensors report them (with the task's sensor noise)."""
@@ -374,15 +416,18 @@ class ArmSimulation:
 
     def flange_position(self) -> np.ndarray:
         """World position of the flange frame, shape (3,)."""
-        link = self._call(pybullet.getLinkState, self._body, self._flange_id,
-                          computeForwardKinematics=True)
+        link = self._call(
+            pybullet.getLinkState, self._body, self._flange_id, computeForwardKinematics=True
+        )
         return np.asarray(link[4])
 
     def payload_position(self) -> np.ndarray | None:
         """World position of the payload, or ``None`` without payload."""
         if self._payload_body is None:
             return None
-        return np.asarray(self._call(pybullet.getBasePositionAndOrientation, self._payload_body)[0])
+        return np.asarray(
+            self._call(pybullet.getBasePositionAndOrientation, self._payload_body)[0]
+        )
 
     def close(self) -> None:
         if self._client is not None and pybullet.isConnected(self._client):

@@ -78,7 +78,8 @@ class ObservationConfig(StrictModel):
 
 class RewardConfig(StrictModel):
     kind: Literal["linear", "log"] = Field(
-        default="linear", description="linear: -min(e, max)/scale; log: -ln(1 + e/scale)")
+        default="linear", description="linear: -min(e, max)/scale; log: -ln(1 + e/scale)"
+    )
     tracking_scale_rad: PositiveFloat = 0.1
     max_error_rad: PositiveFloat = 1.0
     effort_weight: float = Field(default=0.05, ge=0.0)
@@ -143,8 +144,10 @@ def load_env_setup(path: str | Path = DEFAULT_ENV_CONFIG) -> EnvSetup:
     config = load_yaml_model(EnvConfig, path)
     robot_path = resolve_path(config.robot, base=path.parent)
     tasks_path = resolve_path(config.tasks, base=path.parent)
-    for field, value, resolved in (("robot", config.robot, robot_path),
-                                   ("tasks", config.tasks, tasks_path)):
+    for field, value, resolved in (
+        ("robot", config.robot, robot_path),
+        ("tasks", config.tasks, tasks_path),
+    ):
         if not resolved.is_file():
             raise ConfigError(
                 f"{path}: {field}: file {value!r} not found (relative to {path.parent}, "
@@ -161,11 +164,17 @@ def load_env_setup(path: str | Path = DEFAULT_ENV_CONFIG) -> EnvSetup:
                     f"{tasks_path}: distributions.{name}.{field}: joint indices {bad} out of "
                     f"range for robot {robot.name!r} ({n} joints, 0-based)"
                 )
-    for section, field in (("reference", "amplitude"), ("reference", "centre_jitter"),
-                           ("feedback", "kp"), ("feedback", "kd")):
+    for section, field in (
+        ("reference", "amplitude"),
+        ("reference", "centre_jitter"),
+        ("feedback", "kp"),
+        ("feedback", "kd"),
+    ):
         values = getattr(getattr(config, section), field)
         if len(values) != n:
-            raise ConfigError(f"{path}: {section}.{field}: needs {n} entries (robot has {n} joints)")
+            raise ConfigError(
+                f"{path}: {section}.{field}: needs {n} entries (robot has {n} joints)"
+            )
         if any(v < 0 for v in values) and section == "feedback":
             raise ConfigError(f"{path}: {section}.{field}: gains must be >= 0")
     ratio = config.sim_rate_hz / config.control_rate_hz
@@ -230,7 +239,9 @@ def tracking_reward(setup: EnvSetup, tracking_error: float, action: np.ndarray) 
     effort = float(np.dot(action, action)) / action.shape[0]
     error = min(tracking_error, reward_cfg.max_error_rad)
     if reward_cfg.kind == "log":
-        return -math.log1p(error / reward_cfg.tracking_scale_rad) - reward_cfg.effort_weight * effort
+        return (
+            -math.log1p(error / reward_cfg.tracking_scale_rad) - reward_cfg.effort_weight * effort
+        )
     return -error / reward_cfg.tracking_scale_rad - reward_cfg.effort_weight * effort
 
 
@@ -284,13 +295,19 @@ class ArmTrackingEnv(gym.Env):
     def reset(
         self, *, seed: int | None = None, options: dict[str, Any] | None = None
     ) -> tuple[np.ndarray, dict[str, Any]]:
-        """Start an episode. ``options``: ``task`` (TaskParams), ``faults`` (list of FaultEvent)."""
+        """Start an episode.
+
+        ``options``: ``task`` (TaskParams), ``faults`` (list of FaultEvent).
+        """
         super().reset(seed=seed)
         options = options or {}
         if seed is not None:
             self.sim._rng = np.random.default_rng(seed + 1)
         self._reference = MultiSineReference.sample(
-            self.setup.config.reference, self._default_pose, self._lower, self._upper,
+            self.setup.config.reference,
+            self._default_pose,
+            self._lower,
+            self._upper,
             self.np_random,
         )
         self._reference_now = self._reference.evaluate(0.0)
@@ -306,13 +323,20 @@ class ArmTrackingEnv(gym.Env):
             raise RuntimeError("call reset() before step()")
         action = np.asarray(action, dtype=np.float32)
         if action.shape != self.action_space.shape:
-            raise ValueError(f"action must have shape {self.action_space.shape}, got {action.shape}")
+            raise ValueError(
+                f"action must have shape {self.action_space.shape}, got {action.shape}"
+            )
         if not np.isfinite(action).all():
             raise ValueError("action contains non-finite values")
         action = np.minimum(np.maximum(action, -1.0), 1.0)
         assert self._reference_now is not None and self._measured is not None
-        effort = effort_command(self.setup, action, self._measured.position,
-                                self._measured.velocity, self._reference_now)
+        effort = effort_command(
+            self.setup,
+            action,
+            self._measured.position,
+            self._measured.velocity,
+            self._reference_now,
+        )
         events = self.sim.step(effort, substeps=self.setup.substeps)
         self._reference_now = self._reference.evaluate(self.sim.time_s)
         self._steps += 1
@@ -352,7 +376,10 @@ class ArmTrackingEnv(gym.Env):
         reading = self._measured = self.sim.measure()
         assert self._reference_now is not None
         return build_observation(
-            self.setup, reading.position, reading.velocity, self._reference_now,
+            self.setup,
+            reading.position,
+            reading.velocity,
+            self._reference_now,
             self._previous_action,
         )
 

@@ -55,9 +55,7 @@ class MultiSineReference:
         n = default_pose.shape[0]
         k = config.num_components
         if len(config.amplitude) != n or len(config.centre_jitter) != n:
-            raise ValueError(
-                f"reference amplitude/centre_jitter need {n} entries (one per joint)"
-            )
+            raise ValueError(f"reference amplitude/centre_jitter need {n} entries (one per joint)")
         frequency = rng.uniform(config.frequency_low_hz, config.frequency_high_hz, size=k)
         weights = rng.dirichlet(np.ones(k), size=n)  # (n, K), rows sum to 1
         amplitude = weights * np.asarray(config.amplitude)[:, None]

@@ -54,8 +54,7 @@ class RobotSpec(StrictModel):
         ):
             if len(getattr(self, field)) != n:
                 raise ValueError(
-                    f"{field} has {len(getattr(self, field))} entries, "
-                    f"joint_names has {n}"
+                    f"{field} has {len(getattr(self, field))} entries, joint_names has {n}"
                 )
         for j, (scale, limit) in enumerate(zip(self.action_scale, self.effort_limits)):
             if scale > limit:

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
-from pydantic import Field, NonNegativeFloat, NonNegativeInt, PositiveInt, model_validator
+from pydantic import Field, NonNegativeInt, PositiveInt, model_validator
 
 from metarl_ros.config import ConfigError, StrictModel, load_yaml_model
 
@@ -112,8 +112,13 @@ class TaskParams:
         if unknown:
             raise ValueError(f"unknown task parameter(s): {sorted(unknown)}")
         values = dict(data)
-        for key in ("payload_offset", "motor_strength", "locked_joints", "coulomb_friction",
-                    "viscous_damping"):
+        for key in (
+            "payload_offset",
+            "motor_strength",
+            "locked_joints",
+            "coulomb_friction",
+            "viscous_damping",
+        ):
             if key in values:
                 values[key] = tuple(values[key])
         return cls(**values)
@@ -180,8 +185,12 @@ class TaskDistributionConfig(StrictModel):
             raise ValueError("motor_strength must lie within [0, 1]")
         if self.payload_mass_kg.low < 0:
             raise ValueError("payload_mass_kg must be >= 0")
-        for name in ("coulomb_friction_nm", "viscous_damping_nms", "sensor_noise_std",
-                     "actuator_delay_s"):
+        for name in (
+            "coulomb_friction_nm",
+            "viscous_damping_nms",
+            "sensor_noise_std",
+            "actuator_delay_s",
+        ):
             if getattr(self, name).low < 0:
                 raise ValueError(f"{name} must be >= 0")
         if self.damage_probability > 0 and not self.damageable_joints:
@@ -230,7 +239,10 @@ def load_task_suite(path: str | Path) -> TaskSuiteConfig:
 def sample_task(
     dist: TaskDistributionConfig, rng: np.random.Generator, friction_scale: np.ndarray
 ) -> TaskParams:
-    """Draw one task from ``dist``; per-joint friction and damping are scaled by ``friction_scale``."""
+    """Draw one task from ``dist``.
+
+    Per-joint friction and damping are scaled by ``friction_scale``.
+    """
     num_joints = len(friction_scale)
     for j in list(dist.damageable_joints) + list(dist.lockable_joints):
         if j >= num_joints:
