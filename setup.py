@@ -47,7 +47,7 @@ console_scripts = [
     # --- ROS 2 node executables (ros2 run metarl_ros <name>) go below this line ---
     "sim_node = metarl_ros.nodes.sim_node:main",
     "adapter_node = metarl_ros.nodes.adapter_node:main",
-    # "onnx_policy_node = metarl_ros.nodes.onnx_policy:main",
+    "onnx_policy_node = metarl_ros.nodes.onnx_policy_node:main",
     "recorder_node = metarl_ros.nodes.recorder_node:main",
 ]
 

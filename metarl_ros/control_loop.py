@@ -389,6 +389,9 @@ class LoopConfig:
     adaptation_event_threshold: float = 1.0
     """latent-mean move, in posterior std, that counts as an adaptation event."""
     latency_window: int = 2000
+    effort_limit_scale: float = 1.0
+    """efforts are clamped to ``effort_limit_scale * effort_limits`` (in (0, 1]: tighter
+    limits for first trials on hardware)."""
 
 
 class AdaptiveController:
@@ -423,7 +426,11 @@ class AdaptiveController:
         self.period_s = 1.0 / config.control_rate_hz
         self.joints = JointNameMapper(names)
         self.references = JointNameMapper(names, allow_unnamed=True)
-        self.clamp = EffortClamp(robot.action_scale, robot.effort_limits)
+        if not 0.0 < config.effort_limit_scale <= 1.0:
+            raise ValueError("effort_limit_scale must be in (0, 1], got "
+                             f"{config.effort_limit_scale}")
+        self.clamp = EffortClamp(robot.action_scale,
+                                 np.asarray(robot.effort_limits) * config.effort_limit_scale)
         self.safe = SafeAction(config.safe_mode, config.hold_kp or (0.0,) * self.n,
                                config.hold_kd or (0.0,) * self.n, self.clamp)
         self.joint_watchdog = Watchdog(config.watchdog_timeout_s)
@@ -638,6 +645,11 @@ class AdaptiveController:
         with self._lock:
             self.stats.ticks += 1
         return self._safe_result(reason)
+
+    @property
+    def latest_position(self) -> np.ndarray | None:
+        """Positions (contract order) of the latest accepted joint state; None before one."""
+        return None if self._sample is None else self._sample.position
 
     @property
     def safe_reason(self) -> str:

@@ -72,6 +72,34 @@ def read_contract(session, path: Path) -> dict[str, Any]:
     return contract
 
 
+def find_model_dir(path: str | Path) -> Path:
+    """The export directory for ``path``: itself, the folder of a ``policy.onnx`` given
+    directly, or its ``onnx/`` sub-folder (the layout of ``metarl retrain`` and ``models/``)."""
+    path = Path(path)
+    if path.is_file() and path.suffix == ".onnx":
+        return path.parent
+    if path.is_dir() and not (path / "policy.onnx").exists() and (path / "onnx").is_dir():
+        return path / "onnx"
+    return path
+
+
+def check_expected_contract(contract: PolicyContract, source: str | Path,
+                            joint_names: list[str] | tuple[str, ...] | None = None,
+                            rate_hz: float | None = None, window: int | None = None) -> None:
+    """Raise :class:`ModelContractError` if ``contract`` differs from what a node is configured
+    for (``None`` = not checked). Shared by the ONNX and the torch policies."""
+    if joint_names is not None and list(joint_names) != list(contract.joint_names):
+        raise ModelContractError(
+            f"{source}: model joints {list(contract.joint_names)} do not match the configured "
+            f"joints {list(joint_names)} (order matters; rename robot joints with joint_map)")
+    if rate_hz is not None and abs(float(rate_hz) - contract.control_rate_hz) > 1e-6:
+        raise ModelContractError(f"{source}: model control rate {contract.control_rate_hz:g} Hz, "
+                                 f"configured {float(rate_hz):g} Hz")
+    if window is not None and int(window) != contract.window_size:
+        raise ModelContractError(f"{source}: model context window {contract.window_size}, "
+                                 f"configured {int(window)}")
+
+
 class OnnxAdaptivePolicy:
     """PEARL's policy and streaming posterior from ``policy.onnx`` (+ ``encoder.onnx``).
 
@@ -134,20 +162,7 @@ class OnnxAdaptivePolicy:
         self.encoder_time_s = 0.0
 
     def _check_expectations(self, path, joints, rate, window) -> None:
-        c = self.contract
-        if joints is not None and list(joints) != list(c.joint_names):
-            raise ModelContractError(
-                f"{path}: model joints {list(c.joint_names)} do not match the configured "
-                f"joints {list(joints)} (order matters; remap by parameter)"
-            )
-        if rate is not None and abs(float(rate) - c.control_rate_hz) > 1e-6:
-            raise ModelContractError(
-                f"{path}: model control rate {c.control_rate_hz} Hz, configured {rate} Hz"
-            )
-        if window is not None and int(window) != c.window_size:
-            raise ModelContractError(
-                f"{path}: model context window {c.window_size}, configured {window}"
-            )
+        check_expected_contract(self.contract, path, joints, rate, window)
 
     # ----------------------------------------------------------------- AdaptivePolicy
 

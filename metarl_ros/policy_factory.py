@@ -7,9 +7,16 @@
 ``pearl`` -- the trained PEARL(+MAML) runtime, ``metarl_ros.learning.runtime.
              load_adaptive_policy(model_path, adaptation)``, imported only when asked for so
              the nodes start without torch when running ``pd``.
+``onnx``  -- an exported model (``metarl export``) in onnxruntime:
+             :class:`metarl_ros.deploy.OnnxAdaptivePolicy`, PEARL's policy and streaming
+             posterior without torch (MAML adaptation needs gradients and stays in ``pearl``;
+             ``adaptation`` does not apply). ``model_path`` is the export directory, its
+             ``policy.onnx``, or a folder holding it as ``onnx/``.
 
 A model's contract must match the env setup the node runs (joint names and order, observation
-and action sizes, action scale): a mismatch fails at start-up with a message naming the field.
+and action sizes, action scale, default pose, observation scales, PD feedback gains) and what
+the node is configured for (``expected_*``: joints, control rate, context window): a mismatch
+fails at start-up with a message naming the field.
 """
 
 from __future__ import annotations
@@ -20,11 +27,12 @@ from typing import Sequence
 import numpy as np
 
 from metarl_ros.config import ConfigError
+from metarl_ros.deploy import check_expected_contract
 from metarl_ros.resources import resolve_path
 from metarl_ros.runtime import AdaptivePolicy, PDPolicy, PolicyContract
 from metarl_ros.sim.env import EnvSetup
 
-POLICY_KINDS: tuple[str, ...] = ("pd", "pearl")
+POLICY_KINDS: tuple[str, ...] = ("pd", "pearl", "onnx")
 
 
 def setup_contract(setup: EnvSetup) -> PolicyContract:
@@ -64,9 +72,31 @@ def check_contract(contract: PolicyContract, setup: EnvSetup, source: str) -> No
     if abs(contract.control_rate_hz - expected.control_rate_hz) > 1e-6:
         problems.append(f"control_rate_hz {contract.control_rate_hz} != "
                         f"{expected.control_rate_hz}")
+    problems += _extra_problems(contract.extra, setup)
     if problems:
         raise ConfigError(f"{source}: policy contract does not match {setup.path}: "
                           + "; ".join(problems))
+
+
+def _extra_problems(extra: dict, setup: EnvSetup) -> list[str]:
+    """Differences in the contract fields a model file may carry beyond the core ones."""
+    problems = []
+    if "default_pose" in extra and not np.allclose(extra["default_pose"],
+                                                   setup.robot.default_pose):
+        problems.append(f"default_pose {list(extra['default_pose'])} != "
+                        f"{list(setup.robot.default_pose)}")
+    if "observation" in extra:
+        expected = setup.config.observation.model_dump()
+        for key, value in sorted(extra["observation"].items()):
+            if key in expected and not np.allclose(value, expected[key]):
+                problems.append(f"observation.{key} {value} != {expected[key]}")
+    if "feedback" in extra:
+        expected = setup.config.feedback.model_dump()
+        for key in ("kp", "kd"):
+            if key in extra["feedback"] and not np.allclose(extra["feedback"][key],
+                                                            expected[key]):
+                problems.append(f"feedback.{key} {extra['feedback'][key]} != {expected[key]}")
+    return problems
 
 
 def make_policy(
@@ -76,8 +106,16 @@ def make_policy(
     adaptation: bool = True,
     pd_kp: Sequence[float] | None = None,
     pd_kd: Sequence[float] | None = None,
+    expected_joint_names: Sequence[str] | None = None,
+    expected_rate_hz: float | None = None,
+    expected_window: int | None = None,
 ) -> AdaptivePolicy:
-    """Return a ready policy of ``kind`` (one of :data:`POLICY_KINDS`) for ``setup``."""
+    """Return a ready policy of ``kind`` (one of :data:`POLICY_KINDS`) for ``setup``.
+
+    ``expected_*`` (``None`` = not checked) are what the node is configured for; a model
+    whose contract differs raises :class:`~metarl_ros.deploy.ModelContractError`. ``pd``
+    has no model and ignores them.
+    """
     if kind == "pd":
         zeros = np.zeros(setup.act_dim)
         kp = np.asarray(pd_kp, dtype=np.float64) if pd_kp else zeros
@@ -96,6 +134,21 @@ def make_policy(
         from metarl_ros.learning.runtime import load_adaptive_policy  # torch: import lazily
 
         policy = load_adaptive_policy(path, adaptation=adaptation)
+        check_expected_contract(policy.contract, path, expected_joint_names, expected_rate_hz,
+                                expected_window)
         check_contract(policy.contract, setup, str(path))
+        return policy
+    if kind == "onnx":
+        if not str(model_path):
+            raise ConfigError("policy 'onnx' needs an exported model (parameter model_path: "
+                              "a `metarl export` directory)")
+        from metarl_ros.deploy import OnnxAdaptivePolicy, find_model_dir
+
+        model_dir = find_model_dir(resolve_path(model_path))
+        policy = OnnxAdaptivePolicy(
+            model_dir,
+            expected_joint_names=list(expected_joint_names) if expected_joint_names else None,
+            expected_rate_hz=expected_rate_hz, expected_window=expected_window)
+        check_contract(policy.contract, setup, str(model_dir / "policy.onnx"))
         return policy
     raise ConfigError(f"unknown policy {kind!r}; choose one of {', '.join(POLICY_KINDS)}")

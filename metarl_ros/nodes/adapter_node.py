@@ -2,7 +2,14 @@
 
 The node only translates messages; the loop itself (joint mapping by name, transitions,
 watchdog, safe action, clamping, diagnostics values) is
-:class:`metarl_ros.control_loop.AdaptiveController`.
+:class:`metarl_ros.control_loop.AdaptiveController`. :class:`AdapterNode` is also the deploy
+node: ``onnx_policy_node`` (:mod:`metarl_ros.nodes.onnx_policy_node`) is this class with the
+policy fixed to ``onnx``, so topics, parameters, safety and diagnostics are the same code.
+
+Joint names: joints are matched **by name**. With ``joint_map`` (``model_name:robot_name``
+entries, :class:`metarl_ros.joint_map.JointMap`) the robot's names are renamed to the model's
+on ``/joint_states`` and ``/reference``, and commands are written for the controller's joints
+(``controller_joints``, robot names; unset = the model's order).
 
 Subscribes
     ``/joint_states`` (sensor_msgs/JointState; RELIABLE, or BEST_EFFORT with
@@ -13,10 +20,14 @@ Subscribes
     effort = qdd_ref (see :mod:`metarl_ros.nodes.sim_node`); names optional.
 
 Publishes
-    ``/<controller_name>/commands`` (std_msgs/Float64MultiArray, RELIABLE) -- efforts (N*m) in
-    the robot's joint order: :func:`~metarl_ros.sim.env.effort_command` (the env's PD feedback
-    on the reference plus ``clip(action, -1, 1) * action_scale``, exactly as in training),
-    clamped to the effort limits; the safe action when the policy cannot be trusted.
+    ``/<controller_name>/commands`` (std_msgs/Float64MultiArray, RELIABLE; ``command_type:
+    effort``, the default) -- efforts (N*m) in the controller's joint order:
+    :func:`~metarl_ros.sim.env.effort_command` (the env's PD feedback on the reference plus
+    ``clip(action, -1, 1) * action_scale``, exactly as in training), clamped to
+    ``effort_limit_scale`` times the effort limits; the safe action when the policy cannot be
+    trusted. With ``command_type: trajectory`` the same efforts go out as a one-point
+    ``trajectory_msgs/JointTrajectory`` on ``/<controller_name>/joint_trajectory`` (effort
+    feed-forward for joint_trajectory_controller; see :mod:`metarl_ros.nodes.commands`).
     ``~/latent`` (std_msgs/Float64MultiArray) -- posterior over the task latent at the context
     rate: ``data = mean (d values) followed by std (d values)``; ``layout.dim`` =
     ``[{label: "mean_std", size: 2, stride: 2d}, {label: "latent", size: d, stride: d}]``.
@@ -58,13 +69,14 @@ from metarl_ros.control_loop import (
     RejectedInput,
     TickResult,
 )
+from metarl_ros.joint_map import JointMap
 from metarl_ros.policy_factory import POLICY_KINDS, feedback_gains, make_policy
 from metarl_ros.runtime import AdaptivePolicy
 from metarl_ros.sim.env import load_env_setup
 
+from .commands import COMMAND_TYPES, CommandPublisher
 from .common import (
     BEST_EFFORT_QOS,
-    COMMAND_QOS,
     STATE_QOS,
     declare,
     now_s,
@@ -86,21 +98,30 @@ class AdapterNode(Node):
         kwargs: passed to :class:`rclpy.node.Node` (e.g. ``parameter_overrides``).
     """
 
+    #: policy kinds the ``policy`` parameter accepts, and its default (subclasses narrow it).
+    POLICY_CHOICES: tuple[str, ...] = POLICY_KINDS
+    DEFAULT_POLICY = "pd"
+
     def __init__(self, node_name: str = NODE_NAME, policy: AdaptivePolicy | None = None,
                  **kwargs) -> None:
         super().__init__(node_name, **kwargs)
         p = self._declare_parameters()
         self.setup = load_env_setup(p["env_config"])
         n = self.setup.act_dim
+        control_rate = p["control_rate_hz"] or self.setup.config.control_rate_hz
+        model_joints = list(p["joint_names"] or self.setup.robot.joint_names)
         source = f"policy {p['policy']!r}"
         if policy is None:
-            policy = make_policy(p["policy"], self.setup, model_path=p["model_path"],
-                                 adaptation=p["adaptation"], pd_kp=p["pd_kp"], pd_kd=p["pd_kd"])
+            policy = make_policy(
+                p["policy"], self.setup, model_path=p["model_path"], adaptation=p["adaptation"],
+                pd_kp=p["pd_kp"], pd_kd=p["pd_kd"], expected_joint_names=model_joints,
+                expected_rate_hz=control_rate, expected_window=p["context_window"] or None)
         else:
             source = "injected policy"
         self.policy = policy
+        self.joint_map = JointMap(self.setup.robot.joint_names, p["joint_map"] or ())
+        command_joints, command_order = self.joint_map.command_order(p["controller_joints"] or ())
         hold_kp, hold_kd = feedback_gains(self.setup)
-        control_rate = p["control_rate_hz"] or self.setup.config.control_rate_hz
         config = LoopConfig(
             control_rate_hz=control_rate,
             watchdog_timeout_s=p["watchdog_timeout"],
@@ -110,6 +131,7 @@ class AdapterNode(Node):
             reference_sync=p["reference_sync"],
             late_tick_fraction=p["late_tick_fraction"],
             adaptation_event_threshold=p["adaptation_event_threshold"],
+            effort_limit_scale=p["effort_limit_scale"],
         )
         if len(config.hold_kp) != n or len(config.hold_kd) != n:
             raise ValueError(f"hold_kp and hold_kd need {n} entries")
@@ -117,14 +139,13 @@ class AdapterNode(Node):
         self._throttle = LogThrottle(p["log_throttle_s"])
         self._was_safe = ""
 
-        controller = p["controller_name"].strip("/")
-        self.command_topic = f"/{controller}/commands"
         control_group = MutuallyExclusiveCallbackGroup()
         context_group = MutuallyExclusiveCallbackGroup()
         diagnostics_group = MutuallyExclusiveCallbackGroup()
         sensor_qos = BEST_EFFORT_QOS if p["sensor_qos"] == "best_effort" else STATE_QOS
-        self._command_pub = self.create_publisher(Float64MultiArray, self.command_topic,
-                                                  COMMAND_QOS)
+        self.commands = CommandPublisher(self, p["command_type"], p["controller_name"],
+                                         command_joints, command_order)
+        self.command_topic = self.commands.topic
         self._latent_pub = self.create_publisher(Float64MultiArray, "~/latent", STATE_QOS)
         self._diag_pub = self.create_publisher(DiagnosticArray, "/diagnostics", STATE_QOS)
         self.create_subscription(JointState, "/joint_states", self._on_joint_state, sensor_qos,
@@ -138,11 +159,12 @@ class AdapterNode(Node):
                           callback_group=context_group)
         self.create_timer(1.0 / p["diagnostics_rate_hz"], self._on_diagnostics,
                           callback_group=diagnostics_group, clock=steady)
+        renamed = "" if self.joint_map.identity else ", joints renamed by joint_map"
         self.get_logger().info(
             f"{source} ({type(policy).__name__}) on "
             f"{self.setup.robot.name}: control {control_rate:g} Hz, context "
-            f"{p['context_rate_hz']:g} Hz, commands on {self.command_topic}, safe_mode "
-            f"{p['safe_mode']}")
+            f"{p['context_rate_hz']:g} Hz, {p['command_type']} commands on "
+            f"{self.command_topic}{renamed}, safe_mode {p['safe_mode']}")
 
     # ------------------------------------------------------------------ parameters
 
@@ -150,14 +172,42 @@ class AdapterNode(Node):
         d = {}
         d["env_config"] = declare(self, "env_config", "sim/envs/iiwa7_tracking.yaml",
                                   "Env YAML defining robot, observation, reward and rates.")
-        d["policy"] = declare(self, "policy", "pd", "Controller behind the node.",
-                              choices=POLICY_KINDS)
+        d["policy"] = declare(self, "policy", self.DEFAULT_POLICY, "Controller behind the node.",
+                              choices=self.POLICY_CHOICES)
         d["model_path"] = declare(self, "model_path", "",
-                                  "Trained model for policy 'pearl' (unused by 'pd').")
+                                  "Trained model: model.pt for 'pearl', a `metarl export` "
+                                  "directory for 'onnx' (unused by 'pd').")
         d["adaptation"] = declare(self, "adaptation", True,
-                                  "Online adaptation on (pearl: posterior + MAML updates).")
+                                  "Online adaptation on (pearl: MAML updates; the posterior "
+                                  "always runs; onnx: posterior only, MAML is not exported).")
         d["controller_name"] = declare(self, "controller_name", "effort_controller",
-                                       "Commands go to /<controller_name>/commands.")
+                                       "Commands go to /<controller_name>/commands (effort) or "
+                                       "/<controller_name>/joint_trajectory (trajectory).")
+        d["command_type"] = declare(self, "command_type", "effort",
+                                    "effort: std_msgs/Float64MultiArray for a "
+                                    "forward_command_controller; trajectory: a one-point "
+                                    "trajectory_msgs/JointTrajectory carrying the efforts as "
+                                    "feed-forward for a joint_trajectory_controller.",
+                                    choices=COMMAND_TYPES)
+        d["joint_map"] = declare(self, "joint_map", None,
+                                 "model_name:robot_name pairs: the robot's joint names for the "
+                                 "model's joints (unset = the same names).",
+                                 param_type=Parameter.Type.STRING_ARRAY)
+        d["controller_joints"] = declare(self, "controller_joints", None,
+                                         "The controller's joints (robot names) in its order; "
+                                         "commands are written in it (unset = model order).",
+                                         param_type=Parameter.Type.STRING_ARRAY)
+        d["joint_names"] = declare(self, "joint_names", None,
+                                   "Joints the model must control, in its order (checked "
+                                   "against the model's contract; unset = the env's robot).",
+                                   param_type=Parameter.Type.STRING_ARRAY)
+        d["context_window"] = declare(self, "context_window", 0,
+                                      "Context window (transitions) the model must have "
+                                      "(0 = not checked).", low=0, high=100000)
+        d["effort_limit_scale"] = declare(self, "effort_limit_scale", 1.0,
+                                          "Clamp efforts to this fraction of the robot's effort "
+                                          "limits (first trials on hardware).", low=0.01,
+                                          high=1.0)
         d["control_rate_hz"] = declare(self, "control_rate_hz", 0.0,
                                        "Policy rate (0 = the env's control rate).",
                                        low=0.0, high=2000.0)
@@ -219,8 +269,13 @@ class AdapterNode(Node):
             suffix = f" ({dropped} similar suppressed)" if dropped else ""
             self.get_logger().warning(message + suffix)
 
+    def _send(self, efforts: np.ndarray) -> None:
+        if not self.commands.publish(efforts, self.loop.latest_position):
+            self._warn_throttled("no_position", "no joint state yet: a trajectory command "
+                                 "needs positions, nothing published")
+
     def _publish(self, result: TickResult, received: float) -> None:
-        self._command_pub.publish(Float64MultiArray(data=result.efforts.tolist()))
+        self._send(result.efforts)
         self.loop.record_publish_latency(time.perf_counter() - received)
         if result.safe:
             if result.reason == "policy_error":
@@ -239,8 +294,9 @@ class AdapterNode(Node):
         received = time.perf_counter()
         now = now_s(self)
         try:
-            due = self.loop.on_joint_state(stamp_to_s(msg.header.stamp), now, msg.name,
-                                           msg.position, msg.velocity)
+            due = self.loop.on_joint_state(stamp_to_s(msg.header.stamp), now,
+                                           self.joint_map.to_model(msg.name), msg.position,
+                                           msg.velocity)
         except RejectedInput as exc:
             self._warn_throttled(f"joint_state:{exc.reason}", f"rejected joint state: {exc}")
             return
@@ -251,8 +307,9 @@ class AdapterNode(Node):
         received = time.perf_counter()
         now = now_s(self)
         try:
-            due = self.loop.on_reference(stamp_to_s(msg.header.stamp), now, msg.name,
-                                         msg.position, msg.velocity, msg.effort)
+            due = self.loop.on_reference(stamp_to_s(msg.header.stamp), now,
+                                         self.joint_map.to_model(msg.name), msg.position,
+                                         msg.velocity, msg.effort)
         except RejectedInput as exc:
             self._warn_throttled(f"reference:{exc.reason}", f"rejected reference: {exc}")
             return
@@ -262,7 +319,7 @@ class AdapterNode(Node):
     def _on_watchdog(self) -> None:
         result = self.loop.watchdog(now_s(self))
         if result is not None:
-            self._command_pub.publish(Float64MultiArray(data=result.efforts.tolist()))
+            self._send(result.efforts)
             if self._was_safe != result.reason:
                 self.get_logger().warning(
                     f"{result.reason}: no fresh data for {self.loop.config.watchdog_timeout_s:g}"

@@ -1,0 +1,96 @@
+"""Joint names of the model vs joint names of the robot (the ``joint_map`` node parameter).
+
+A model is trained on the simulated robot's joint names (its contract's ``joint_names``); the
+real robot's drivers may call the same joints differently (``arm_joint_1`` for
+``lbr_iiwa_joint_1``) and its controller may list them in another order. :class:`JointMap`
+renames incoming joint names to the model's and orders outgoing commands for the controller:
+
+* ``pairs``: ``"model_name:robot_name"`` strings; model joints not listed keep their name.
+* incoming (``/joint_states``, ``/reference``): robot names are renamed to model names; any
+  other name in the message is marked unmapped, so it can never stand in for a model joint
+  (the control loop then ignores it, as it ignores every extra joint).
+* outgoing: :meth:`JointMap.command_order` gives, for the controller's joint list (robot
+  names, the order of its ``joints`` parameter), the model index of each entry --
+  ``std_msgs/Float64MultiArray`` commands are matched to the controller's joints by position.
+
+Pure Python (no ROS), so it is tested without DDS. Errors are
+:class:`~metarl_ros.config.ConfigError` naming the offending entry.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+from metarl_ros.config import ConfigError
+
+_UNMAPPED = " (not in joint_map)"
+
+
+class JointMap:
+    """Rename between model joint names and robot joint names.
+
+    Args:
+        model_joints: the model's joint names, in the model's (contract) order.
+        pairs: ``"model_name:robot_name"`` entries; empty = the robot uses the model's names.
+    """
+
+    def __init__(self, model_joints: Sequence[str], pairs: Sequence[str] = ()) -> None:
+        self.model_names: tuple[str, ...] = tuple(model_joints)
+        mapping: dict[str, str] = {}
+        for entry in pairs:
+            model, sep, robot = entry.partition(":")
+            model, robot = model.strip(), robot.strip()
+            if not sep or not model or not robot:
+                raise ConfigError(f"joint_map entry {entry!r}: expected 'model_joint:robot_joint'")
+            if model not in self.model_names:
+                raise ConfigError(f"joint_map entry {entry!r}: {model!r} is not a joint of the "
+                                  f"model (its joints: {', '.join(self.model_names)})")
+            if model in mapping:
+                raise ConfigError(f"joint_map maps model joint {model!r} twice")
+            mapping[model] = robot
+        self.robot_names: tuple[str, ...] = tuple(mapping.get(n, n) for n in self.model_names)
+        """robot name of each model joint, in model order."""
+        if len(set(self.robot_names)) != len(self.robot_names):
+            repeated = sorted({n for n in self.robot_names if self.robot_names.count(n) > 1})
+            raise ConfigError(f"joint_map gives two model joints the same robot name: "
+                              f"{', '.join(repeated)}")
+        self.identity = self.robot_names == self.model_names
+        self._to_model = dict(zip(self.robot_names, self.model_names))
+        self._cache_key: tuple[str, ...] | None = None
+        self._cache_value: list[str] = []
+
+    def to_model(self, names: Sequence[str]) -> Sequence[str]:
+        """A message's joint names (robot names) as model names; others marked unmapped.
+
+        Cached for the last name list seen (drivers repeat the same list every message).
+        """
+        if self.identity:
+            return names
+        key = tuple(names)
+        if key != self._cache_key:
+            self._cache_value = [self._to_model.get(n, n + _UNMAPPED) for n in key]
+            self._cache_key = key
+        return self._cache_value
+
+    def command_order(self, controller_joints: Sequence[str] = ()) -> tuple[tuple[str, ...],
+                                                                            np.ndarray]:
+        """``(robot names in command order, model index of each)`` for a controller.
+
+        ``controller_joints`` (robot names) is the controller's ``joints`` list; empty = the
+        model's order. It must name exactly the model's joints, each once.
+        """
+        if not controller_joints:
+            return self.robot_names, np.arange(len(self.model_names))
+        names = tuple(controller_joints)
+        where = {name: i for i, name in enumerate(self.robot_names)}
+        unknown = [n for n in names if n not in where]
+        missing = [n for n in self.robot_names if n not in names]
+        if unknown or missing or len(set(names)) != len(names):
+            raise ConfigError(
+                f"controller_joints {list(names)} must list each robot joint "
+                f"{list(self.robot_names)} exactly once"
+                + (f"; unknown: {unknown}" if unknown else "")
+                + (f"; missing: {missing}" if missing else ""))
+        return names, np.array([where[n] for n in names], dtype=np.int64)

@@ -1,0 +1,94 @@
+"""Effort commands to ros2_control, as one of two message types (``command_type`` parameter).
+
+``effort`` -- ``std_msgs/Float64MultiArray`` on ``/<controller>/commands``, for a
+    ``forward_command_controller`` (e.g. ``effort_controllers/JointGroupEffortController``)
+    with ``interface_name: effort``. The array is matched **by position** to the controller's
+    ``joints`` list, so it is written in that order (``controller_joints``).
+
+``trajectory`` -- ``trajectory_msgs/JointTrajectory`` on ``/<controller>/joint_trajectory``,
+    for a ``joint_trajectory_controller`` with an ``effort`` command interface. The policy
+    computes efforts, and a trajectory has to say what they mean; here each command is a
+    one-point trajectory that *carries the efforts as feed-forward*:
+
+    * ``header.stamp`` zero (start now), ``joint_names`` = the controller's joints (robot names;
+      the controller reorders points by name),
+    * one point: ``positions`` = the latest measured joint positions (the controller requires
+      positions in every point), ``velocities``/``accelerations`` empty, ``effort`` = the
+      commanded efforts, ``time_from_start`` zero.
+
+    joint_trajectory_controller adds a point's ``effort`` to its PID output as feed-forward
+    when it has an effort command interface (ros2_controllers PR #1200; older releases such
+    as Humble's reject trajectories with effort). Configure it so the PID adds nothing --
+    ``gains: {<joint>: {p: 0.0, i: 0.0, d: 0.0, ff_velocity_scale: 0.0}}`` -- and the motors
+    receive exactly the efforts this node computed (PD feedback on the reference + the
+    policy's residual, clamped, or the safe action), as with ``effort``. Until a first joint
+    state arrives there are no positions, so nothing is published.
+
+Both are published RELIABLE (ros2_control's command subscribers are RELIABLE).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+from builtin_interfaces.msg import Duration
+from rclpy.node import Node
+from std_msgs.msg import Float64MultiArray
+from trajectory_msgs.msg import JointTrajectory, JointTrajectoryPoint
+
+from .common import COMMAND_QOS
+
+COMMAND_TYPES: tuple[str, ...] = ("effort", "trajectory")
+_SUFFIX = {"effort": "commands", "trajectory": "joint_trajectory"}
+
+
+def command_topic(controller: str, command_type: str) -> str:
+    """``/<controller>/commands`` or ``/<controller>/joint_trajectory``."""
+    return f"/{controller.strip('/')}/{_SUFFIX[command_type]}"
+
+
+class CommandPublisher:
+    """Publish efforts given in model joint order to a controller, in its joint order.
+
+    Args:
+        node: the publishing node.
+        command_type: one of :data:`COMMAND_TYPES`.
+        controller: the controller's name (topic prefix).
+        joint_names: the controller's joints (robot names), in its order.
+        order: for each of ``joint_names``, the index of that joint in model order.
+    """
+
+    def __init__(self, node: Node, command_type: str, controller: str,
+                 joint_names: Sequence[str], order: np.ndarray) -> None:
+        if command_type not in COMMAND_TYPES:
+            raise ValueError(f"command_type {command_type!r}: expected one of "
+                             f"{', '.join(COMMAND_TYPES)}")
+        self.command_type = command_type
+        self.topic = command_topic(controller, command_type)
+        self.joint_names = list(joint_names)
+        self._order = np.asarray(order, dtype=np.int64)
+        self._identity = bool((self._order == np.arange(self._order.size)).all())
+        msg_type = Float64MultiArray if command_type == "effort" else JointTrajectory
+        self._publisher = node.create_publisher(msg_type, self.topic, COMMAND_QOS)
+
+    def _ordered(self, values: np.ndarray) -> list[float]:
+        values = np.asarray(values, dtype=np.float64)
+        return (values if self._identity else values[self._order]).tolist()
+
+    def publish(self, efforts: np.ndarray, position: np.ndarray | None) -> bool:
+        """Publish ``efforts`` (N*m, model order); ``position`` (model order) is needed for
+        ``trajectory``. Returns False if nothing could be published (no position yet)."""
+        if self.command_type == "effort":
+            self._publisher.publish(Float64MultiArray(data=self._ordered(efforts)))
+            return True
+        if position is None:
+            return False
+        point = JointTrajectoryPoint(positions=self._ordered(position),
+                                     effort=self._ordered(efforts),
+                                     time_from_start=Duration(sec=0, nanosec=0))
+        self._publisher.publish(JointTrajectory(joint_names=self.joint_names, points=[point]))
+        return True
+
+    def subscription_count(self) -> int:
+        return self._publisher.get_subscription_count()
