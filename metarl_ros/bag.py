@@ -205,6 +205,114 @@ class BagWriter:
         self.close()
 
 
+class QueuedBagWriter:
+    """A :class:`BagWriter` driven by a thread of its own.
+
+    :meth:`write` only enqueues (a recorder's callbacks never wait for the disk, and an
+    exception raised in the caller -- a Ctrl-C -- cannot interrupt a record half-written), and
+    every storage call happens on that one thread, as sqlite3 requires. :meth:`add_topic`
+    waits for the thread and raises its error; :meth:`close` writes everything queued first.
+    Arguments as :class:`BagWriter`.
+    """
+
+    def __init__(self, path: str | Path, storage: str = "mcap", version: int | None = None,
+                 typestore: Typestore | None = None) -> None:
+        import queue
+        from concurrent.futures import Future
+
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        opened: Future = Future()
+        self._thread = threading.Thread(target=self._run, name="bag_writer", daemon=True,
+                                        args=(opened, path, storage, version, typestore))
+        self._thread.start()
+        self._writer: BagWriter = opened.result()  # raises BagError if it cannot be created
+        self._close_lock = threading.Lock()
+        self.closed = False
+        self.write_error = ""
+        """the first failed write (e.g. disk full), '' if none."""
+
+    def _run(self, opened, path, storage, version, typestore) -> None:
+        try:
+            writer = BagWriter(path, storage, version, typestore)
+        except BaseException as exc:  # noqa: BLE001 - handed to the constructor
+            opened.set_exception(exc)
+            return
+        opened.set_result(writer)
+        while True:
+            item = self._queue.get()
+            if item is None:
+                writer.close()
+                return
+            if item[0] == "add":
+                _, args, future = item
+                try:
+                    future.set_result(writer.add_topic(*args))
+                except BaseException as exc:  # noqa: BLE001 - raised in the caller
+                    future.set_exception(exc)
+                continue
+            try:
+                writer.write(*item)
+            except Exception as exc:  # noqa: BLE001 - keep recording the other messages
+                if not self.write_error:
+                    self.write_error = f"{type(exc).__name__}: {exc}"
+
+    @property
+    def path(self) -> Path:
+        return self._writer.path
+
+    @property
+    def storage(self) -> str:
+        return self._writer.storage
+
+    @property
+    def version(self) -> int:
+        return self._writer.version
+
+    @property
+    def counts(self) -> dict[str, int]:
+        """topic -> messages written so far (queued ones not yet)."""
+        return dict(self._writer.counts)
+
+    @property
+    def message_count(self) -> int:
+        return self._writer.message_count
+
+    def has_topic(self, topic: str) -> bool:
+        return self._writer.has_topic(topic)
+
+    def add_topic(self, topic: str, msgtype: str, qos: Qos | None = None) -> None:
+        from concurrent.futures import Future
+
+        if self.closed:
+            raise BagError(f"{self.path}: bag is closed")
+        done: Future = Future()
+        self._queue.put(("add", (topic, msgtype, qos), done))
+        done.result()
+
+    def write(self, topic: str, timestamp_ns: int, data: bytes | memoryview) -> bool:
+        """Queue one message; False once the bag is closing."""
+        if self.closed:
+            return False
+        self._queue.put((topic, timestamp_ns, data))
+        return True
+
+    def close(self) -> bool:
+        """Write what is queued, then close the bag. Idempotent; True the first time."""
+        with self._close_lock:
+            if self.closed:
+                return False
+            self.closed = True
+            self._queue.put(None)
+            self._thread.join()
+            return True
+
+    def __enter__(self) -> "QueuedBagWriter":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
 # ------------------------------------------------------------------------------------------
 # Fast CDR decoding of the two high-rate types
 
@@ -256,7 +364,8 @@ def _string_end(raw: bytes | memoryview, pos: int) -> int:
     return end
 
 
-def _float64_sequences(raw: bytes | memoryview, pos: int, count: int) -> tuple[list[int], int, str]:
+def _float64_sequences(raw: bytes | memoryview, pos: int,
+                       count: int) -> tuple[list[int], int, str]:
     """Walk ``count`` consecutive ``float64[]`` fields starting at ``pos``.
 
     Returns their sizes, the end offset and a :mod:`struct` format that unpacks all of them

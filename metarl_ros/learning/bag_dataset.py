@@ -647,7 +647,8 @@ def posterior_change_points(mean: np.ndarray, std: np.ndarray, window: int,
     return sorted(points)
 
 
-def streaming_posterior(encoder, bag: BagTransitions, window: int) -> tuple[np.ndarray, np.ndarray]:
+def streaming_posterior(encoder, bag: BagTransitions,
+                        window: int) -> tuple[np.ndarray, np.ndarray]:
     """The deployed posterior over each bag position: mean, std (M, L).
 
     Equal to :class:`~metarl_ros.learning.encoder.StreamingPosterior` fed the transitions in

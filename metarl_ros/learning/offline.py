@@ -228,7 +228,8 @@ class OfflineTrainer:
         next_x = torch.cat([flat.next_obs, cond.detach()], dim=-1)
         with torch.no_grad():
             next_action = agent.actor(next_x)
-            target = flat.reward + spec.gamma * agent.critic_target(next_x, next_action).min(0).values
+            next_q = agent.critic_target(next_x, next_action).min(0).values
+            target = flat.reward + spec.gamma * next_q
         q = agent.critic(x, flat.action)
         critic_loss = (q - target).pow(2).mean(-1).sum()
         self.critic_optimizer.zero_grad(set_to_none=True)

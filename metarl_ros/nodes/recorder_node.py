@@ -5,9 +5,9 @@ small ``ros2 bag record`` that also works where the ``ros2`` CLI is not installe
 
 * subscriptions are **raw** (``raw=True``): the CDR bytes go to the bag as they arrived, no
   deserialize/serialize per message;
-* a writer thread owns the bag (:class:`metarl_ros.bag.BagWriter`); callbacks only enqueue.
-  Disk latency never blocks the executor, and a Ctrl-C landing in a callback cannot leave a
-  half-written record behind;
+* a writer thread owns the bag (:class:`metarl_ros.bag.QueuedBagWriter`); callbacks only
+  enqueue. Disk latency never blocks the executor, a Ctrl-C landing in a callback cannot leave
+  a half-written record behind, and sqlite3 gets all its calls from one thread;
 * each message is stamped with its **receive time** (the rmw's ``received_timestamp``, system
   clock, ns) like ``ros2 bag record`` does; ``timestamps: node_clock`` uses the node's clock
   instead (simulated time with ``use_sim_time``);
@@ -18,6 +18,11 @@ small ``ros2 bag record`` that also works where the ``ros2`` CLI is not installe
   (``get_topic_names_and_types``); the offered QoS goes into the bag for ``ros2 bag play``;
 * lost messages are counted per topic from gaps in the publishers' sequence numbers (when the
   rmw reports them), and logged when the bag closes.
+
+As with ``ros2 bag record``, a topic is recorded from the moment its publisher has been seen
+(within ``discovery_period_s``) and matched: start the recorder before the nodes whose first
+messages matter (``adapt_sim.launch.py record:=true`` lists it first), and note that a
+lockstep simulation starts stepping as soon as its controller answers.
 
 The bag is closed -- flushed, indexed, ``metadata.yaml`` written -- when the node is
 destroyed, on SIGINT and SIGTERM (a second signal during shutdown is ignored) and when its
@@ -40,7 +45,6 @@ inspection.
 from __future__ import annotations
 
 import importlib
-import queue
 import signal
 import threading
 import time
@@ -55,7 +59,7 @@ from rclpy.parameter import Parameter
 from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
 from rclpy.subscription import Subscription
 
-from metarl_ros.bag import STORAGE_FORMATS, BagError, BagWriter, make_qos
+from metarl_ros.bag import STORAGE_FORMATS, BagError, QueuedBagWriter, make_qos
 
 from .common import declare, run_node
 
@@ -112,13 +116,10 @@ class RecorderNode(Node):
         self.queue_depth = int(p["queue_depth"])
         self.timestamp_mode = p["timestamps"]
         output = Path(p["output"] or default_bag_name())
-        self.writer = BagWriter(output, storage=p["storage"], version=p["version"] or None)
+        self.writer = QueuedBagWriter(output, storage=p["storage"],
+                                      version=p["version"] or None)
         self.path = self.writer.path
-        self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._closing = threading.Event()
-        self._close_lock = threading.Lock()
-        self._thread = threading.Thread(target=self._write_loop, name="bag_writer", daemon=True)
-        self._thread.start()
         self._recording: dict[str, Subscription] = {}
         self._skipped: set[str] = set()
         self.received: dict[str, int] = {}
@@ -127,7 +128,6 @@ class RecorderNode(Node):
         """messages missing per topic (gaps in publishers' sequence numbers)."""
         self.dropped_after_close = 0
         self._last_sequence: dict[tuple[str, bytes], int] = {}
-        self._write_error: str = ""
         self.context.on_shutdown(self.close)
         self._discover()
         self._discovery_timer = self.create_timer(
@@ -161,7 +161,7 @@ class RecorderNode(Node):
                                   "Bag timestamps: receive time (system clock, as ros2 bag "
                                   "record) or the node clock (sim time with use_sim_time).",
                                   choices=TIMESTAMP_MODES)
-        d["discovery_period_s"] = declare(self, "discovery_period_s", 0.25,
+        d["discovery_period_s"] = declare(self, "discovery_period_s", 0.1,
                                           "How often to look for publishers of missing topics.",
                                           low=0.01, high=60.0)
         return d
@@ -177,6 +177,12 @@ class RecorderNode(Node):
                    and t not in self._skipped]
         if not missing or self._closing.is_set():
             return
+        try:
+            self._discover_topics(missing)
+        except Exception as exc:  # noqa: BLE001 - a timer callback must not stop the executor
+            self.get_logger().error(f"topic discovery failed: {type(exc).__name__}: {exc}")
+
+    def _discover_topics(self, missing: list[str]) -> None:
         graph_types = dict(self.get_topic_names_and_types())
         for topic in missing:
             publishers = self.get_publishers_info_by_topic(topic)
@@ -246,44 +252,27 @@ class RecorderNode(Node):
                 if last is not None and sequence > last + 1:
                     self.lost[topic] += sequence - last - 1
                 self._last_sequence[key] = sequence
-        if self._closing.is_set():
+        if self._closing.is_set() or not self.writer.write(topic, stamp, data):
             self.dropped_after_close += 1
-            return
-        self._queue.put((topic, stamp, data))
-
-    def _write_loop(self) -> None:
-        while True:
-            item = self._queue.get()
-            if item is None:
-                return
-            try:
-                self.writer.write(*item)
-            except Exception as exc:  # noqa: BLE001 - disk full etc.: report once, keep going
-                if not self._write_error:
-                    self._write_error = f"{type(exc).__name__}: {exc}"
-                    self.get_logger().error(f"writing {self.path} failed: {self._write_error}")
 
     def close(self) -> None:
         """Write everything queued, then close the bag. Idempotent, any thread."""
-        with self._close_lock:
-            if self._closing.is_set() and not self._thread.is_alive() and self.writer.closed:
-                return
-            self._closing.set()
-            if self._thread.is_alive():
-                self._queue.put(None)
-                self._thread.join()
-            if self.writer.close():
-                counts = ", ".join(f"{t} {n}" for t, n in sorted(self.writer.counts.items()))
-                lost = sum(self.lost.values())
-                message = (f"closed {self.path}: {self.writer.message_count} messages "
-                           f"({counts or 'no topics'})")
-                if lost:
-                    message += f"; {lost} lost before reaching the recorder (sequence gaps: " \
-                        + ", ".join(f"{t} {n}" for t, n in self.lost.items() if n) + ")"
-                try:
-                    self.get_logger().info(message)
-                except Exception:  # noqa: BLE001 - logging may be gone at interpreter exit
-                    print(message, flush=True)
+        self._closing.set()
+        if not self.writer.close():
+            return
+        counts = ", ".join(f"{t} {n}" for t, n in sorted(self.writer.counts.items()))
+        message = (f"closed {self.path}: {self.writer.message_count} messages "
+                   f"({counts or 'no topics'})")
+        lost = {t: n for t, n in self.lost.items() if n}
+        if lost:
+            message += (f"; {sum(lost.values())} lost before reaching the recorder (publisher "
+                        "sequence gaps: " + ", ".join(f"{t} {n}" for t, n in lost.items()) + ")")
+        if self.writer.write_error:
+            message += f"; writing failed: {self.writer.write_error}"
+        try:
+            self.get_logger().info(message)
+        except Exception:  # noqa: BLE001 - logging may be gone at interpreter exit
+            print(message, flush=True)
 
     def destroy_node(self) -> None:
         self.close()
