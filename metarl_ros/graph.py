@@ -4,10 +4,13 @@ A graph is built from launch-argument values (strings, as on a command line:
 ``policy:=pearl``) and lists the nodes to start: package, executable, node name, parameter
 files (package-relative), typed parameter overrides and remappings. Two front ends consume it:
 
-* ``launch/adapt_sim.launch.py`` (``ros2 launch metarl_ros adapt_sim.launch.py``) turns each
+* ``launch/<graph>.launch.py`` (``ros2 launch metarl_ros adapt_sim.launch.py``) turns each
   :class:`NodeSpec` into a ``launch_ros.actions.Node`` at launch time;
-* ``metarl launch adapt_sim`` (:mod:`metarl_ros.cli.launch`) runs the same nodes in one
+* ``metarl launch <graph>`` (:mod:`metarl_ros.cli.launch`) runs the same nodes in one
   process without the launch library.
+
+Graphs: ``adapt_sim`` (simulator + controller, :func:`adapt_sim_graph`) and ``deploy`` (the
+ONNX controller alone, for hardware, :func:`deploy_graph`).
 
 So the two cannot drift apart: change the graph here, both follow.
 """
@@ -18,6 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+from metarl_ros.control_loop import SAFE_MODES
+from metarl_ros.joint_map import COMMAND_TYPES, command_topic
 from metarl_ros.policy_factory import POLICY_KINDS
 from metarl_ros.resources import PACKAGE_NAME, resolve_path
 
@@ -93,8 +98,12 @@ class Graph:
 ADAPT_SIM_ARGUMENTS: tuple[LaunchArgument, ...] = (
     LaunchArgument("env_config", "sim/envs/iiwa7_tracking.yaml",
                    "Env YAML: robot, rates, observation, reward, PD feedback."),
-    LaunchArgument("policy", "pd", "Controller of adapter_node.", choices=POLICY_KINDS),
-    LaunchArgument("model", "models/pearl/model.pt", "Trained model for policy:=pearl."),
+    LaunchArgument("policy", "pd",
+                   "Controller: pd or pearl in adapter_node; onnx runs onnx_policy_node (the "
+                   "deployed, torch-free node) on an exported model.", choices=POLICY_KINDS),
+    LaunchArgument("model", "models/pearl/model.pt",
+                   "Trained model: model.pt for policy:=pearl; a `metarl export` directory for "
+                   "policy:=onnx (left at its default it becomes models/pearl/onnx)."),
     LaunchArgument("adaptation", "true", "Online adaptation on (pearl).", kind=bool),
     LaunchArgument("scenario", "config/scenarios/default.yaml",
                    "Fault scenario YAML for sim_node ('' = none)."),
@@ -142,34 +151,50 @@ def adapt_sim_graph(values: Mapping[str, str] | None = None) -> Graph:
             "use_sim_time": args["use_sim_time"],
         },
     )
-    adapter = NodeSpec(
-        name="adapter_node", executable="adapter_node", module="metarl_ros.nodes.adapter_node",
-        node_class="AdapterNode", parameter_files=("config/adapter_node.yaml",),
-        parameters={
+    if args["policy"] == "onnx":
+        model = args["model"]
+        if model == _argument(ADAPT_SIM_ARGUMENTS, "model").default:
+            model = DEFAULT_ONNX_MODEL
+        adapter = onnx_policy_spec({
             "env_config": args["env_config"],
-            "policy": args["policy"],
-            "model_path": args["model"] if args["policy"] == "pearl" else "",
-            "adaptation": args["adaptation"],
+            "model_path": model,
             "controller_name": args["controller"],
             "use_sim_time": args["use_sim_time"],
-        },
-    )
+        })
+    else:
+        adapter = NodeSpec(
+            name="adapter_node", executable="adapter_node",
+            module="metarl_ros.nodes.adapter_node",
+            node_class="AdapterNode", parameter_files=("config/adapter_node.yaml",),
+            parameters={
+                "env_config": args["env_config"],
+                "policy": args["policy"],
+                "model_path": args["model"] if args["policy"] == "pearl" else "",
+                "adaptation": args["adaptation"],
+                "controller_name": args["controller"],
+                "use_sim_time": args["use_sim_time"],
+            },
+        )
     nodes: tuple[NodeSpec, ...] = (sim, adapter)
     notes = []
+    if args["policy"] == "onnx" and not args["adaptation"]:
+        notes.append("adaptation:=false does not apply to policy:=onnx (the exported model runs "
+                     "the streaming posterior only; MAML stays in the torch node)")
     if args["record"]:
         # first, so that it is subscribed before the simulation starts stepping
-        nodes = (recorder_spec(args["controller"], args["bag"]), *nodes)
+        nodes = (recorder_spec(args["controller"], args["bag"], adapter.name), *nodes)
         notes.append(f"record:=true: recorder_node writes {args['bag'] or 'rosbag2_<date-time>'}")
     return Graph("adapt_sim", args, nodes, tuple(notes))
 
 
-def recorder_spec(controller: str, bag: str) -> NodeSpec:
-    """recorder_node on the topics of sim_node + adapter_node (types given: no discovery wait)."""
+def recorder_spec(controller: str, bag: str, controller_node: str = "adapter_node") -> NodeSpec:
+    """recorder_node on the topics of sim_node + the controller node (adapter_node or
+    onnx_policy_node; types given: no discovery wait)."""
     topics = {
         "/joint_states": "sensor_msgs/msg/JointState",
         f"/{controller.strip('/')}/commands": "std_msgs/msg/Float64MultiArray",
         "/reference": "sensor_msgs/msg/JointState",
-        "/adapter_node/latent": "std_msgs/msg/Float64MultiArray",
+        f"/{controller_node}/latent": "std_msgs/msg/Float64MultiArray",
         "/diagnostics": "diagnostic_msgs/msg/DiagnosticArray",
         "/sim/true_task": "std_msgs/msg/String",
     }
@@ -181,7 +206,89 @@ def recorder_spec(controller: str, bag: str) -> NodeSpec:
     )
 
 
-GRAPHS = {"adapt_sim": (ADAPT_SIM_ARGUMENTS, adapt_sim_graph)}
+DEFAULT_ONNX_MODEL = "models/pearl/onnx"
+
+
+def _argument(declared: tuple[LaunchArgument, ...], name: str) -> LaunchArgument:
+    return next(arg for arg in declared if arg.name == name)
+
+
+def onnx_policy_spec(parameters: Mapping[str, Any], parameter_files: tuple[str, ...] = (),
+                     remappings: tuple[tuple[str, str], ...] = ()) -> NodeSpec:
+    """onnx_policy_node with its shipped parameter file, then ``parameter_files``."""
+    return NodeSpec(
+        name="onnx_policy_node", executable="onnx_policy_node",
+        module="metarl_ros.nodes.onnx_policy_node", node_class="OnnxPolicyNode",
+        parameter_files=("config/onnx_policy_node.yaml", *parameter_files),
+        parameters=dict(parameters), remappings=remappings,
+    )
+
+
+DEPLOY_ARGUMENTS: tuple[LaunchArgument, ...] = (
+    LaunchArgument("model", DEFAULT_ONNX_MODEL, "`metarl export` directory of the model."),
+    LaunchArgument("env_config", "sim/envs/iiwa7_tracking.yaml",
+                   "Env YAML the model was trained with: robot, observation, PD feedback."),
+    LaunchArgument("params_file", "",
+                   "Extra parameter file for the robot (joint_map, controller_joints, "
+                   "joint_names, hold gains, sensor_qos...; key onnx_policy_node or /**); "
+                   "launch arguments override it."),
+    LaunchArgument("command_type", "effort",
+                   "effort: Float64MultiArray for a forward_command_controller; trajectory: "
+                   "one-point JointTrajectory (effort feed-forward) for a "
+                   "joint_trajectory_controller.", choices=COMMAND_TYPES),
+    LaunchArgument("controller", "effort_controller",
+                   "Controller name: commands on /<controller>/commands or "
+                   "/<controller>/joint_trajectory."),
+    LaunchArgument("command_topic", "", "Remap the command topic to this ('' = as above)."),
+    LaunchArgument("joint_states", "/joint_states", "Joint state topic of the robot."),
+    LaunchArgument("reference", "/reference", "Reference topic (q, qd, qdd to track)."),
+    LaunchArgument("control_rate_hz", "0.0",
+                   "Control rate (0 = the env's); must equal the model's.", kind=float),
+    LaunchArgument("watchdog_timeout", "0.1",
+                   "Seconds without fresh joint states or reference before the safe action.",
+                   kind=float),
+    LaunchArgument("safe_mode", "zero", "Safe action: zero effort, or hold the position.",
+                   choices=SAFE_MODES),
+    LaunchArgument("effort_limit_scale", "1.0",
+                   "Clamp efforts to this fraction (0.01..1) of the effort limits.", kind=float),
+    LaunchArgument("use_sim_time", "false", "Follow /clock (simulation only).", kind=bool),
+)
+
+
+def deploy_graph(values: Mapping[str, str] | None = None) -> Graph:
+    """The robot side: ``onnx_policy_node`` alone (no simulator) on the robot's topics."""
+    args = resolve_arguments(DEPLOY_ARGUMENTS, values)
+    if not 0.01 <= args["effort_limit_scale"] <= 1.0:
+        raise ValueError(f"effort_limit_scale:={args['effort_limit_scale']}: expected 0.01..1")
+    if args["watchdog_timeout"] <= 0.0 or args["control_rate_hz"] < 0.0:
+        raise ValueError("watchdog_timeout must be > 0 and control_rate_hz >= 0")
+    remappings = []
+    for default, target in (("/joint_states", args["joint_states"]),
+                            ("/reference", args["reference"]),
+                            (command_topic(args["controller"], args["command_type"]),
+                             args["command_topic"])):
+        if target and target != default:
+            remappings.append((default, target))
+    node = onnx_policy_spec(
+        {
+            "env_config": args["env_config"],
+            "model_path": args["model"],
+            "command_type": args["command_type"],
+            "controller_name": args["controller"],
+            "control_rate_hz": args["control_rate_hz"],
+            "watchdog_timeout": args["watchdog_timeout"],
+            "safe_mode": args["safe_mode"],
+            "effort_limit_scale": args["effort_limit_scale"],
+            "use_sim_time": args["use_sim_time"],
+        },
+        parameter_files=(args["params_file"],) if args["params_file"] else (),
+        remappings=tuple(remappings),
+    )
+    return Graph("deploy", args, (node,))
+
+
+GRAPHS = {"adapt_sim": (ADAPT_SIM_ARGUMENTS, adapt_sim_graph),
+          "deploy": (DEPLOY_ARGUMENTS, deploy_graph)}
 
 
 def parameter_file_path(relative: str) -> str:

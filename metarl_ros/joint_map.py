@@ -13,6 +13,10 @@ renames incoming joint names to the model's and orders outgoing commands for the
   names, the order of its ``joints`` parameter), the model index of each entry --
   ``std_msgs/Float64MultiArray`` commands are matched to the controller's joints by position.
 
+Also here, ROS-free for the launch graphs: the command types and their topics
+(:data:`COMMAND_TYPES`, :func:`command_topic`; the publishers are
+:mod:`metarl_ros.nodes.commands`).
+
 Pure Python (no ROS), so it is tested without DDS. Errors are
 :class:`~metarl_ros.config.ConfigError` naming the offending entry.
 """
@@ -26,6 +30,19 @@ import numpy as np
 from metarl_ros.config import ConfigError
 
 _UNMAPPED = " (not in joint_map)"
+
+#: ``effort``: std_msgs/Float64MultiArray for a forward_command_controller; ``trajectory``:
+#: a one-point trajectory_msgs/JointTrajectory for a joint_trajectory_controller.
+COMMAND_TYPES: tuple[str, ...] = ("effort", "trajectory")
+_TOPIC_SUFFIX = {"effort": "commands", "trajectory": "joint_trajectory"}
+
+
+def command_topic(controller: str, command_type: str) -> str:
+    """``/<controller>/commands`` (effort) or ``/<controller>/joint_trajectory``."""
+    if command_type not in _TOPIC_SUFFIX:
+        raise ValueError(f"command_type {command_type!r}: expected one of "
+                         f"{', '.join(COMMAND_TYPES)}")
+    return f"/{controller.strip('/')}/{_TOPIC_SUFFIX[command_type]}"
 
 
 class JointMap:

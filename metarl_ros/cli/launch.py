@@ -5,13 +5,16 @@ parameter files and overrides (exactly what ``launch/<graph>.launch.py`` hands t
 ``ros2 launch``), on one executor (single-threaded by default: the simulation loop has its
 own thread, and rclpy's MultiThreadedExecutor costs more CPU than it saves here; ``--threads``
 > 1 selects it). ``--duration`` stops after that many
-*simulated* seconds; otherwise Ctrl-C (or SIGTERM) stops it, with exit code 0 when the
-shutdown is clean; a second Ctrl-C during shutdown is ignored.
+*simulated* seconds (wall seconds for a graph without sim_node, e.g. ``deploy``); otherwise
+Ctrl-C (or SIGTERM) stops it, with exit code 0 when the shutdown is clean; a second Ctrl-C
+during shutdown is ignored.
 
 Examples::
 
     metarl launch adapt_sim real_time_factor:=0.0 --duration 10
     metarl launch adapt_sim policy:=pearl model:=models/pearl/model.pt adaptation:=false
+    metarl launch adapt_sim policy:=onnx model:=models/pearl/onnx
+    metarl launch deploy model:=models/pearl/onnx joint_states:=/robot/joint_states
     metarl launch adapt_sim --show-args
 
 DDS settings (ROS_DOMAIN_ID, ROS_AUTOMATIC_DISCOVERY_RANGE, ...) come from the environment.
@@ -38,7 +41,8 @@ def _parse(args: list[str]) -> tuple[argparse.Namespace, dict[str, str]]:
     parser.add_argument("assignments", nargs="*", metavar="name:=value",
                         help="launch arguments (see --show-args)")
     parser.add_argument("--duration", type=float, default=None,
-                        help="stop after this many simulated seconds (default: until Ctrl-C)")
+                        help="stop after this many simulated seconds (wall seconds without "
+                             "sim_node; default: until Ctrl-C)")
     parser.add_argument("--show-args", action="store_true",
                         help="list the graph's launch arguments and exit")
     parser.add_argument("--threads", type=int, default=1,
@@ -139,8 +143,12 @@ def run_graph(graph: Graph, duration_s: float | None = None, threads: int = 1,
                                        daemon=True)
         spin_thread.start()
         sim = next((n for n, spec in zip(nodes, graph.nodes) if spec.name == "sim_node"), None)
+        wall_end = (time.monotonic() + duration_s if sim is None and duration_s is not None
+                    else None)
         while not stop.is_set():
             if sim is not None and sim.finished.is_set():
+                break
+            if wall_end is not None and time.monotonic() >= wall_end:
                 break
             if not spin_thread.is_alive():
                 code = 1

@@ -37,15 +37,11 @@ from rclpy.node import Node
 from std_msgs.msg import Float64MultiArray
 from trajectory_msgs.msg import JointTrajectory, JointTrajectoryPoint
 
+from metarl_ros.joint_map import COMMAND_TYPES, command_topic
+
 from .common import COMMAND_QOS
 
-COMMAND_TYPES: tuple[str, ...] = ("effort", "trajectory")
-_SUFFIX = {"effort": "commands", "trajectory": "joint_trajectory"}
-
-
-def command_topic(controller: str, command_type: str) -> str:
-    """``/<controller>/commands`` or ``/<controller>/joint_trajectory``."""
-    return f"/{controller.strip('/')}/{_SUFFIX[command_type]}"
+__all__ = ["COMMAND_TYPES", "CommandPublisher", "command_topic"]
 
 
 class CommandPublisher:
@@ -61,11 +57,8 @@ class CommandPublisher:
 
     def __init__(self, node: Node, command_type: str, controller: str,
                  joint_names: Sequence[str], order: np.ndarray) -> None:
-        if command_type not in COMMAND_TYPES:
-            raise ValueError(f"command_type {command_type!r}: expected one of "
-                             f"{', '.join(COMMAND_TYPES)}")
+        self.topic = command_topic(controller, command_type)  # checks command_type
         self.command_type = command_type
-        self.topic = command_topic(controller, command_type)
         self.joint_names = list(joint_names)
         self._order = np.asarray(order, dtype=np.int64)
         self._identity = bool((self._order == np.arange(self._order.size)).all())
