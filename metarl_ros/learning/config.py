@@ -76,6 +76,11 @@ class TrainConfig(StrictModel):
     checkpoint_every_minutes: PositiveFloat = 5.0
     torch_threads: PositiveInt = 2
     save_replay: bool = Field(default=True, description="store replay buffers for exact resume")
+    init_from: str | None = Field(
+        default=None,
+        description="model.pt of an unconditioned run (e.g. nominal) to start actor, critics "
+        "and temperature from; condition inputs start at zero (learning/warm_start.py)",
+    )
     agent: AgentConfig = AgentConfig()
     dynamics: DynamicsConfig = DynamicsConfig()
 

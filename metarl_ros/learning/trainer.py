@@ -33,6 +33,7 @@ from metarl_ros.learning.checkpoint import (
     CheckpointError,
     atomic_torch_save,
     build_model_payload,
+    load_model_payload,
     load_state_strict,
     remove_stale_temp_files,
 )
@@ -40,6 +41,7 @@ from metarl_ros.learning.config import TrainConfig
 from metarl_ros.learning.encoder import make_transition
 from metarl_ros.learning.replay import MultiTaskReplay
 from metarl_ros.learning.rollout import VectorRollout
+from metarl_ros.learning.warm_start import warm_start
 from metarl_ros.resources import resolve_path
 from metarl_ros.sim.env import EnvSetup, load_env_setup
 from metarl_ros.sim.tasks import (
@@ -104,6 +106,14 @@ class Trainer:
         torch.manual_seed(config.seed)
         self.rng = np.random.default_rng(config.seed)
         self.agent = ConditionedSAC(self.spec)
+        self.warm_started_from: str | None = None
+        if config.init_from:
+            source = resolve_path(
+                config.init_from, base=config_path.parent if config_path else None
+            )
+            payload = load_model_payload(source)
+            warm_start(self.agent, payload["agent"], payload["agent_spec"], str(source))
+            self.warm_started_from = str(source)
         self.replay = MultiTaskReplay(
             len(self.tasks),
             config.replay_capacity_per_task,
@@ -365,7 +375,6 @@ class Trainer:
         latest = self.checkpoints.latest()
         if latest is None:
             return False
-        from metarl_ros.learning.checkpoint import load_model_payload
 
         payload = load_model_payload(latest / "model.pt")
         state = torch.load(latest / "train_state.pt", map_location="cpu", weights_only=True)
