@@ -336,13 +336,16 @@ class JointStateLayout:
     n_effort: int
 
     @property
-    def size(self) -> int:
-        return self.n_position + self.n_velocity + self.n_effort
+    def record_size(self) -> int:
+        """Length of a decoded record: three length fields and the values."""
+        return self.n_position + self.n_velocity + self.n_effort + 3
 
-    def split(self, values) -> tuple:
-        """``values`` (position + velocity + effort, along the last axis) -> the three parts."""
-        a, b = self.n_position, self.n_position + self.n_velocity
-        return values[..., :a], values[..., a:b], values[..., b:]
+    def split(self, records):
+        """Records ``(n_p, *position, n_v, *velocity, n_e, *effort)`` along the last axis
+        (a tuple, or an array of shape (..., record_size)) -> position, velocity, effort."""
+        a = 1 + self.n_position
+        b = a + 1 + self.n_velocity
+        return records[..., 1:a], records[..., a + 1:b], records[..., b + 1:]
 
 
 def _check_encapsulation(raw: bytes | memoryview) -> None:
@@ -365,19 +368,21 @@ def _string_end(raw: bytes | memoryview, pos: int) -> int:
 
 
 def _float64_sequences(raw: bytes | memoryview, pos: int,
-                       count: int) -> tuple[list[int], int, str]:
+                       count: int) -> tuple[list[int], int, str, list[tuple[int, int]]]:
     """Walk ``count`` consecutive ``float64[]`` fields starting at ``pos``.
 
-    Returns their sizes, the end offset and a :mod:`struct` format that unpacks all of them
-    (length fields and values, with explicit padding) from ``pos``. An empty sequence is
-    ambiguous between serializers (fastcdr pads to 8 for it, others do not), so it is only
-    accepted as the last field.
+    Returns their sizes, the end offset, a :mod:`struct` format that unpacks all of them
+    (length fields and values, with explicit padding) from ``pos``, and per field the absolute
+    offsets of its length and of its first value. An empty sequence is ambiguous between
+    serializers (fastcdr pads to 8 for it, others do not), so it is only accepted as the last
+    field.
     """
-    sizes, fmt = [], "<"
+    sizes, fmt, offsets = [], "<", []
     for i in range(count):
         aligned = _align(pos, 4)
         fmt += "x" * (aligned - pos) + "I"
         (size,) = _U32.unpack_from(raw, aligned)
+        count_at = aligned
         pos = aligned + 4
         if size == 0:
             if i != count - 1 and (pos - _HEADER_SIZE) % 8:
@@ -389,7 +394,8 @@ def _float64_sequences(raw: bytes | memoryview, pos: int,
         if pos > len(raw):
             raise CdrLayoutError("float64 sequence runs past the end")
         sizes.append(size)
-    return sizes, pos, fmt
+        offsets.append((count_at, pos - 8 * size))
+    return sizes, pos, fmt, offsets
 
 
 class JointStateDecoder:
@@ -407,10 +413,13 @@ class JointStateDecoder:
         self._struct: struct.Struct | None = None
         self._count_index: tuple[int, int, int] = (0, 0, 0)
 
-    def decode(self, raw: bytes | memoryview) -> tuple[int, JointStateLayout, tuple[float, ...]]:
-        """Return ``(stamp_ns, layout, values)``; ``values`` = position + velocity + effort.
+    def decode(self, raw: bytes | memoryview) -> tuple[int, JointStateLayout, tuple]:
+        """Return ``(stamp_ns, layout, record)``.
 
-        Raises :class:`CdrLayoutError` if the bytes are not a plain little-endian JointState.
+        ``record`` is ``(n_p, *position, n_v, *velocity, n_e, *effort)`` -- the arrays with
+        their length fields, as one :mod:`struct` call yields them (:meth:`JointStateLayout.
+        split` takes them apart, also for many records at once). Raises
+        :class:`CdrLayoutError` if the bytes are not a plain little-endian JointState.
         """
         if not isinstance(raw, bytes):
             raw = bytes(raw)
@@ -429,12 +438,19 @@ class JointStateDecoder:
                 assert layout is not None
                 if (fields[i] == layout.n_position and fields[j] == layout.n_velocity
                         and fields[k] == layout.n_effort):
-                    return (sec * 1_000_000_000 + nanosec, layout,
-                            fields[1:j] + fields[j + 1:k] + fields[k + 1:])
-        return self._decode_slow(raw, sec * 1_000_000_000 + nanosec, start)
+                    return sec * 1_000_000_000 + nanosec, layout, fields
+        return self.parse(raw)
 
-    def _decode_slow(self, raw: bytes | memoryview, stamp_ns: int, start: int):
-        _check_encapsulation(raw)
+    def parse(self, raw: bytes) -> tuple[int, JointStateLayout, tuple]:
+        """Like :meth:`decode`, field by field; remembers the layout for the fast paths."""
+        try:
+            _check_encapsulation(raw)
+            sec, nanosec, frame_len = _STAMP_LEN.unpack_from(raw, 4)
+            return self._parse(raw, sec * 1_000_000_000 + nanosec, _align(16 + frame_len, 4))
+        except (struct.error, UnicodeDecodeError):
+            raise CdrLayoutError("not a plain little-endian JointState") from None
+
+    def _parse(self, raw: bytes, stamp_ns: int, start: int):
         if start > len(raw):
             raise CdrLayoutError("bad frame_id length")
         (count,) = _U32.unpack_from(raw, start)
@@ -444,7 +460,7 @@ class JointStateDecoder:
             end = _string_end(raw, pos)
             names.append(bytes(raw[pos + 4:end - 1]).decode("utf-8"))
             pos = end
-        sizes, end, fmt = _float64_sequences(raw, pos, 3)
+        sizes, end, fmt, offsets = _float64_sequences(raw, pos, 3)
         if len(raw) - end > 7:
             raise CdrLayoutError("trailing bytes after JointState")
         layout = JointStateLayout(tuple(names), *sizes)
@@ -452,18 +468,119 @@ class JointStateDecoder:
         i = 0
         j = i + 1 + sizes[0]
         k = j + 1 + sizes[1]
-        values = fields[1:j] + fields[j + 1:k] + fields[k + 1:]
         # the fast path for the next messages: same name block at the same offset
         self._start, self._block = start, bytes(raw[start:pos])
         self._layout, self._struct = layout, struct.Struct(fmt)
         self._count_index = (i, j, k)
-        return stamp_ns, layout, values
+        # ... and, for JointStateColumns, the whole message as a numpy record
+        names_, formats, places = ["sec", "nanosec"], ["<i4", "<u4"], [4, 8]
+        for f, (size, (count_at, data_at)) in enumerate(zip(sizes, offsets)):
+            names_.append(f"n{f}")
+            formats.append("<u4")
+            places.append(count_at)
+            if size:
+                names_.append(f"v{f}")
+                formats.append(("<f8", (size,)))
+                places.append(data_at)
+        self.record_dtype = np.dtype({"names": names_, "formats": formats, "offsets": places,
+                                      "itemsize": len(raw)})
+        """numpy dtype of a whole message of the last parsed layout (this byte size)."""
+        return stamp_ns, layout, fields
 
     def __call__(self, raw: bytes | memoryview) -> "JointStateData":
-        stamp, layout, values = self.decode(raw)
-        array = np.asarray(values, dtype=np.float64)
-        position, velocity, effort = layout.split(array)
+        stamp, layout, record = self.decode(raw)
+        position, velocity, effort = layout.split(np.asarray(record, dtype=np.float64))
         return JointStateData(stamp, layout.names, position, velocity, effort)
+
+
+@dataclass
+class _Run:
+    """Consecutive messages of one layout: raw bytes (one numpy record each) or records."""
+
+    layout: JointStateLayout
+    dtype: np.dtype | None
+    chunks: list
+
+
+class JointStateColumns:
+    """Collect ``sensor_msgs/msg/JointState`` messages, decode them column-wise at the end.
+
+    A message with the byte size, ``frame_id`` length and name block of the one before (three
+    comparisons, no parsing) joins the current run as raw bytes; any other message is parsed
+    field by field (:class:`JointStateDecoder`) and starts a run. :meth:`runs` views each run's
+    bytes as one numpy record array, so a long recording costs a list append per message.
+
+    Args:
+        fallback: ``fallback(raw) -> (stamp_ns, layout, record)`` for messages the decoder
+            refuses (:class:`CdrLayoutError`), e.g. a generic deserializer; without it such a
+            message raises.
+    """
+
+    def __init__(self, fallback=None) -> None:
+        self._decoder = JointStateDecoder()
+        self._fallback = fallback
+        self._runs: list[_Run] = []
+        self._size = -1
+        self._frame = b""
+        self._start = 0
+        self._block = b""
+        self.count = 0
+
+    def __len__(self) -> int:
+        return self.count
+
+    def add(self, raw: bytes | memoryview) -> None:
+        if not isinstance(raw, bytes):
+            raw = bytes(raw)
+        if (len(raw) == self._size and raw[1] == 1 and raw[0] == 0
+                and raw[12:16] == self._frame and raw.startswith(self._block, self._start)):
+            self._runs[-1].chunks.append(raw)
+            self.count += 1
+            return
+        try:
+            self._decoder.parse(raw)
+        except CdrLayoutError:
+            if self._fallback is None:
+                raise CdrLayoutError("not a plain little-endian JointState") from None
+            stamp, layout, record = self._fallback(raw)
+            self._size = -1
+            last = self._runs[-1] if self._runs else None
+            if last is None or last.dtype is not None or last.layout != layout:
+                last = _Run(layout, None, [])
+                self._runs.append(last)
+            last.chunks.append((stamp, record))
+            self.count += 1
+            return
+        decoder = self._decoder
+        assert decoder._layout is not None
+        self._size, self._frame = len(raw), raw[12:16]
+        self._start, self._block = decoder._start, decoder._block
+        self._runs.append(_Run(decoder._layout, decoder.record_dtype, [raw]))
+        self.count += 1
+
+    def runs(self):
+        """Per run, in order: ``(layout, stamp_ns (m,), position, velocity, effort)``; the
+        arrays have shape (m, size) in the message's joint order."""
+        for run in self._runs:
+            layout = run.layout
+            if run.dtype is None:
+                stamps = np.asarray([c[0] for c in run.chunks], dtype=np.int64)
+                records = np.asarray([c[1] for c in run.chunks], dtype=np.float64)
+                yield (layout, stamps, *layout.split(records))
+                continue
+            data = np.frombuffer(b"".join(run.chunks), dtype=run.dtype)
+            sizes = (layout.n_position, layout.n_velocity, layout.n_effort)
+            if not all((data[f"n{f}"] == size).all() for f, size in enumerate(sizes)):
+                # same bytes up to the arrays but other sizes: parse one by one (never seen)
+                for raw in run.chunks:
+                    stamp, one, record = JointStateDecoder().decode(raw)
+                    yield (one, np.asarray([stamp], dtype=np.int64),
+                           *one.split(np.asarray([record], dtype=np.float64)))
+                continue
+            stamps = data["sec"].astype(np.int64) * 1_000_000_000 + data["nanosec"]
+            arrays = [data[f"v{f}"] if size else np.zeros((len(data), 0))
+                      for f, size in enumerate(sizes)]
+            yield (layout, stamps, *(np.array(a, dtype=np.float64) for a in arrays))
 
 
 @dataclass(frozen=True)
@@ -512,7 +629,7 @@ class Float64ArrayDecoder:
         for _ in range(dims):  # MultiArrayDimension: label, size, stride
             pos = _align(_string_end(raw, _align(pos, 4)), 4) + 8
         pos = _align(pos, 4) + 4  # data_offset
-        sizes, end, fmt = _float64_sequences(raw, pos, 1)
+        _, end, fmt, _ = _float64_sequences(raw, pos, 1)
         if len(raw) - end > 7:
             raise CdrLayoutError("trailing bytes after Float64MultiArray")
         return struct.unpack_from(fmt, raw, pos)[1:]

@@ -71,7 +71,7 @@ from metarl_ros.bag import (
     BagError,
     CdrLayoutError,
     Float64ArrayDecoder,
-    JointStateDecoder,
+    JointStateColumns,
     JointStateLayout,
     bag_is_complete,
     jazzy_typestore,
@@ -235,17 +235,24 @@ def _check_topics(path: Path, reader, topics: BagTopics) -> dict[str, Any]:
     return roles
 
 
+class _JointStream:
+    """JointState messages of one topic: log times and the bytes, decoded column-wise later
+    (:class:`~metarl_ros.bag.JointStateColumns`)."""
+
+    def __init__(self, reader) -> None:
+        self.log: list[int] = []
+        self.columns = JointStateColumns(fallback=lambda raw: _generic_joint_state(reader, raw))
+
+    def __len__(self) -> int:
+        return len(self.log)
+
+
 @dataclass
 class _Streams:
     """Raw per-topic columns read from one bag (before alignment)."""
 
-    state_log: list[int] = field(default_factory=list)
-    state_stamp: list[int] = field(default_factory=list)
-    state_values: list[tuple] = field(default_factory=list)
-    state_layout: list[JointStateLayout] = field(default_factory=list)
-    ref_stamp: list[int] = field(default_factory=list)
-    ref_values: list[tuple] = field(default_factory=list)
-    ref_layout: list[JointStateLayout] = field(default_factory=list)
+    states: _JointStream
+    references: _JointStream
     cmd_log: list[int] = field(default_factory=list)
     cmd_values: list[tuple] = field(default_factory=list)
     events: list[tuple[int, str]] = field(default_factory=list)
@@ -256,42 +263,34 @@ def _read_streams(path: Path, reader, roles: dict[str, Any], progress: bool,
                   dropped: Counter) -> _Streams:
     from tqdm import tqdm
 
-    streams = _Streams()
+    streams = _Streams(_JointStream(reader), _JointStream(reader))
     role_of = {c.id: role for role, conns in roles.items() for c in conns}
     wanted = [c for conns in roles.values() for c in conns]
     total = sum(c.msgcount for c in wanted)
-    state_decoder, ref_decoder, cmd_decoder = (JointStateDecoder(), JointStateDecoder(),
-                                               Float64ArrayDecoder())
+    command_decoder = Float64ArrayDecoder()
+    # bound methods: this loop runs once per message
+    add_state, log_state = streams.states.columns.add, streams.states.log.append
+    add_reference, log_reference = (streams.references.columns.add,
+                                    streams.references.log.append)
     bar = tqdm(total=total, disable=not progress, desc=f"read {path.name}", unit="msg",
                unit_scale=True, dynamic_ncols=True, mininterval=0.5)
     count = 0
     try:
         for connection, log_time, raw in reader.messages(connections=wanted):
             count += 1
-            if count % 4096 == 0:
+            if not count & 4095:
                 bar.update(4096)
             role = role_of[connection.id]
             try:
                 if role == "joint_states":
-                    try:
-                        stamp, layout, values = state_decoder.decode(raw)
-                    except CdrLayoutError:
-                        stamp, layout, values = _generic_joint_state(reader, raw)
-                    streams.state_log.append(log_time)
-                    streams.state_stamp.append(stamp)
-                    streams.state_values.append(values)
-                    streams.state_layout.append(layout)
+                    add_state(raw)
+                    log_state(log_time)
                 elif role == "reference":
-                    try:
-                        stamp, layout, values = ref_decoder.decode(raw)
-                    except CdrLayoutError:
-                        stamp, layout, values = _generic_joint_state(reader, raw)
-                    streams.ref_stamp.append(stamp)
-                    streams.ref_values.append(values)
-                    streams.ref_layout.append(layout)
+                    add_reference(raw)
+                    log_reference(log_time)
                 elif role == "commands":
                     try:
-                        values = cmd_decoder(raw)
+                        values = command_decoder(raw)
                     except CdrLayoutError:
                         values = tuple(reader.deserialize(raw, FLOAT64_ARRAY).data)
                     streams.cmd_log.append(log_time)
@@ -304,7 +303,7 @@ def _read_streams(path: Path, reader, roles: dict[str, Any], progress: bool,
         raise BagError(f"{path}: truncated or corrupt bag: reading stopped after {count} "
                        f"messages: {type(exc).__name__}: {exc}") from None
     finally:
-        bar.update(count % 4096)
+        bar.update(count & 4095)
         bar.close()
     streams.read = count
     if count < total:
@@ -314,38 +313,41 @@ def _read_streams(path: Path, reader, roles: dict[str, Any], progress: bool,
 
 
 def _generic_joint_state(reader, raw) -> tuple[int, JointStateLayout, tuple]:
+    """rosbags' deserializer, for what the fast decoder does not take (same record form)."""
     msg = reader.deserialize(raw, JOINT_STATE)
     stamp = int(msg.header.stamp.sec) * 1_000_000_000 + int(msg.header.stamp.nanosec)
     layout = JointStateLayout(tuple(msg.name), len(msg.position), len(msg.velocity),
                               len(msg.effort))
-    values = tuple(np.concatenate([msg.position, msg.velocity, msg.effort]).tolist())
-    return stamp, layout, values
+    record = [float(len(msg.position)), *msg.position, float(len(msg.velocity)),
+              *msg.velocity, float(len(msg.effort)), *msg.effort]
+    return stamp, layout, tuple(record)
 
 
-def _map_joint_states(path: Path, topic: str, layouts: list[JointStateLayout],
-                      values: list[tuple], joint_names: Sequence[str], unnamed_ok: bool,
-                      need_effort: bool, dropped: Counter
-                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Arrays in the model's joint order: position, velocity, effort (M, n) and a valid mask.
+def _map_joint_states(path: Path, topic: str, stream: _JointStream,
+                      joint_names: Sequence[str], unnamed_ok: bool, need_effort: bool,
+                      dropped: Counter) -> tuple[np.ndarray, ...]:
+    """Stamps (M,) and position, velocity, effort (M, n) in the model's joint order, plus a
+    valid mask (M,).
 
     Each message layout (names, array sizes) is checked once with the control loop's
     :class:`JointNameMapper`, then all its messages are converted together. Raises BagError
     when the names lack model joints (recorded on another robot, or for another model).
     """
     n = len(joint_names)
-    m = len(values)
+    m = len(stream)
+    stamp = np.zeros(m, dtype=np.int64)
     position = np.zeros((m, n))
     velocity = np.zeros((m, n))
     effort = np.zeros((m, n))
     valid = np.zeros(m, dtype=bool)
     mapper = JointNameMapper(joint_names, allow_unnamed=unnamed_ok)
-    groups: dict[JointStateLayout, list[int]] = {}
-    for i, layout in enumerate(layouts):
-        groups.setdefault(layout, []).append(i)
-    for layout, rows in groups.items():
+    row = 0
+    for layout, stamps, pos, vel, eff in stream.columns.runs():
+        rows = slice(row, row + len(stamps))
+        row += len(stamps)
+        stamp[rows] = stamps
         # the mapper maps a probe whose values are the source positions 0..size-1
-        size = layout.n_position
-        probe = np.arange(size, dtype=np.float64)
+        probe = np.arange(layout.n_position, dtype=np.float64)
         try:
             mapped = mapper.map(layout.names, probe, np.zeros(layout.n_velocity),
                                 np.zeros(layout.n_effort) if layout.n_effort else None,
@@ -356,11 +358,9 @@ def _map_joint_states(path: Path, topic: str, layouts: list[JointStateLayout],
                     f"{path}: joint names on {topic} do not match the model: {exc.detail} "
                     f"(message has {list(layout.names)}, model expects {list(joint_names)})"
                 ) from None
-            dropped[f"{topic}: {exc.reason.replace('_', ' ')}"] += len(rows)
+            dropped[f"{topic}: {exc.reason.replace('_', ' ')}"] += len(stamps)
             continue
         index = mapped.position.astype(np.int64)
-        block = np.asarray([values[i] for i in rows], dtype=np.float64)
-        pos, vel, eff = layout.split(block)
         position[rows] = pos[:, index]
         velocity[rows] = vel[:, index]
         if layout.n_effort:
@@ -371,7 +371,7 @@ def _map_joint_states(path: Path, topic: str, layouts: list[JointStateLayout],
         valid[rows] = ok
         if (~ok).any():
             dropped[f"{topic}: non-finite value on a model joint"] += int((~ok).sum())
-    return position, velocity, effort, valid
+    return stamp, position, velocity, effort, valid
 
 
 def _parse_events(path: Path, raw_events: list[tuple[int, str]], n: int,
@@ -439,11 +439,9 @@ def read_bag(path: str | Path, setup: EnvSetup, joint_names: Sequence[str],
         reader.close()
 
     # --- joint states: arrays in model order, time axis, clock checks ------------------
-    q, qd, _, state_ok = _map_joint_states(path, topics.joint_states, streams.state_layout,
-                                           streams.state_values, joint_names, False, False,
-                                           dropped)
-    log = np.asarray(streams.state_log, dtype=np.int64)
-    stamp = np.asarray(streams.state_stamp, dtype=np.int64)
+    stamp, q, qd, _, state_ok = _map_joint_states(path, topics.joint_states, streams.states,
+                                                  joint_names, False, False, dropped)
+    log = np.asarray(streams.states.log, dtype=np.int64)
     if stamp.size and not stamp.any():
         dropped["joint_states: unstamped, log time used"] += stamp.size
         stamp = log.copy()
@@ -454,12 +452,10 @@ def read_bag(path: str | Path, setup: EnvSetup, joint_names: Sequence[str],
         raise BagError(f"{path}: no usable joint states on {topics.joint_states}")
 
     # --- reference ----------------------------------------------------------------------
-    if not streams.ref_values:
+    if not len(streams.references):
         raise BagError(f"{path}: no reference messages on {topics.reference}")
-    rq, rqd, rqdd, ref_ok = _map_joint_states(path, topics.reference, streams.ref_layout,
-                                              streams.ref_values, joint_names, True, True,
-                                              dropped)
-    ref_stamp = np.asarray(streams.ref_stamp, dtype=np.int64)
+    ref_stamp, rq, rqd, rqdd, ref_ok = _map_joint_states(
+        path, topics.reference, streams.references, joint_names, True, True, dropped)
     if not ref_stamp.any():
         raise BagError(f"{path}: reference messages on {topics.reference} are unstamped; "
                        "the reference of an instant cannot be found")

@@ -1,0 +1,241 @@
+"""Rosbag recording and offline retraining throughput (issue #6).
+
+    .venv/bin/python benchmarks/bag_throughput.py [--bag-seconds 60] [--record-seconds 60]
+                                                  [--rate 500] [--skip-read] [--skip-record]
+
+**Bag -> transitions.** A simulated run (PD controller through the adapter's control loop,
+joint states and reference at 500 Hz, commands at 100 Hz, a payload fault halfway) is written
+to MCAP through the recorder's writer (:func:`metarl_ros.learning.sim_recording.
+record_simulated_run`). On that bag, in the same process and run, three readers go over the
+topics ``metarl retrain`` uses (joint states, reference, commands, task events):
+
+* bare read -- ``rosbags.highlevel.AnyReader.messages()`` yielding raw CDR, nothing else;
+* bare read + rosbags deserialize -- the same plus ``reader.deserialize()`` per message;
+* bag -> transitions -- :func:`metarl_ros.learning.bag_dataset.read_bag`: read, decode, map
+  joints, align on the control grid, recover actions, build (s, a, r, s').
+
+Each is repeated (``--repeats``) and the best time kept; throughput is messages per second.
+
+**Recorder at 500 Hz.** ``recorder_node`` runs as its own process (the installed executable's
+code, MCAP); this script publishes ``sensor_msgs/JointState`` on ``/joint_states`` at
+``--rate`` Hz against the wall clock for ``--record-seconds``, each message carrying its
+sequence number in the stamp; then the recorder gets SIGINT and the bag is read back. Dropped =
+published - recorded (and which sequence numbers are missing); the recorder's CPU share comes
+from ``/proc/<pid>/stat`` over the publishing window.
+
+DDS stays on loopback on a domain of this run (ROS_* variables are set here and for the child).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+JOINTS = [f"lbr_iiwa_joint_{i}" for i in range(1, 8)]
+
+
+def _ros_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.setdefault("ROS_DOMAIN_ID", str(os.getpid() % 101 + 1))
+    env["ROS_AUTOMATIC_DISCOVERY_RANGE"] = "LOCALHOST"
+    env["ROS_LOCALHOST_ONLY"] = "1"
+    return env
+
+
+# ---------------------------------------------------------------------------- bag -> transitions
+
+
+def make_bag(folder: Path, seconds: float) -> Path:
+    from metarl_ros.learning.sim_recording import record_simulated_run
+    from metarl_ros.policy_factory import make_policy
+    from metarl_ros.sim.env import load_env_setup
+    from metarl_ros.sim.tasks import FaultEvent, TaskParams
+
+    setup = load_env_setup()
+    fault = FaultEvent(seconds / 2, TaskParams(payload_mass=2.0).normalized(7), "payload 2 kg")
+    path = folder / "sim_run"
+    start = time.perf_counter()
+    record_simulated_run(path, setup, make_policy("pd", setup), seconds, faults=[fault],
+                         seed=1, joint_state_rate_hz=500.0)
+    print(f"wrote {path} ({seconds:g} s simulated) in {time.perf_counter() - start:.1f} s",
+          flush=True)
+    return path
+
+
+def read_benchmark(bag: Path, repeats: int) -> dict:
+    from rosbags.highlevel import AnyReader
+
+    from metarl_ros.bag import jazzy_typestore
+    from metarl_ros.learning.bag_dataset import read_bag
+    from metarl_ros.sim.env import load_env_setup
+
+    setup = load_env_setup()
+    used = {"/joint_states", "/reference", "/effort_controller/commands", "/sim/true_task"}
+
+    def bare(deserialize: bool) -> int:
+        count = 0
+        with AnyReader([bag], default_typestore=jazzy_typestore()) as reader:
+            connections = [c for c in reader.connections if c.topic in used]
+            for connection, _, raw in reader.messages(connections=connections):
+                if deserialize:
+                    reader.deserialize(raw, connection.msgtype)
+                count += 1
+        return count
+
+    results: dict = {}
+    transitions = 0
+    for name, run in (("bare read", lambda: bare(False)),
+                      ("bare read + rosbags deserialize", lambda: bare(True)),
+                      ("bag -> transitions (read_bag)", None)):
+        best = float("inf")
+        count = 0
+        for _ in range(repeats):
+            start = time.perf_counter()
+            if run is None:
+                data = read_bag(bag, setup, JOINTS)
+                count, transitions = data.read_messages, len(data)
+            else:
+                count = run()
+            best = min(best, time.perf_counter() - start)
+        results[name] = {"messages": count, "seconds": best, "messages_per_s": count / best}
+        print(f"{name:34s} {count:8d} messages in {best:.3f} s = {count / best:10.0f} msg/s",
+              flush=True)
+    results["bag -> transitions (read_bag)"]["transitions"] = transitions
+    bare_rate = results["bare read"]["messages_per_s"]
+    ratio = results["bag -> transitions (read_bag)"]["messages_per_s"] / bare_rate
+    results["ratio_to_bare_read"] = ratio
+    print(f"bag -> transitions at {100 * ratio:.0f} % of the bare read "
+          f"({transitions} transitions)", flush=True)
+    return results
+
+
+# ---------------------------------------------------------------------------- recorder at 500 Hz
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def record_benchmark(folder: Path, seconds: float, rate: float) -> dict:
+    env = _ros_env()
+    os.environ.update({k: env[k] for k in ("ROS_DOMAIN_ID", "ROS_AUTOMATIC_DISCOVERY_RANGE",
+                                           "ROS_LOCALHOST_ONLY")})
+    import rclpy
+    from rclpy.node import Node
+    from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
+    from sensor_msgs.msg import JointState
+
+    bag = folder / "recorded"
+    recorder = subprocess.Popen(
+        [sys.executable, "-m", "metarl_ros.nodes.recorder_node", "--ros-args",
+         "-p", f"output:={bag}", "-p", "topics:=['/joint_states']",
+         "-p", "types:=['sensor_msgs/msg/JointState']"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    rclpy.init()
+    node = Node("bag_benchmark_publisher")
+    qos = QoSProfile(depth=10, history=HistoryPolicy.KEEP_LAST,
+                     reliability=ReliabilityPolicy.RELIABLE,
+                     durability=DurabilityPolicy.VOLATILE)
+    publisher = node.create_publisher(JointState, "/joint_states", qos)
+    try:
+        deadline = time.monotonic() + 30.0
+        while publisher.get_subscription_count() == 0:
+            if time.monotonic() > deadline or recorder.poll() is not None:
+                raise RuntimeError("recorder_node did not subscribe")
+            time.sleep(0.05)
+        time.sleep(0.5)
+        period = 1.0 / rate
+        total = int(round(seconds * rate))
+        msg = JointState(name=JOINTS, position=[0.1] * 7, velocity=[0.0] * 7, effort=[0.0] * 7)
+        cpu_start, wall_start = _cpu_seconds(recorder.pid), time.monotonic()
+        late = 0
+        for i in range(total):
+            target = wall_start + i * period
+            delay = target - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+            elif delay < -period:
+                late += 1
+            msg.header.stamp.sec, msg.header.stamp.nanosec = divmod(i, 1_000_000_000)
+            msg.position[0] = i * 1e-6
+            publisher.publish(msg)
+        wall = time.monotonic() - wall_start
+        time.sleep(1.0)  # let the last messages arrive
+        cpu = _cpu_seconds(recorder.pid) - cpu_start
+        recorder.send_signal(signal.SIGINT)
+        output, _ = recorder.communicate(timeout=60.0)
+    finally:
+        if recorder.poll() is None:
+            recorder.kill()
+        node.destroy_node()
+        rclpy.try_shutdown()
+
+    from rosbags.rosbag2 import Reader
+
+    from metarl_ros.bag import JointStateDecoder, bag_is_complete
+
+    decoder = JointStateDecoder()
+    with Reader(bag) as reader:
+        sequence = [decoder(raw).stamp_ns for _, _, raw in reader.messages()]
+    missing = sorted(set(range(total)) - set(sequence))
+    lost = re.search(r"(\d+) lost before reaching the recorder", output)
+    result = {
+        "rate_hz": rate, "seconds": seconds, "published": total,
+        "achieved_rate_hz": total / wall, "publisher_late_periods": late,
+        "recorded": len(sequence), "dropped": total - len(sequence),
+        "missing_sequence_numbers": missing[:20], "duplicates": len(sequence) - len(set(sequence)),
+        "in_order": sequence == sorted(sequence), "bag_complete": bag_is_complete(bag),
+        "recorder_exit_code": recorder.returncode,
+        "recorder_reported_lost": int(lost.group(1)) if lost else 0,
+        "recorder_cpu_percent": 100.0 * cpu / wall, "bag_mb": sum(
+            p.stat().st_size for p in bag.iterdir()) / 1e6,
+    }
+    print(f"recorder: published {total} at {result['achieved_rate_hz']:.1f} Hz for "
+          f"{wall:.1f} s, recorded {len(sequence)}, dropped {result['dropped']}, "
+          f"recorder CPU {result['recorder_cpu_percent']:.1f} %, exit "
+          f"{recorder.returncode}, bag complete {result['bag_complete']}", flush=True)
+    return result
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--bag-seconds", type=float, default=60.0,
+                        help="simulated seconds in the read benchmark's bag")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--record-seconds", type=float, default=60.0,
+                        help="how long to publish to the recorder (the issue asks for 600)")
+    parser.add_argument("--rate", type=float, default=500.0, help="joint state rate, Hz")
+    parser.add_argument("--skip-read", action="store_true")
+    parser.add_argument("--skip-record", action="store_true")
+    parser.add_argument("--json", help="write the results here")
+    args = parser.parse_args()
+    import torch
+
+    torch.set_num_threads(1)
+    report: dict = {"machine": {"python": platform.python_version(), "cpus": os.cpu_count(),
+                                "load_average": os.getloadavg()}}
+    with tempfile.TemporaryDirectory(prefix="bag_benchmark_") as tmp:
+        folder = Path(tmp)
+        if not args.skip_read:
+            report["read"] = read_benchmark(make_bag(folder, args.bag_seconds), args.repeats)
+        if not args.skip_record:
+            report["record"] = record_benchmark(folder, args.record_seconds, args.rate)
+    report["machine"]["load_average_end"] = os.getloadavg()
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
