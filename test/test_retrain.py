@@ -33,6 +33,7 @@ from metarl_ros.bag import (
     JOINT_STATE,
     BagWriter,
     Float64ArrayDecoder,
+    JointStateColumns,
     JointStateDecoder,
     bag_is_complete,
     jazzy_typestore,
@@ -164,6 +165,36 @@ def test_fast_decoders_agree_with_rosbags():
         raw = messages.array(rng.normal(size=n))
         np.testing.assert_array_equal(array_decoder(raw),
                                       store.deserialize_cdr(raw, FLOAT64_ARRAY).data)
+
+
+def test_joint_state_columns_decode_runs_of_layouts():
+    """Column-wise decoding over layout changes equals message-by-message deserialization."""
+    store = jazzy_typestore()
+    messages = CdrMessages(store)
+    rng = np.random.default_rng(1)
+    raws = []
+    for block in range(6):  # runs of one layout, then another (names, sizes, effort)
+        n = 7 if block % 2 == 0 else 3
+        names = JOINTS[:n] if block != 4 else JOINTS[:n][::-1]
+        for _ in range(int(rng.integers(1, 30))):
+            effort = rng.normal(size=n) if block != 2 else np.zeros(0)
+            raws.append(messages.joint_state(int(rng.integers(0, 10**12)), names,
+                                             rng.normal(size=n), rng.normal(size=n), effort))
+    columns = JointStateColumns()
+    for raw in raws:
+        columns.add(raw)
+    rows = []
+    for layout, stamps, position, velocity, effort in columns.runs():
+        for i in range(len(stamps)):
+            rows.append((layout.names, stamps[i], position[i], velocity[i], effort[i]))
+    assert len(rows) == len(raws) == len(columns)
+    for (names, stamp, position, velocity, effort), raw in zip(rows, raws):
+        ref = store.deserialize_cdr(raw, JOINT_STATE)
+        assert names == tuple(ref.name)
+        assert stamp == ref.header.stamp.sec * 10**9 + ref.header.stamp.nanosec
+        np.testing.assert_array_equal(position, ref.position)
+        np.testing.assert_array_equal(velocity, ref.velocity)
+        np.testing.assert_array_equal(effort, ref.effort)
 
 
 def test_sqlite3_version8_bag_reads_the_same(setup, pd_bag, tmp_path):
