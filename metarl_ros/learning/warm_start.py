@@ -31,8 +31,12 @@ def _expand_inputs(
     return out
 
 
-def warm_start(agent: ConditionedSAC, source_state: dict[str, torch.Tensor], source_spec: dict,
-               source_name: str) -> list[str]:
+def warm_start(
+    agent: ConditionedSAC,
+    source_state: dict[str, torch.Tensor],
+    source_spec: dict,
+    source_name: str,
+) -> list[str]:
     """Load ``source_state`` into ``agent`` (actor, critics, temperature); returns what was
     copied. Raises :class:`CheckpointError` if the networks do not correspond."""
     spec = agent.spec
@@ -42,11 +46,16 @@ def warm_start(agent: ConditionedSAC, source_state: dict[str, torch.Tensor], sou
             theirs = tuple(theirs)
         if mine != theirs:
             raise CheckpointError(f"{source_name}: cannot warm-start: {field} {theirs} != {mine}")
-    source_cond = {"latent": source_spec["latent_dim"], "oracle": source_spec["oracle_dim"],
-                   "none": 0}[source_spec["conditioning"]]
+    source_cond = {
+        "latent": source_spec["latent_dim"],
+        "oracle": source_spec["oracle_dim"],
+        "none": 0,
+    }[source_spec["conditioning"]]
     if source_cond != 0:
-        raise CheckpointError(f"{source_name}: warm-start source must be unconditioned "
-                              f"(got conditioning {source_spec['conditioning']!r})")
+        raise CheckpointError(
+            f"{source_name}: warm-start source must be unconditioned "
+            f"(got conditioning {source_spec['conditioning']!r})"
+        )
     own = agent.state_dict()
     copied = []
     first_layers = ("actor", "critic", "critic_target")
@@ -63,8 +72,10 @@ def warm_start(agent: ConditionedSAC, source_state: dict[str, torch.Tensor], sou
                 network = name.split(".")[0]
                 tail = 0 if network == "actor" else spec.act_dim
                 if network not in first_layers or not name.endswith("weight"):
-                    raise CheckpointError(f"{source_name}: cannot warm-start {name}: shape "
-                                          f"{tuple(theirs.shape)} vs {tuple(value.shape)}")
+                    raise CheckpointError(
+                        f"{source_name}: cannot warm-start {name}: shape "
+                        f"{tuple(theirs.shape)} vs {tuple(value.shape)}"
+                    )
                 own[name] = _expand_inputs(theirs, value, spec.obs_dim, tail)
             copied.append(name)
     agent.load_state_dict(own)

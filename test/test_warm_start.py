@@ -1,0 +1,92 @@
+"""Warm start (curriculum): a conditioned agent built from an unconditioned one."""
+
+import pytest
+import torch
+
+from metarl_ros.learning.agent import AgentSpec, ConditionedSAC
+from metarl_ros.learning.checkpoint import CheckpointError
+from metarl_ros.learning.warm_start import warm_start
+
+OBS, ACT = 6, 2
+
+
+def _spec(conditioning: str, **kw) -> AgentSpec:
+    return AgentSpec(
+        obs_dim=OBS,
+        act_dim=ACT,
+        conditioning=conditioning,
+        latent_dim=3,
+        oracle_dim=5,
+        encoder_hidden=(8,),
+        actor_hidden=(16, 16),
+        critic_hidden=(16, 16),
+        **kw,
+    )
+
+
+@pytest.fixture
+def source() -> ConditionedSAC:
+    torch.manual_seed(0)
+    agent = ConditionedSAC(_spec("none"))
+    with torch.no_grad():
+        agent.log_alpha.fill_(-3.0)
+    return agent
+
+
+@pytest.mark.parametrize("conditioning, cond_dim", [("latent", 3), ("oracle", 5), ("none", 0)])
+def test_warm_started_agent_is_the_source_for_any_condition(source, conditioning, cond_dim):
+    torch.manual_seed(1)
+    agent = ConditionedSAC(_spec(conditioning))
+    before_encoder = (
+        {k: v.clone() for k, v in agent.encoder.state_dict().items()}
+        if agent.encoder is not None
+        else {}
+    )
+    warm_start(agent, source.state_dict(), vars(source.spec), "source")
+    obs, action = torch.randn(32, OBS), torch.rand(32, ACT) * 2 - 1
+    cond = torch.randn(32, cond_dim) * 10.0  # large: zero weights must make it irrelevant
+    torch.testing.assert_close(
+        agent.act(obs, cond, True), source.act(obs, torch.zeros(32, 0), True), rtol=0, atol=0
+    )
+    torch.testing.assert_close(
+        agent.critic(torch.cat([obs, cond], -1), action),
+        source.critic(obs, action),
+        rtol=0,
+        atol=1e-6,
+    )
+    torch.testing.assert_close(
+        agent.critic_target(torch.cat([obs, cond], -1), action),
+        source.critic_target(obs, action),
+        rtol=0,
+        atol=1e-6,
+    )
+    assert float(agent.log_alpha) == -3.0
+    for key, value in before_encoder.items():  # the encoder is not touched
+        assert torch.equal(agent.encoder.state_dict()[key], value)
+
+
+def test_condition_columns_start_at_zero_and_then_learn(source):
+    agent = ConditionedSAC(_spec("oracle"))
+    warm_start(agent, source.state_dict(), vars(source.spec), "source")
+    first = agent.actor.trunk[0].weight  # (hidden, obs + cond)
+    assert torch.count_nonzero(first[:, OBS:]) == 0
+    assert first.requires_grad
+
+
+def test_mismatched_networks_are_refused(source):
+    wider = ConditionedSAC(
+        AgentSpec(
+            obs_dim=OBS,
+            act_dim=ACT,
+            conditioning="latent",
+            latent_dim=3,
+            actor_hidden=(32, 32),
+            critic_hidden=(16, 16),
+        )
+    )
+    with pytest.raises(CheckpointError, match="actor_hidden"):
+        warm_start(wider, source.state_dict(), vars(source.spec), "nominal.pt")
+    conditioned = ConditionedSAC(_spec("oracle"))
+    target = ConditionedSAC(_spec("latent"))
+    with pytest.raises(CheckpointError, match="unconditioned"):
+        warm_start(target, conditioned.state_dict(), vars(conditioned.spec), "oracle.pt")
