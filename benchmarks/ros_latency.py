@@ -1,16 +1,29 @@
-"""Sensor-to-command latency of adapter_node vs a bare rclpy echo node (issue #4).
+"""Sensor-to-command latency of adapter_node / onnx_policy_node vs a bare rclpy echo node.
 
     .venv/bin/python benchmarks/ros_latency.py [--rate 500] [--duration 10] [--policy pd]
+    .venv/bin/python benchmarks/ros_latency.py --nodes echo,adapter,onnx --policy pearl \
+        --model models/pearl/model.pt --onnx-model models/pearl/onnx          # issue #5
 
 Two processes: this driver publishes ``/reference`` and ``/joint_states`` at ``--rate`` Hz
 (wall clock) and listens on ``/effort_controller/commands``; the node under test runs as a
 subprocess -- first a bare rclpy echo node (subscribe JointState, publish Float64MultiArray),
-then ``adapter_node`` with its shipped parameter file (control at the env's 100 Hz, so one
-joint state in five triggers a command). Every joint state carries its sequence number in a
-tiny position offset of joint 1 (1e-6 rad per step); the echo returns it as data, the
-adapter's command encodes it through the env's PD feedback (``kp_1 * offset``), so each
-command is matched to the exact message that caused it. Latency = command receipt minus joint
-state publication, both on this process's monotonic clock.
+then ``adapter_node`` and/or ``onnx_policy_node`` with their shipped parameter files
+(control at the env's 100 Hz, so one joint state in five triggers a command; joint states
+are stamped on an exact grid, one state period apart). Every joint state carries its
+sequence number in a tiny position offset of joint 1 (1e-6 rad per step), and each command
+is matched to the exact state it was computed from:
+
+* ``echo``: the echo returns the positions as data;
+* ``pd`` (adapter_node, policy pd, ``--command-type effort``): the command carries the
+  offset through the env's PD feedback (``kp_1 * offset``; the pd action is zero);
+* ``positions`` (``--command-type trajectory``, any policy): the one-point JointTrajectory
+  carries the measured positions the efforts were computed from. Learned policies need it --
+  their action hides the offset in an effort command -- and it costs the node a slightly
+  bigger message; running pd both ways shows how much.
+
+Latency = command receipt minus joint state publication, both on this process's monotonic
+clock. Resident memory (``VmRSS``, and its peak ``VmHWM``, from ``/proc/<pid>/status``) of
+each node process is read at the end of its measured window.
 
 Late ticks are adapter_node's own count (``late_tick_pct`` on /diagnostics: receipt-to-publish
 over half a control period, or a gap of more than 1.5 periods).
@@ -98,12 +111,17 @@ class Driver:
         qos = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE)
         self.states = self.node.create_publisher(JointState, "/joint_states", qos)
         self.refs = self.node.create_publisher(JointState, "/reference", qos)
+        from trajectory_msgs.msg import JointTrajectory
+
         self.node.create_subscription(Float64MultiArray, "/effort_controller/commands",
                                       self._on_command, qos)
+        self.node.create_subscription(JointTrajectory, "/effort_controller/joint_trajectory",
+                                      self._on_trajectory, qos)
+        self.command_topic = "/effort_controller/commands"
         self.node.create_subscription(DiagnosticArray, "/diagnostics", self._on_diag, qos)
         self.sent: dict[int, float] = {}
-        self.received: list[tuple[int, float]] = []
-        self.mode = "echo"
+        self.received: list[tuple[float, float]] = []
+        self.diag_prefix = "adapter_node"
         self.diag: dict[str, str] = {}
         self.lock = threading.Lock()
         self._spin = threading.Thread(target=rclpy.spin, args=(self.node,), daemon=True)
@@ -111,25 +129,32 @@ class Driver:
 
     def _on_command(self, msg) -> None:
         now = time.perf_counter()
-        value = msg.data[0]
-        if self.mode == "echo":
-            seq = int(round((self.q0[0] - value) / STEP_RAD))
-        else:
-            seq = int(round(value / (self.kp0 * STEP_RAD)))
         with self.lock:
-            self.received.append((seq, now))
+            self.received.append((msg.data[0], now))
+
+    def _on_trajectory(self, msg) -> None:
+        now = time.perf_counter()
+        with self.lock:
+            self.received.append((msg.points[0].positions[0], now))
+
+    def _decode(self, match: str, value: float) -> int:
+        if match == "pd":
+            return int(round(value / (self.kp0 * STEP_RAD)))
+        return int(round((self.q0[0] - value) / STEP_RAD))  # echo data, trajectory positions
 
     def _on_diag(self, msg) -> None:
         for status in msg.status:
-            if status.name.startswith("adapter_node"):
+            if status.name.startswith(self.diag_prefix):
                 self.diag = {kv.key: kv.value for kv in status.values}
 
     def connected(self) -> bool:
         return (self.states.get_subscription_count() > 0
-                and self.node.count_publishers("/effort_controller/commands") > 0)
+                and self.node.count_publishers(self.command_topic) > 0)
 
-    def publish(self, seq: int) -> None:
-        stamp = self.node.get_clock().now().to_msg()
+    def publish(self, seq: int, stamp_ns: int) -> None:
+        from builtin_interfaces.msg import Time
+
+        stamp = Time(sec=stamp_ns // 1_000_000_000, nanosec=stamp_ns % 1_000_000_000)
         n = len(self.names)
         ref = self.JointState(name=self.names, position=self.q0.tolist(),
                               velocity=[0.0] * n, effort=[0.0] * n)
@@ -143,13 +168,18 @@ class Driver:
         self.sent[seq] = time.perf_counter()
         self.states.publish(state)
 
-    def run(self, mode: str, warmup_s: float, duration_s: float) -> dict:
-        self.mode = mode
+    def run(self, mode: str, warmup_s: float, duration_s: float, match: str,
+            decimation: int, pid: int | None = None) -> dict:
+        """Publish for ``warmup_s + duration_s``; match each command to its state (``echo``,
+        ``pd`` or ``positions``); statistics of the measured part. ``decimation``: states
+        per control tick."""
         with self.lock:
             self.received.clear()
         self.sent.clear()
         self.diag = {}
         period = 1.0 / self.rate_hz
+        period_ns = int(round(1e9 / self.rate_hz))
+        stamp0_ns = self.node.get_clock().now().nanoseconds
         total = int((warmup_s + duration_s) * self.rate_hz)
         first_measured = int(warmup_s * self.rate_hz)
         start = time.perf_counter()
@@ -158,27 +188,36 @@ class Driver:
             delay = deadline - time.perf_counter()
             if delay > 0:
                 time.sleep(delay)
-            self.publish(seq)
+            self.publish(seq, stamp0_ns + seq * period_ns)
         time.sleep(0.5)
+        memory = _memory(pid) if pid is not None else {}
         with self.lock:
             received = list(self.received)
-        latencies = [t - self.sent[s] for s, t in received
+        matched = [(self._decode(match, value), t) for value, t in received]
+        # the first command per state (the watchdog repeats a safe command once they stop)
+        first: dict[int, float] = {}
+        for seq, t in matched:
+            first.setdefault(seq, t)
+        latencies = [t - self.sent[s] for s, t in first.items()
                      if s >= first_measured and s in self.sent]
         measured_states = total - first_measured + 1
         lat = np.array(latencies) * 1e3
         result = {
             "mode": mode,
+            "match": match,
             "states_published": measured_states,
+            "control_ticks_expected": (total - first_measured) // decimation + 1,
             "commands_matched": len(lat),
             "latency_p50_ms": float(np.percentile(lat, 50)) if len(lat) else float("nan"),
             "latency_p99_ms": float(np.percentile(lat, 99)) if len(lat) else float("nan"),
             "latency_max_ms": float(lat.max()) if len(lat) else float("nan"),
             "achieved_rate_hz": total / (time.perf_counter() - start - 0.5),
         }
-        if mode == "adapter":
+        result.update(memory)
+        if mode != "echo":
             time.sleep(1.0)  # one more diagnostics message
             result["late_tick_pct"] = float(self.diag.get("late_tick_pct", "nan"))
-            result["adapter_ticks"] = int(self.diag.get("ticks", "0"))
+            result["node_ticks"] = int(self.diag.get("ticks", "0"))
             result["inference_p50_ms"] = float(self.diag.get("inference_latency_p50_ms", "nan"))
             result["inference_p99_ms"] = float(self.diag.get("inference_latency_p99_ms", "nan"))
         return result
@@ -188,6 +227,19 @@ class Driver:
 
         self.node.destroy_node()
         rclpy.try_shutdown()
+
+
+def _memory(pid: int) -> dict[str, float]:
+    """Resident memory of a process: VmRSS (now) and VmHWM (peak), in MB."""
+    values = {}
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            key, _, rest = line.partition(":")
+            if key in ("VmRSS", "VmHWM"):
+                values[f"{key.lower()}_mb"] = round(int(rest.split()[0]) / 1024.0, 1)
+    except OSError:
+        pass
+    return values
 
 
 def _start(cmd: list[str]) -> subprocess.Popen:
@@ -208,7 +260,11 @@ def _stop(proc: subprocess.Popen) -> None:
 
 
 def measure(driver: Driver, mode: str, cmd: list[str], warmup_s: float,
-            duration_s: float) -> dict:
+            duration_s: float, match: str = "echo", decimation: int = 1,
+            diag_prefix: str = "") -> dict:
+    driver.diag_prefix = diag_prefix or mode
+    driver.command_topic = ("/effort_controller/joint_trajectory" if match == "positions"
+                            else "/effort_controller/commands")
     proc = _start(cmd)
     try:
         deadline = time.monotonic() + 30
@@ -219,7 +275,7 @@ def measure(driver: Driver, mode: str, cmd: list[str], warmup_s: float,
                 raise RuntimeError(f"{mode}: no connection within 30 s")
             time.sleep(0.05)
         time.sleep(0.5)
-        return driver.run(mode, warmup_s, duration_s)
+        return driver.run(mode, warmup_s, duration_s, match, decimation, proc.pid)
     finally:
         _stop(proc)
 
@@ -229,8 +285,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rate", type=float, default=500.0, help="joint state rate, Hz")
     parser.add_argument("--duration", type=float, default=10.0, help="measured seconds each")
     parser.add_argument("--warmup", type=float, default=1.0, help="unmeasured seconds first")
-    parser.add_argument("--policy", default="pd", help="adapter_node policy (pd|pearl)")
-    parser.add_argument("--model", default="", help="model path for --policy pearl")
+    parser.add_argument("--nodes", default="echo,adapter",
+                        help="comma-separated, measured in this order: echo, adapter "
+                             "(adapter_node), onnx (onnx_policy_node)")
+    parser.add_argument("--policy", default="pd", help="adapter_node policy (pd|pearl|onnx)")
+    parser.add_argument("--model", default="", help="adapter_node model_path (pearl, onnx)")
+    parser.add_argument("--onnx-model", default="models/pearl/onnx",
+                        help="onnx_policy_node model_path (a `metarl export` directory)")
+    parser.add_argument("--command-type", choices=("effort", "trajectory"), default="effort",
+                        help="command_type of adapter_node and onnx_policy_node; effort needs "
+                             "--policy pd for matching, onnx_policy_node always uses trajectory")
     parser.add_argument("--adapter-threads", type=int, default=1,
                         help="adapter_node executor_threads (1 = SingleThreadedExecutor)")
     parser.add_argument("--echo", action="store_true", help=argparse.SUPPRESS)
@@ -238,28 +302,52 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.echo:
         return run_echo()
+    nodes = [name.strip() for name in args.nodes.split(",") if name.strip()]
+    unknown = sorted(set(nodes) - {"echo", "adapter", "onnx"})
+    if unknown:
+        parser.error(f"unknown --nodes {unknown}")
     os.environ.update(_ros_env())
     driver = Driver(args.rate)
+    decimation = max(1, int(round(args.rate / driver.setup.config.control_rate_hz)))
+    if args.command_type == "effort" and args.policy != "pd" and "adapter" in nodes:
+        parser.error("a learned policy's effort command hides the sequence number: use "
+                     "--command-type trajectory (or --policy pd)")
+    adapter_match = "positions" if args.command_type == "trajectory" else "pd"
+    common = ["-p", "use_sim_time:=false", "-p", "diagnostics_rate_hz:=5.0",
+              "-p", f"executor_threads:={args.adapter_threads}"]
     adapter_cmd = [sys.executable, "-m", "metarl_ros.nodes.adapter_node", "--ros-args",
                    "--params-file", str(REPO / "config" / "adapter_node.yaml"),
-                   "-p", "use_sim_time:=false", "-p", f"policy:={args.policy}",
-                   "-p", "diagnostics_rate_hz:=5.0",
-                   "-p", f"executor_threads:={args.adapter_threads}"]
+                   "-p", f"policy:={args.policy}", "-p", f"command_type:={args.command_type}",
+                   *common]
     if args.model:
         adapter_cmd += ["-p", f"model_path:={args.model}"]
+    onnx_cmd = [sys.executable, "-m", "metarl_ros.nodes.onnx_policy_node", "--ros-args",
+                "--params-file", str(REPO / "config" / "onnx_policy_node.yaml"),
+                "-p", f"model_path:={args.onnx_model}", "-p", "command_type:=trajectory",
+                *common]
+    runs = {
+        "echo": lambda: measure(driver, "echo", [sys.executable, __file__, "--echo"],
+                                args.warmup, args.duration),
+        "adapter": lambda: measure(driver, "adapter", adapter_cmd, args.warmup, args.duration,
+                                   adapter_match, decimation, "adapter_node"),
+        "onnx": lambda: measure(driver, "onnx", onnx_cmd, args.warmup, args.duration,
+                                "positions", decimation, "onnx_policy_node"),
+    }
+    measured = {}
     try:
-        echo = measure(driver, "echo", [sys.executable, __file__, "--echo"], args.warmup,
-                       args.duration)
-        adapter = measure(driver, "adapter", adapter_cmd, args.warmup, args.duration)
+        for name in nodes:
+            measured[name] = runs[name]()
     finally:
         driver.close()
     results = {
         "command": "python benchmarks/ros_latency.py " + " ".join(argv or sys.argv[1:]),
         "rate_hz": args.rate, "duration_s": args.duration, "policy": args.policy,
+        "command_type": args.command_type,
+        "model": args.model, "onnx_model": args.onnx_model,
         "adapter_threads": args.adapter_threads,
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
                    f"load average {os.getloadavg()[0]:.2f}",
-        "echo": echo, "adapter": adapter,
+        **measured,
     }
     print(json.dumps(results, indent=2))
     if args.json:
