@@ -21,7 +21,8 @@ code, MCAP); this script publishes ``sensor_msgs/JointState`` on ``/joint_states
 ``--rate`` Hz against the wall clock for ``--record-seconds``, each message carrying its
 sequence number in the stamp; then the recorder gets SIGINT and the bag is read back. Dropped =
 published - recorded (and which sequence numbers are missing); the recorder's CPU share comes
-from ``/proc/<pid>/stat`` over the publishing window.
+from ``/proc/<pid>/stat`` over the publishing window. ``--baseline`` measures a bare rclpy
+subscriber (raw, counting only) the same way: the share of the CPU that is rclpy itself.
 
 DDS stays on loopback on a domain of this run (ROS_* variables are set here and for the child).
 """
@@ -127,7 +128,37 @@ def _cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def record_benchmark(folder: Path, seconds: float, rate: float) -> dict:
+def bare_subscriber() -> int:
+    """Baseline process: a raw rclpy subscription on /joint_states that only counts."""
+    import rclpy
+    from rclpy.executors import ExternalShutdownException
+    from rclpy.node import Node
+    from rclpy.qos import QoSProfile, ReliabilityPolicy
+    from sensor_msgs.msg import JointState
+
+    rclpy.init()
+    node = Node("bare_subscriber")
+    count = [0]
+
+    def on_message(_data) -> None:
+        count[0] += 1
+
+    node.create_subscription(JointState, "/joint_states", on_message,
+                             QoSProfile(depth=1000, reliability=ReliabilityPolicy.RELIABLE),
+                             raw=True)
+    try:
+        rclpy.spin(node)
+    except (KeyboardInterrupt, ExternalShutdownException):
+        pass
+    finally:
+        print(f"received {count[0]} messages", flush=True)
+        node.destroy_node()
+        rclpy.try_shutdown()
+    return 0
+
+
+def record_benchmark(folder: Path, seconds: float, rate: float, bare: bool = False) -> dict:
+    """Publish to recorder_node (or, ``bare``, to a counting subscriber) and count drops."""
     env = _ros_env()
     os.environ.update({k: env[k] for k in ("ROS_DOMAIN_ID", "ROS_AUTOMATIC_DISCOVERY_RANGE",
                                            "ROS_LOCALHOST_ONLY")})
@@ -137,11 +168,12 @@ def record_benchmark(folder: Path, seconds: float, rate: float) -> dict:
     from sensor_msgs.msg import JointState
 
     bag = folder / "recorded"
-    recorder = subprocess.Popen(
-        [sys.executable, "-m", "metarl_ros.nodes.recorder_node", "--ros-args",
-         "-p", f"output:={bag}", "-p", "topics:=['/joint_states']",
-         "-p", "types:=['sensor_msgs/msg/JointState']"],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    command = ([sys.executable, __file__, "--bare-subscriber"] if bare else
+               [sys.executable, "-m", "metarl_ros.nodes.recorder_node", "--ros-args",
+                "-p", f"output:={bag}", "-p", "topics:=['/joint_states']",
+                "-p", "types:=['sensor_msgs/msg/JointState']"])
+    recorder = subprocess.Popen(command, env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True)
     rclpy.init()
     node = Node("bag_benchmark_publisher")
     qos = QoSProfile(depth=10, history=HistoryPolicy.KEEP_LAST,
@@ -181,6 +213,14 @@ def record_benchmark(folder: Path, seconds: float, rate: float) -> dict:
         node.destroy_node()
         rclpy.try_shutdown()
 
+    cpu_percent = 100.0 * cpu / wall
+    if bare:
+        received = int(re.search(r"received (\d+) messages", output).group(1))
+        print(f"bare rclpy subscriber: published {total} at {total / wall:.1f} Hz, received "
+              f"{received}, CPU {cpu_percent:.1f} %", flush=True)
+        return {"published": total, "received": received, "cpu_percent": cpu_percent,
+                "exit_code": recorder.returncode}
+
     from rosbags.rosbag2 import Reader
 
     from metarl_ros.bag import JointStateDecoder, bag_is_complete
@@ -198,7 +238,7 @@ def record_benchmark(folder: Path, seconds: float, rate: float) -> dict:
         "in_order": sequence == sorted(sequence), "bag_complete": bag_is_complete(bag),
         "recorder_exit_code": recorder.returncode,
         "recorder_reported_lost": int(lost.group(1)) if lost else 0,
-        "recorder_cpu_percent": 100.0 * cpu / wall, "bag_mb": sum(
+        "recorder_cpu_percent": cpu_percent, "bag_mb": sum(
             p.stat().st_size for p in bag.iterdir()) / 1e6,
     }
     print(f"recorder: published {total} at {result['achieved_rate_hz']:.1f} Hz for "
@@ -218,8 +258,13 @@ def main() -> int:
     parser.add_argument("--rate", type=float, default=500.0, help="joint state rate, Hz")
     parser.add_argument("--skip-read", action="store_true")
     parser.add_argument("--skip-record", action="store_true")
+    parser.add_argument("--baseline", action="store_true",
+                        help="also measure a bare counting rclpy subscriber the same way")
     parser.add_argument("--json", help="write the results here")
+    parser.add_argument("--bare-subscriber", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.bare_subscriber:
+        return bare_subscriber()
     import torch
 
     torch.set_num_threads(1)
@@ -231,6 +276,9 @@ def main() -> int:
             report["read"] = read_benchmark(make_bag(folder, args.bag_seconds), args.repeats)
         if not args.skip_record:
             report["record"] = record_benchmark(folder, args.record_seconds, args.rate)
+            if args.baseline:
+                report["bare_subscriber"] = record_benchmark(folder, args.record_seconds,
+                                                             args.rate, bare=True)
     report["machine"]["load_average_end"] = os.getloadavg()
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))

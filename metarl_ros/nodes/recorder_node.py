@@ -176,6 +176,8 @@ class RecorderNode(Node):
         missing = [t for t in self.wanted if t not in self._recording
                    and t not in self._skipped]
         if not missing or self._closing.is_set():
+            if hasattr(self, "_discovery_timer"):
+                self._discovery_timer.cancel()  # every topic is settled: stop polling
             return
         try:
             self._discover_topics(missing)
