@@ -63,7 +63,8 @@ def prepare_model(model: str, workdir: Path) -> tuple[Path, Path, str]:
     onnx_dir = path.parent / "onnx"
     if not (onnx_dir / "policy.onnx").exists():
         onnx_dir = workdir / "onnx"
-        export_model(path, onnx_dir)
+        if not (onnx_dir / "policy.onnx").exists():
+            export_model(path, onnx_dir)
     return path, onnx_dir, description
 
 
@@ -143,6 +144,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="model.pt to export and time (missing: untrained stand-in)")
     parser.add_argument("--ticks", type=int, default=5000, help="timed ticks per runtime")
     parser.add_argument("--block", type=int, default=500, help="ticks per alternating block")
+    parser.add_argument("--keep", type=Path,
+                        help="build the stand-in model (model.pt + onnx/) in this directory and "
+                             "keep it (e.g. for benchmarks/ros_latency.py) instead of a temp one")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args(argv)
 
@@ -155,7 +159,11 @@ def main(argv: list[str] | None = None) -> int:
     from metarl_ros.sim.env import load_env_setup
 
     with tempfile.TemporaryDirectory(prefix="onnx_bench_") as tmp:
-        model_path, onnx_dir, description = prepare_model(args.model, Path(tmp))
+        workdir = Path(tmp)
+        if args.keep:
+            args.keep.mkdir(parents=True, exist_ok=True)
+            workdir = args.keep
+        model_path, onnx_dir, description = prepare_model(args.model, workdir)
         loaded = load_model(model_path)
         torch_policy = TorchAdaptivePolicy(loaded)
         onnx_policy = OnnxAdaptivePolicy(onnx_dir)
