@@ -278,8 +278,9 @@ class OfflineTrainer:
             if step >= self.config.updates - 100:
                 sums.update(stats)
             if step % 50 == 0:
-                bar.set_postfix(q=f"{stats['q_mean']:.2f}", bc=f"{stats['bc_mse']:.4f}",
-                                qloss=f"{stats['critic_loss']:.3f}")
+                bc = stats["bc_mse"]
+                bar.set_postfix(q=f"{stats['q_mean']:.2f}", qloss=f"{stats['critic_loss']:.3f}",
+                                bc="critic warm-up" if bc != bc else f"{bc:.4f}")
         bar.close()
         self.agent.eval()
         last = min(100, self.config.updates)
@@ -379,11 +380,15 @@ def summary_lines(bags: Sequence[BagTransitions], tasks: Sequence[TaskData],
     """Human-readable account of what was read, kept and dropped."""
     lines = []
     for bag in bags:
-        lines.append(f"{bag.path}: {bag.duration_s:.2f} s, {bag.read_messages} messages read, "
+        in_bag = sum(count for _, count in bag.topics.values())
+        lines.append(f"{bag.path}: {bag.duration_s:.2f} s; {bag.read_messages} of {in_bag} "
+                     f"messages read (the rest are on topics retraining does not use); "
                      f"{bag.control_instants} control instants, {len(bag)} transitions; "
                      f"tasks: {how.get(str(bag.path), '-')}")
         for topic, (msgtype, count) in sorted(bag.topics.items()):
             lines.append(f"    {topic:<32} {msgtype:<40} {count:>8} messages")
+        if not bag.dropped:
+            lines.append("    dropped: nothing")
         for reason, count in sorted(bag.dropped.items()):
             lines.append(f"    dropped {count:>6}: {reason}")
         if bag.events:
