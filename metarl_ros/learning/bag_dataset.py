@@ -456,6 +456,9 @@ def read_bag(path: str | Path, setup: EnvSetup, joint_names: Sequence[str],
         raise BagError(f"{path}: no reference messages on {topics.reference}")
     ref_stamp, rq, rqd, rqdd, ref_ok = _map_joint_states(
         path, topics.reference, streams.references, joint_names, True, True, dropped)
+    if not ref_ok.any():
+        raise BagError(f"{path}: no usable reference messages on {topics.reference} (see the "
+                       f"reasons: {dict(dropped)})")
     if not ref_stamp.any():
         raise BagError(f"{path}: reference messages on {topics.reference} are unstamped; "
                        "the reference of an instant cannot be found")
@@ -464,17 +467,19 @@ def read_bag(path: str | Path, setup: EnvSetup, joint_names: Sequence[str],
     rq, rqd, rqdd = rq[ref_ok][order], rqd[ref_ok][order], rqdd[ref_ok][order]
 
     # --- commands -> control instants ----------------------------------------------------
-    cmd = np.asarray(streams.cmd_values, dtype=np.float64) if streams.cmd_values else None
     widths = {len(v) for v in streams.cmd_values}
-    if widths != {n}:
+    if widths and widths != {n}:
         raise BagError(f"{path}: commands on {topics.commands} have {sorted(widths)} values, the "
                        f"model controls {n} joints")
-    assert cmd is not None
+    cmd = np.asarray(streams.cmd_values, dtype=np.float64).reshape(-1, n)
     cmd_log = np.asarray(streams.cmd_log, dtype=np.int64)
     finite = np.isfinite(cmd).all(1)
     if (~finite).any():
         dropped["commands: non-finite"] += int((~finite).sum())
         cmd, cmd_log = cmd[finite], cmd_log[finite]
+    if not len(cmd):
+        raise BagError(f"{path}: no usable commands on {topics.commands} (see the reasons: "
+                       f"{dict(dropped)})")
     rate = control_rate_hz or setup.config.control_rate_hz
     period_ns = int(round(1e9 / rate))
     # process joint states in receipt order (= stamp order, checked above)
