@@ -10,10 +10,12 @@ actor's action with the adapted model.
 
 from __future__ import annotations
 
+import copy
 import logging
 import threading
 import time
 from collections import deque
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -112,6 +114,18 @@ class DynamicsAdaptation:
     loop only adds the held offset (:meth:`apply`), so a tick costs microseconds; the offset is
     at most one adaptation period old, like the adapted weights themselves.
 
+    What the correction aims for: the *pre-fault* effect of the action. The first weights
+    adapted after a reset (the robot starts in its known condition) are kept as the reference
+    dynamics; later the correction searches the action whose outcome under the current
+    adapted model matches the outcome the policy's action had under the reference. (The
+    meta-initialization itself is no reference: MAML makes it a good starting point for
+    adaptation, not a good model of any robot.)
+
+    It acts only on evidence -- when the weights in use predict the held-out newest part of
+    the window at least ``min_improvement`` better (relative) than the reference, i.e. the
+    robot now behaves unlike before -- and it is bounded to ``max_correction`` per action
+    dimension.
+
     Args:
         model: the meta-trained dynamics model (with or without latent input).
         config: inner-loop settings (as meta-trained).
@@ -125,13 +139,21 @@ class DynamicsAdaptation:
         config: maml.MAMLConfig,
         window: int = 60,
         adapt_every: int = 10,
+        min_improvement: float = 0.6,
+        max_correction: float = 0.1,
     ) -> None:
         self.adapter = maml.OnlineAdapter(model, config)
+        # private copy: functional calls swap tensors inside the module (not thread-safe)
+        self._model = copy.deepcopy(model)
         self.uses_latent = model.latent_dim > 0
         self.window: deque[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]] = deque(
             maxlen=window
         )
         self.adapt_every = adapt_every
+        self.min_improvement = min_improvement
+        self.max_correction = max_correction
+        self.active = False  # is a correction being applied
+        self._reference: Mapping[str, torch.Tensor] | None = None
         self._since_step = 0
         self._lock = threading.Lock()
         self._query: tuple[np.ndarray, np.ndarray, np.ndarray | None] | None = None
@@ -148,6 +170,7 @@ class DynamicsAdaptation:
             self.window.clear()
             self._query = None
             self._offset = np.zeros_like(self._offset)
+            self._reference = None
         self.adapter.reset()
         self._since_step = 0
 
@@ -190,19 +213,41 @@ class DynamicsAdaptation:
         window = self.batch()
         if window is not None:
             self.last_result = self.adapter.adapt(window)
+            if self._reference is None and self.last_result.accepted:
+                self._reference = self.adapter.current_params()
+        current = self.adapter.current_params()
+        self.active = window is not None and self._evidence(window, current)
         query = self._query
-        if query is not None:
+        if query is not None and self.active:
             obs, action, latent = query
             z = (
                 torch.from_numpy(np.asarray(latent)).float()
                 if self.uses_latent and latent is not None
                 else None
             )
-            corrected = self.adapter.correct_action(
-                torch.from_numpy(obs).float(), torch.from_numpy(action).float(), z
+            cfg = self.adapter.config
+            corrected = maml.correct_action(
+                self._model, torch.from_numpy(obs).float(), torch.from_numpy(action).float(),
+                z, self._reference, current, cfg.correction_steps, cfg.correction_lr,
+                cfg.trust_weight,
             )
-            self._offset = (corrected.numpy() - action).astype(np.float32)
+            offset = corrected.numpy() - action
+            self._offset = np.clip(offset, -self.max_correction, self.max_correction).astype(
+                np.float32
+            )
+        else:
+            self._offset = np.zeros_like(self._offset)
         self.steps += 1
+
+    def _evidence(self, window: maml.TransitionBatch, current) -> bool:
+        """Do the weights in use explain the newest data clearly better than the reference?"""
+        if self._reference is None or current is self._reference:
+            return False
+        holdout = window[-max(1, len(window) // 4):]
+        with torch.no_grad():
+            loss_ref = float(maml.dynamics_loss(self._model, self._reference, holdout))
+            loss_now = float(maml.dynamics_loss(self._model, current, holdout))
+        return bool(np.isfinite(loss_now) and loss_now < (1.0 - self.min_improvement) * loss_ref)
 
     def maybe_step(self) -> None:
         """Inline mode: :meth:`step` every ``adapt_every`` transitions."""
