@@ -154,17 +154,7 @@ class OnnxAdaptivePolicy:
         self._policy = _open_session(policy_path)
         c = read_contract(self._policy, policy_path)
         self.raw_contract = c
-        self.contract = PolicyContract(
-            joint_names=tuple(c["joint_names"]),
-            control_rate_hz=float(c["control_rate_hz"]),
-            window_size=int(c["window_size"]),
-            latent_dim=int(c["latent_dim"]),
-            obs_dim=int(c["obs_dim"]),
-            act_dim=int(c["act_dim"]),
-            action_scale=tuple(c["action_scale"]),
-            effort_limits=tuple(c["effort_limits"]),
-            extra={k: v for k, v in c.items() if k not in PolicyContract.__dataclass_fields__},
-        )
+        self.contract = PolicyContract.from_dict(c)
         self._check_expectations(
             policy_path, expected_joint_names, expected_rate_hz, expected_window
         )

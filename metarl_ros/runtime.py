@@ -30,6 +30,23 @@ class PolicyContract:
     effort_limits: tuple[float, ...]
     extra: dict = field(default_factory=dict)
 
+    @classmethod
+    def from_dict(cls, contract: dict) -> "PolicyContract":
+        """From a model's stored contract (model.pt or ONNX metadata); unknown keys go to
+        ``extra``."""
+        c = contract
+        return cls(
+            joint_names=tuple(c["joint_names"]),
+            control_rate_hz=float(c["control_rate_hz"]),
+            window_size=int(c["window_size"]),
+            latent_dim=int(c["latent_dim"]),
+            obs_dim=int(c["obs_dim"]),
+            act_dim=int(c["act_dim"]),
+            action_scale=tuple(c["action_scale"]),
+            effort_limits=tuple(c["effort_limits"]),
+            extra={k: v for k, v in c.items() if k not in cls.__dataclass_fields__},
+        )
+
 
 @dataclass(frozen=True)
 class PosteriorSummary:

@@ -49,17 +49,7 @@ class LoadedModel:
     @property
     def contract(self) -> PolicyContract:
         c = self.payload["contract"]
-        return PolicyContract(
-            joint_names=tuple(c["joint_names"]),
-            control_rate_hz=float(c["control_rate_hz"]),
-            window_size=int(c["window_size"]),
-            latent_dim=int(c["latent_dim"]),
-            obs_dim=int(c["obs_dim"]),
-            act_dim=int(c["act_dim"]),
-            action_scale=tuple(c["action_scale"]),
-            effort_limits=tuple(c["effort_limits"]),
-            extra={k: v for k, v in c.items() if k not in PolicyContract.__dataclass_fields__},
-        )
+        return PolicyContract.from_dict(c)
 
 
 def load_model(path: str | Path) -> LoadedModel:
