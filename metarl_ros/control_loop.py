@@ -647,6 +647,11 @@ class AdaptiveController:
         return self._safe_result(reason)
 
     @property
+    def last_tick_stamp(self) -> float | None:
+        """Stamp (s) of the instant the latest tick answered (also a repeated answer's)."""
+        return self._last_tick_stamp
+
+    @property
     def latest_position(self) -> np.ndarray | None:
         """Positions (contract order) of the latest accepted joint state; None before one."""
         return None if self._sample is None else self._sample.position

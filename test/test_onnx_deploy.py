@@ -280,9 +280,9 @@ def _closed_loop(ros, node) -> tuple[np.ndarray, TrackingMonitor, object]:
     sent: list[np.ndarray] = []
     publish = node.commands.publish
 
-    def recording_publish(efforts, position):
+    def recording_publish(efforts, position, **kwargs):
         sent.append(np.array(efforts, dtype=np.float64))
-        return publish(efforts, position)
+        return publish(efforts, position, **kwargs)
 
     node.commands.publish = recording_publish
     sim = ros.add(SimNode(context=ros.context, parameter_overrides=params(

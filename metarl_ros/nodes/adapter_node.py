@@ -269,13 +269,14 @@ class AdapterNode(Node):
             suffix = f" ({dropped} similar suppressed)" if dropped else ""
             self.get_logger().warning(message + suffix)
 
-    def _send(self, efforts: np.ndarray) -> None:
-        if not self.commands.publish(efforts, self.loop.latest_position):
+    def _send(self, efforts: np.ndarray, stamp_s: float | None = None) -> None:
+        stamp_ns = None if stamp_s is None else int(round(stamp_s * 1e9))
+        if not self.commands.publish(efforts, self.loop.latest_position, stamp_ns=stamp_ns):
             self._warn_throttled("no_position", "no joint state yet: a trajectory command "
                                  "needs positions, nothing published")
 
     def _publish(self, result: TickResult, received: float) -> None:
-        self._send(result.efforts)
+        self._send(result.efforts, self.loop.last_tick_stamp)  # tagged with its instant
         self.loop.record_publish_latency(time.perf_counter() - received)
         if result.safe:
             if result.reason == "policy_error":

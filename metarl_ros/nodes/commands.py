@@ -25,6 +25,12 @@
     state arrives there are no positions, so nothing is published.
 
 Both are published RELIABLE (ros2_control's command subscribers are RELIABLE).
+
+Lockstep tag: an ``effort`` command that answers a stamped joint state carries that instant in
+``layout.dim[0].label`` as ``stamp_ns:<nanoseconds>`` (``size``/``stride`` = the number of
+joints). ``data`` stays the efforts, so ros2_control (which ignores ``layout``) is unaffected;
+sim_node in lockstep uses the tag to ignore answers to instants it has already stepped
+(duplicates of re-published instants), which otherwise shift every later answer by one.
 """
 
 from __future__ import annotations
@@ -34,14 +40,27 @@ from typing import Sequence
 import numpy as np
 from builtin_interfaces.msg import Duration
 from rclpy.node import Node
-from std_msgs.msg import Float64MultiArray
+from std_msgs.msg import Float64MultiArray, MultiArrayDimension, MultiArrayLayout
 from trajectory_msgs.msg import JointTrajectory, JointTrajectoryPoint
 
 from metarl_ros.joint_map import COMMAND_TYPES, command_topic
 
 from .common import COMMAND_QOS
 
-__all__ = ["COMMAND_TYPES", "CommandPublisher", "command_topic"]
+__all__ = ["COMMAND_TYPES", "CommandPublisher", "command_topic", "command_stamp_ns"]
+
+STAMP_LABEL = "stamp_ns:"
+
+
+def command_stamp_ns(msg: Float64MultiArray) -> int | None:
+    """The instant (ns) a tagged effort command answers, or None if it carries no tag."""
+    dims = msg.layout.dim
+    if dims and dims[0].label.startswith(STAMP_LABEL):
+        try:
+            return int(dims[0].label[len(STAMP_LABEL):])
+        except ValueError:
+            return None
+    return None
 
 
 class CommandPublisher:
@@ -69,11 +88,19 @@ class CommandPublisher:
         values = np.asarray(values, dtype=np.float64)
         return (values if self._identity else values[self._order]).tolist()
 
-    def publish(self, efforts: np.ndarray, position: np.ndarray | None) -> bool:
+    def publish(self, efforts: np.ndarray, position: np.ndarray | None,
+                stamp_ns: int | None = None) -> bool:
         """Publish ``efforts`` (N*m, model order); ``position`` (model order) is needed for
-        ``trajectory``. Returns False if nothing could be published (no position yet)."""
+        ``trajectory``; ``stamp_ns`` = the joint-state instant this command answers (effort
+        commands carry it as the lockstep tag, see the module docstring). Returns False if
+        nothing could be published (no position yet)."""
         if self.command_type == "effort":
-            self._publisher.publish(Float64MultiArray(data=self._ordered(efforts)))
+            msg = Float64MultiArray(data=self._ordered(efforts))
+            if stamp_ns is not None:
+                size = len(msg.data)
+                msg.layout = MultiArrayLayout(dim=[MultiArrayDimension(
+                    label=f"{STAMP_LABEL}{int(stamp_ns)}", size=size, stride=size)])
+            self._publisher.publish(msg)
             return True
         if position is None:
             return False

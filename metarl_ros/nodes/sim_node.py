@@ -25,7 +25,12 @@ Subscribes
     ``/<controller_name>/commands`` (std_msgs/Float64MultiArray, RELIABLE) -- joint efforts
     (N*m) added to gravity compensation, by position in the robot's joint order. A command of
     the wrong length or with a non-finite value is rejected with a throttled warning and the
-    arm gets zero effort (gravity compensation continues) until a valid one arrives.
+    arm gets zero effort (gravity compensation continues) until a valid one arrives. In
+    lockstep, a command tagged with the instant it answers (``layout.dim[0].label`` =
+    ``stamp_ns:<ns>``, as adapter_node sends them) is ignored unless it answers the instant
+    being waited for (counted in ``commands_ignored``): a late duplicate answer to a
+    re-published instant must not be taken as the answer to the next one. Untagged commands
+    are taken as the answer to the current instant.
     ``/sim/set_task`` (std_msgs/String) -- JSON task change applied at once, format in
     :mod:`metarl_ros.scenario` (e.g. ``{"label": "drop", "payload_mass": 0.0}``).
 
@@ -70,6 +75,7 @@ from metarl_ros.sim.env import load_env_setup
 from metarl_ros.sim.reference import MultiSineReference
 from metarl_ros.sim.tasks import TaskParams
 
+from .commands import command_stamp_ns
 from .common import COMMAND_QOS, LATCHED_QOS, STATE_QOS, declare, ns_to_stamp, run_node
 
 NODE_NAME = "sim_node"
@@ -146,6 +152,8 @@ class SimNode(Node):
         self._pending_tasks: list[tuple[TaskParams, str]] = []
         self.commands_received = 0
         self.commands_rejected = 0
+        self.commands_ignored = 0
+        self._awaiting_ns: int | None = None  # lockstep: the instant being answered
         self.lockstep_timeouts = 0
         self.overruns = 0
         self.started = threading.Event()
@@ -222,7 +230,11 @@ class SimNode(Node):
     def _on_command(self, msg: Float64MultiArray) -> None:
         values = np.asarray(msg.data, dtype=np.float64)
         valid = values.shape == (self.n,) and bool(np.isfinite(values).all())
+        tag = command_stamp_ns(msg)
         with self._cond:
+            if self.lockstep and tag is not None and tag != self._awaiting_ns:
+                self.commands_ignored += 1  # answers an instant already stepped
+                return
             self.commands_received += 1
             if valid:
                 self._command = values
@@ -252,8 +264,14 @@ class SimNode(Node):
 
     # ------------------------------------------------------------------ simulation loop
 
-    def _publish_state(self) -> None:
-        stamp = ns_to_stamp(int(round(self.sim.time_s * 1e9)))
+    def _publish_state(self) -> int:
+        """Publish clock, reference and joint state; return the command sequence number
+        before publishing (an answer is a command newer than that)."""
+        stamp_ns = int(round(self.sim.time_s * 1e9))
+        with self._cond:
+            self._awaiting_ns = stamp_ns
+            seq = self._command_seq
+        stamp = ns_to_stamp(stamp_ns)
         self._clock_pub.publish(ClockMsg(clock=stamp))
         q_ref, qd_ref, qdd_ref = self.reference.evaluate(self.sim.time_s)
         reference = JointState(name=self.joint_names, position=q_ref.tolist(),
@@ -265,6 +283,7 @@ class SimNode(Node):
                            velocity=reading.velocity.tolist(), effort=reading.effort.tolist())
         state.header.stamp = stamp
         self._joint_pub.publish(state)
+        return seq
 
     def _publish_task(self, task: TaskParams, label: str, time_s: float | None = None) -> None:
         """Publish the true task; ``time_s`` = when it took effect (default: now)."""
@@ -294,6 +313,8 @@ class SimNode(Node):
                 if remaining <= 0:
                     break
                 self._cond.wait(remaining)
+            # this instant is answered (or given up): later answers to it are ignored
+            self._awaiting_ns = None
             if self._command_seq > seq:
                 return self._command.copy()
             return None
@@ -325,9 +346,7 @@ class SimNode(Node):
                     self.finished.set()
                 self._stop.wait(0.05)
                 continue
-            with self._cond:
-                seq = self._command_seq
-            self._publish_state()
+            seq = self._publish_state()
             at_control = publish_index % self.publishes_per_control == 0
             if not self.started.is_set() and self.wait_for_controller:
                 if self._wait_for_command(seq) is None:
@@ -414,6 +433,7 @@ class SimNode(Node):
             "real_time_factor_achieved": f"{self.achieved_real_time_factor():.2f}",
             "commands_received": self.commands_received,
             "commands_rejected": self.commands_rejected,
+            "commands_ignored": self.commands_ignored,
             "lockstep_timeouts": self.lockstep_timeouts,
             "overruns": self.overruns,
             "task": self.task_label,
