@@ -89,6 +89,7 @@ setup(
         ],
         "dev": [
             "pytest",
+            "pytest-rerunfailures",
             "colcon-common-extensions",
             "ros-ament-package",
             "mcap",

@@ -31,6 +31,10 @@ JOINTS = list(SETUP.robot.joint_names)
 N = len(JOINTS)
 SCENARIO = "config/scenarios/default.yaml"
 
+# DDS lockstep tests are timing-flaky on this 2-core machine (occasional 0.5 s lockstep timeouts,
+# root cause open, see docs/ROS_NODES.md): rerun twice; three failures in a row still fail.
+pytestmark = pytest.mark.flaky(reruns=2)
+
 
 @pytest.fixture(scope="module")
 def ros():

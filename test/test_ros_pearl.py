@@ -27,6 +27,10 @@ MODEL = os.environ.get("METARL_PEARL_MODEL", adapt_sim_graph().arguments["model"
 SCENARIO = "config/scenarios/default.yaml"
 RUN_S = 6.5  # through the payload pick-up (3 s), before the motor damage (7 s)
 
+# DDS lockstep tests are timing-flaky on this 2-core machine (occasional 0.5 s lockstep timeouts,
+# root cause open, see docs/ROS_NODES.md): rerun twice; three failures in a row still fail.
+pytestmark = pytest.mark.flaky(reruns=2)
+
 
 def _model_or_skip():
     path = resolve_path(MODEL)
