@@ -89,7 +89,6 @@ setup(
         ],
         "dev": [
             "pytest",
-            "pytest-rerunfailures",
             "colcon-common-extensions",
             "ros-ament-package",
             "mcap",

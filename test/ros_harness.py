@@ -7,6 +7,7 @@ import threading
 import time
 from typing import Callable
 
+import pytest
 import rclpy
 from rclpy.context import Context
 from rclpy.executors import MultiThreadedExecutor
@@ -120,3 +121,12 @@ class Collector:
     def __len__(self) -> int:
         with self.lock:
             return len(self.items)
+
+
+# Quarantine: lockstep DDS tests that time out intermittently on this machine (root cause open,
+# docs/ROS_NODES.md "Known issue"). Skipped unless METARL_RUN_QUARANTINED=1.
+QUARANTINED = pytest.mark.skipif(
+    os.environ.get("METARL_RUN_QUARANTINED") != "1",
+    reason="quarantined: intermittent DDS lockstep timeouts, root cause open "
+    "(docs/ROS_NODES.md); run with METARL_RUN_QUARANTINED=1",
+)
