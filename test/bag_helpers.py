@@ -29,12 +29,17 @@ def fault_event() -> FaultEvent:
     return FaultEvent(FAULT_TIME_S, task, FAULT_LABEL)
 
 
-def write_tiny_env(folder: Path) -> Path:
-    """The shipped iiwa7 env with small task splits, written to ``folder``."""
+def write_tiny_env(
+    folder: Path, train_tasks: int = 4, fault_time_s: tuple[float, float] | None = None
+) -> Path:
+    """The shipped iiwa7 env with 1 s episodes and small task splits, written to ``folder``;
+    ``fault_time_s`` optionally replaces the evaluation fault-time window."""
     tasks = yaml.safe_load((SHARE / "sim/tasks/iiwa7_faults.yaml").read_text())
-    tasks["splits"]["train"]["num_tasks"] = 4
+    tasks["splits"]["train"]["num_tasks"] = train_tasks
     tasks["splits"]["heldout"]["num_tasks"] = 3
     tasks["splits"]["ood"]["num_tasks"] = 2
+    if fault_time_s is not None:
+        tasks["fault_time_s"] = {"low": fault_time_s[0], "high": fault_time_s[1]}
     (folder / "tasks.yaml").write_text(yaml.safe_dump(tasks))
     env = yaml.safe_load((SHARE / "sim/envs/iiwa7_tracking.yaml").read_text())
     env["robot"] = str(SHARE / "sim/robots/iiwa7.yaml")

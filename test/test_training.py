@@ -22,6 +22,7 @@ import pytest
 import torch
 import yaml
 
+from bag_helpers import write_tiny_env
 from metarl_ros.cli.main import main as metarl_main
 from metarl_ros.learning.checkpoint import (
     MODEL_FORMAT,
@@ -37,11 +38,9 @@ from metarl_ros.learning.evaluation import (
 )
 from metarl_ros.learning.runtime import load_model
 from metarl_ros.learning.trainer import Trainer
-from metarl_ros.resources import share_directory
 
 torch.set_num_threads(1)
 
-SHARE = share_directory()
 TRAIN_TASKS = 4
 
 
@@ -53,19 +52,9 @@ TRAIN_TASKS = 4
 @pytest.fixture(scope="module")
 def tiny_env(tmp_path_factory) -> Path:
     """An env YAML: the shipped one with 1 s episodes and small task splits."""
-    folder = tmp_path_factory.mktemp("tiny_env")
-    tasks = yaml.safe_load((SHARE / "sim/tasks/iiwa7_faults.yaml").read_text())
-    tasks["splits"]["train"]["num_tasks"] = TRAIN_TASKS
-    tasks["splits"]["heldout"]["num_tasks"] = 3
-    tasks["splits"]["ood"]["num_tasks"] = 2
-    tasks["fault_time_s"] = {"low": 0.3, "high": 0.6}
-    (folder / "tasks.yaml").write_text(yaml.safe_dump(tasks))
-    env = yaml.safe_load((SHARE / "sim/envs/iiwa7_tracking.yaml").read_text())
-    env["robot"] = str(SHARE / "sim/robots/iiwa7.yaml")
-    env["tasks"] = str(folder / "tasks.yaml")
-    env["episode_s"] = 1.0
-    (folder / "env.yaml").write_text(yaml.safe_dump(env))
-    return folder / "env.yaml"
+    return write_tiny_env(
+        tmp_path_factory.mktemp("tiny_env"), train_tasks=TRAIN_TASKS, fault_time_s=(0.3, 0.6)
+    )
 
 
 def tiny_config(env: Path, method: str = "pearl", **overrides) -> TrainConfig:
