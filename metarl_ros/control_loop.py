@@ -50,7 +50,8 @@ from typing import Any, Callable, Literal, Sequence
 import numpy as np
 
 from metarl_ros.runtime import AdaptivePolicy
-from metarl_ros.sim.env import EnvSetup, build_observation, effort_command, tracking_reward
+from metarl_ros.control_law import build_observation, effort_command, tracking_reward
+from metarl_ros.sim.env_config import EnvSetup
 
 SafeMode = Literal["zero", "hold"]
 SAFE_MODES: tuple[str, ...] = ("zero", "hold")

@@ -30,7 +30,7 @@ from metarl_ros.config import ConfigError
 from metarl_ros.deploy import check_expected_contract
 from metarl_ros.resources import resolve_path
 from metarl_ros.runtime import AdaptivePolicy, PDPolicy, PolicyContract
-from metarl_ros.sim.env import EnvSetup
+from metarl_ros.sim.env_config import EnvSetup
 
 POLICY_KINDS: tuple[str, ...] = ("pd", "pearl", "onnx")
 

@@ -148,8 +148,9 @@ def test_onnxruntime_matches_torch_actions_and_posterior(model):
 # ------------------------------------------------------------------------------ torch-free
 
 
-def test_onnx_policy_node_never_imports_torch(model):
-    """The node's module and everything it imports, constructed and ticking, without torch."""
+def test_onnx_policy_node_never_imports_torch_pybullet_or_gymnasium(model):
+    """The node's module and everything it imports, constructed and ticking, without torch
+    and without the simulator's PyBullet and Gymnasium (a robot computer needs none)."""
     _, onnx_dir = model
     script = textwrap.dedent(f"""
         import json, sys
@@ -174,7 +175,8 @@ def test_onnx_policy_node_never_imports_torch(model):
         node.loop.update_context(1.2)
         node.destroy_node()
         rclpy.shutdown()
-        print(json.dumps({{"torch": "torch" in sys.modules, "ticks": len(efforts),
+        heavy = [m for m in ("torch", "pybullet", "gymnasium") if m in sys.modules]
+        print(json.dumps({{"imported": heavy, "ticks": len(efforts),
                           "policy": type(node.policy).__name__,
                           "fill": node.loop.diagnostics(1.2).values["window_fill"]}}))
     """)
@@ -182,7 +184,7 @@ def test_onnx_policy_node_never_imports_torch(model):
                           text=True, timeout=60, cwd=REPO)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     result = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert result == {"torch": False, "ticks": 11, "policy": "OnnxAdaptivePolicy",
+    assert result == {"imported": [], "ticks": 11, "policy": "OnnxAdaptivePolicy",
                       "fill": "8"}
 
 

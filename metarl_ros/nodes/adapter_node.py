@@ -72,7 +72,7 @@ from metarl_ros.control_loop import (
 from metarl_ros.joint_map import JointMap
 from metarl_ros.policy_factory import POLICY_KINDS, feedback_gains, make_policy
 from metarl_ros.runtime import AdaptivePolicy
-from metarl_ros.sim.env import load_env_setup
+from metarl_ros.sim.env_config import load_env_setup
 
 from .commands import COMMAND_TYPES, CommandPublisher
 from .common import (

@@ -1,6 +1,7 @@
 """Gymnasium environment: joint-space reference tracking with a torque-controlled arm.
 
-Registered as ``metarl_ros/ArmTracking-v0`` (``import metarl_ros`` first).
+Importing this module registers it with Gymnasium as ``metarl_ros/ArmTracking-v0``
+(:data:`metarl_ros.ENV_ID`).
 
 **Why joint space.** ros2_control's effort interfaces and ``/joint_states`` are joint-space, the
 reference is then unambiguous for a redundant 7-DOF arm, and the tracking error is directly
@@ -50,199 +51,41 @@ for oracle baselines and diagnostics only).
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import gymnasium as gym
 import numpy as np
-from pydantic import Field, PositiveFloat
 
-from metarl_ros.config import ConfigError, StrictModel, load_yaml_model
-from metarl_ros.resources import resolve_path
+from metarl_ros import ENV_ID
+from metarl_ros.control_law import build_observation, effort_command, tracking_reward
 from metarl_ros.sim.arm_sim import ArmSimulation, JointReading
-from metarl_ros.sim.reference import MultiSineReference, ReferenceConfig
-from metarl_ros.sim.robot import RobotSpec, load_robot_spec
-from metarl_ros.sim.tasks import FaultEvent, TaskParams, TaskSuiteConfig, load_task_suite
+from metarl_ros.sim.env_config import (
+    DEFAULT_ENV_CONFIG,
+    EnvConfig,
+    EnvSetup,
+    FeedbackConfig,
+    ObservationConfig,
+    RewardConfig,
+    load_env_setup,
+)
+from metarl_ros.sim.reference import MultiSineReference
+from metarl_ros.sim.tasks import FaultEvent, TaskParams
 
-DEFAULT_ENV_CONFIG = "sim/envs/iiwa7_tracking.yaml"
-
-
-class ObservationConfig(StrictModel):
-    position_error_scale: PositiveFloat = 10.0
-    velocity_error_scale: PositiveFloat = 1.0
-    velocity_scale: PositiveFloat = 0.2
-    acceleration_scale: PositiveFloat = 0.2
-
-
-class RewardConfig(StrictModel):
-    kind: Literal["linear", "log"] = Field(
-        default="linear", description="linear: -min(e, max)/scale; log: -ln(1 + e/scale)"
-    )
-    tracking_scale_rad: PositiveFloat = 0.1
-    max_error_rad: PositiveFloat = 1.0
-    effort_weight: float = Field(default=0.05, ge=0.0)
-
-
-class FeedbackConfig(StrictModel):
-    """Fixed joint-space PD feedback the policy's torques are added to (per joint)."""
-
-    kp: list[float] = Field(description="N*m/rad")
-    kd: list[float] = Field(description="N*m*s/rad")
-
-
-class EnvConfig(StrictModel):
-    """``sim/envs/*.yaml``. ``robot`` and ``tasks`` are paths relative to this file."""
-
-    robot: str
-    tasks: str
-    sim_rate_hz: PositiveFloat = 500.0
-    control_rate_hz: PositiveFloat = 100.0
-    episode_s: PositiveFloat = 4.0
-    gravity_compensation: bool = True
-    reference: ReferenceConfig
-    feedback: FeedbackConfig
-    observation: ObservationConfig = ObservationConfig()
-    reward: RewardConfig = RewardConfig()
-
-
-@dataclass(frozen=True)
-class EnvSetup:
-    """An env config with the files it references loaded and validated."""
-
-    config: EnvConfig
-    robot: RobotSpec
-    tasks: TaskSuiteConfig
-    path: Path
-    robot_path: Path
-
-    @property
-    def substeps(self) -> int:
-        return int(round(self.config.sim_rate_hz / self.config.control_rate_hz))
-
-    @property
-    def control_dt(self) -> float:
-        return 1.0 / self.config.control_rate_hz
-
-    @property
-    def episode_steps(self) -> int:
-        return int(round(self.config.episode_s * self.config.control_rate_hz))
-
-    @property
-    def obs_dim(self) -> int:
-        return 7 * self.robot.num_joints
-
-    @property
-    def act_dim(self) -> int:
-        return self.robot.num_joints
-
-
-def load_env_setup(path: str | Path = DEFAULT_ENV_CONFIG) -> EnvSetup:
-    """Load an env YAML and the robot and task files it names."""
-    path = resolve_path(path)
-    config = load_yaml_model(EnvConfig, path)
-    robot_path = resolve_path(config.robot, base=path.parent)
-    tasks_path = resolve_path(config.tasks, base=path.parent)
-    for field, value, resolved in (
-        ("robot", config.robot, robot_path),
-        ("tasks", config.tasks, tasks_path),
-    ):
-        if not resolved.is_file():
-            raise ConfigError(
-                f"{path}: {field}: file {value!r} not found (relative to {path.parent}, "
-                "the working directory or the package share directory)"
-            )
-    robot = load_robot_spec(robot_path)
-    tasks = load_task_suite(tasks_path)
-    n = robot.num_joints
-    for name, dist in tasks.distributions.items():
-        for field in ("damageable_joints", "lockable_joints"):
-            bad = [j for j in getattr(dist, field) if j >= n]
-            if bad:
-                raise ConfigError(
-                    f"{tasks_path}: distributions.{name}.{field}: joint indices {bad} out of "
-                    f"range for robot {robot.name!r} ({n} joints, 0-based)"
-                )
-    for section, field in (
-        ("reference", "amplitude"),
-        ("reference", "centre_jitter"),
-        ("feedback", "kp"),
-        ("feedback", "kd"),
-    ):
-        values = getattr(getattr(config, section), field)
-        if len(values) != n:
-            raise ConfigError(
-                f"{path}: {section}.{field}: needs {n} entries (robot has {n} joints)"
-            )
-        if any(v < 0 for v in values) and section == "feedback":
-            raise ConfigError(f"{path}: {section}.{field}: gains must be >= 0")
-    ratio = config.sim_rate_hz / config.control_rate_hz
-    if abs(ratio - round(ratio)) > 1e-9 or ratio < 1:
-        raise ConfigError(
-            f"{path}: sim_rate_hz ({config.sim_rate_hz}) must be a whole multiple of "
-            f"control_rate_hz ({config.control_rate_hz})"
-        )
-    return EnvSetup(config=config, robot=robot, tasks=tasks, path=path, robot_path=robot_path)
-
-
-def build_observation(
-    setup: EnvSetup,
-    position: np.ndarray,
-    velocity: np.ndarray,
-    reference: tuple[np.ndarray, np.ndarray, np.ndarray],
-    previous_action: np.ndarray,
-) -> np.ndarray:
-    """The policy observation from a joint reading and the reference (layout: module doc).
-
-    Shared by the env and the ROS nodes, so the two cannot disagree. All inputs shape (n,).
-    """
-    obs_cfg = setup.config.observation
-    q_ref, qd_ref, qdd_ref = reference
-    return np.concatenate(
-        [
-            position - np.asarray(setup.robot.default_pose),
-            velocity * obs_cfg.velocity_scale,
-            (q_ref - position) * obs_cfg.position_error_scale,
-            (qd_ref - velocity) * obs_cfg.velocity_error_scale,
-            qd_ref * obs_cfg.velocity_scale,
-            qdd_ref * obs_cfg.acceleration_scale,
-            previous_action,
-        ]
-    ).astype(np.float32)
-
-
-def effort_command(
-    setup: EnvSetup,
-    action: np.ndarray,
-    position: np.ndarray,
-    velocity: np.ndarray,
-    reference: tuple[np.ndarray, np.ndarray, np.ndarray],
-) -> np.ndarray:
-    """Joint efforts (N*m, shape (n,)) for a normalized action: PD feedback plus the action.
-
-    Shared by the env and the ROS nodes. Not clipped: the motors (or the node's safety clamp)
-    limit it.
-    """
-    feedback = setup.config.feedback
-    q_ref, qd_ref, _ = reference
-    return (
-        np.asarray(feedback.kp) * (q_ref - position)
-        + np.asarray(feedback.kd) * (qd_ref - velocity)
-        + action * np.asarray(setup.robot.action_scale)
-    )
-
-
-def tracking_reward(setup: EnvSetup, tracking_error: float, action: np.ndarray) -> float:
-    """Reward of one control step (formula: module doc)."""
-    reward_cfg = setup.config.reward
-    effort = float(np.dot(action, action)) / action.shape[0]
-    error = min(tracking_error, reward_cfg.max_error_rad)
-    if reward_cfg.kind == "log":
-        return (
-            -math.log1p(error / reward_cfg.tracking_scale_rad) - reward_cfg.effort_weight * effort
-        )
-    return -error / reward_cfg.tracking_scale_rad - reward_cfg.effort_weight * effort
+# Re-exported: the env's public API predates the split into env_config and control_law.
+__all__ = [
+    "DEFAULT_ENV_CONFIG",
+    "ArmTrackingEnv",
+    "EnvConfig",
+    "EnvSetup",
+    "FeedbackConfig",
+    "ObservationConfig",
+    "RewardConfig",
+    "build_observation",
+    "effort_command",
+    "load_env_setup",
+    "tracking_reward",
+]
 
 
 class ArmTrackingEnv(gym.Env):
@@ -390,3 +233,7 @@ class ArmTrackingEnv(gym.Env):
             "faults": [event.label for event in events],
             "task": self.sim.task,
         }
+
+
+if ENV_ID not in gym.registry:
+    gym.register(id=ENV_ID, entry_point=ArmTrackingEnv)

@@ -1,0 +1,95 @@
+"""The control law shared by the simulated env and the robot: observation, effort, reward.
+
+Pure numpy on an :class:`~metarl_ros.sim.env_config.EnvSetup`, so the env
+(:mod:`metarl_ros.sim.env`), the ROS control loop (:mod:`metarl_ros.control_loop`) and offline
+retraining from bags compute them with the same code, and a robot computer needs neither
+PyBullet nor Gymnasium to run them (a test checks that ``onnx_policy_node`` imports neither).
+
+**Effort** (N*m), residual control: a fixed joint-space PD feedback on the reference plus the
+normalized action ``a`` in [-1, 1]^n scaled per joint::
+
+    tau = Kp * (q_ref - q) + Kd * (qd_ref - qd) + a * action_scale
+
+**Observation** (float32, 7n entries, blocks of n in joint order), from the *measured* joint
+state and the reference at the current time::
+
+    [ q - default_pose,
+      qd * velocity_scale,
+      (q_ref - q) * position_error_scale,
+      (qd_ref - qd) * velocity_error_scale,
+      qd_ref * velocity_scale,
+      qdd_ref * acceleration_scale,
+      previous action ]
+
+**Reward**, with ``e = min(||q_ref - q||_2, max_error_rad)``::
+
+    kind: log      r = -ln(1 + e / tracking_scale_rad) - effort_weight * mean(a^2)
+    kind: linear   r = -e / tracking_scale_rad         - effort_weight * mean(a^2)
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from metarl_ros.sim.env_config import EnvSetup
+
+
+def build_observation(
+    setup: EnvSetup,
+    position: np.ndarray,
+    velocity: np.ndarray,
+    reference: tuple[np.ndarray, np.ndarray, np.ndarray],
+    previous_action: np.ndarray,
+) -> np.ndarray:
+    """The policy observation from a joint reading and the reference (layout: module doc).
+
+    Shared by the env and the ROS nodes, so the two cannot disagree. All inputs shape (n,).
+    """
+    obs_cfg = setup.config.observation
+    q_ref, qd_ref, qdd_ref = reference
+    return np.concatenate(
+        [
+            position - np.asarray(setup.robot.default_pose),
+            velocity * obs_cfg.velocity_scale,
+            (q_ref - position) * obs_cfg.position_error_scale,
+            (qd_ref - velocity) * obs_cfg.velocity_error_scale,
+            qd_ref * obs_cfg.velocity_scale,
+            qdd_ref * obs_cfg.acceleration_scale,
+            previous_action,
+        ]
+    ).astype(np.float32)
+
+
+def effort_command(
+    setup: EnvSetup,
+    action: np.ndarray,
+    position: np.ndarray,
+    velocity: np.ndarray,
+    reference: tuple[np.ndarray, np.ndarray, np.ndarray],
+) -> np.ndarray:
+    """Joint efforts (N*m, shape (n,)) for a normalized action: PD feedback plus the action.
+
+    Shared by the env and the ROS nodes. Not clipped: the motors (or the node's safety clamp)
+    limit it.
+    """
+    feedback = setup.config.feedback
+    q_ref, qd_ref, _ = reference
+    return (
+        np.asarray(feedback.kp) * (q_ref - position)
+        + np.asarray(feedback.kd) * (qd_ref - velocity)
+        + action * np.asarray(setup.robot.action_scale)
+    )
+
+
+def tracking_reward(setup: EnvSetup, tracking_error: float, action: np.ndarray) -> float:
+    """Reward of one control step (formula: module doc)."""
+    reward_cfg = setup.config.reward
+    effort = float(np.dot(action, action)) / action.shape[0]
+    error = min(tracking_error, reward_cfg.max_error_rad)
+    if reward_cfg.kind == "log":
+        return (
+            -math.log1p(error / reward_cfg.tracking_scale_rad) - reward_cfg.effort_weight * effort
+        )
+    return -error / reward_cfg.tracking_scale_rad - reward_cfg.effort_weight * effort

@@ -1,0 +1,139 @@
+"""The env YAML (``sim/envs/*.yaml``) and the robot and task files it names, loaded and validated.
+
+Import-light on purpose (pydantic, numpy, YAML; no PyBullet, no Gymnasium): the deployed
+controller (``onnx_policy_node``) loads the same setup on a robot computer that has neither.
+The simulated env (:mod:`metarl_ros.sim.env`) builds on it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, PositiveFloat
+
+from metarl_ros.config import ConfigError, StrictModel, load_yaml_model
+from metarl_ros.resources import resolve_path
+from metarl_ros.sim.reference import ReferenceConfig
+from metarl_ros.sim.robot import RobotSpec, load_robot_spec
+from metarl_ros.sim.tasks import TaskSuiteConfig, load_task_suite
+
+DEFAULT_ENV_CONFIG = "sim/envs/iiwa7_tracking.yaml"
+
+
+class ObservationConfig(StrictModel):
+    position_error_scale: PositiveFloat = 10.0
+    velocity_error_scale: PositiveFloat = 1.0
+    velocity_scale: PositiveFloat = 0.2
+    acceleration_scale: PositiveFloat = 0.2
+
+
+class RewardConfig(StrictModel):
+    kind: Literal["linear", "log"] = Field(
+        default="linear", description="linear: -min(e, max)/scale; log: -ln(1 + e/scale)"
+    )
+    tracking_scale_rad: PositiveFloat = 0.1
+    max_error_rad: PositiveFloat = 1.0
+    effort_weight: float = Field(default=0.05, ge=0.0)
+
+
+class FeedbackConfig(StrictModel):
+    """Fixed joint-space PD feedback the policy's torques are added to (per joint)."""
+
+    kp: list[float] = Field(description="N*m/rad")
+    kd: list[float] = Field(description="N*m*s/rad")
+
+
+class EnvConfig(StrictModel):
+    """``sim/envs/*.yaml``. ``robot`` and ``tasks`` are paths relative to this file."""
+
+    robot: str
+    tasks: str
+    sim_rate_hz: PositiveFloat = 500.0
+    control_rate_hz: PositiveFloat = 100.0
+    episode_s: PositiveFloat = 4.0
+    gravity_compensation: bool = True
+    reference: ReferenceConfig
+    feedback: FeedbackConfig
+    observation: ObservationConfig = ObservationConfig()
+    reward: RewardConfig = RewardConfig()
+
+
+@dataclass(frozen=True)
+class EnvSetup:
+    """An env config with the files it references loaded and validated."""
+
+    config: EnvConfig
+    robot: RobotSpec
+    tasks: TaskSuiteConfig
+    path: Path
+    robot_path: Path
+
+    @property
+    def substeps(self) -> int:
+        return int(round(self.config.sim_rate_hz / self.config.control_rate_hz))
+
+    @property
+    def control_dt(self) -> float:
+        return 1.0 / self.config.control_rate_hz
+
+    @property
+    def episode_steps(self) -> int:
+        return int(round(self.config.episode_s * self.config.control_rate_hz))
+
+    @property
+    def obs_dim(self) -> int:
+        return 7 * self.robot.num_joints
+
+    @property
+    def act_dim(self) -> int:
+        return self.robot.num_joints
+
+
+def load_env_setup(path: str | Path = DEFAULT_ENV_CONFIG) -> EnvSetup:
+    """Load an env YAML and the robot and task files it names."""
+    path = resolve_path(path)
+    config = load_yaml_model(EnvConfig, path)
+    robot_path = resolve_path(config.robot, base=path.parent)
+    tasks_path = resolve_path(config.tasks, base=path.parent)
+    for field, value, resolved in (
+        ("robot", config.robot, robot_path),
+        ("tasks", config.tasks, tasks_path),
+    ):
+        if not resolved.is_file():
+            raise ConfigError(
+                f"{path}: {field}: file {value!r} not found (relative to {path.parent}, "
+                "the working directory or the package share directory)"
+            )
+    robot = load_robot_spec(robot_path)
+    tasks = load_task_suite(tasks_path)
+    n = robot.num_joints
+    for name, dist in tasks.distributions.items():
+        for field in ("damageable_joints", "lockable_joints"):
+            bad = [j for j in getattr(dist, field) if j >= n]
+            if bad:
+                raise ConfigError(
+                    f"{tasks_path}: distributions.{name}.{field}: joint indices {bad} out of "
+                    f"range for robot {robot.name!r} ({n} joints, 0-based)"
+                )
+    for section, field in (
+        ("reference", "amplitude"),
+        ("reference", "centre_jitter"),
+        ("feedback", "kp"),
+        ("feedback", "kd"),
+    ):
+        values = getattr(getattr(config, section), field)
+        if len(values) != n:
+            raise ConfigError(
+                f"{path}: {section}.{field}: needs {n} entries (robot has {n} joints)"
+            )
+        if any(v < 0 for v in values) and section == "feedback":
+            raise ConfigError(f"{path}: {section}.{field}: gains must be >= 0")
+    ratio = config.sim_rate_hz / config.control_rate_hz
+    if abs(ratio - round(ratio)) > 1e-9 or ratio < 1:
+        raise ConfigError(
+            f"{path}: sim_rate_hz ({config.sim_rate_hz}) must be a whole multiple of "
+            f"control_rate_hz ({config.control_rate_hz})"
+        )
+    return EnvSetup(config=config, robot=robot, tasks=tasks, path=path, robot_path=robot_path)
