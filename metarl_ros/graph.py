@@ -198,6 +198,11 @@ def recorder_spec(controller: str, bag: str, controller_node: str = "adapter_nod
         "/diagnostics": "diagnostic_msgs/msg/DiagnosticArray",
         "/sim/true_task": "std_msgs/msg/String",
     }
+    return recorder_node_spec(topics, bag)
+
+
+def recorder_node_spec(topics: Mapping[str, str], bag: str) -> NodeSpec:
+    """recorder_node writing ``topics`` (absolute name -> ``pkg/msg/Type``) to ``bag``."""
     return NodeSpec(
         name="recorder_node", executable="recorder_node",
         module="metarl_ros.nodes.recorder_node", node_class="RecorderNode",
@@ -252,11 +257,47 @@ DEPLOY_ARGUMENTS: tuple[LaunchArgument, ...] = (
     LaunchArgument("effort_limit_scale", "1.0",
                    "Clamp efforts to this fraction (0.01..1) of the effort limits.", kind=float),
     LaunchArgument("use_sim_time", "false", "Follow /clock (simulation only).", kind=bool),
+    LaunchArgument("record", "false",
+                   "Record the robot's joint states, the commands, the reference, the latent "
+                   "and diagnostics to a rosbag2 bag (recorder_node), for `metarl retrain`.",
+                   kind=bool),
+    LaunchArgument("bag", "",
+                   "Bag directory for record:=true (must not exist; '' = "
+                   "rosbag2_<date-time> in the working directory)."),
 )
+
+_COMMAND_MSG_TYPES = {"effort": "std_msgs/msg/Float64MultiArray",
+                      "trajectory": "trajectory_msgs/msg/JointTrajectory"}
+
+
+def deploy_recorded_topics(args: Mapping[str, Any]) -> dict[str, str]:
+    """What ``record:=true`` records on the robot (topic -> type), under the topic names the
+    robot actually uses (remappings applied; relative names taken at the root namespace).
+    Raises ``ValueError`` if two roles (joint states, command, reference) share a topic."""
+    def absolute(name: str) -> str:
+        return name if name.startswith("/") else f"/{name}"
+
+    command = args["command_topic"] or command_topic(args["controller"], args["command_type"])
+    roles = [
+        ("joint_states", absolute(args["joint_states"]), "sensor_msgs/msg/JointState"),
+        ("command", absolute(command), _COMMAND_MSG_TYPES[args["command_type"]]),
+        ("reference", absolute(args["reference"]), "sensor_msgs/msg/JointState"),
+        ("latent", "/onnx_policy_node/latent", "std_msgs/msg/Float64MultiArray"),
+        ("diagnostics", "/diagnostics", "diagnostic_msgs/msg/DiagnosticArray"),
+    ]
+    topics: dict[str, str] = {}
+    owner: dict[str, str] = {}
+    for role, topic, msgtype in roles:
+        if topic in topics:
+            raise ValueError(f"record:=true: {role} and {owner[topic]} are both on {topic}; "
+                             "the recorded roles need distinct topics")
+        topics[topic], owner[topic] = msgtype, role
+    return topics
 
 
 def deploy_graph(values: Mapping[str, str] | None = None) -> Graph:
-    """The robot side: ``onnx_policy_node`` alone (no simulator) on the robot's topics."""
+    """The robot side: ``onnx_policy_node`` (no simulator) on the robot's topics, with
+    ``recorder_node`` first when ``record:=true``."""
     args = resolve_arguments(DEPLOY_ARGUMENTS, values)
     if not 0.01 <= args["effort_limit_scale"] <= 1.0:
         raise ValueError(f"effort_limit_scale:={args['effort_limit_scale']}: expected 0.01..1")
@@ -284,7 +325,16 @@ def deploy_graph(values: Mapping[str, str] | None = None) -> Graph:
         parameter_files=(args["params_file"],) if args["params_file"] else (),
         remappings=tuple(remappings),
     )
-    return Graph("deploy", args, (node,))
+    if not args["record"]:
+        return Graph("deploy", args, (node,))
+    topics = deploy_recorded_topics(args)
+    notes = [f"record:=true: recorder_node writes {', '.join(topics)} to "
+             f"{args['bag'] or 'rosbag2_<date-time>'}"]
+    if args["command_type"] == "trajectory":
+        notes.append("record:=true with command_type:=trajectory: the bag holds JointTrajectory "
+                     "commands; `metarl retrain` reads effort (Float64MultiArray) commands")
+    # first, so that it is subscribed before the controller's first command
+    return Graph("deploy", args, (recorder_node_spec(topics, args["bag"]), node), tuple(notes))
 
 
 GRAPHS = {"adapt_sim": (ADAPT_SIM_ARGUMENTS, adapt_sim_graph),

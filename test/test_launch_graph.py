@@ -337,3 +337,145 @@ def test_node_executables_run_as_processes_and_stop_cleanly_on_sigint():
         out = "".join(lines[name])
         assert proc.returncode == 0, f"{name}: exit {proc.returncode}\n{out}"
         assert "Traceback" not in out, out
+
+
+# ------------------------------------------------------------------------------ deploy graph
+
+
+def test_deploy_graph_records_the_robots_topics_with_record_true():
+    from metarl_ros.graph import deploy_graph
+
+    assert [n.name for n in deploy_graph().nodes] == ["onnx_policy_node"]
+    assert deploy_graph().notes == ()
+    graph = deploy_graph({"record": "true", "bag": "/data/run1", "joint_states": "robot/states",
+                          "reference": "/plan/reference", "controller": "arm_effort"})
+    assert [n.name for n in graph.nodes] == ["recorder_node", "onnx_policy_node"]
+    recorder = graph.node("recorder_node")
+    assert recorder.parameter_files == ("config/recorder_node.yaml",)
+    assert recorder.parameters["output"] == "/data/run1"
+    # the names the robot uses (remapped; relative taken at the root), each with its type
+    assert dict(zip(recorder.parameters["topics"], recorder.parameters["types"])) == {
+        "/robot/states": "sensor_msgs/msg/JointState",
+        "/arm_effort/commands": "std_msgs/msg/Float64MultiArray",
+        "/plan/reference": "sensor_msgs/msg/JointState",
+        "/onnx_policy_node/latent": "std_msgs/msg/Float64MultiArray",
+        "/diagnostics": "diagnostic_msgs/msg/DiagnosticArray",
+    }
+    assert graph.notes == ("record:=true: recorder_node writes /robot/states, "
+                           "/arm_effort/commands, /plan/reference, /onnx_policy_node/latent, "
+                           "/diagnostics to /data/run1",)
+    # the controller node is the same as without recording
+    assert graph.node("onnx_policy_node") == deploy_graph(
+        {"joint_states": "robot/states", "reference": "/plan/reference",
+         "controller": "arm_effort"}).node("onnx_policy_node")
+
+    trajectory = deploy_graph({"record": "true", "command_type": "trajectory",
+                               "command_topic": "/arm/cmd"}).node("recorder_node")
+    topics = dict(zip(trajectory.parameters["topics"], trajectory.parameters["types"]))
+    assert topics["/arm/cmd"] == "trajectory_msgs/msg/JointTrajectory"
+    assert "/effort_controller/joint_trajectory" not in topics
+    assert trajectory.parameters["output"] == ""
+    with pytest.raises(ValueError, match="reference and joint_states are both on /joint_states"):
+        deploy_graph({"record": "true", "reference": "/joint_states"})
+    with pytest.raises(ValueError, match="record:='yes': expected true or false"):
+        deploy_graph({"record": "yes"})
+
+
+def test_deploy_launch_file_with_record_against_stand_in_launch_api(monkeypatch):
+    from metarl_ros.graph import DEPLOY_ARGUMENTS, deploy_graph
+
+    values = {arg.name: arg.default for arg in DEPLOY_ARGUMENTS}
+    values.update(record="true", bag="/data/run2", joint_states="/robot/joint_states")
+    for name, module in _fake_launch_modules(values).items():
+        monkeypatch.setitem(sys.modules, name, module)
+    spec = importlib.util.spec_from_file_location("deploy_launch",
+                                                  REPO / "launch" / "deploy.launch.py")
+    launch_file = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(launch_file)
+    description = launch_file.generate_launch_description()
+    declared = {a.args[0]: a.kwargs for a in description
+                if type(a).__name__ == "DeclareLaunchArgument"}
+    assert declared["record"]["default_value"] == "false"
+    assert declared["record"]["choices"] == ["true", "false"]
+    assert declared["bag"]["default_value"] == ""
+    opaque = [a for a in description if type(a).__name__ == "OpaqueFunction"][0]
+    actions = opaque.kwargs["function"](values)
+    nodes = [a for a in actions if type(a).__name__ == "Node"]
+    logs = [a.kwargs["msg"] for a in actions if type(a).__name__ == "LogInfo"]
+    assert [n.kwargs["name"] for n in nodes] == ["recorder_node", "onnx_policy_node"]
+    assert len(logs) == 1 and "/robot/joint_states" in logs[0] and "/data/run2" in logs[0]
+
+    def unwrap(v):
+        return v.value if type(v).__name__ == "ParameterValue" else v
+
+    _check_nodes_against_graph(nodes, deploy_graph(values), unwrap)
+
+
+def test_metarl_launch_deploy_record_writes_a_closed_bag_of_the_robot_run(tmp_path):
+    """deploy record:=true against a stand-in robot (joint states + reference at 100 Hz on
+    remapped topics): the bag is closed and holds the robot's states, the node's commands,
+    the reference, the latent and diagnostics."""
+    import rclpy
+    from rclpy.context import Context
+    from sensor_msgs.msg import JointState
+
+    from metarl_ros.bag import bag_is_complete
+    from metarl_ros.nodes.common import STATE_QOS, ns_to_stamp
+    from metarl_ros.sim.env_config import load_env_setup
+
+    model = REPO / "models" / "pearl" / "onnx"
+    if not (model / "policy.onnx").is_file():
+        pytest.skip(f"{model} is not there (export it with `metarl export`)")
+    setup = load_env_setup()
+    names = list(setup.robot.joint_names)
+    q = list(setup.robot.default_pose)
+    bag = tmp_path / "deploy_bag"
+    proc = subprocess.Popen(
+        _cli("deploy", f"model:={model}", "record:=true", f"bag:={bag}",
+             "joint_states:=/robot/joint_states", "--duration", "6.0"),
+        env=_env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: list[str] = []
+    reader = _reader(proc, lines)
+    context = Context()
+    rclpy.init(context=context, domain_id=_domain())
+    published = 0
+    try:
+        node = rclpy.create_node("fake_robot", context=context)
+        states = node.create_publisher(JointState, "/robot/joint_states", STATE_QOS)
+        refs = node.create_publisher(JointState, "/reference", STATE_QOS)
+        deadline = time.monotonic() + 40
+        while proc.poll() is None and time.monotonic() < deadline:
+            if states.get_subscription_count() >= 2 and refs.get_subscription_count() >= 2:
+                stamp = ns_to_stamp(time.time_ns())  # wall clock: use_sim_time is false
+                ref = JointState(name=names, position=q, velocity=[0.0] * len(q),
+                                 effort=[0.0] * len(q))
+                ref.header.stamp = stamp
+                refs.publish(ref)
+                state = JointState(name=names, position=q, velocity=[0.0] * len(q))
+                state.header.stamp = stamp
+                states.publish(state)
+                published += 1
+            time.sleep(0.01)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        rclpy.try_shutdown(context=context)
+    reader.join(timeout=5)
+    out = "".join(lines)
+    assert proc.returncode == 0, out
+    assert published > 50, out
+    assert bag_is_complete(bag), out
+    info = yaml.safe_load((bag / "metadata.yaml").read_text())["rosbag2_bagfile_information"]
+    counts = {t["topic_metadata"]["name"]: t["message_count"]
+              for t in info["topics_with_message_count"]}
+    assert set(counts) == {"/robot/joint_states", "/effort_controller/commands", "/reference",
+                           "/onnx_policy_node/latent", "/diagnostics"}, out
+    print(f"published {published} states/references; recorded {counts}")
+    # what was published (a few messages may precede the match or follow the bag's close at
+    # the end of --duration), and commands from the control loop
+    assert counts["/robot/joint_states"] >= published - 5, (counts, published)
+    assert counts["/reference"] >= published - 5, (counts, published)
+    assert counts["/effort_controller/commands"] > 20, (counts, out)
+    assert counts["/diagnostics"] > 0 and counts["/onnx_policy_node/latent"] > 0, counts
+    assert "Traceback" not in out
