@@ -23,11 +23,14 @@ DDS settings (ROS_DOMAIN_ID, ROS_AUTOMATIC_DISCOVERY_RANGE, ...) come from the e
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import signal
 import sys
 import threading
 import time
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Sequence
 
 from metarl_ros.graph import GRAPHS, Graph, NodeSpec, parameter_file_path
 
@@ -96,38 +99,87 @@ def _create_node(spec: NodeSpec, context, extra: dict | None = None):
 class _Stop:
     """First SIGINT/SIGTERM asks to stop; later ones during shutdown are ignored."""
 
-    def __init__(self) -> None:
+    def __init__(self, prefix: str) -> None:
         self.event = threading.Event()
+        self.prefix = prefix
         self.signals = 0
 
     def __call__(self, signum, frame) -> None:
         self.signals += 1
         if self.signals == 1:
-            print(f"[metarl launch] {signal.Signals(signum).name}: shutting down", flush=True)
+            print(f"[{self.prefix}] {signal.Signals(signum).name}: shutting down", flush=True)
         else:
-            print("[metarl launch] already shutting down", flush=True)
+            print(f"[{self.prefix}] already shutting down", flush=True)
         self.event.set()
 
 
+@contextlib.contextmanager
+def stop_on_signals(prefix: str = "metarl launch") -> Iterator[threading.Event]:
+    """Within: SIGINT/SIGTERM set the yielded event (a second one is ignored). On leaving,
+    both signals are ignored: the process is about to exit, and Python resets custom handlers
+    to SIG_DFL during teardown (not SIG_IGN), so a late Ctrl-C would otherwise kill it with
+    -2 after a clean run."""
+    stopper = _Stop(prefix)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, stopper)
+    try:
+        yield stopper.event
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_IGN)
+
+
+@dataclass(frozen=True)
+class GraphReport:
+    """How a run of a graph ended: exit code and each graph node's counters."""
+
+    code: int
+    """0: stopped as asked (duration reached, stop event); 1: the executor failed."""
+    nodes: dict[str, dict[str, Any]]
+    """node name -> counters (:func:`node_counters`); nodes without counters are left out."""
+
+
 def run_graph(graph: Graph, duration_s: float | None = None, threads: int = 1,
-              stop: threading.Event | None = None) -> int:
-    """Start ``graph``'s nodes, spin until ``duration_s`` simulated seconds or ``stop``."""
+              stop: threading.Event | None = None, *,
+              companions: Sequence[Callable[[Any], Any]] = (),
+              log_level: str | None = None) -> GraphReport:
+    """Start ``graph``'s nodes, spin until ``duration_s`` simulated seconds or ``stop``.
+
+    Args:
+        graph: the nodes to start (:mod:`metarl_ros.graph`).
+        duration_s: simulated seconds (sim_node's ``duration_s``); wall seconds for a graph
+            without sim_node; None = until ``stop``.
+        threads: executor threads (1 = SingleThreadedExecutor).
+        stop: set it to stop the run (signal handlers do).
+        companions: factories ``f(context) -> Node`` of extra nodes that are not part of the
+            graph (e.g. a monitor), created in the same context *before* the graph's nodes,
+            so they are subscribed before the simulation steps, and spun on the same executor.
+            The caller keeps its own references to read them after the run.
+        log_level: rcl logger level for every node (``debug``/``info``/``warn``/...);
+            None = ROS's default (info).
+    """
     import rclpy
     from rclpy.context import Context
     from rclpy.executors import MultiThreadedExecutor, SingleThreadedExecutor
     from rclpy.signals import SignalHandlerOptions
 
     stop = stop or threading.Event()
+    stopping = threading.Event()  # set once shutdown starts: later executor errors are noise
     context = Context()
     # Our own SIGINT handling: rclpy's would shut the context down under the executor.
     # args: not sys.argv, whose name:=value launch arguments rcl would take for remap rules.
-    rclpy.init(args=["metarl-launch"], context=context,
-               signal_handler_options=SignalHandlerOptions.NO)
+    init_args = ["metarl-launch"]
+    if log_level:
+        init_args += ["--ros-args", "--log-level", log_level]
+    rclpy.init(args=init_args, context=context, signal_handler_options=SignalHandlerOptions.NO)
     nodes = []
+    extra_nodes = []
     executor = None
     spin_thread = None
     code = 0
+    counters: dict[str, dict[str, Any]] = {}
     try:
+        extra_nodes = [factory(context) for factory in companions]
         for spec in graph.nodes:
             extra = None
             if spec.name == "sim_node" and duration_s is not None:
@@ -137,9 +189,9 @@ def run_graph(graph: Graph, duration_s: float | None = None, threads: int = 1,
             nodes[0].get_logger().warning(note)
         executor = (MultiThreadedExecutor(num_threads=threads, context=context) if threads > 1
                     else SingleThreadedExecutor(context=context))
-        for node in nodes:
+        for node in [*extra_nodes, *nodes]:
             executor.add_node(node)
-        spin_thread = threading.Thread(target=_spin, args=(executor, stop), name="executor",
+        spin_thread = threading.Thread(target=_spin, args=(executor, stopping), name="executor",
                                        daemon=True)
         spin_thread.start()
         sim = next((n for n, spec in zip(nodes, graph.nodes) if spec.name == "sim_node"), None)
@@ -154,43 +206,76 @@ def run_graph(graph: Graph, duration_s: float | None = None, threads: int = 1,
                 code = 1
                 break
             stop.wait(0.05)
-        _summary(nodes)
+        for node in nodes:
+            values = node_counters(node)
+            if values is not None:
+                counters[node.get_name()] = values
     finally:
-        stop.set()  # tells _spin that errors from here on are shutdown noise
+        stopping.set()
         if executor is not None:
             executor.shutdown(timeout_sec=2.0)
         if spin_thread is not None:
             spin_thread.join(timeout=5.0)
-        for node in nodes:
+        for node in [*nodes, *extra_nodes]:
             node.destroy_node()
         rclpy.try_shutdown(context=context)
-    return code
+    return GraphReport(code, counters)
 
 
-def _spin(executor, stop: threading.Event) -> None:
+def _spin(executor, stopping: threading.Event) -> None:
     """Spin until shutdown; a failure while running is reported, one while stopping is not."""
     try:
         executor.spin()
     except Exception as exc:  # noqa: BLE001
-        if not stop.is_set():
+        if not stopping.is_set():
             print(f"[metarl launch] executor failed: {type(exc).__name__}: {exc}",
                   file=sys.stderr, flush=True)
             raise
 
 
-def _summary(nodes) -> None:
-    for node in nodes:
-        if hasattr(node, "sim"):
-            print(f"[metarl launch] {node.get_name()}: t = {node.sim.time_s:.2f} s simulated, "
-                  f"real-time factor {node.achieved_real_time_factor():.2f}, commands "
-                  f"{node.commands_received} ({node.commands_rejected} rejected), "
-                  f"lockstep timeouts {node.lockstep_timeouts}", flush=True)
-        if hasattr(node, "loop"):
-            values = node.loop.diagnostics(0.0).values
-            keys = ("ticks", "safe_ticks", "policy_errors", "late_tick_pct",
-                    "inference_latency_p50_ms", "inference_latency_p99_ms", "adaptation_events")
-            print(f"[metarl launch] {node.get_name()}: "
-                  + ", ".join(f"{k} {values[k]}" for k in keys), flush=True)
+#: adapter_node / onnx_policy_node counters reported at the end of a run (from /diagnostics).
+CONTROLLER_COUNTERS = ("ticks", "safe_ticks", "policy_errors", "late_tick_pct",
+                       "inference_latency_p50_ms", "inference_latency_p99_ms",
+                       "adaptation_events")
+
+
+def node_counters(node) -> dict[str, Any] | None:
+    """End-of-run counters of sim_node or a controller node (None for other nodes)."""
+    if hasattr(node, "sim"):
+        return {"sim_time_s": round(node.sim.time_s, 6),
+                "real_time_factor": round(node.achieved_real_time_factor(), 3),
+                "commands": node.commands_received,
+                "commands_rejected": node.commands_rejected,
+                "lockstep_timeouts": node.lockstep_timeouts}
+    if hasattr(node, "loop"):
+        values = node.loop.diagnostics(0.0).values
+        return {key: _number(values[key]) for key in CONTROLLER_COUNTERS}
+    return None
+
+
+def _number(value: Any) -> Any:
+    """Diagnostics values are strings for DiagnosticStatus; numbers come back as numbers."""
+    if isinstance(value, str):
+        for kind in (int, float):
+            try:
+                return kind(value)
+            except ValueError:
+                pass
+    return value
+
+
+def print_report(report: GraphReport) -> None:
+    """One line per node with counters (the end of every ``metarl launch``)."""
+    for name, v in report.nodes.items():
+        if "lockstep_timeouts" in v:
+            line = (f"t = {v['sim_time_s']:.2f} s simulated, real-time factor "
+                    f"{v['real_time_factor']:.2f}, commands {v['commands']} "
+                    f"({v['commands_rejected']} rejected), lockstep timeouts "
+                    f"{v['lockstep_timeouts']}")
+        else:
+            line = ", ".join(f"{key} {value:g}" if isinstance(value, float) else f"{key} {value}"
+                             for key, value in v.items())
+        print(f"[metarl launch] {name}: {line}", flush=True)
 
 
 def launch_command(args: list[str]) -> int:
@@ -205,21 +290,17 @@ def launch_command(args: list[str]) -> int:
     except ValueError as exc:
         print(f"metarl launch: {exc}", file=sys.stderr)
         return 2
-    stopper = _Stop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, stopper)
     start = time.monotonic()
-    try:
-        code = run_graph(graph, ns.duration, ns.threads, stopper.event)
-    except Exception as exc:  # start-up errors: one readable line
-        print(f"metarl launch: {type(exc).__name__}: {exc}", file=sys.stderr)
-        code = 1
-    print(f"[metarl launch] done in {time.monotonic() - start:.1f} s wall, exit {code}",
-          flush=True)
-    # The process is about to exit: Python resets custom handlers to SIG_DFL during teardown
-    # (not SIG_IGN), so a late Ctrl-C would otherwise kill it with -2 after a clean run.
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, signal.SIG_IGN)
+    with stop_on_signals() as stop:
+        try:
+            report = run_graph(graph, ns.duration, ns.threads, stop)
+            print_report(report)
+            code = report.code
+        except Exception as exc:  # start-up errors: one readable line
+            print(f"metarl launch: {type(exc).__name__}: {exc}", file=sys.stderr)
+            code = 1
+        print(f"[metarl launch] done in {time.monotonic() - start:.1f} s wall, exit {code}",
+              flush=True)
     return code
 
 

@@ -81,11 +81,13 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--out", help="run directory (default runs/<method>)")
     train.add_argument("--resume", action="store_true", help="continue the run in --out")
     train.add_argument("--iterations", type=int, help="stop after this many more iterations")
-    train.add_argument("--max-minutes", type=float, help="stop (with a checkpoint) after this long")
+    train.add_argument("--max-minutes", type=float,
+                       help="stop (with a checkpoint) after this long")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
     train.set_defaults(func=_train)
 
-    evaluate = sub.add_parser("eval", help="evaluate every method on a split with mid-episode faults")
+    evaluate = sub.add_parser("eval",
+                              help="evaluate every method on a split with mid-episode faults")
     evaluate.add_argument("--model", required=True,
                           help="model directory with <method>/model.pt for each method, "
                                "or a single model.pt")
@@ -115,9 +117,23 @@ def build_parser() -> argparse.ArgumentParser:
     retrain.add_argument("--no-progress", action="store_true", help="no progress bars")
     retrain.set_defaults(func=_retrain)
 
-    demo = sub.add_parser("demo", help="the main job: adaptation demo on the shipped model")
-    demo.add_argument("--out", default="out/demo", help="where the JSON summary and plot go")
-    demo.add_argument("--model", default="models", help="shipped models directory")
+    demo = sub.add_parser("demo", help="the main job: the adapt_sim node graph through the "
+                          "fault scenario on the shipped model, adaptation off and on")
+    demo.add_argument("--out", default="out/demo",
+                      help="directory for summary.json and tracking_error.png (default out/demo)")
+    demo.add_argument("--model", help="PEARL model.pt or its directory (default: adapt_sim's "
+                      "model argument, models/pearl/model.pt)")
+    demo.add_argument("--scenario", help="fault scenario YAML (default: adapt_sim's scenario "
+                      "argument, config/scenarios/default.yaml)")
+    demo.add_argument("--duration", type=float,
+                      help="simulated seconds per run (default: the scenario's duration_s)")
+    demo.add_argument("--real-time-factor", type=float, default=0.0,
+                      help="sim_node pacing: 0 = lockstep, as fast as possible (default); "
+                           "1 = real time")
+    demo.add_argument("--no-ros", action="store_true",
+                      help="run the Gymnasium env directly instead of the node graph (no DDS; "
+                           "adds a frozen-latent control)")
+    demo.add_argument("--verbose", action="store_true", help="show the nodes' INFO logs")
     demo.set_defaults(func=_demo)
 
     sub.add_parser("launch", help="start a node graph without ros2 launch (metarl launch -h)",

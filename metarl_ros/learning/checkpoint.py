@@ -64,6 +64,10 @@ def atomic_write_text(path: Path, text: str) -> None:
     _atomic_write(path, "w", lambda stream: stream.write(text))
 
 
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    _atomic_write(path, "wb", lambda stream: stream.write(data))
+
+
 def remove_stale_temp_files(folder: Path, name: str) -> None:
     """Delete ``.<name>.*.tmp`` files that an atomic write of ``name`` killed midway left."""
     for stale in Path(folder).glob(f".{name}.*.tmp"):

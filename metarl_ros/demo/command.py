@@ -1,0 +1,248 @@
+"""``metarl demo``: entry point (argument checks, the runs, the report)."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from metarl_ros.demo.report import (
+    PhaseWindows,
+    describe_windows,
+    finite_or_none,
+    flatten,
+    format_table,
+    plot,
+    write_json,
+)
+from metarl_ros.demo.trace import Trace
+from metarl_ros.errors import MetarlError
+from metarl_ros.graph import ADAPT_SIM_ARGUMENTS
+from metarl_ros.resources import resolve_path
+from metarl_ros.scenario import Scenario, load_scenario
+
+_DEFAULTS = {arg.name: arg.default for arg in ADAPT_SIM_ARGUMENTS}
+DEFAULT_MODEL = _DEFAULTS["model"]
+DEFAULT_SCENARIO = _DEFAULTS["scenario"]
+DEFAULT_ENV = _DEFAULTS["env_config"]
+
+
+class DemoError(MetarlError):
+    """The demo cannot run as asked (missing model, no ROS, bad option)."""
+
+
+@dataclass(frozen=True)
+class DemoRun:
+    """One controller configuration of the demo: a row of the table."""
+
+    name: str
+    description: str
+    arguments: dict[str, str]
+    """adapt_sim launch arguments (``name:=value``) besides model, scenario and pacing."""
+
+
+#: The runs through the node graph: adapt_sim with these launch arguments.
+ROS_RUNS = (
+    DemoRun("pd", "PD feedback alone (policy:=pd, no learned policy)", {"policy": "pd"}),
+    DemoRun("adaptation_off",
+            "PEARL, adaptation:=false (no MAML; the context posterior still runs)",
+            {"policy": "pearl", "adaptation": "false"}),
+    DemoRun("adaptation_on", "PEARL + MAML dynamics correction, adaptation:=true",
+            {"policy": "pearl", "adaptation": "true"}),
+)
+
+#: ``--no-ros`` adds a control the node does not offer (see direct_run).
+DIRECT_RUNS = (
+    ROS_RUNS[0],
+    DemoRun("frozen_latent", "PEARL with its latent held at the prior (no context inference)",
+            {"policy": "pearl", "adaptation": "false"}),
+    *ROS_RUNS[1:],
+)
+
+
+def resolve_model(path: str | None) -> Path:
+    """The model file for ``--model`` (a model.pt or a directory holding one; None = the
+    graph's default)."""
+    model = resolve_path(path or DEFAULT_MODEL)
+    if model.is_dir():
+        model = model / "model.pt"
+    if not model.is_file():
+        raise DemoError(f"{model}: no model file. Pass --model with a PEARL model.pt (shipped: "
+                        f"{DEFAULT_MODEL}); train one with `metarl train --config "
+                        "config/train_pearl.yaml --out runs/pearl`")
+    return model
+
+
+def _load_scenario(path: str | None, duration: float | None
+                   ) -> tuple[Scenario, float, Path]:
+    from metarl_ros.sim.env import load_env_setup
+
+    scenario_path = resolve_path(path or DEFAULT_SCENARIO)
+    joint_names = load_env_setup(DEFAULT_ENV).robot.joint_names
+    scenario = load_scenario(scenario_path, joint_names)
+    duration_s = duration if duration is not None else scenario.config.duration_s
+    if duration_s is None:
+        raise DemoError(f"{scenario_path}: no duration_s; pass --duration")
+    if duration_s <= 0:
+        raise DemoError(f"--duration {duration_s:g}: must be > 0")
+    return scenario, float(duration_s), scenario_path
+
+
+def _run_ros(runs, model: Path, scenario_path: Path, duration_s: float, rtf: float,
+             verbose: bool) -> dict[str, dict[str, Any]]:
+    try:
+        from metarl_ros.demo.ros_run import run_adapt_sim
+    except ImportError as exc:
+        raise DemoError(f"the demo runs the ROS 2 node graph and needs rclpy ({exc}); install "
+                        "the ros extra (pip install -e '.[ros]') or pass --no-ros") from None
+    from metarl_ros.cli.launch import stop_on_signals
+
+    results = {}
+    with stop_on_signals("metarl demo") as stop:
+        for run in runs:
+            arguments = {**run.arguments, "model": str(model), "scenario": str(scenario_path),
+                         "real_time_factor": repr(rtf)}
+            print(f"running {run.name}: {run.description} ...", flush=True)
+            result = run_adapt_sim(arguments, duration_s, stop,
+                                   log_level=None if verbose else "warn")
+            if stop.is_set():
+                raise DemoError("interrupted")
+            sim = result.counters.get("sim_node", {})
+            controller = next((v for k, v in result.counters.items() if k != "sim_node"), {})
+            print(f"  {result.wall_s:.1f} s wall, real-time factor "
+                  f"{sim.get('real_time_factor', 0.0):.2f}, lockstep timeouts "
+                  f"{sim.get('lockstep_timeouts', 0)}, late ticks "
+                  f"{controller.get('late_tick_pct', 0.0):g} %, inference p99 "
+                  f"{controller.get('inference_latency_p99_ms', 0.0):g} ms", flush=True)
+            results[run.name] = {"trace": result.trace, "nodes": result.counters,
+                                 "wall_s": round(result.wall_s, 2), "exit_code": result.code}
+    return results
+
+
+def _run_direct(runs, model: Path, scenario: Scenario, duration_s: float
+                ) -> dict[str, dict[str, Any]]:
+    import torch
+
+    from metarl_ros.demo.direct_run import FrozenContext, run_env
+    from metarl_ros.learning.runtime import TorchAdaptivePolicy, load_model
+    from metarl_ros.sim.env import ArmTrackingEnv, load_env_setup
+
+    torch.set_num_threads(1)
+    loaded = load_model(model)
+    env = ArmTrackingEnv(load_env_setup(loaded.payload["env_config"]))
+    results = {}
+    try:
+        for run in runs:
+            print(f"running {run.name}: {run.description} ...", flush=True)
+            start = time.monotonic()
+            if run.arguments["policy"] == "pd":
+                policy = None
+            elif run.name == "frozen_latent":
+                policy = FrozenContext(TorchAdaptivePolicy(loaded))
+            else:
+                policy = TorchAdaptivePolicy(loaded, adaptation=run.arguments["adaptation"]
+                                             == "true", background=False)
+            trace = run_env(env, scenario, duration_s, policy)
+            results[run.name] = {"trace": trace, "wall_s": round(time.monotonic() - start, 2),
+                                 "exit_code": 0}
+    finally:
+        env.close()
+    return results
+
+
+def _check(name: str, result: dict[str, Any], expected_samples: int,
+           errors: dict[str, Any]) -> tuple[list[str], list[str]]:
+    """``(problems, warnings)`` of one run: problems make the demo fail (exit 1)."""
+    trace: Trace = result["trace"]
+    problems, warnings = [], []
+    if result["exit_code"]:
+        problems.append(f"{name}: the graph stopped with exit code {result['exit_code']}")
+    if trace.time_s.size < expected_samples:
+        problems.append(f"{name}: tracking error at {trace.time_s.size} of {expected_samples} "
+                        "control instants")
+    timeouts = result.get("nodes", {}).get("sim_node", {}).get("lockstep_timeouts", 0)
+    if timeouts:
+        warnings.append(f"{name}: {timeouts} lockstep timeout(s): the simulator stepped with "
+                        "zero effort there, so this run's numbers are affected")
+    if not finite_or_none(flatten(errors)):
+        problems.append(f"{name}: a window has no finite tracking error")
+    return problems, warnings
+
+
+def demo_command(args: argparse.Namespace) -> int:
+    """Run the demo; 0 when every run finished with a finite error in every window."""
+    model = resolve_model(args.model)
+    scenario, duration_s, scenario_path = _load_scenario(args.scenario, args.duration)
+    windows = PhaseWindows.for_scenario(scenario, duration_s)
+    if args.real_time_factor < 0:
+        raise DemoError(f"--real-time-factor {args.real_time_factor:g}: must be >= 0")
+    mode = "direct" if args.no_ros else "ros"
+    print(f"scenario {scenario.config.name} ({duration_s:g} s simulated): "
+          f"{scenario.config.description.strip()}")
+    print(f"model {model}; " + ("Gymnasium env, no ROS" if args.no_ros else
+          "node graph adapt_sim (sim_node + adapter_node) over DDS, " +
+          ("lockstep" if args.real_time_factor == 0 else
+           f"real-time factor {args.real_time_factor:g}")), flush=True)
+    start = time.monotonic()
+    if args.no_ros:
+        runs = DIRECT_RUNS
+        results = _run_direct(runs, model, scenario, duration_s)
+    else:
+        runs = ROS_RUNS
+        results = _run_ros(runs, model, scenario_path, duration_s, args.real_time_factor,
+                           args.verbose)
+
+    from metarl_ros.sim.env import load_env_setup
+
+    dt = load_env_setup(DEFAULT_ENV).control_dt
+    expected = int(round(duration_s / dt))
+    table, problems, warnings, summary_runs = {}, [], [], {}
+    for run in runs:
+        result = results[run.name]
+        errors = windows.errors(result["trace"])
+        table[run.name] = errors
+        run_problems, run_warnings = _check(run.name, result, expected, errors)
+        problems += run_problems
+        warnings += run_warnings
+        trace: Trace = result["trace"]
+        summary_runs[run.name] = {
+            "description": run.description,
+            "launch_arguments": run.arguments if not args.no_ros else None,
+            "tracking_error_rad": errors,
+            "samples": int(trace.time_s.size),
+            "events_seen": [{"time_s": t, "label": label} for t, label in trace.events],
+            "wall_s": result["wall_s"],
+            "nodes": result.get("nodes"),
+        }
+    print("\n" + describe_windows(windows))
+    print(format_table(windows, table))
+    for name in table:
+        print(f"  {name}: {next(r.description for r in runs if r.name == name)}")
+
+    out = Path(args.out)
+    summary = {
+        "mode": mode,
+        "model": str(model),
+        "scenario": {"name": scenario.config.name, "path": str(scenario_path),
+                     "duration_s": duration_s,
+                     "events": [{"time_s": e.time_s, "label": e.label} for e in scenario.events]},
+        "real_time_factor": None if args.no_ros else args.real_time_factor,
+        "windows": windows.describe(),
+        "runs": summary_runs,
+        "problems": problems,
+        "warnings": warnings,
+        "wall_s": round(time.monotonic() - start, 2),
+    }
+    write_json(out / "summary.json", summary)
+    source = "Gymnasium env (--no-ros)" if args.no_ros else "adapt_sim node graph"
+    plot({name: results[name]["trace"] for name in table}, windows,
+         f"scenario {scenario.config.name}: {source}", out / "tracking_error.png")
+    print(f"\nwrote {out / 'summary.json'} and {out / 'tracking_error.png'} "
+          f"({summary['wall_s']:.0f} s)")
+    for warning in warnings:
+        print(f"WARNING: {warning}")
+    for problem in problems:
+        print(f"ERROR: {problem}")
+    return 1 if problems else 0

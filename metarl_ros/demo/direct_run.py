@@ -1,0 +1,70 @@
+"""``metarl demo --no-ros``: the same scenario on the Gymnasium env directly, no DDS.
+
+A cross-check of the node graph (in lockstep the simulator node steps exactly like the env)
+and the place for a control the nodes do not offer: ``frozen_latent``, the PEARL policy with
+its latent held at the prior (no context inference at all). MAML runs inline every
+``adapt_every`` transitions here (deterministic), in the node in a background thread at 10 Hz
+of wall time.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from metarl_ros.demo.trace import Trace
+from metarl_ros.runtime import AdaptivePolicy, PosteriorSummary
+from metarl_ros.scenario import Scenario
+from metarl_ros.sim.env import ArmTrackingEnv
+
+
+class FrozenContext:
+    """Wraps a policy so that it never sees a transition: its latent stays at the prior."""
+
+    def __init__(self, policy: AdaptivePolicy) -> None:
+        self.policy = policy
+        self.contract = policy.contract
+
+    def reset(self) -> None:
+        self.policy.reset()
+
+    def observe(self, obs, action, reward, next_obs) -> None:
+        pass
+
+    def act(self, obs: np.ndarray) -> np.ndarray:
+        return self.policy.act(obs)
+
+    def posterior(self) -> PosteriorSummary:
+        return self.policy.posterior()
+
+
+def run_env(env: ArmTrackingEnv, scenario: Scenario, duration_s: float,
+            policy: AdaptivePolicy | None) -> Trace:
+    """One run of ``scenario``; ``policy=None`` is the env's PD feedback alone (zero action).
+
+    Sample ``t`` is the state after step ``t``, at ``(t + 1) * control_dt``, like the
+    simulator node's stamps.
+    """
+    dt = env.setup.control_dt
+    steps = int(round(duration_s / dt))
+    obs, _ = env.reset(seed=scenario.config.reference_seed,
+                       options={"task": scenario.initial_task, "faults": list(scenario.events)})
+    if policy is not None:
+        policy.reset()
+    errors = np.zeros(steps)
+    latent = np.zeros(steps)
+    events: list[tuple[float, str]] = []
+    zero = np.zeros(env.action_space.shape, np.float32)
+    for t in range(steps):
+        action = zero if policy is None else policy.act(obs)
+        next_obs, reward, _, _, info = env.step(action)
+        if policy is not None:
+            policy.observe(obs, action, reward, next_obs)
+            latent[t] = float(np.linalg.norm(policy.posterior().mean))
+        errors[t] = info["tracking_error"]
+        events += [(event.time_s, event.label) for event in scenario.events
+                   if event.label in info["faults"]]
+        obs = next_obs
+    times = (np.arange(steps) + 1) * dt
+    has_latent = policy is not None and policy.posterior().mean.size > 0
+    return Trace(times, errors, times if has_latent else np.zeros(0),
+                 latent if has_latent else np.zeros(0), tuple(events))
