@@ -106,7 +106,8 @@ class ScenarioConfig(StrictModel):
     reference_seed: NonNegativeInt = Field(
         default=0, description="seed of the reference trajectory (and the sensor noise)")
     duration_s: PositiveFloat | None = Field(
-        default=None, description="suggested run length (metarl launch's default --duration)")
+        default=None, description="run length of `metarl demo` (default --duration); "
+                                  "sim_node and `metarl launch` run until stopped")
     initial: TaskChange = Field(default_factory=TaskChange,
                                 description="changes to the intact robot at t = 0")
     events: list[ScenarioEvent] = []

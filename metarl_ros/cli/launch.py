@@ -237,6 +237,8 @@ def _spin(executor, stopping: threading.Event) -> None:
 CONTROLLER_COUNTERS = ("ticks", "safe_ticks", "policy_errors", "late_tick_pct",
                        "inference_latency_p50_ms", "inference_latency_p99_ms",
                        "adaptation_events")
+#: controller parameters reported with them (what the node really ran with).
+CONTROLLER_PARAMETERS = ("policy", "adaptation")
 
 
 def node_counters(node) -> dict[str, Any] | None:
@@ -249,7 +251,11 @@ def node_counters(node) -> dict[str, Any] | None:
                 "lockstep_timeouts": node.lockstep_timeouts}
     if hasattr(node, "loop"):
         values = node.loop.diagnostics(0.0).values
-        return {key: _number(values[key]) for key in CONTROLLER_COUNTERS}
+        counters = {key: _number(values[key]) for key in CONTROLLER_COUNTERS}
+        for name in CONTROLLER_PARAMETERS:  # as the running node has them
+            if node.has_parameter(name):
+                counters[name] = node.get_parameter(name).value
+        return counters
     return None
 
 

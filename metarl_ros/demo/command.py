@@ -75,9 +75,27 @@ def resolve_model(path: str | None) -> Path:
     return model
 
 
+def load_pearl_model(model: Path):
+    """Load ``model`` once before any run, so a wrong file fails at once and clearly: it must
+    be a PEARL model (latent-conditioned) with a MAML dynamics model (adaptation on)."""
+    import torch
+
+    from metarl_ros.learning.runtime import load_model
+
+    torch.set_num_threads(1)
+    loaded = load_model(model)  # CheckpointError names the file and the problem
+    if loaded.agent.spec.conditioning != "latent":
+        raise DemoError(f"{model}: a {loaded.method!r} model; the demo needs a PEARL model "
+                        f"(shipped: {DEFAULT_MODEL})")
+    if loaded.maml_config is None or not loaded.dynamics:
+        raise DemoError(f"{model}: has no MAML dynamics model, which adaptation on needs; "
+                        "train with dynamics.enabled (config/train_pearl.yaml)")
+    return loaded
+
+
 def _load_scenario(path: str | None, duration: float | None
                    ) -> tuple[Scenario, float, Path]:
-    from metarl_ros.sim.env import load_env_setup
+    from metarl_ros.sim.env_config import load_env_setup
 
     scenario_path = resolve_path(path or DEFAULT_SCENARIO)
     joint_names = load_env_setup(DEFAULT_ENV).robot.joint_names
@@ -121,16 +139,12 @@ def _run_ros(runs, model: Path, scenario_path: Path, duration_s: float, rtf: flo
     return results
 
 
-def _run_direct(runs, model: Path, scenario: Scenario, duration_s: float
+def _run_direct(runs, loaded, scenario: Scenario, duration_s: float
                 ) -> dict[str, dict[str, Any]]:
-    import torch
-
     from metarl_ros.demo.direct_run import FrozenContext, run_env
-    from metarl_ros.learning.runtime import TorchAdaptivePolicy, load_model
+    from metarl_ros.learning.runtime import TorchAdaptivePolicy
     from metarl_ros.sim.env import ArmTrackingEnv, load_env_setup
 
-    torch.set_num_threads(1)
-    loaded = load_model(model)
     env = ArmTrackingEnv(load_env_setup(loaded.payload["env_config"]))
     results = {}
     try:
@@ -178,6 +192,7 @@ def demo_command(args: argparse.Namespace) -> int:
     windows = PhaseWindows.for_scenario(scenario, duration_s)
     if args.real_time_factor < 0:
         raise DemoError(f"--real-time-factor {args.real_time_factor:g}: must be >= 0")
+    loaded = load_pearl_model(model)
     mode = "direct" if args.no_ros else "ros"
     print(f"scenario {scenario.config.name} ({duration_s:g} s simulated): "
           f"{scenario.config.description.strip()}")
@@ -188,13 +203,13 @@ def demo_command(args: argparse.Namespace) -> int:
     start = time.monotonic()
     if args.no_ros:
         runs = DIRECT_RUNS
-        results = _run_direct(runs, model, scenario, duration_s)
+        results = _run_direct(runs, loaded, scenario, duration_s)
     else:
         runs = ROS_RUNS
         results = _run_ros(runs, model, scenario_path, duration_s, args.real_time_factor,
                            args.verbose)
 
-    from metarl_ros.sim.env import load_env_setup
+    from metarl_ros.sim.env_config import load_env_setup
 
     dt = load_env_setup(DEFAULT_ENV).control_dt
     expected = int(round(duration_s / dt))

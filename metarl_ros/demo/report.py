@@ -49,7 +49,12 @@ class PhaseWindows:
         times = [event.time_s for event in scenario.events]
         if times and times[-1] >= duration_s:
             raise ConfigError(f"scenario {name}: event at {times[-1]:g} s is not before the end "
-                              f"of the run ({duration_s:g} s)")
+                              f"of the run ({duration_s:g} s); run longer (--duration)")
+        labels = [event.label for event in scenario.events]
+        for label in labels:
+            if labels.count(label) > 1:
+                raise ConfigError(f"scenario {name}: several events are labelled {label!r}; "
+                                  "give each a label of its own")
         first = times[0] if times else duration_s
         before = (min(SETTLE_S, 0.5 * first), first)
         events = []
