@@ -108,18 +108,19 @@ def flatten(errors: Mapping[str, Any]) -> list[float | None]:
 def format_table(windows: PhaseWindows, rows: Mapping[str, Mapping[str, Any]]) -> str:
     """Plain-text table: one row per run, a column per window (``rows``: run -> errors)."""
     name_width = max(12, *(len(name) for name in rows)) + 2
+    widths = [max(22, len(event.label)) for event in windows.events]
     head1 = f"{'':{name_width}s}{'before':>10s}"
     head2 = f"{'run':{name_width}s}{'faults':>10s}"
-    for event in windows.events:
-        label = event.label if len(event.label) <= 22 else event.label[:21] + "~"
-        head1 += f" | {label:^22s}"
-        head2 += f" | {'right after':>11s}{'adapted':>11s}"
+    for event, width in zip(windows.events, widths):
+        head1 += f" | {event.label:^{width}s}"
+        head2 += f" | {'right after':>{width // 2}s}{'adapted':>{width - width // 2}s}"
     lines = [head1, head2, "-" * len(head2)]
     for name, errors in rows.items():
         values = flatten(errors)
         line = f"{name:{name_width}s}{_cell(values[0], 10)}"
-        for i in range(len(windows.events)):
-            line += f" | {_cell(values[1 + 2 * i], 11)}{_cell(values[2 + 2 * i], 11)}"
+        for i, width in enumerate(widths):
+            line += (f" | {_cell(values[1 + 2 * i], width // 2)}"
+                     f"{_cell(values[2 + 2 * i], width - width // 2)}")
         lines.append(line)
     return "\n".join(lines)
 
