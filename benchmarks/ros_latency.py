@@ -25,8 +25,10 @@ Latency = command receipt minus joint state publication, both on this process's 
 clock. Resident memory (``VmRSS``, and its peak ``VmHWM``, from ``/proc/<pid>/status``) of
 each node process is read at the end of its measured window.
 
-Late ticks are adapter_node's own count (``late_tick_pct`` on /diagnostics: receipt-to-publish
-over half a control period, or a gap of more than 1.5 periods).
+Late ticks are adapter_node's own count (``late_ticks`` / ``ticks`` on /diagnostics:
+receipt-to-publish over half a control period, or a gap of more than 1.5 periods), over the
+measured window (the counters at the end minus those at the end of the warm-up; the node's
+``late_tick_pct`` since its start, warm-up included, is reported as well).
 
 DDS stays on loopback on a domain of this run (ROS_* variables are set for the children).
 """
@@ -50,6 +52,7 @@ STEP_RAD = 1e-6
 
 
 def _ros_env() -> dict[str, str]:
+    """The children's environment: DDS on loopback, this run's domain (ROS_DOMAIN_ID if set)."""
     env = dict(os.environ)
     env.setdefault("ROS_DOMAIN_ID", str(os.getpid() % 101 + 1))
     env["ROS_AUTOMATIC_DISCOVERY_RANGE"] = "LOCALHOST"
@@ -173,6 +176,7 @@ class Driver:
         """Publish for ``warmup_s + duration_s``; match each command to its state (``echo``,
         ``pd`` or ``positions``); statistics of the measured part. ``decimation``: states
         per control tick."""
+        load_before = os.getloadavg()[0]
         with self.lock:
             self.received.clear()
         self.sent.clear()
@@ -183,11 +187,14 @@ class Driver:
         total = int((warmup_s + duration_s) * self.rate_hz)
         first_measured = int(warmup_s * self.rate_hz)
         start = time.perf_counter()
+        diag_at_start: dict[str, str] = {}
         for seq in range(1, total + 1):
             deadline = start + seq * period
             delay = deadline - time.perf_counter()
             if delay > 0:
                 time.sleep(delay)
+            if seq == first_measured:
+                diag_at_start = dict(self.diag)  # counters at the end of the warm-up
             self.publish(seq, stamp0_ns + seq * period_ns)
         time.sleep(0.5)
         memory = _memory(pid) if pid is not None else {}
@@ -205,6 +212,7 @@ class Driver:
         result = {
             "mode": mode,
             "match": match,
+            "load_average_1min_before": round(load_before, 2),
             "states_published": measured_states,
             "control_ticks_expected": (total - first_measured) // decimation + 1,
             "commands_matched": len(lat),
@@ -216,8 +224,14 @@ class Driver:
         result.update(memory)
         if mode != "echo":
             time.sleep(1.0)  # one more diagnostics message
-            result["late_tick_pct"] = float(self.diag.get("late_tick_pct", "nan"))
-            result["node_ticks"] = int(self.diag.get("ticks", "0"))
+            # the node's counters over the measured window (minus those at its start; the
+            # diagnostics come at 5 Hz, so the window edge is within 0.2 s)
+            ticks = int(self.diag.get("ticks", "0")) - int(diag_at_start.get("ticks", "0"))
+            late = (int(self.diag.get("late_ticks", "0"))
+                    - int(diag_at_start.get("late_ticks", "0")))
+            result["late_tick_pct"] = 100.0 * late / ticks if ticks > 0 else float("nan")
+            result["node_ticks"] = ticks
+            result["late_tick_pct_since_start"] = float(self.diag.get("late_tick_pct", "nan"))
             result["inference_p50_ms"] = float(self.diag.get("inference_latency_p50_ms", "nan"))
             result["inference_p99_ms"] = float(self.diag.get("inference_latency_p99_ms", "nan"))
         return result
