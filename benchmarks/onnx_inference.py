@@ -3,24 +3,27 @@
     .venv/bin/python benchmarks/onnx_inference.py [--model models/pearl/model.pt] [--ticks 5000]
 
 A control tick of the adaptive policy is ``observe(s, a, r, s')`` (the streaming posterior
-takes the newest transition) followed by ``act(obs)``. Both runtimes get the same recorded
-transitions (a simulated episode with a payload) and are timed tick by tick with
-``time.perf_counter_ns``, alternating blocks so machine load hits both alike:
+takes the newest transition) followed by ``act(s')``, as the control loop calls them. Both
+runtimes get the same recorded transitions (a simulated episode with a payload) and are timed
+tick by tick with ``time.perf_counter_ns``, alternating blocks so machine load hits both alike:
 
-* ONNX -- :class:`metarl_ros.deploy.OnnxAdaptivePolicy` (what onnx_policy_node runs): the
-  encoder tick graph (new factor + product of Gaussians over the window) in ``observe``, the
-  policy graph in ``act``; onnxruntime with 1 intra-op / 1 inter-op thread, inputs and
-  outputs bound once to numpy buffers (I/O binding). The bare onnxruntime calls are timed
-  too -- ``run_with_iobinding`` as used, and plain ``InferenceSession.run`` with feeds -- to
-  separate onnxruntime from the wrapper's numpy work (filling the transition, ring shift).
+* ONNX -- :class:`metarl_ros.deploy.OnnxAdaptivePolicy` (what onnx_policy_node runs):
+  ``observe`` stores the transition, ``act`` runs ``step.onnx`` (new factor, product of
+  Gaussians over the window, policy) in one onnxruntime call; 1 intra-op / 1 inter-op thread,
+  inputs and outputs bound once to numpy buffers (I/O binding). The bare onnxruntime calls
+  are timed too, to separate onnxruntime from the wrapper's numpy work: each graph with I/O
+  binding, ``step.onnx`` with plain ``InferenceSession.run`` and feeds, and -- the floor of any
+  onnxruntime call -- an empty graph (one Identity on 8 floats) through the pybind call the
+  wrapper uses and through the public ``run_with_iobinding``.
 * torch -- :class:`metarl_ros.learning.runtime.TorchAdaptivePolicy` (adapter_node's
   ``pearl``), one torch thread, no MAML adaptation: ``observe`` runs the encoder on the new
   transition, ``act`` forms the product over the window and runs the actor.
 
-Model: ``--model`` if it exists (default ``models/pearl/model.pt``, exported to a temporary
-folder with ``metarl_ros.learning.export.export_model``), else an untrained model of the
-shipped architecture (``config/train_pearl.yaml``: 128x128 actor and encoder, latent 8,
-window 25) -- the cost does not depend on the weights. The result says which.
+Model: ``--model`` if it exists (default ``models/pearl/model.pt``, with its shipped
+``onnx/`` export if that is there, else exported to a temporary folder with
+``metarl_ros.learning.export.export_model``), else an untrained model of the shipped
+architecture (``config/train_pearl.yaml``) -- the cost does not depend on the weights. The
+result says which.
 """
 
 from __future__ import annotations
@@ -110,31 +113,54 @@ def time_ticks(policy, records, block: int) -> tuple[list[int], list[int]]:
     return observe_ns, act_ns
 
 
-def time_sessions(deployed, records, count: int) -> dict[str, list[int]]:
-    """Bare onnxruntime calls of the encoder and policy graphs: ``run_with_iobinding`` on the
-    bound buffers (what the wrapper does) and plain ``InferenceSession.run`` with feeds."""
+def _empty_graph(path: Path):
+    """An onnxruntime session of one Identity node on (1, 8) floats, its buffers bound."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from metarl_ros.deploy import _BoundGraph, _open_session
+
+    spec = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [1, 8]) for n in ("x", "y")]
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "empty",
+                              [spec[0]], [spec[1]])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)],
+                                ir_version=8), str(path))
+    session = _open_session(path)
+    buffers = {"x": np.zeros((1, 8), np.float32), "y": np.zeros((1, 8), np.float32)}
+    return session, _BoundGraph(session, path, buffers), buffers
+
+
+def time_sessions(deployed, records, count: int, block: int,
+                  workdir: Path) -> dict[str, list[int]]:
+    """Bare onnxruntime calls: every graph with I/O binding (what the wrapper runs),
+    ``step.onnx`` with ``InferenceSession.run`` and feeds, and an empty graph."""
     obs, action, reward, next_obs = records[0]
-    k, latent = deployed._window_mean.shape
-    encoder_feeds = {
+    window = deployed._window
+    step_feeds = {
         "transition": np.concatenate([obs, action, [reward], next_obs]).astype(np.float32)[None],
-        "window_mean": np.zeros((k, latent), np.float32),
-        "window_var": np.ones((k, latent), np.float32),
-        "window_mask": np.ones((k,), np.float32)}
-    policy_feeds = {"obs": obs.astype(np.float32)[None],
-                    "latent": np.zeros((1, latent), np.float32)}
+        "obs": next_obs.astype(np.float32)[None],
+        "window_precision": window[0].copy(), "window_weighted": window[1].copy()}
+    step_session = deployed._step._session
+    empty, empty_bound, _ = _empty_graph(workdir / "empty.onnx")
+    empty_binding = empty_bound._binding
     calls = {
-        "encoder_iobinding": deployed._encoder_graph.run,
-        "policy_iobinding": deployed._policy_graph.run,
-        "encoder_run": lambda: deployed._encoder.run(None, encoder_feeds),
-        "policy_run": lambda: deployed._policy.run(None, policy_feeds),
+        "step_iobinding": deployed._step.run,
+        "policy_iobinding": deployed._policy.run,
+        "encoder_iobinding": deployed._encoder.run,
+        "step_run_with_feeds": lambda: step_session.run(None, step_feeds),
+        "empty_graph_iobinding": empty_bound.run,
+        "empty_graph_public_run_with_iobinding": lambda: empty.run_with_iobinding(empty_binding),
     }
     times: dict[str, list[int]] = {name: [] for name in calls}
     clock = time.perf_counter_ns
-    for _ in range(count):
+    done = 0
+    while done < count:  # alternating blocks of consecutive calls, as for the ticks
         for name, call in calls.items():
-            t0 = clock()
-            call()
-            times[name].append(clock() - t0)
+            for _ in range(block):
+                t0 = clock()
+                call()
+                times[name].append(clock() - t0)
+        done += block
     return times
 
 
@@ -150,6 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args(argv)
 
+    load_start = os.getloadavg()[0]
     import onnxruntime
     import torch
 
@@ -181,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
                 results[f"{name}_observe"] += observe_ns
                 results[f"{name}_act"] += act_ns
             done += args.block
-        sessions = time_sessions(onnx_policy, records, args.ticks)
+        sessions = time_sessions(onnx_policy, records, args.ticks, args.block, workdir)
 
     summary = {
         "command": "python benchmarks/onnx_inference.py " + " ".join(argv or sys.argv[1:]),
@@ -189,11 +216,11 @@ def main(argv: list[str] | None = None) -> int:
         "versions": f"onnxruntime {onnxruntime.__version__}, torch {torch.__version__}, "
                     f"Python {platform.python_version()}",
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-                   f"load average {os.getloadavg()[0]:.2f}",
+                   f"load average {load_start:.2f} at start, {os.getloadavg()[0]:.2f} at end",
         "onnx_tick": _stats([a + b for a, b in zip(results["onnx_observe"],
                                                     results["onnx_act"])]),
-        "onnx_observe (encoder tick)": _stats(results["onnx_observe"]),
-        "onnx_act (policy)": _stats(results["onnx_act"]),
+        "onnx_observe (store the transition)": _stats(results["onnx_observe"]),
+        "onnx_act (step.onnx: encoder tick + policy)": _stats(results["onnx_act"]),
         **{f"onnx_bare_{name}": _stats(ns) for name, ns in sessions.items()},
         "torch_tick": _stats([a + b for a, b in zip(results["torch_observe"],
                                                      results["torch_act"])]),

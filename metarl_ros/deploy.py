@@ -3,8 +3,14 @@
 
 This module must never import torch (a test checks it): robots' computers often lack it.
 onnxruntime runs with one intra-op and one inter-op thread so inference does not compete with
-the control loop. The encoder graph does one streaming-posterior tick (see
-:mod:`metarl_ros.learning.export`); this class keeps the ring of the last ``K - 1`` factors.
+the control loop. Graph formats: :mod:`metarl_ros.learning.export`.
+
+Per control tick (``observe`` then ``act``) one onnxruntime call runs: ``observe`` only stores
+the transition; ``act`` runs ``step.onnx`` (the new transition's factor, the product over the
+window, the policy on the updated posterior mean). ``act`` without a new transition runs
+``policy.onnx``; ``posterior`` with one not yet acted on runs ``encoder.onnx``. The previous
+``K - 1`` factors are held in a ring in precision form (empty slots zero), so the posterior is
+always the exact product over the last ``K`` transitions, as in the torch runtime.
 
 MAML online adaptation needs gradients and stays in the torch node; the ONNX policy runs PEARL's
 streaming posterior only.
@@ -12,10 +18,11 @@ streaming posterior only.
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -33,7 +40,7 @@ REQUIRED_KEYS = (
     "effort_limits",
     "contract_version",
 )
-SUPPORTED_CONTRACT_VERSION = 1
+SUPPORTED_CONTRACT_VERSION = 2
 
 
 class ModelContractError(MetarlError):
@@ -58,8 +65,8 @@ class _BoundGraph:
 
     The buffers are bound once (``OrtValue.ortvalue_from_numpy`` shares CPU memory), so a run
     is ``run_with_iobinding`` alone: no per-call conversion of feeds and no output
-    allocation. That halves onnxruntime's Python-side cost per call here (~16 -> ~9 us for
-    the 128-wide policy; docs/BENCHMARKS.md). Callers write inputs and read outputs in place.
+    allocation (docs/BENCHMARKS.md compares it with ``session.run``). Callers write inputs and
+    read outputs in place.
     """
 
     def __init__(self, session, path: Path, buffers: dict[str, np.ndarray]) -> None:
@@ -80,8 +87,14 @@ class _BoundGraph:
             bind(arg.name, value)
             self._values.append(value)
 
-    def run(self) -> None:
-        self._session.run_with_iobinding(self._binding)
+        self.run: Callable[[], None]
+        """Run the graph on the bound buffers."""
+        try:  # the pybind call itself: the public wrapper adds ~1 us of Python checks (for
+            # WebGPU graph capture) per call, a tenth of a whole control tick here
+            self.run = functools.partial(session._sess.run_with_iobinding,
+                                         self._binding._iobinding, None)
+        except AttributeError:  # another onnxruntime layout: the public method
+            self.run = functools.partial(session.run_with_iobinding, self._binding)
 
 
 def read_contract(session, path: Path) -> dict[str, Any]:
@@ -98,7 +111,8 @@ def read_contract(session, path: Path) -> dict[str, Any]:
     if contract["contract_version"] != SUPPORTED_CONTRACT_VERSION:
         raise ModelContractError(
             f"{path}: contract version {contract['contract_version']} is not "
-            f"supported (expected {SUPPORTED_CONTRACT_VERSION})"
+            f"supported (expected {SUPPORTED_CONTRACT_VERSION}); re-export the model with "
+            "this version's `metarl export --model <model.pt> --out <dir>`"
         )
     return contract
 
@@ -132,10 +146,11 @@ def check_expected_contract(contract: PolicyContract, source: str | Path,
 
 
 class OnnxAdaptivePolicy:
-    """PEARL's policy and streaming posterior from ``policy.onnx`` (+ ``encoder.onnx``).
+    """PEARL's policy and streaming posterior from a ``metarl export`` directory.
 
     Args:
-        model_dir: a ``metarl export`` output directory.
+        model_dir: a ``metarl export`` output directory (``policy.onnx``; ``encoder.onnx`` and
+            ``step.onnx`` for a model with a latent).
         expected_joint_names, expected_rate_hz, expected_window: what the node is configured
             for; any mismatch with the model's contract refuses to start.
     """
@@ -151,94 +166,123 @@ class OnnxAdaptivePolicy:
         policy_path = model_dir / "policy.onnx"
         if not policy_path.is_file():
             raise ModelContractError(f"{policy_path}: model file not found")
-        self._policy = _open_session(policy_path)
-        c = read_contract(self._policy, policy_path)
+        policy = _open_session(policy_path)
+        c = read_contract(policy, policy_path)
         self.raw_contract = c
         self.contract = PolicyContract.from_dict(c)
-        self._check_expectations(
-            policy_path, expected_joint_names, expected_rate_hz, expected_window
-        )
-        self._encoder = None
-        latent = self.contract.latent_dim
-        if latent:
-            encoder_path = model_dir / "encoder.onnx"
-            if not encoder_path.is_file():
-                raise ModelContractError(f"{encoder_path}: missing (the policy needs a latent)")
-            self._encoder = _open_session(encoder_path)
-            if read_contract(self._encoder, encoder_path).get("config_hash") != c.get(
-                "config_hash"
-            ):
-                raise ModelContractError(
-                    f"{encoder_path}: comes from another model than "
-                    f"{policy_path} (config hash differs)"
-                )
-        k = max(1, self.contract.window_size - 1)
-        obs_dim, act_dim = self.contract.obs_dim, self.contract.act_dim
-        self._window_mean = np.zeros((k, latent), np.float32)
-        self._window_var = np.ones((k, latent), np.float32)
-        self._window_mask = np.zeros((k,), np.float32)
-        self._mean = np.zeros((1, latent), np.float32)  # encoder output = policy input
-        self._std = np.ones((1, latent), np.float32)
+        check_expected_contract(self.contract, policy_path, expected_joint_names,
+                                expected_rate_hz, expected_window)
+        latent, obs_dim = self.contract.latent_dim, self.contract.obs_dim
+        act_dim = self.contract.act_dim
+        rows = max(1, self.contract.window_size - 1)
+        # buffers bound to the graphs' inputs and outputs (written and read in place)
+        self._transition = np.zeros((1, 2 * obs_dim + act_dim + 1), np.float32)
         self._obs = np.zeros((1, obs_dim), np.float32)
         self._action = np.zeros((1, act_dim), np.float32)
-        self._transition = np.zeros((1, 2 * obs_dim + act_dim + 1), np.float32)
-        self._factor_mean = np.zeros((1, latent), np.float32)
-        self._factor_var = np.ones((1, latent), np.float32)
+        self._window = np.zeros((2, rows, latent), np.float32)  # [precision, weighted]
+        self._factor = np.zeros((2, 1, latent), np.float32)  # the newest factor, same form
+        self._mean = np.zeros((1, latent), np.float32)  # posterior mean = policy latent
+        self._precision = np.ones((1, latent), np.float32)  # posterior precision (step)
+        self._std = np.ones((1, latent), np.float32)  # posterior std (encoder)
         policy_buffers = {"obs": self._obs, "action": self._action}
         if latent:
             policy_buffers["latent"] = self._mean
-        self._policy_graph = _BoundGraph(self._policy, policy_path, policy_buffers)
-        self._encoder_graph = None
-        if self._encoder is not None:
-            self._encoder_graph = _BoundGraph(self._encoder, model_dir / "encoder.onnx", {
-                "transition": self._transition, "window_mean": self._window_mean,
-                "window_var": self._window_var, "window_mask": self._window_mask,
-                "factor_mean": self._factor_mean, "factor_var": self._factor_var,
-                "posterior_mean": self._mean, "posterior_std": self._std})
-        # slices of the transition buffer: (s, a, r, s')
-        self._slices = (slice(0, obs_dim), slice(obs_dim, obs_dim + act_dim),
-                        obs_dim + act_dim, slice(obs_dim + act_dim + 1, None))
+        self._policy = _BoundGraph(policy, policy_path, policy_buffers)
+        self._step = self._encoder = None
+        if latent:
+            window = {"transition": self._transition, "window_precision": self._window[0],
+                      "window_weighted": self._window[1], "factor_precision": self._factor[0],
+                      "factor_weighted": self._factor[1], "posterior_mean": self._mean}
+            self._encoder = self._open_graph(model_dir / "encoder.onnx", c, {
+                **window, "posterior_std": self._std})
+            self._step = self._open_graph(model_dir / "step.onnx", c, {
+                **window, "obs": self._obs, "posterior_precision": self._precision,
+                "action": self._action})
+        # views made once (a view costs as much to make as the copy into it): the
+        # transition's (s, a, s') blocks, each ring slot (both forms), the new factor, obs
+        row = self._transition[0]
+        self._s, self._a = row[:obs_dim], row[obs_dim:obs_dim + act_dim]
+        self._r, self._s_next = obs_dim + act_dim, row[obs_dim + act_dim + 1:]
+        self._slots = [self._window[:, i] for i in range(rows)]
+        self._new_factor = self._factor[:, 0]
+        self._obs_row, self._action_row = self._obs[0], self._action[0]
+        self._rows = rows
+        self._holds_window = self.contract.window_size > 1
+        self._pending = False  # a transition is stored but not yet in the posterior
+        self._std_from = "prior"  # which buffer the posterior std comes from
+        self._next_slot = 0
         self._fill = 0
         self.inference_time_s = 0.0
         self.encoder_time_s = 0.0
 
-    def _check_expectations(self, path, joints, rate, window) -> None:
-        check_expected_contract(self.contract, path, joints, rate, window)
+    @staticmethod
+    def _open_graph(path: Path, contract: dict[str, Any],
+                    buffers: dict[str, np.ndarray]) -> _BoundGraph:
+        if not path.is_file():
+            raise ModelContractError(f"{path}: missing (the policy needs a latent)")
+        session = _open_session(path)
+        if read_contract(session, path).get("config_hash") != contract.get("config_hash"):
+            raise ModelContractError(
+                f"{path}: comes from another model than policy.onnx (config hash differs)")
+        return _BoundGraph(session, path, buffers)
+
+    def _commit(self) -> None:
+        """The new factor (graph output) overwrites the oldest slot of the ring."""
+        if self._holds_window:
+            self._slots[self._next_slot][...] = self._new_factor
+            self._next_slot = (self._next_slot + 1) % self._rows
+        self._pending = False
 
     # ----------------------------------------------------------------- AdaptivePolicy
 
     def reset(self) -> None:
-        self._window_mask[:] = 0.0
+        self._window[:] = 0.0
         self._mean[:] = 0.0
         self._std[:] = 1.0
+        self._std_from = "prior"
+        self._pending = False
+        self._next_slot = 0
         self._fill = 0
 
     def observe(self, obs, action, reward, next_obs) -> None:
-        if self._encoder is None:
+        if self._step is None:
             return
-        start = time.perf_counter()
-        assert self._encoder_graph is not None
-        row = self._transition[0]
-        s, a, r, s_next = self._slices
-        row[s], row[a], row[r], row[s_next] = obs, action, reward, next_obs  # checks shapes
-        self._encoder_graph.run()  # -> factor_mean/var, posterior mean/std (self._mean/_std)
-        # shift the ring: oldest out, newest in (K-1 slots, oldest first)
-        self._window_mean[:-1] = self._window_mean[1:]
-        self._window_var[:-1] = self._window_var[1:]
-        self._window_mask[:-1] = self._window_mask[1:]
-        self._window_mean[-1] = self._factor_mean[0]
-        self._window_var[-1] = self._factor_var[0]
-        self._window_mask[-1] = 1.0
+        if self._pending:  # two transitions without an act between them
+            self._update_posterior()
+        self._s[...] = obs  # a wrong length raises (numpy)
+        self._a[...] = action
+        self._transition[0, self._r] = reward
+        self._s_next[...] = next_obs
+        self._pending = True
         self._fill = min(self._fill + 1, self.contract.window_size)
-        self.encoder_time_s = time.perf_counter() - start
 
     def act(self, obs: np.ndarray) -> np.ndarray:
         start = time.perf_counter()
-        self._obs[0] = obs  # the latent input is bound to the posterior mean buffer
-        self._policy_graph.run()
-        action = self._action[0].copy()
+        self._obs_row[...] = obs
+        if self._pending:  # one call: new factor, product over the window, policy
+            assert self._step is not None
+            self._step.run()
+            self._commit()
+            self._std_from = "precision"
+        else:  # the latent input is bound to the posterior mean buffer
+            self._policy.run()
+        action = self._action_row.copy()
         self.inference_time_s = time.perf_counter() - start
         return action
 
+    def _update_posterior(self) -> None:
+        start = time.perf_counter()
+        assert self._encoder is not None
+        self._encoder.run()
+        self._commit()
+        self._std_from = "std"
+        self.encoder_time_s = time.perf_counter() - start
+
     def posterior(self) -> PosteriorSummary:
-        return PosteriorSummary(self._mean[0].copy(), self._std[0].copy(), self._fill)
+        if self._pending:
+            self._update_posterior()
+        if self._std_from == "precision":
+            std = 1.0 / np.sqrt(self._precision[0])
+        else:
+            std = self._std[0].copy()
+        return PosteriorSummary(self._mean[0].copy(), std.astype(np.float32), self._fill)

@@ -108,41 +108,54 @@ def ros():
 
 def test_onnxruntime_matches_torch_actions_and_posterior(model):
     """Same transitions into both runtimes: actions and posterior agree to 1e-5 every step,
-    through more steps than the window holds (the ONNX ring buffer wraps)."""
+    through more steps than the window holds (the ONNX ring buffer wraps). ``ticking`` runs
+    as the control loop does (observe, act: one step.onnx call); ``asking`` reads the posterior
+    before acting (encoder.onnx, then policy.onnx)."""
     from metarl_ros.learning.runtime import TorchAdaptivePolicy, load_model
     from metarl_ros.sim.env import ArmTrackingEnv
     from metarl_ros.sim.tasks import TaskParams
 
     model_path, onnx_dir = model
     reference = TorchAdaptivePolicy(load_model(model_path))
-    deployed = OnnxAdaptivePolicy(onnx_dir, expected_joint_names=JOINTS,
-                                  expected_rate_hz=SETUP.config.control_rate_hz,
-                                  expected_window=WINDOW)
-    assert deployed.contract.latent_dim == 4 and deployed.contract.window_size == WINDOW
+    ticking, asking = (OnnxAdaptivePolicy(onnx_dir, expected_joint_names=JOINTS,
+                                          expected_rate_hz=SETUP.config.control_rate_hz,
+                                          expected_window=WINDOW) for _ in range(2))
+    assert ticking.contract.latent_dim == 4 and ticking.contract.window_size == WINDOW
     env = ArmTrackingEnv(SETUP)
     obs, _ = env.reset(seed=1, options={"task": TaskParams(payload_mass=2.0)})
     worst = 0.0
+
+    def compare(expected, got) -> None:
+        nonlocal worst
+        worst = max(worst, float(np.abs(np.asarray(expected) - np.asarray(got)).max()))
+
     try:
+        action = reference.act(obs)
+        compare(action, ticking.act(obs))
+        compare(action, asking.act(obs))
         for step in range(3 * WINDOW):
-            expected = reference.act(obs)
-            got = deployed.act(obs)
-            worst = max(worst, float(np.abs(expected - got).max()))
-            next_obs, reward, _, _, _ = env.step(expected)
-            reference.observe(obs, expected, reward, next_obs)
-            deployed.observe(obs, expected, reward, next_obs)
-            p_torch, p_onnx = reference.posterior(), deployed.posterior()
-            assert p_onnx.window_fill == p_torch.window_fill == min(step + 1, WINDOW)
-            worst = max(worst, float(np.abs(p_torch.mean - p_onnx.mean).max()),
-                        float(np.abs(p_torch.std - p_onnx.std).max()))
+            next_obs, reward, _, _, _ = env.step(action)
+            for policy in (reference, ticking, asking):
+                policy.observe(obs, action, reward, next_obs)
+            p_asking = asking.posterior()  # before acting: encoder.onnx
+            action = reference.act(next_obs)
+            compare(action, ticking.act(next_obs))  # step.onnx
+            compare(action, asking.act(next_obs))  # policy.onnx on the updated latent
+            p_torch, p_ticking = reference.posterior(), ticking.posterior()
+            for p in (p_asking, p_ticking):
+                assert p.window_fill == p_torch.window_fill == min(step + 1, WINDOW)
+                compare(p_torch.mean, p.mean)
+                compare(p_torch.std, p.std)
             obs = next_obs
     finally:
         env.close()
     assert worst <= 1e-5, worst
-    # reset forgets the context in both
-    reference.reset()
-    deployed.reset()
-    assert deployed.posterior().window_fill == 0
-    np.testing.assert_allclose(deployed.act(obs), reference.act(obs), atol=1e-5)
+    # reset forgets the context in all
+    for policy in (reference, ticking, asking):
+        policy.reset()
+    assert ticking.posterior().window_fill == 0
+    np.testing.assert_allclose(ticking.posterior().std, 1.0)
+    np.testing.assert_allclose(ticking.act(obs), reference.act(obs), atol=1e-5)
 
 
 # ------------------------------------------------------------------------------ torch-free
@@ -222,6 +235,11 @@ def test_refuses_to_start_on_contract_mismatch_or_bad_files(ros, model, tmp_path
     _strip_contract(policy_file, foreign / "policy.onnx")
     cases.append(({"model_path": str(foreign)}, ModelContractError,
                   ["no metarl_ros contract", "metarl export"]))
+    old = tmp_path / "old_format"
+    old.mkdir()
+    _set_metadata(policy_file, old / "policy.onnx", contract_version="1")
+    cases.append(({"model_path": str(old)}, ModelContractError,
+                  ["contract version 1 is not supported (expected 2)", "metarl export"]))
     other_env = tmp_path / "env.yaml"
     _env_with(other_env, observation={"position_error_scale": 1.0})
     cases.append(({"env_config": str(other_env)}, ConfigError,
@@ -242,6 +260,36 @@ def _strip_contract(source: Path, target: Path) -> None:
     proto = onnx.load(str(source))
     del proto.metadata_props[:]
     onnx.save(proto, str(target))
+
+
+def _set_metadata(source: Path, target: Path, **values: str) -> None:
+    import onnx
+
+    proto = onnx.load(str(source))
+    for entry in proto.metadata_props:
+        if entry.key in values:
+            entry.value = values[entry.key]
+    onnx.save(proto, str(target))
+
+
+def test_export_replaces_a_previous_export_and_nothing_else(model, tmp_path):
+    """Re-exporting into the same directory (the documented `metarl export --out
+    models/pearl/onnx`) replaces it whole; a folder holding anything else is left alone."""
+    from metarl_ros.learning.export import ExportError, export_model
+
+    model_path, _ = model
+    out = tmp_path / "export"
+    export_model(model_path, out)
+    (out / "policy.onnx").write_bytes(b"stale")
+    summary = export_model(model_path, out)
+    assert summary["files"] == ["encoder.onnx", "policy.onnx", "step.onnx"]
+    assert sorted(p.name for p in out.iterdir()) == sorted([*summary["files"], "export.json"])
+    assert OnnxAdaptivePolicy(out).contract.window_size == WINDOW  # the stale file is gone
+    assert [p.name for p in tmp_path.iterdir()] == ["export"]  # no staging left behind
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(ExportError, match="not empty"):
+        export_model(model_path, out)
+    assert (out / "notes.txt").read_text() == "mine" and (out / "policy.onnx").is_file()
 
 
 def _env_with(path: Path, **changes) -> None:

@@ -101,7 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     export = sub.add_parser("export", help="ONNX graphs + contract, parity-checked against torch")
     export.add_argument("--model", required=True, help="model.pt (or its directory)")
-    export.add_argument("--out", required=True, help="new directory for the ONNX files")
+    export.add_argument("--out", required=True,
+                        help="new directory for the ONNX files, or a previous export to replace")
     export.set_defaults(func=_export)
 
     retrain = sub.add_parser("retrain", help="fine-tune a model offline from rosbag2 bags "

@@ -1,30 +1,47 @@
 """``metarl export``: ONNX graphs of a trained model, with its contract, checked against torch.
 
-Two graphs (opset :data:`OPSET`, CPU, float32, batch dimension fixed to 1 -- one robot):
+Three graphs (opset :data:`OPSET`, CPU, float32, batch dimension fixed to 1 -- one robot). A
+PEARL posterior is a product of Gaussian factors; the graphs carry each factor in the
+**precision form** ``(1/var, mu/var)``, in which the product over a window is two sums::
 
-``encoder.onnx`` -- one streaming-posterior tick, the product of Gaussians included:
+    precision = sum_n 1/var_n          mean = (sum_n mu_n/var_n) / precision
 
-=============== ============ ===========================================================
-input           shape        meaning
-=============== ============ ===========================================================
-transition      (1, D)       newest ``(s, a, r, s')``, D = 2*obs_dim + act_dim + 1
-window_mean     (K-1, L)     factor means of the previous K-1 transitions (oldest first)
-window_var      (K-1, L)     their variances
-window_mask     (K-1,)       1 where a slot holds a factor, 0 where the window is not full
-=============== ============ ===========================================================
+so the deployed runtime keeps a ring of the previous ``K - 1`` factors in that form (empty slots
+are zeros: a masked product for free) and a graph adds the newest factor to the sums. This is
+exactly :func:`~metarl_ros.learning.encoder.product_of_gaussians` over the last ``K``
+transitions (the torch streaming posterior), up to float32 summation order.
 
-outputs: ``factor_mean`` (1, L), ``factor_var`` (1, L) -- the new transition's factor, to be
-appended to the window by the caller -- and ``posterior_mean`` (1, L), ``posterior_std`` (1, L),
-the product over the window including the new factor (exactly the torch streaming posterior).
+``encoder.onnx`` -- one streaming-posterior tick:
+
+================== ============ ========================================================
+input              shape        meaning
+================== ============ ========================================================
+transition         (1, D)       newest ``(s, a, r, s')``, D = 2*obs_dim + act_dim + 1
+window_precision   (K-1, L)     ``1/var`` of the previous K-1 factors (0 = empty slot)
+window_weighted    (K-1, L)     ``mu/var`` of the same factors (0 = empty slot)
+================== ============ ========================================================
+
+outputs: ``factor_precision``, ``factor_weighted`` (1, L) -- the new transition's factor, which
+the caller writes over the oldest slot of its ring -- and ``posterior_mean``, ``posterior_std``
+(1, L), the product over the window including the new factor.
 
 ``policy.onnx`` -- ``obs`` (1, obs_dim), ``latent`` (1, L) -> ``action`` (1, act_dim), the
-deterministic action ``tanh(mean)`` in [-1, 1].
+deterministic action ``tanh(mean)`` in [-1, 1] (the head's log-std rows are left out).
 
-The contract travels in both files' ``metadata_props`` (JSON values): joint names in order,
+``step.onnx`` -- one control tick in one call, what the deployed node runs (one
+``session.run`` costs ~3 us before any work, so a tick pays it once): the inputs of
+``encoder.onnx`` plus ``obs`` (the observation to act on, normally the transition's ``s'``);
+outputs ``factor_precision``, ``factor_weighted``, ``posterior_mean``, ``posterior_precision``
+(``1/std**2``, (1, L)) and ``action`` -- ``policy(obs, posterior_mean)`` of the updated
+posterior. Models without a latent get ``policy.onnx`` only (``latent`` input dropped).
+
+The contract travels in every file's ``metadata_props`` (JSON values): joint names in order,
 observation layout and scales, default pose, PD feedback gains, action scale, effort limits,
-control rate, window size, latent size, model format version and the training config hash.
-Export runs both graphs in onnxruntime on random and recorded inputs and refuses to write
-anything if any output differs from torch by more than :data:`PARITY_TOLERANCE`.
+control rate, window size, latent size, the contract (graph interface) version, model format
+version and the training config hash. Export runs every graph in onnxruntime on random and
+recorded inputs and refuses to write anything if any output differs from the torch model's by
+more than :data:`PARITY_TOLERANCE` (factors compared as mean and variance, the posterior as mean
+and std).
 """
 
 from __future__ import annotations
@@ -38,44 +55,111 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from metarl_ros.learning.checkpoint import CheckpointError
 from metarl_ros.learning.encoder import ContextEncoder, product_of_gaussians
+from metarl_ros.learning.networks import TanhGaussianActor
 from metarl_ros.learning.runtime import LoadedModel, load_model
-from metarl_ros.sim.env import load_env_setup
+from metarl_ros.sim.env_config import load_env_setup
 
 OPSET = 17
 PARITY_TOLERANCE = 1e-5
-CONTRACT_VERSION = 1
+CONTRACT_VERSION = 2
+"""2: factors in precision form, ``step.onnx`` (1: mean/var/mask window, two graphs)."""
+EXPORT_FILES = ("encoder.onnx", "export.json", "policy.onnx", "step.onnx")
+"""everything ``metarl export`` writes; an existing export directory is replaced only if it
+holds nothing else."""
 
 
 class ExportError(CheckpointError):
     """The model cannot be exported faithfully."""
 
 
-class EncoderTick(nn.Module):
-    """New factor for one transition and the product over it and the previous K-1 factors."""
+class FactorGraph(nn.Module):
+    """transition (1, D) -> the encoder's factor in precision form: ``1/var``, ``mu/var``."""
 
     def __init__(self, encoder: ContextEncoder) -> None:
         super().__init__()
         self.encoder = encoder
 
-    def forward(self, transition, window_mean, window_var, window_mask):
-        mu, var = self.encoder.factors(transition)  # (1, L)
-        all_mu = torch.cat([window_mean, mu], dim=0)
-        all_var = torch.cat([window_var, var], dim=0)
-        mask = torch.cat([window_mask, torch.ones_like(window_mask[:1])], dim=0)
-        mean, post_var = product_of_gaussians(all_mu, all_var, mask)
-        return mu, var, mean.unsqueeze(0), post_var.sqrt().unsqueeze(0)
+    def forward(self, transition: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        mu, var = self.encoder.factors(transition)
+        precision = torch.reciprocal(var)
+        return precision, precision * mu
+
+
+class WindowProduct(nn.Module):
+    """Product of the new factor with a window of ``rows`` held ones, in precision form.
+
+    ``ones @ window + new`` is one Gemm per sum (onnxruntime pays per node, not per flop).
+    Returns the posterior mean and precision, each (1, L).
+    """
+
+    def __init__(self, rows: int) -> None:
+        super().__init__()
+        self.register_buffer("ones", torch.ones(1, rows))
+
+    def forward(self, precision, weighted, window_precision, window_weighted):
+        total = torch.addmm(precision, self.ones, window_precision)
+        return torch.addmm(weighted, self.ones, window_weighted) / total, total
 
 
 class PolicyGraph(nn.Module):
-    def __init__(self, actor: nn.Module) -> None:
-        super().__init__()
-        self.actor = actor
+    """obs (1, O) [, latent (1, L)] -> deterministic action ``tanh(mean)`` (1, A).
 
-    def forward(self, obs, latent):
-        return self.actor(torch.cat([obs, latent], dim=-1))
+    :class:`~metarl_ros.learning.networks.TanhGaussianActor`'s forward with the head cut to its
+    mean rows: the log-std rows do not affect the deterministic action, and without the slice
+    onnxruntime fuses the last Gemm with the tanh. Parity with the actor is checked at export.
+    """
+
+    def __init__(self, actor: TanhGaussianActor) -> None:
+        super().__init__()
+        self.trunk = actor.trunk
+        head = actor.head
+        self.head = nn.Linear(head.in_features, actor.act_dim)
+        with torch.no_grad():
+            self.head.weight.copy_(head.weight[: actor.act_dim])
+            self.head.bias.copy_(head.bias[: actor.act_dim])
+
+    def forward(self, obs: torch.Tensor, latent: torch.Tensor | None = None) -> torch.Tensor:
+        x = obs if latent is None else torch.cat([obs, latent], dim=-1)
+        return torch.tanh(self.head(F.relu(self.trunk(x))))
+
+
+class EncoderTick(nn.Module):
+    """``encoder.onnx``: new factor and the posterior (mean, std) over window + new factor."""
+
+    def __init__(self, encoder: ContextEncoder, window_rows: int) -> None:
+        super().__init__()
+        self.factor = FactorGraph(encoder)
+        self.product = WindowProduct(window_rows)
+
+    def forward(self, transition, window_precision, window_weighted):
+        precision, weighted = self.factor(transition)
+        mean, total = self.product(precision, weighted, window_precision, window_weighted)
+        return precision, weighted, mean, torch.rsqrt(total)
+
+
+class PolicyStep(nn.Module):
+    """``step.onnx``: :class:`EncoderTick` then the policy on the updated posterior mean."""
+
+    def __init__(self, encoder: ContextEncoder, actor: TanhGaussianActor,
+                 window_rows: int) -> None:
+        super().__init__()
+        self.factor = FactorGraph(encoder)
+        self.product = WindowProduct(window_rows)
+        self.policy = PolicyGraph(actor)
+
+    def forward(self, transition, obs, window_precision, window_weighted):
+        precision, weighted = self.factor(transition)
+        mean, total = self.product(precision, weighted, window_precision, window_weighted)
+        return precision, weighted, mean, total, self.policy(obs, mean)
+
+
+def window_rows(window_size: int) -> int:
+    """Rows of the held window: the previous ``K - 1`` factors (one all-zero row if K = 1)."""
+    return max(1, window_size - 1)
 
 
 def export_contract(loaded: LoadedModel) -> dict[str, str]:
@@ -150,127 +234,173 @@ def _recorded_inputs(loaded: LoadedModel, steps: int = 60) -> list[dict[str, np.
     return records
 
 
-def check_parity(
-    loaded: LoadedModel,
-    encoder_path: Path | None,
-    policy_path: Path,
-    samples: int = 20,
-    seed: int = 0,
-) -> float:
-    """Max abs difference between torch and onnxruntime over random and recorded inputs."""
-    agent = loaded.agent
-    spec = agent.spec
-    rng = np.random.default_rng(seed)
-    policy_session = _session(policy_path)
-    latent_dim = spec.latent_dim if encoder_path is not None else 0
-    worst = 0.0
+class _Case:
+    """One parity input: the newest transition, the window held before it, an observation.
+
+    ``window_mu``/``window_var`` (K-1, L) with ``window_mask`` (K-1,) (1 = slot holds a factor).
+    """
+
+    def __init__(self, transition, obs, window_mu, window_var, window_mask) -> None:
+        self.transition = np.asarray(transition, np.float32).reshape(1, -1)
+        self.obs = np.asarray(obs, np.float32).reshape(1, -1)
+        self.window_mu = np.asarray(window_mu, np.float32)
+        self.window_var = np.asarray(window_var, np.float32)
+        self.window_mask = np.asarray(window_mask, np.float32)
+
+    def feeds(self) -> dict[str, np.ndarray]:
+        """The window in the graphs' precision form (empty slots zero)."""
+        precision = self.window_mask[:, None] / self.window_var
+        return {"transition": self.transition,
+                "window_precision": precision.astype(np.float32),
+                "window_weighted": (precision * self.window_mu).astype(np.float32)}
+
+    @torch.no_grad()
+    def expected(self, loaded: LoadedModel) -> dict[str, np.ndarray]:
+        """What the torch model gives: factor, posterior over window + factor, action."""
+        agent = loaded.agent
+        mu, var = agent.encoder.factors(torch.from_numpy(self.transition))
+        mean, post_var = product_of_gaussians(
+            torch.cat([torch.from_numpy(self.window_mu), mu]),
+            torch.cat([torch.from_numpy(self.window_var), var]),
+            torch.cat([torch.from_numpy(self.window_mask), torch.ones(1)]))
+        action = agent.actor(torch.cat([torch.from_numpy(self.obs), mean[None]], dim=-1))
+        return {"factor_mean": mu.numpy(), "factor_var": var.numpy(),
+                "posterior_mean": mean[None].numpy(),
+                "posterior_std": post_var.sqrt()[None].numpy(), "action": action.numpy()}
+
+
+def _parity_cases(loaded: LoadedModel, samples: int, rng: np.random.Generator) -> list[_Case]:
+    """Random windows (any fill, any mask) and the real windows of a recorded episode, from
+    the first transition (one factor) through full windows."""
+    spec = loaded.agent.spec
+    rows, latent = window_rows(loaded.contract.window_size), spec.latent_dim
+    cases = [
+        _Case(rng.normal(size=spec.transition_dim), rng.normal(size=spec.obs_dim),
+              rng.normal(size=(rows, latent)), rng.uniform(0.01, 2.0, size=(rows, latent)),
+              rng.random(rows) < rng.random())
+        for _ in range(samples)
+    ]
     records = _recorded_inputs(loaded)
-    obs_batch = [rng.normal(size=(1, spec.obs_dim)).astype(np.float32) for _ in range(samples)]
-    obs_batch += [r["obs"][None].astype(np.float32) for r in records]
-    for obs in obs_batch:
-        latent = rng.normal(size=(1, latent_dim)).astype(np.float32)
-        expected = PolicyGraph(agent.actor)(torch.from_numpy(obs), torch.from_numpy(latent))
-        got = (
-            policy_session.run(None, {"obs": obs, "latent": latent})[0]
-            if latent_dim
-            else policy_session.run(None, {"obs": obs})[0]
-        )
-        worst = max(worst, float(np.abs(expected.detach().numpy() - got).max()))
-    if encoder_path is not None:
-        k = loaded.contract.window_size
-        session = _session(encoder_path)
-        tick = EncoderTick(agent.encoder)
-        cases = []
-        for _ in range(samples):
-            cases.append(
-                (
-                    rng.normal(size=(1, spec.transition_dim)),
-                    rng.normal(size=(k - 1, latent_dim)),
-                    rng.uniform(0.01, 2.0, size=(k - 1, latent_dim)),
-                    (rng.random(k - 1) < rng.random()).astype(np.float64),
-                )
-            )
-        # recorded: a real window, as the deployed node would hold it
-        with torch.no_grad():
-            for i in range(k, len(records)):
-                window = records[i - k + 1 : i + 1]
-                transitions = np.stack(
-                    [
-                        np.concatenate([r["obs"], r["action"], [r["reward"]], r["next_obs"]])
-                        for r in window
-                    ]
-                )
-                mu, var = agent.encoder.factors(torch.from_numpy(transitions).float())
-                cases.append((transitions[-1:], mu[:-1].numpy(), var[:-1].numpy(), np.ones(k - 1)))
-        for transition, w_mean, w_var, w_mask in cases:
-            inputs = {
-                "transition": transition.astype(np.float32),
-                "window_mean": w_mean.astype(np.float32),
-                "window_var": w_var.astype(np.float32),
-                "window_mask": w_mask.astype(np.float32),
-            }
+    transitions = np.stack([np.concatenate([r["obs"], r["action"], [r["reward"]], r["next_obs"]])
+                            for r in records]).astype(np.float32)
+    with torch.no_grad():
+        mu, var = (t.numpy() for t in loaded.agent.encoder.factors(torch.from_numpy(transitions)))
+    held = loaded.contract.window_size - 1
+    for i, record in enumerate(records):
+        first = max(0, i - held)
+        w_mu, w_var, w_mask = np.zeros((rows, latent)), np.ones((rows, latent)), np.zeros(rows)
+        count = i - first
+        if count:
+            w_mu[:count], w_var[:count], w_mask[:count] = mu[first:i], var[first:i], 1.0
+        cases.append(_Case(transitions[i], record["next_obs"], w_mu, w_var, w_mask))
+    return cases
+
+
+def check_parity(loaded: LoadedModel, out_dir: Path, samples: int = 20, seed: int = 0) -> float:
+    """Max abs difference between torch and onnxruntime over random and recorded inputs, for
+    every graph in ``out_dir`` (factors as mean and variance, posteriors as mean and std)."""
+    spec = loaded.agent.spec
+    rng = np.random.default_rng(seed)
+    cases = _parity_cases(loaded, samples, rng)
+    worst = 0.0
+
+    def compare(expected: np.ndarray, got: np.ndarray) -> None:
+        nonlocal worst
+        worst = max(worst, float(np.abs(expected - got).max()))
+
+    policy = _session(out_dir / "policy.onnx")
+    for case in cases:
+        if spec.conditioning != "latent":
             with torch.no_grad():
-                expected = tick(*(torch.from_numpy(v) for v in inputs.values()))
-            got = session.run(None, inputs)
-            for e, g in zip(expected, got):
-                worst = max(worst, float(np.abs(e.numpy() - g).max()))
+                expected = loaded.agent.actor(torch.from_numpy(case.obs)).numpy()
+            compare(expected, policy.run(None, {"obs": case.obs})[0])
+            continue
+        latent = rng.normal(size=(1, spec.latent_dim)).astype(np.float32)
+        with torch.no_grad():
+            expected = loaded.agent.actor(torch.from_numpy(np.concatenate([case.obs, latent], 1)))
+        compare(expected.numpy(), policy.run(None, {"obs": case.obs, "latent": latent})[0])
+    if spec.conditioning != "latent":
+        return worst
+    encoder, step = _session(out_dir / "encoder.onnx"), _session(out_dir / "step.onnx")
+    for case in cases:
+        expected = case.expected(loaded)
+        feeds = case.feeds()
+        for name, (precision, weighted, mean, spread, *action) in (
+            ("encoder", encoder.run(None, feeds)),
+            ("step", step.run(None, {**feeds, "obs": case.obs})),
+        ):
+            compare(expected["factor_var"], 1.0 / precision)
+            compare(expected["factor_mean"], weighted / precision)
+            compare(expected["posterior_mean"], mean)
+            std = spread if name == "encoder" else 1.0 / np.sqrt(spread)
+            compare(expected["posterior_std"], std)
+            if action:
+                compare(expected["action"], action[0])
     return worst
 
 
+def _export_graph(module: nn.Module, example: tuple, path: Path, inputs: list[str],
+                  outputs: list[str], props: dict[str, str], doc: str) -> None:
+    with torch.no_grad():
+        torch.onnx.export(module.eval(), example, str(path), input_names=inputs,
+                          output_names=outputs, opset_version=OPSET, dynamo=False)
+    _add_metadata(path, props, doc)
+
+
+def _is_previous_export(path: Path) -> bool:
+    """A directory holding only what ``metarl export`` writes (safe to replace)."""
+    names = {p.name for p in path.iterdir()}
+    return "export.json" in names and names <= set(EXPORT_FILES) and all(
+        (path / name).is_file() for name in names)
+
+
 def export_model(model_path: str | Path, out_dir: str | Path) -> dict:
-    """Export, check parity, then publish ``out_dir`` atomically. Returns a summary."""
+    """Export, check parity, then publish ``out_dir`` atomically. Returns a summary.
+
+    ``out_dir`` must be new, empty, or a previous export (only :data:`EXPORT_FILES`), which is
+    then replaced as a whole; anything else is refused and left untouched.
+    """
     loaded = load_model(model_path)
     spec = loaded.agent.spec
     if spec.conditioning == "oracle":
         raise ExportError(f"{loaded.path}: the oracle needs the true task; it cannot be deployed")
     out_dir = Path(out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()):
-        raise ExportError(f"{out_dir}: exists and is not empty; choose a new --out")
+    replaces = out_dir.is_dir() and any(out_dir.iterdir())
+    if replaces and not _is_previous_export(out_dir):
+        raise ExportError(f"{out_dir}: exists and is not empty (nor a previous `metarl export` "
+                          "output); choose a new --out")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ExportError(f"{out_dir}: exists and is not a directory; choose a new --out")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
         props = export_contract(loaded)
         latent_dim = spec.latent_dim if spec.conditioning == "latent" else 0
-        policy_path = staging / "policy.onnx"
-        obs = torch.zeros(1, spec.obs_dim)
-        latent = torch.zeros(1, latent_dim)
-        with torch.no_grad():
-            torch.onnx.export(
-                PolicyGraph(loaded.agent.actor).eval(),
-                (obs, latent),
-                str(policy_path),
-                input_names=["obs", "latent"] if latent_dim else ["obs"],
-                output_names=["action"],
-                opset_version=OPSET,
-                dynamo=False,
-            )
-        _add_metadata(policy_path, props, "metarl_ros policy: obs, latent -> action in [-1, 1]")
-        encoder_path = None
+        obs, latent = torch.zeros(1, spec.obs_dim), torch.zeros(1, latent_dim)
+        policy = PolicyGraph(loaded.agent.actor)
         if latent_dim:
-            k = loaded.contract.window_size
-            encoder_path = staging / "encoder.onnx"
-            example = (
-                torch.zeros(1, spec.transition_dim),
-                torch.zeros(k - 1, latent_dim),
-                torch.ones(k - 1, latent_dim),
-                torch.zeros(k - 1),
-            )
-            with torch.no_grad():
-                torch.onnx.export(
-                    EncoderTick(loaded.agent.encoder).eval(),
-                    example,
-                    str(encoder_path),
-                    input_names=["transition", "window_mean", "window_var", "window_mask"],
-                    output_names=["factor_mean", "factor_var", "posterior_mean", "posterior_std"],
-                    opset_version=OPSET,
-                    dynamo=False,
-                )
-            _add_metadata(
-                encoder_path,
-                props,
-                "metarl_ros PEARL encoder tick: new factor + product of Gaussians",
-            )
-        worst = check_parity(loaded, encoder_path, policy_path)
+            _export_graph(policy, (obs, latent), staging / "policy.onnx", ["obs", "latent"],
+                          ["action"], props, "metarl_ros policy: obs, latent -> action in [-1, 1]")
+            rows = window_rows(loaded.contract.window_size)
+            transition = torch.zeros(1, spec.transition_dim)
+            window = (torch.zeros(rows, latent_dim), torch.zeros(rows, latent_dim))
+            factor_outputs = ["factor_precision", "factor_weighted", "posterior_mean"]
+            _export_graph(EncoderTick(loaded.agent.encoder, rows), (transition, *window),
+                          staging / "encoder.onnx",
+                          ["transition", "window_precision", "window_weighted"],
+                          [*factor_outputs, "posterior_std"], props,
+                          "metarl_ros PEARL encoder tick: new factor + product of Gaussians "
+                          "(precision form)")
+            _export_graph(PolicyStep(loaded.agent.encoder, loaded.agent.actor, rows),
+                          (transition, obs, *window), staging / "step.onnx",
+                          ["transition", "obs", "window_precision", "window_weighted"],
+                          [*factor_outputs, "posterior_precision", "action"], props,
+                          "metarl_ros control tick: encoder tick, then the policy on the "
+                          "updated posterior mean")
+        else:
+            _export_graph(policy, (obs,), staging / "policy.onnx", ["obs"], ["action"], props,
+                          "metarl_ros policy: obs -> action in [-1, 1]")
+        worst = check_parity(loaded, staging)
         if not worst <= PARITY_TOLERANCE:
             raise ExportError(
                 f"{loaded.path}: ONNX outputs differ from torch by {worst:.2e} "
@@ -280,15 +410,35 @@ def export_model(model_path: str | Path, out_dir: str | Path) -> dict:
             "model": str(loaded.path),
             "method": loaded.method,
             "opset": OPSET,
+            "contract_version": CONTRACT_VERSION,
             "max_abs_diff": worst,
             "files": sorted(p.name for p in staging.iterdir()),
         }
         (staging / "export.json").write_text(json.dumps(summary, indent=2))
-        if out_dir.exists():
-            out_dir.rmdir()  # empty (checked above)
         os.chmod(staging, 0o755)  # mkdtemp makes it private
-        os.replace(staging, out_dir)
+        _publish(staging, out_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return summary
+
+
+def _publish(staging: Path, out_dir: Path) -> None:
+    """Move ``staging`` to ``out_dir``; a previous export there is swapped out, then deleted
+    (at every instant ``out_dir`` is either the old export, absent for a moment, or the new)."""
+    if not out_dir.exists():
+        os.replace(staging, out_dir)
+        return
+    if not any(out_dir.iterdir()):
+        out_dir.rmdir()
+        os.replace(staging, out_dir)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old.", dir=out_dir.parent))
+    old.rmdir()
+    os.replace(out_dir, old)
+    try:
+        os.replace(staging, out_dir)
+    except BaseException:
+        os.replace(old, out_dir)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
