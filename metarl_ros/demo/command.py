@@ -135,6 +135,7 @@ def _run_ros(runs, model: Path, scenario_path: Path, duration_s: float, rtf: flo
                   f"{controller.get('late_tick_pct', 0.0):g} %, inference p99 "
                   f"{controller.get('inference_latency_p99_ms', 0.0):g} ms", flush=True)
             results[run.name] = {"trace": result.trace, "nodes": result.counters,
+                                 "launch_arguments": arguments,
                                  "wall_s": round(result.wall_s, 2), "exit_code": result.code}
     return results
 
@@ -224,7 +225,7 @@ def demo_command(args: argparse.Namespace) -> int:
         trace: Trace = result["trace"]
         summary_runs[run.name] = {
             "description": run.description,
-            "launch_arguments": run.arguments if not args.no_ros else None,
+            "launch_arguments": result.get("launch_arguments"),
             "tracking_error_rad": errors,
             "samples": int(trace.time_s.size),
             "events_seen": [{"time_s": t, "label": label} for t, label in trace.events],
