@@ -43,6 +43,31 @@ class DemoRun:
     """adapt_sim launch arguments (``name:=value``) besides model, scenario and pacing."""
 
 
+@dataclass(frozen=True)
+class RunOutcome:
+    """What one run hands to the report."""
+
+    trace: Trace
+    wall_s: float
+    exit_code: int = 0
+    nodes: dict[str, dict[str, Any]] | None = None
+    """end-of-run counters per graph node (ROS runs): lockstep timeouts, late ticks, ..."""
+    launch_arguments: dict[str, str] | None = None
+    """the adapt_sim arguments of the run (ROS runs)."""
+
+    def summary(self, run: DemoRun, errors: dict[str, Any]) -> dict[str, Any]:
+        """This run's entry in ``summary.json``."""
+        return {
+            "description": run.description,
+            "launch_arguments": self.launch_arguments,
+            "tracking_error_rad": errors,
+            "samples": int(self.trace.time_s.size),
+            "events_seen": [{"time_s": t, "label": label} for t, label in self.trace.events],
+            "wall_s": round(self.wall_s, 2),
+            "nodes": self.nodes,
+        }
+
+
 #: The runs through the node graph: adapt_sim with these launch arguments.
 ROS_RUNS = (
     DemoRun("pd", "PD feedback alone (policy:=pd, no learned policy)", {"policy": "pd"}),
@@ -109,7 +134,7 @@ def _load_scenario(path: str | None, duration: float | None
 
 
 def _run_ros(runs, model: Path, scenario_path: Path, duration_s: float, rtf: float,
-             verbose: bool) -> dict[str, dict[str, Any]]:
+             verbose: bool) -> dict[str, RunOutcome]:
     try:
         from metarl_ros.demo.ros_run import run_adapt_sim
     except ImportError as exc:
@@ -134,14 +159,13 @@ def _run_ros(runs, model: Path, scenario_path: Path, duration_s: float, rtf: flo
                   f"{sim.get('lockstep_timeouts', 0)}, late ticks "
                   f"{controller.get('late_tick_pct', 0.0):g} %, inference p99 "
                   f"{controller.get('inference_latency_p99_ms', 0.0):g} ms", flush=True)
-            results[run.name] = {"trace": result.trace, "nodes": result.counters,
-                                 "launch_arguments": arguments,
-                                 "wall_s": round(result.wall_s, 2), "exit_code": result.code}
+            results[run.name] = RunOutcome(result.trace, result.wall_s, result.code,
+                                           result.counters, arguments)
     return results
 
 
 def _run_direct(runs, loaded, scenario: Scenario, duration_s: float
-                ) -> dict[str, dict[str, Any]]:
+                ) -> dict[str, RunOutcome]:
     from metarl_ros.demo.direct_run import FrozenContext, run_env
     from metarl_ros.learning.runtime import TorchAdaptivePolicy
     from metarl_ros.sim.env import ArmTrackingEnv, load_env_setup
@@ -160,24 +184,23 @@ def _run_direct(runs, loaded, scenario: Scenario, duration_s: float
                 policy = TorchAdaptivePolicy(loaded, adaptation=run.arguments["adaptation"]
                                              == "true", background=False)
             trace = run_env(env, scenario, duration_s, policy)
-            results[run.name] = {"trace": trace, "wall_s": round(time.monotonic() - start, 2),
-                                 "exit_code": 0}
+            results[run.name] = RunOutcome(trace, time.monotonic() - start)
     finally:
         env.close()
     return results
 
 
-def _check(name: str, result: dict[str, Any], expected_samples: int,
+def _check(name: str, outcome: RunOutcome, expected_samples: int,
            errors: dict[str, Any]) -> tuple[list[str], list[str]]:
     """``(problems, warnings)`` of one run: problems make the demo fail (exit 1)."""
-    trace: Trace = result["trace"]
     problems, warnings = [], []
-    if result["exit_code"]:
-        problems.append(f"{name}: the graph stopped with exit code {result['exit_code']}")
-    if trace.time_s.size < expected_samples:
-        problems.append(f"{name}: tracking error at {trace.time_s.size} of {expected_samples} "
-                        "control instants")
-    timeouts = result.get("nodes", {}).get("sim_node", {}).get("lockstep_timeouts", 0)
+    if outcome.exit_code:
+        problems.append(f"{name}: the graph stopped with exit code {outcome.exit_code}")
+    samples = outcome.trace.time_s.size
+    if samples < expected_samples:
+        problems.append(f"{name}: tracking error at {samples} of {expected_samples} control "
+                        "instants")
+    timeouts = (outcome.nodes or {}).get("sim_node", {}).get("lockstep_timeouts", 0)
     if timeouts:
         warnings.append(f"{name}: {timeouts} lockstep timeout(s): the simulator stepped with "
                         "zero effort there, so this run's numbers are affected")
@@ -216,26 +239,17 @@ def demo_command(args: argparse.Namespace) -> int:
     expected = int(round(duration_s / dt))
     table, problems, warnings, summary_runs = {}, [], [], {}
     for run in runs:
-        result = results[run.name]
-        errors = windows.errors(result["trace"])
+        outcome = results[run.name]
+        errors = windows.errors(outcome.trace)
         table[run.name] = errors
-        run_problems, run_warnings = _check(run.name, result, expected, errors)
+        run_problems, run_warnings = _check(run.name, outcome, expected, errors)
         problems += run_problems
         warnings += run_warnings
-        trace: Trace = result["trace"]
-        summary_runs[run.name] = {
-            "description": run.description,
-            "launch_arguments": result.get("launch_arguments"),
-            "tracking_error_rad": errors,
-            "samples": int(trace.time_s.size),
-            "events_seen": [{"time_s": t, "label": label} for t, label in trace.events],
-            "wall_s": result["wall_s"],
-            "nodes": result.get("nodes"),
-        }
+        summary_runs[run.name] = outcome.summary(run, errors)
     print("\n" + describe_windows(windows))
     print(format_table(windows, table))
-    for name in table:
-        print(f"  {name}: {next(r.description for r in runs if r.name == name)}")
+    for run in runs:
+        print(f"  {run.name}: {run.description}")
 
     out = Path(args.out)
     summary = {
@@ -253,7 +267,7 @@ def demo_command(args: argparse.Namespace) -> int:
     }
     write_json(out / "summary.json", summary)
     source = "Gymnasium env (--no-ros)" if args.no_ros else "adapt_sim node graph"
-    plot({name: results[name]["trace"] for name in table}, windows,
+    plot({name: outcome.trace for name, outcome in results.items()}, windows,
          f"scenario {scenario.config.name}: {source}", out / "tracking_error.png")
     print(f"\nwrote {out / 'summary.json'} and {out / 'tracking_error.png'} "
           f"({summary['wall_s']:.0f} s)")
