@@ -49,6 +49,8 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
 STEP_RAD = 1e-6
+#: commands later than this after the last state are the watchdog's (half its 0.1 s timeout)
+WATCHDOG_CUTOFF_S = 0.05
 
 
 def _ros_env() -> dict[str, str]:
@@ -196,10 +198,14 @@ class Driver:
             if seq == first_measured:
                 diag_at_start = dict(self.diag)  # counters at the end of the warm-up
             self.publish(seq, stamp0_ns + seq * period_ns)
+        last_publish = time.perf_counter()
         time.sleep(0.5)
         memory = _memory(pid) if pid is not None else {}
         with self.lock:
             received = list(self.received)
+        # Once the states stop, the node's watchdog commands its safe action (after
+        # watchdog_timeout, 0.1 s): it carries the last state's positions but answers no state.
+        received = [(value, t) for value, t in received if t <= last_publish + WATCHDOG_CUTOFF_S]
         matched = [(self._decode(match, value), t) for value, t in received]
         # the first command per state (the watchdog repeats a safe command once they stop)
         first: dict[int, float] = {}
