@@ -2,32 +2,57 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import threading
 import time
+import traceback
 from typing import Callable
 
-import pytest
 import rclpy
 from rclpy.context import Context
-from rclpy.executors import MultiThreadedExecutor
+from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
 from rclpy.node import Node
 from rclpy.parameter import Parameter
 
+from metarl_ros.nodes.common import freeze_heap
+
+try:  # the exception rclpy raises for a handle whose destruction was requested
+    from rclpy._rclpy_pybind11 import InvalidHandle
+except ImportError:  # pragma: no cover - other rclpy layouts
+    from rclpy.exceptions import InvalidHandle  # type: ignore[no-redef]
+
 
 def domain_id(offset: int, probe_s: float = 0.3, tries: int = 6) -> int:
-    """A ROS domain in 1..101 for this process and test module (``offset`` per module).
+    """A ROS domain for this process and test module (``offset`` per module).
 
-    Starts from ``(pid + offset) % 101 + 1`` and skips domains where other ROS nodes are
-    already seen (other test runs, benchmarks, demos on this machine), so concurrent runs
-    do not cross-talk; gives up probing after ``tries`` domains.
+    Domains come from ``METARL_TEST_DOMAINS`` (``"first-last"``, e.g. ``11-20``, for
+    machines where several people run tests at once), else from 1..101. The first candidate is
+    ``(pid + offset)`` mapped into that range; domains where other ROS nodes are already seen
+    (other test runs, benchmarks, demos on this machine) are skipped, so concurrent runs do
+    not cross-talk; gives up probing after ``tries`` domains.
     """
-    first = (os.getpid() + offset) % 101
-    for step in range(tries):
-        candidate = (first + 7 * step) % 101 + 1
+    low, high = _domain_range()
+    size = high - low + 1
+    first = (os.getpid() + offset) % size
+    for step in range(min(tries, size)):
+        candidate = low + (first + 7 * step) % size
         if not _domain_busy(candidate, probe_s):
             return candidate
-    return first + 1
+    return low + first
+
+
+def _domain_range() -> tuple[int, int]:
+    spec = os.environ.get("METARL_TEST_DOMAINS", "").strip()
+    if not spec:
+        return 1, 101
+    try:
+        low, high = (int(part) for part in spec.split("-"))
+    except ValueError:
+        raise ValueError(f"METARL_TEST_DOMAINS={spec!r}: expected 'first-last', e.g. 11-20")
+    if not 0 <= low <= high <= 232:
+        raise ValueError(f"METARL_TEST_DOMAINS={spec!r}: need 0 <= first <= last <= 232")
+    return low, high
 
 
 def _domain_busy(domain: int, probe_s: float) -> bool:
@@ -49,41 +74,79 @@ def _domain_busy(domain: int, probe_s: float) -> bool:
 
 
 class RosSession:
-    """An rclpy context on its own domain, with a MultiThreadedExecutor spinning in a thread."""
+    """An rclpy context on its own domain, spun by one executor thread, as nodes run in a
+    product process (``run_node``, ``metarl launch``).
 
-    def __init__(self, domain: int, threads: int = 2) -> None:
+    * SingleThreadedExecutor, as the product's executables use: every lockstep period
+      crosses fewer threads (and GIL hand-overs) than with rclpy's MultiThreadedExecutor,
+      whose tail latency under CPU load was several times higher (docs/ROS_NODES.md).
+    * Nodes are destroyed only between two executor iterations (``_lock``): destroying one
+      while the executor builds its wait set raised ``InvalidHandle`` inside rclpy and ended
+      the spin thread, after which nothing in the session was delivered any more.
+    * The heap is frozen (:func:`~metarl_ros.nodes.common.freeze_heap`) after a node is
+      added, as ``run_node`` does after start-up: the garbage collector's full passes then
+      skip what the test process has loaded (torch, onnxruntime, the test modules) and stay
+      short, instead of stopping every node thread for hundreds of milliseconds.
+    * An exception from a callback does not stop the session; it is kept and raised by the
+      next :meth:`remove_all` or :meth:`close`, so the test that caused it fails.
+    """
+
+    def __init__(self, domain: int) -> None:
         self.context = Context()
         rclpy.init(context=self.context, domain_id=domain)
-        self.executor = MultiThreadedExecutor(num_threads=threads, context=self.context)
-        self._thread = threading.Thread(target=self._spin, daemon=True)
-        self._thread.start()
+        self.executor = SingleThreadedExecutor(context=self.context)
+        self.errors: list[str] = []
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
         self._nodes: list[Node] = []
+        self._thread = threading.Thread(target=self._spin, name="ros_session", daemon=True)
+        self._thread.start()
 
     def _spin(self) -> None:
-        try:
-            self.executor.spin()
-        except Exception:  # shutdown races
-            pass
+        while not self._stop.is_set() and self.context.ok():
+            with self._lock:
+                try:
+                    self.executor.spin_once(timeout_sec=0.05)
+                except InvalidHandle:
+                    continue  # an entity of a node removed since the last wait: skip it
+                except ExternalShutdownException:
+                    return
+                except Exception:  # noqa: BLE001 - kept for the test, the session goes on
+                    self.errors.append(traceback.format_exc())
 
     def add(self, node: Node) -> Node:
         self._nodes.append(node)
         self.executor.add_node(node)
+        freeze_heap(collect=False)
         return node
 
     def remove(self, node: Node) -> None:
-        self.executor.remove_node(node)
-        self._nodes.remove(node)
-        node.destroy_node()
+        self.executor.remove_node(node)  # also wakes the executor
+        with self._lock:
+            self._nodes.remove(node)
+            node.destroy_node()
 
     def remove_all(self) -> None:
         for node in list(self._nodes):
             self.remove(node)
+        self.raise_errors()
+
+    def raise_errors(self) -> None:
+        """Raise if a callback failed since the last call (with its traceback)."""
+        errors, self.errors = self.errors, []
+        if errors:
+            raise RuntimeError("a callback raised in the ROS session:\n" + "\n".join(errors))
 
     def close(self) -> None:
-        self.remove_all()
-        self.executor.shutdown(timeout_sec=2.0)
-        rclpy.try_shutdown(context=self.context)
-        self._thread.join(timeout=5.0)
+        try:
+            self.remove_all()
+        finally:
+            self._stop.set()
+            self._thread.join(timeout=5.0)
+            self.executor.shutdown(timeout_sec=2.0)
+            rclpy.try_shutdown(context=self.context)
+            gc.unfreeze()  # what the session's nodes left behind can be collected again
+            gc.collect()
 
 
 def params(**values) -> list[Parameter]:
@@ -121,12 +184,3 @@ class Collector:
     def __len__(self) -> int:
         with self.lock:
             return len(self.items)
-
-
-# Quarantine: lockstep DDS tests that time out intermittently on this machine (root cause open,
-# docs/ROS_NODES.md "Known issue"). Skipped unless METARL_RUN_QUARANTINED=1.
-QUARANTINED = pytest.mark.skipif(
-    os.environ.get("METARL_RUN_QUARANTINED") != "1",
-    reason="quarantined: intermittent DDS lockstep timeouts, root cause open "
-    "(docs/ROS_NODES.md); run with METARL_RUN_QUARANTINED=1",
-)

@@ -39,7 +39,7 @@ from metarl_ros.nodes.common import STATE_QOS, ns_to_stamp
 from metarl_ros.nodes.onnx_policy_node import OnnxPolicyNode
 from metarl_ros.nodes.sim_node import SimNode
 from metarl_ros.sim.env import build_observation, effort_command, load_env_setup
-from ros_harness import QUARANTINED, Collector, RosSession, domain_id, params, wait_for
+from ros_harness import Collector, RosSession, domain_id, params, wait_for
 from test_launch_graph import _check_nodes_against_graph, _fake_launch_modules
 from test_ros_nodes import TrackingMonitor
 
@@ -344,7 +344,6 @@ def _closed_loop(ros, node) -> tuple[np.ndarray, TrackingMonitor, object]:
     return np.array(sent), monitor, stats
 
 
-@QUARANTINED
 def test_deploy_node_drives_the_sim_like_the_torch_node(ros, model):
     """Default scenario in lockstep, same model: onnx_policy_node vs adapter_node (pearl).
 
@@ -439,7 +438,6 @@ def _expected_first_efforts(onnx_dir, q, qd, ref) -> np.ndarray:
     return np.clip(efforts, -limits, limits)
 
 
-@QUARANTINED
 def test_joint_map_reads_robot_names_and_orders_commands_for_the_controller(ros, model):
     _, onnx_dir = model
     probe = ros.add(Node("robot", context=ros.context))

@@ -24,7 +24,7 @@ from metarl_ros.nodes.sim_node import SimNode
 from metarl_ros.policy_factory import make_policy, setup_contract
 from metarl_ros.runtime import PosteriorSummary
 from metarl_ros.sim.env import build_observation, effort_command, load_env_setup
-from ros_harness import QUARANTINED, Collector, RosSession, domain_id, params, wait_for
+from ros_harness import Collector, RosSession, domain_id, params, wait_for
 
 SETUP = load_env_setup()
 JOINTS = list(SETUP.robot.joint_names)
@@ -100,7 +100,6 @@ def _values(status: DiagnosticStatus) -> dict[str, str]:
 # ------------------------------------------------------------------------------ closed loop
 
 
-@QUARANTINED
 def test_closed_loop_pd_tracks_reference_through_faults(ros, probe):
     """sim_node (lockstep) <-> adapter_node (policy=pd) close the loop; the error stays bounded."""
     monitor = TrackingMonitor(probe)
@@ -133,11 +132,11 @@ def test_closed_loop_pd_tracks_reference_through_faults(ros, probe):
                 "window_fill", "latent_shift", "adaptation_events", "policy_errors",
                 "joint_state_age_s"):
         assert key in values
-    assert _latest_status(diagnostics, "sim_node") is not None
+    # sim_node reports at 1 Hz of wall time: a fast run can end before its first report
+    assert wait_for(lambda: _latest_status(diagnostics, "sim_node") is not None, 2.0)
     assert len(latents) == 0  # pd has no latent
 
 
-@QUARANTINED
 def test_lockstep_is_deterministic(ros, probe):
     """Two lockstep runs give bit-identical trajectories (no dependence on CPU speed)."""
     finals = []
@@ -151,7 +150,6 @@ def test_lockstep_is_deterministic(ros, probe):
     np.testing.assert_array_equal(finals[0], finals[1])
 
 
-@QUARANTINED
 def test_real_time_mode_runs_against_the_wall_clock(ros, probe):
     monitor = TrackingMonitor(probe)
     _adapter(ros)
@@ -358,7 +356,6 @@ class FlakyPolicy:
         return PosteriorSummary(np.full(3, 0.1 * self.calls), np.full(3, 0.5), self.observed)
 
 
-@QUARANTINED
 def test_policy_exception_gives_safe_action_and_loop_continues(ros, probe, capfd):
     monitor = TrackingMonitor(probe)
     latents = Collector()

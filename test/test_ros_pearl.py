@@ -19,7 +19,7 @@ from metarl_ros.nodes.sim_node import SimNode
 from metarl_ros.resources import resolve_path
 from metarl_ros.scenario import load_scenario
 from metarl_ros.sim.env import load_env_setup
-from ros_harness import QUARANTINED, Collector, RosSession, domain_id, params, wait_for
+from ros_harness import Collector, RosSession, domain_id, params, wait_for
 from test_ros_nodes import TrackingMonitor
 
 # METARL_PEARL_MODEL points the test at another model file (e.g. a training run's).
@@ -85,7 +85,6 @@ def _window_mean(monitor, start, end):
     return float(errors.mean())
 
 
-@QUARANTINED
 def test_pearl_adapter_closes_the_loop_with_and_without_adaptation(ros):
     """The shipped PEARL model drives the sim through the payload fault, latent published.
 

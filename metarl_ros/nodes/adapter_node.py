@@ -351,8 +351,10 @@ class AdapterNode(Node):
 
 
     def destroy_node(self) -> None:
+        loop = getattr(self, "loop", None)  # None if the constructor failed before making it
         try:
-            self.loop.close()
+            if loop is not None:
+                loop.close()
         except Exception as exc:  # noqa: BLE001 - shutting down anyway
             self.get_logger().error(f"policy close failed: {type(exc).__name__}: {exc}")
         super().destroy_node()

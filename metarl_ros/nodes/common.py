@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import signal
 import threading
 from typing import Any, Callable, Sequence
@@ -73,6 +74,23 @@ def declare(node: Node, name: str, default: Any, description: str, *,
     return value
 
 
+def freeze_heap(collect: bool = True) -> int:
+    """Take every object alive now out of the garbage collector's reach (``gc.freeze``).
+
+    Call once a node has started: what start-up made (imported modules, torch's or
+    onnxruntime's state, the model) lives as long as the process, yet CPython's full
+    collections walk all of it, stopping every thread of the process meanwhile (with torch
+    loaded, a tenth of a second and more: docs/ROS_NODES.md). After freezing, full passes
+    only walk what the running loop allocated. ``collect`` first collects,
+    so garbage left from start-up is freed rather than kept forever. Returns how many objects
+    are frozen.
+    """
+    if collect:
+        gc.collect()
+    gc.freeze()
+    return gc.get_freeze_count()
+
+
 def run_node(factory: Callable[[], Node], args: list[str] | None = None,
              num_threads: int = 1) -> int:
     """``main`` body of a node executable: init, spin, portable clean shutdown.
@@ -81,6 +99,9 @@ def run_node(factory: Callable[[], Node], args: list[str] | None = None,
     a node's ``executor_threads`` parameter, if it declares one, takes precedence. rclpy's
     MultiThreadedExecutor is expensive: measured here it tripled adapter_node's
     sensor-to-command latency (docs/BENCHMARKS.md), so one thread is the default.
+
+    Once the node is constructed, the start-up heap is frozen (:func:`freeze_heap`) so that
+    garbage collection does not stall the control loop.
 
     Catches ``KeyboardInterrupt`` and ``ExternalShutdownException``; once shutting down,
     SIGINT is ignored for the rest of the process so an interrupted launch exits cleanly (0).
@@ -96,6 +117,7 @@ def run_node(factory: Callable[[], Node], args: list[str] | None = None,
         executor = (MultiThreadedExecutor(num_threads=num_threads) if num_threads > 1
                     else SingleThreadedExecutor())
         executor.add_node(node)
+        freeze_heap()
         executor.spin()
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
