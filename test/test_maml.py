@@ -5,11 +5,13 @@ from __future__ import annotations
 import copy
 import io
 import logging
+import math
 import statistics
 import threading
 import time
 from collections.abc import Mapping
 
+import numpy as np
 import pytest
 import torch
 from torch import Tensor, nn
@@ -22,6 +24,7 @@ from metarl_ros.learning.maml import (
     OnlineAdapter,
     ParamsSnapshot,
     TransitionBatch,
+    adapted_names,
     correct_action,
     dynamics_loss,
     inner_adapt,
@@ -30,6 +33,9 @@ from metarl_ros.learning.maml import (
     maml_loss,
     params_of,
 )
+
+from metarl_ros.learning.runtime import DynamicsAdaptation
+from metarl_ros.learning.torque_model import PDStructure, TorqueGainDynamics, head_at
 
 torch.set_num_threads(1)
 
@@ -371,7 +377,9 @@ def test_correct_action_compensates_halved_gain_and_clamps() -> None:
 
     batch = torch.stack([a_pi, -a_pi, 0.5 * a_pi])
     out_b = correct_action(model, obs.expand(3, 2), batch, None, prior, adapted, 40, 1.0, trust)
-    torch.testing.assert_close(out_b, (0.5 + trust) / (0.25 + trust) * batch, rtol=1e-8, atol=1e-10)
+    torch.testing.assert_close(
+        out_b, (0.5 + trust) / (0.25 + trust) * batch, rtol=1e-8, atol=1e-10
+    )
 
 
 def test_correct_action_is_cheap_and_graph_free() -> None:
@@ -439,7 +447,9 @@ def test_background_errors_are_counted_and_thread_survives(
     assert not adapter.running
     assert adapter.error_count == 4
     assert isinstance(adapter.last_error, RuntimeError)
-    assert adapter.version >= 1 and adapter.last_result is not None and adapter.last_result.accepted
+    assert (
+        adapter.version >= 1 and adapter.last_result is not None and adapter.last_result.accepted
+    )
     assert sum("background adaptation failed" in r.getMessage() for r in caplog.records) == 4
 
 
@@ -574,3 +584,135 @@ def test_normalizer_and_checkpoint_round_trip() -> None:
         )
     with pytest.raises(ValueError, match="bogus"):
         MAMLConfig.from_dict({**cfg.to_dict(), "bogus": 1})
+
+
+# ------------------------------------------------------------------------------------------
+# structured model: per-joint torque gain and bias (learning/torque_model.py)
+# ------------------------------------------------------------------------------------------
+
+
+def _torque_model(latent_dim: int = 0) -> TorqueGainDynamics:
+    """2 joints, obs = 4 blocks; PD gains 0 so that u = a; drift 0, sensitivity b = 1."""
+    pd = PDStructure((0.0, 0.0), (0.0, 0.0), (1.0, 1.0), 1.0, 1.0, 1.0)
+    model = TorqueGainDynamics(8, 2, latent_dim, (), pd, init_step=1.0).double()
+    with torch.no_grad():
+        model.drift.weight.zero_()
+        model.drift.bias.zero_()
+        model.sensitivity.weight.zero_()
+        # softplus(x) + 1e-3 = 1
+        model.sensitivity.bias.fill_(math.log(math.expm1(1.0 - 1e-3)))
+    return model
+
+
+def _joint_window(
+    n: int, strength: tuple[float, float], bias: tuple[float, float]
+) -> TransitionBatch:
+    """delta_v_i = strength_i * a_i + bias_i (velocity block = obs[:, 2:4])."""
+    g = torch.Generator().manual_seed(3)
+    obs = torch.randn(n, 8, generator=g, dtype=torch.float64)
+    action = torch.rand(n, 2, generator=g, dtype=torch.float64) * 2 - 1
+    next_obs = obs.clone()
+    next_obs[:, 2:4] += torch.tensor(strength) * action + torch.tensor(bias)
+    return TransitionBatch(obs, action, next_obs)
+
+
+def test_torque_model_adapts_only_the_head_and_recovers_gain_and_bias() -> None:
+    model = _torque_model()
+    cfg = MAMLConfig(hidden_sizes=(), inner_steps=200, inner_lr=0.5, max_step_norm=None)
+    start = params_of(model)
+    window = _joint_window(64, strength=(0.25, 1.0), bias=(0.0, 0.3))
+    adapted = inner_adapt(
+        model, start, window, cfg.inner_steps, cfg.inner_lr, adapt_names=adapted_names(model)
+    )
+    for name in start:
+        changed = not torch.equal(adapted[name].detach(), start[name])
+        assert changed == (name in {"gain_raw", "bias_raw"}), name
+    k, beta = head_at(adapted)
+    assert torch.allclose(k, torch.tensor([0.25, 1.0], dtype=torch.float64), atol=1e-3)
+    assert torch.allclose(beta, torch.tensor([0.0, 0.3], dtype=torch.float64), atol=1e-3)
+
+    # closed-form inverse: a + da under the adapted head does what a did under the reference
+    obs, action = window.obs[:5], window.action[:5] * 0.2
+    da = model.correction(obs, action, None, start, {k: v.detach() for k, v in adapted.items()})
+    expected = torch.stack([action[:, 0] * (1 / 0.25 - 1), -0.3 * torch.ones(5)], -1)
+    assert torch.allclose(da, expected.double(), atol=5e-3)
+    assert torch.equal(
+        model.correction(obs, action, None, start, start), torch.zeros(5, 2).double()
+    )
+
+
+def test_torque_model_meta_gradient_reaches_the_frozen_trunk() -> None:
+    """MAML through a head-only inner loop still trains the frozen trunk and the head's step
+    sizes, and the second-order terms are there."""
+    pd = PDStructure((1.0, 1.0), (0.5, 0.5), (2.0, 2.0), 10.0, 1.0, 0.2)
+    torch.manual_seed(0)
+    model = TorqueGainDynamics(10, 2, 3, (8,), pd).double()
+    g = torch.Generator().manual_seed(0)
+    obs = torch.randn(12, 10, generator=g, dtype=torch.float64)
+    batch = TransitionBatch(
+        obs,
+        torch.randn(12, 2, generator=g, dtype=torch.float64),
+        obs + 0.1 * torch.randn(12, 10, generator=g, dtype=torch.float64),
+        torch.randn(12, 3, generator=g, dtype=torch.float64),
+    )
+    names = adapted_names(model)
+    trunk_grads = {}
+    for first_order in (False, True):
+        model.zero_grad()
+        loss = maml_loss(
+            model,
+            [batch[:8]],
+            [batch[8:]],
+            inner_steps=2,
+            inner_lr=0.1,
+            first_order=first_order,
+            adapt_names=names,
+        )
+        loss.backward()
+        trunk_grads[first_order] = model.trunk[0].weight.grad.clone()
+        assert float(trunk_grads[first_order].abs().sum()) > 0
+        assert float(model.gain_log_step.grad.abs().sum()) > 0
+    # the second-order terms through the head's inner steps change the trunk's meta-gradient
+    assert not torch.allclose(trunk_grads[False], trunk_grads[True])
+
+
+def _feed(adaptation: DynamicsAdaptation, steps: int, strength: tuple[float, float], seed: int):
+    """Stream transitions of ``delta_v = strength * a + noise`` through ``adaptation`` (inline
+    mode, as in evaluation); returns the (action, corrected action) pairs."""
+    g = torch.Generator().manual_seed(seed)
+    pairs = []
+    for _ in range(steps):
+        obs = torch.randn(8, generator=g).numpy()
+        action = (torch.rand(2, generator=g) * 2 - 1).numpy()
+        corrected = adaptation.apply(obs, action, None)
+        next_obs = obs.copy()
+        next_obs[2:4] += (
+            torch.tensor(strength) * torch.from_numpy(corrected)
+            + 0.01 * torch.randn(2, generator=g)
+        ).numpy()
+        adaptation.record(obs, corrected, next_obs, None)
+        adaptation.maybe_step()
+        pairs.append((action, corrected))
+    return pairs
+
+
+def test_structured_correction_needs_evidence_and_inverts_a_weak_joint() -> None:
+    model = _torque_model().float()
+    cfg = MAMLConfig(hidden_sizes=(), inner_steps=10, inner_lr=1.5, max_step_norm=None)
+    adaptation = DynamicsAdaptation(
+        model, cfg, window=40, adapt_every=10, max_correction=10.0, min_improvement=0.6
+    )
+    # intact robot: the adapted head explains nothing better than the reference -> no change
+    for action, corrected in _feed(adaptation, 120, (1.0, 1.0), seed=0):
+        assert np.array_equal(action, corrected)
+    assert not adaptation.active
+    # joint 0 at a quarter of its strength: corrected (only it) once the window shows it
+    pairs = _feed(adaptation, 120, (0.25, 1.0), seed=1)
+    assert adaptation.active
+    action, corrected = pairs[-1]
+    assert corrected[1] == action[1]
+    expected = np.clip(action[0] / 0.25, -1.0, 1.0)
+    assert abs(corrected[0] - expected) < 0.05 * max(1.0, abs(expected))
+    # the first correction waited for two agreeing adaptations after the fault's evidence
+    first = next(i for i, (a, c) in enumerate(pairs) if not np.array_equal(a, c))
+    assert first >= 20

@@ -36,8 +36,10 @@ from metarl_ros.learning.evaluation import (
     recovery_times,
     rolling_mean,
 )
-from metarl_ros.learning.runtime import load_model
+from metarl_ros.learning.runtime import DynamicsAdaptation, load_model
+from metarl_ros.learning.torque_model import TorqueGainDynamics
 from metarl_ros.learning.trainer import Trainer
+from metarl_ros.sim.tasks import nominal_task
 
 torch.set_num_threads(1)
 
@@ -485,3 +487,62 @@ def test_recovery_times_with_rolling_window():
     # the trailing mean still holds a bad step until 24 steps after the last one
     assert times[0] == pytest.approx((k + 24) * dt)
     assert recovered.tolist() == [True]
+
+
+# ------------------------------------------------------------------------------------------
+# intact-robot share, critic warm-up, structured MAML dynamics
+# ------------------------------------------------------------------------------------------
+
+
+def test_intact_fraction_replaces_task_slots_by_the_intact_robot(tiny_env, tmp_path):
+    config = tiny_config(tiny_env, method="robust", intact_fraction=0.5)
+    trainer = Trainer(config, tmp_path / "run", progress=False)
+    intact = trainer.intact_task
+    joints = trainer.setup.robot.num_joints
+    assert intact is not None and trainer.tasks[intact].key() == nominal_task(joints).key()
+    ids = [i for _ in range(400) for i in trainer.sample_task_ids(2)]
+    share = ids.count(intact) / len(ids)
+    uniform = 1 / len(trainer.tasks)  # what the intact robot gets without the option
+    expected = 0.5 + 0.5 * uniform
+    assert abs(share - expected) < 0.05, share
+    plain = Trainer(tiny_config(tiny_env, method="robust"), tmp_path / "plain", progress=False)
+    ids = [i for _ in range(400) for i in plain.sample_task_ids(2)]
+    assert abs(ids.count(intact) / len(ids) - uniform) < 0.05
+
+
+def test_critic_warmup_keeps_the_actor_for_its_updates(tiny_env, tmp_path):
+    config = tiny_config(tiny_env, method="robust", critic_warmup_updates=15)
+    trainer = Trainer(config, tmp_path / "run", progress=False)
+    trainer.collect_initial()
+    actor = {k: v.clone() for k, v in trainer.agent.actor.state_dict().items()}
+    for _ in range(15):
+        trainer.update()
+    assert all(torch.equal(trainer.agent.actor.state_dict()[k], v) for k, v in actor.items())
+    trainer.update()
+    assert any(not torch.equal(trainer.agent.actor.state_dict()[k], v) for k, v in actor.items())
+
+
+def test_torque_gain_dynamics_train_save_load_and_correct(tiny_env, tmp_path):
+    """A PEARL run with the structured MAML model: the model file round-trips and the online
+    adaptation runs with it."""
+    dynamics = DynamicsConfig(
+        model="torque_gain", meta_steps_per_iteration=2, tasks_per_meta_step=2,
+        hidden_sizes=[16], support_size=10, query_size=10,
+    )
+    trainer = Trainer(tiny_config(tiny_env, dynamics=dynamics), tmp_path / "run", progress=False)
+    trainer.run(max_iterations=2)
+    loaded = load_model(tmp_path / "run" / "model.pt")
+    model = loaded.dynamics["dynamics_latent"]
+    assert isinstance(model, TorqueGainDynamics)
+    assert_states_equal(
+        {k: v for k, v in model.state_dict().items()},
+        {k: v for k, v in trainer.dynamics["dynamics_latent"].state_dict().items()},
+    )
+    adaptation = DynamicsAdaptation(model, loaded.maml_config, window=20, adapt_every=5)
+    setup = trainer.setup
+    obs = np.zeros(setup.obs_dim, np.float32)
+    for _ in range(30):
+        out = adaptation.apply(obs, np.zeros(setup.act_dim, np.float32), np.zeros(4, np.float32))
+        adaptation.record(obs, out, obs, np.zeros(4, np.float32))
+        adaptation.maybe_step()
+    assert adaptation.steps == 6 and adaptation.last_result is not None

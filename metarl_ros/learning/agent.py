@@ -120,6 +120,7 @@ class ConditionedSAC(nn.Module):
         context: torch.Tensor | None = None,
         context_mask: torch.Tensor | None = None,
         task_condition: torch.Tensor | None = None,
+        train_actor: bool = True,
     ) -> dict[str, float]:
         """One gradient step on a meta-batch.
 
@@ -128,6 +129,8 @@ class ConditionedSAC(nn.Module):
             context: encoder input (T, N, transition_dim), for ``latent`` conditioning.
             context_mask: (T, N), 1 for valid context entries (variable context sizes).
             task_condition: (T, oracle_dim), for ``oracle`` conditioning.
+            train_actor: False updates only the critics (and the encoder): the critic warm-up
+                after a warm start, whose copied critic is not yet right for the new tasks.
         """
         spec = self.spec
         num_tasks, per_task = batch.reward.shape
@@ -168,15 +171,17 @@ class ConditionedSAC(nn.Module):
         action, log_prob = self.actor.sample(x_actor)
         q_pi = self.critic(x_actor, action).min(0).values
         actor_loss = (alpha * log_prob - q_pi).mean()
-        self.actor_optimizer.zero_grad(set_to_none=True)
-        actor_loss.backward()
-        self.actor_optimizer.step()
+        if train_actor:
+            self.actor_optimizer.zero_grad(set_to_none=True)
+            actor_loss.backward()
+            self.actor_optimizer.step()
         self.critic.requires_grad_(True)
 
-        alpha_loss = -(self.log_alpha * (log_prob.detach() + self.target_entropy)).mean()
-        self.alpha_optimizer.zero_grad(set_to_none=True)
-        alpha_loss.backward()
-        self.alpha_optimizer.step()
+        if train_actor:
+            alpha_loss = -(self.log_alpha * (log_prob.detach() + self.target_entropy)).mean()
+            self.alpha_optimizer.zero_grad(set_to_none=True)
+            alpha_loss.backward()
+            self.alpha_optimizer.step()
 
         with torch.no_grad():
             online = list(self.critic.parameters())

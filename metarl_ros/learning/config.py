@@ -35,6 +35,15 @@ class DynamicsConfig(StrictModel):
     """The MAML-trained dynamics model used by the online adapter (see learning/maml.py)."""
 
     enabled: bool = True
+    model: Literal["mlp", "torque_gain"] = Field(
+        default="mlp",
+        description="mlp: f(obs, action, z), every weight adapted; torque_gain: "
+        "drift(obs, z) + exp(g) b(obs, z) u + beta with only the per-joint head (g, beta) "
+        "adapted (learning/torque_model.py)",
+    )
+    head_init_step: PositiveFloat = Field(
+        default=1.0, description="torque_gain: initial per-joint step-size multiplier of the head"
+    )
     hidden_sizes: list[PositiveInt] = [128, 128]
     target_blocks: PositiveInt = Field(
         default=2,
@@ -80,6 +89,20 @@ class TrainConfig(StrictModel):
         default=None,
         description="model.pt of an unconditioned run (e.g. nominal) to start actor, critics "
         "and temperature from; condition inputs start at zero (learning/warm_start.py)",
+    )
+    intact_fraction: float = Field(
+        default=0.0,
+        ge=0.0,
+        lt=1.0,
+        description="share of collected episodes and of meta-batch task slots given to the "
+        "intact robot (the train split's nominal task); every evaluation and deployment "
+        "episode starts intact, and with 1 of 60 tasks its precision is lost in fine-tuning",
+    )
+    critic_warmup_updates: NonNegativeInt = Field(
+        default=0,
+        description="first updates that train only the critics (and encoder), actor and "
+        "temperature frozen: after init_from the copied critic is right only for the source "
+        "task, and actor steps on it would wreck the copied policy",
     )
     agent: AgentConfig = AgentConfig()
     dynamics: DynamicsConfig = DynamicsConfig()

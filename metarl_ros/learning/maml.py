@@ -53,7 +53,7 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
 from types import MappingProxyType
 from typing import Any
@@ -78,6 +78,7 @@ __all__ = [
     "load_checkpoint",
     "make_checkpoint",
     "maml_loss",
+    "adapted_names",
     "params_of",
 ]
 
@@ -255,6 +256,7 @@ class MAMLConfig:
             )
         _check_int("min_window", self.min_window, 2)
 
+
     def to_dict(self) -> dict[str, Any]:
         """Plain-Python dict (lists, numbers, strings) -- safe for ``weights_only`` loading."""
         data = asdict(self)
@@ -305,7 +307,9 @@ class DynamicsModel(nn.Module):
             ("latent_dim", latent_dim, 0),
         ):
             if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-                raise ValueError(f"DynamicsModel.{name} must be an int >= {minimum}, got {value!r}")
+                raise ValueError(
+                    f"DynamicsModel.{name} must be an int >= {minimum}, got {value!r}"
+                )
         if target_dim > obs_dim:
             raise ValueError(
                 f"DynamicsModel.target_dim ({target_dim}) must be <= obs_dim ({obs_dim})"
@@ -394,6 +398,13 @@ class DynamicsModel(nn.Module):
         self.delta_std.copy_(d.std(dim=0).clamp_min(min_std))
 
 
+def adapted_names(module: nn.Module) -> tuple[str, ...] | None:
+    """The parameters a model adapts online (its ``adapted_parameter_names``), or None for
+    all of them (:class:`DynamicsModel`)."""
+    names = getattr(module, "adapted_parameter_names", None)
+    return None if names is None else tuple(names)
+
+
 def params_of(module: nn.Module) -> Params:
     """Detached copies of a module's parameters, ``{name: tensor}``."""
     return {name: p.detach().clone() for name, p in module.named_parameters()}
@@ -404,7 +415,9 @@ def params_of(module: nn.Module) -> Params:
 # --------------------------------------------------------------------------------------------
 
 
-def dynamics_loss(model: nn.Module, params: Mapping[str, Tensor], batch: TransitionBatch) -> Tensor:
+def dynamics_loss(
+    model: nn.Module, params: Mapping[str, Tensor], batch: TransitionBatch
+) -> Tensor:
     """Inner/outer loss: MSE between predicted and true normalised delta, at ``params``.
 
     ``model`` must be a :class:`DynamicsModel` (its normaliser buffers are used). Returns a
@@ -424,6 +437,7 @@ def inner_adapt(
     first_order: bool = False,
     max_step_norm: float | None = None,
     loss_fn: LossFn | None = None,
+    adapt_names: Collection[str] | None = None,
 ) -> Params:
     """Run ``steps`` plain SGD steps on ``loss_fn`` starting from ``params``.
 
@@ -447,6 +461,9 @@ def inner_adapt(
         first_order: drop second-order terms (FOMAML).
         max_step_norm: bound on each step's global update norm, or ``None``.
         loss_fn: ``loss_fn(model, params, batch) -> scalar``; default :func:`dynamics_loss`.
+        adapt_names: the parameters that take inner steps (default: all). The others are
+            passed through unchanged (still differentiable for the meta-gradient), as in
+            ANIL-style MAML where only a head adapts.
 
     Returns:
         New ``{name: tensor}`` dict with the adapted parameters (``params`` is not modified).
@@ -458,9 +475,13 @@ def inner_adapt(
     if max_step_norm is not None and not max_step_norm > 0:
         raise ValueError(f"inner_adapt: max_step_norm must be > 0 or None, got {max_step_norm!r}")
     loss_fn = dynamics_loss if loss_fn is None else loss_fn
-    names = list(params)
+    names = list(params) if adapt_names is None else [k for k in params if k in adapt_names]
+    if adapt_names is not None and len(names) != len(set(adapt_names)):
+        missing = sorted(set(adapt_names) - set(params))
+        raise ValueError(f"inner_adapt: adapt_names not in params: {missing}")
     current: Params = {
-        k: v if v.requires_grad else v.detach().requires_grad_(True) for k, v in params.items()
+        k: v if v.requires_grad or k not in names else v.detach().requires_grad_(True)
+        for k, v in params.items()
     }
     with torch.enable_grad():
         for _ in range(steps):
@@ -482,7 +503,10 @@ def inner_adapt(
                     grad_norm = torch.sqrt(sum(torch.sum(g * g) for g in grads_list))
                     # max_step_norm > 0, so a zero gradient gives inf here -> clamped to 1.
                     scale = lr * torch.clamp(max_step_norm / (lr * grad_norm), max=1.0)
-            current = {k: current[k] - scale * g for k, g in zip(names, grads_list, strict=True)}
+            current = {
+                **current,
+                **{k: current[k] - scale * g for k, g in zip(names, grads_list, strict=True)},
+            }
     return current
 
 
@@ -497,6 +521,7 @@ def maml_loss(
     max_step_norm: float | None = None,
     params: Mapping[str, Tensor] | None = None,
     loss_fn: LossFn | None = None,
+    adapt_names: Collection[str] | None = None,
 ) -> Tensor:
     """MAML meta-objective: mean over tasks of the query loss at the adapted parameters.
 
@@ -516,7 +541,15 @@ def maml_loss(
     losses = []
     for support, query in zip(tasks_support, tasks_query, strict=True):
         adapted = inner_adapt(
-            model, theta, support, inner_steps, inner_lr, first_order, max_step_norm, loss_fn
+            model,
+            theta,
+            support,
+            inner_steps,
+            inner_lr,
+            first_order,
+            max_step_norm,
+            loss_fn,
+            adapt_names,
         )
         losses.append(loss_fn(model, adapted, query))
     return torch.stack(losses).mean()
@@ -581,6 +614,7 @@ class MAMLTrainer:
             first_order=first_order,
             max_step_norm=cfg.max_step_norm,
             loss_fn=self.loss_fn,
+            adapt_names=adapted_names(self.model),
         )
 
     def _pre_loss(self, queries: Sequence[Any]) -> float:
@@ -903,6 +937,7 @@ class OnlineAdapter:
                 cfg.inner_lr,
                 first_order=True,
                 max_step_norm=cfg.max_step_norm,
+                adapt_names=adapted_names(module),
             )
             candidate = {k: v.detach() for k, v in candidate_graph.items()}
             del candidate_graph

@@ -22,11 +22,13 @@ from typing import Literal
 
 import numpy as np
 import torch
+from torch.func import functional_call
 
 from metarl_ros.learning import maml
 from metarl_ros.learning.agent import AgentSpec, ConditionedSAC
 from metarl_ros.learning.checkpoint import CheckpointError, load_model_payload, load_state_strict
 from metarl_ros.learning.encoder import StreamingPosterior, make_transition
+from metarl_ros.learning.torque_model import PDStructure, TorqueGainDynamics, head_at
 from metarl_ros.runtime import PolicyContract, PosteriorSummary
 
 _LOG = logging.getLogger(__name__)
@@ -38,7 +40,7 @@ class LoadedModel:
 
     agent: ConditionedSAC
     payload: dict
-    dynamics: dict[str, maml.DynamicsModel]
+    dynamics: dict[str, maml.DynamicsModel | TorqueGainDynamics]
     maml_config: maml.MAMLConfig | None
     path: Path
 
@@ -69,19 +71,12 @@ def load_model(path: str | Path) -> LoadedModel:
     agent = ConditionedSAC(spec)
     load_state_strict(agent, payload["agent"], "agent", source)
     agent.eval()
-    dynamics: dict[str, maml.DynamicsModel] = {}
+    dynamics: dict[str, maml.DynamicsModel | TorqueGainDynamics] = {}
     specs = payload["metadata"].get("dynamics_specs", {})
     for name, state in payload.get("extra", {}).items():
         if name not in specs:
             raise CheckpointError(f"{source}: dynamics model {name!r} has no spec")
-        s = specs[name]
-        model = maml.DynamicsModel(
-            s["obs_dim"],
-            s["act_dim"],
-            s["target_dim"],
-            latent_dim=s["latent_dim"],
-            hidden_sizes=tuple(s["hidden_sizes"]),
-        )
+        model = build_dynamics(specs[name])
         load_state_strict(model, state, name, source)
         dynamics[name] = model
     maml_cfg = payload["metadata"].get("maml_config") or None
@@ -91,6 +86,42 @@ def load_model(path: str | Path) -> LoadedModel:
         dynamics=dynamics,
         maml_config=maml.MAMLConfig.from_dict(maml_cfg) if maml_cfg else None,
         path=source,
+    )
+
+
+AnyDynamics = maml.DynamicsModel | TorqueGainDynamics
+
+MLP_DEFAULTS = {"min_improvement": 0.6, "max_correction": 0.1}
+"""Deployment settings of the correction with the plain MLP model (as shipped before)."""
+STRUCTURED_DEFAULTS = {"min_improvement": 0.6, "max_correction": 0.1}
+"""Deployment settings of the correction with :class:`TorqueGainDynamics` (chosen on
+training-free quick evaluations, docs/LEARNING.md)."""
+
+
+def per_joint_error(
+    model: TorqueGainDynamics, params: Mapping[str, torch.Tensor], batch: maml.TransitionBatch
+) -> np.ndarray:
+    """Mean squared normalised prediction error of each joint, (n,), at ``params``."""
+    pred = functional_call(model, dict(params), (batch.obs, batch.action, batch.latent))
+    return (pred - model.normalized_target(batch)).pow(2).mean(0).numpy()
+
+
+def build_dynamics(spec: Mapping) -> AnyDynamics:
+    """A dynamics model from its ``spec()`` (``kind`` absent: the plain MLP)."""
+    if spec.get("kind", "mlp") == TorqueGainDynamics.kind:
+        return TorqueGainDynamics(
+            spec["obs_dim"],
+            spec["act_dim"],
+            spec["latent_dim"],
+            tuple(spec["hidden_sizes"]),
+            PDStructure.from_dict(spec["pd"]),
+        )
+    return maml.DynamicsModel(
+        spec["obs_dim"],
+        spec["act_dim"],
+        spec["target_dim"],
+        latent_dim=spec["latent_dim"],
+        hidden_sizes=tuple(spec["hidden_sizes"]),
     )
 
 
@@ -116,23 +147,50 @@ class DynamicsAdaptation:
     robot now behaves unlike before -- and it is bounded to ``max_correction`` per action
     dimension.
 
+    With the structured model (:class:`~metarl_ros.learning.torque_model.TorqueGainDynamics`)
+    the correction is the closed-form inverse of the adapted per-joint torque gain and bias,
+    and the evidence is per joint: joint ``i`` is corrected only when the adapted head
+    predicts the held-out newest quarter of the window on that joint at least
+    ``min_improvement`` better than the reference head, over ``confirmations`` consecutive
+    adaptations each of which implies a correction of the same sign at the current state as
+    the adaptation before it (a head that flips between windows is noise, not a fault). What is
+    held between adaptations is the gain ratio and the bias torque, applied every tick to the
+    current commanded torque (``da = (r - 1) u + c``), so the correction follows the PD's fast
+    changes.
+
     Args:
         model: the meta-trained dynamics model (with or without latent input).
         config: inner-loop settings (as meta-trained).
         window: how many recent transitions adaptation uses.
         adapt_every: inline mode: run :meth:`step` after this many new transitions.
+        min_improvement: relative held-out improvement over the reference that counts as
+            evidence (default: per model kind, ``STRUCTURED_DEFAULTS`` / ``MLP_DEFAULTS``).
+        max_correction: bound on the correction per action dimension, action units
+            (default: per model kind).
+        confirmations: structured model: consecutive adaptations that must agree.
     """
 
     def __init__(
         self,
-        model: maml.DynamicsModel,
+        model: AnyDynamics,
         config: maml.MAMLConfig,
         window: int = 60,
         adapt_every: int = 10,
-        min_improvement: float = 0.6,
-        max_correction: float = 0.1,
+        min_improvement: float | None = None,
+        max_correction: float | None = None,
+        confirmations: int = 2,
     ) -> None:
-        self.adapter = maml.OnlineAdapter(model, config)
+        self.adapter = maml.OnlineAdapter(model, config)  # type: ignore[arg-type]
+        self.structured = isinstance(model, TorqueGainDynamics)
+        self.confirmations = confirmations
+        n = model.act_dim
+        # structured: (gain ratio r, bias torque c) per joint, one immutable tuple
+        self._head_correction = (np.ones(n, np.float32), np.zeros(n, np.float32))
+        self._streak = np.zeros(n, np.int64)
+        self._previous: Mapping[str, torch.Tensor] | None = None
+        if self.structured:
+            self._kp_u = model.kp_u.numpy().astype(np.float32)
+            self._kd_u = model.kd_u.numpy().astype(np.float32)
         # private copy: functional calls swap tensors inside the module (not thread-safe)
         self._model = copy.deepcopy(model)
         self.uses_latent = model.latent_dim > 0
@@ -140,8 +198,13 @@ class DynamicsAdaptation:
             maxlen=window
         )
         self.adapt_every = adapt_every
-        self.min_improvement = min_improvement
-        self.max_correction = max_correction
+        defaults = STRUCTURED_DEFAULTS if self.structured else MLP_DEFAULTS
+        self.min_improvement = (
+            defaults["min_improvement"] if min_improvement is None else min_improvement
+        )
+        self.max_correction = (
+            defaults["max_correction"] if max_correction is None else max_correction
+        )
         self.active = False  # is a correction being applied
         self._reference: Mapping[str, torch.Tensor] | None = None
         self._since_step = 0
@@ -161,14 +224,26 @@ class DynamicsAdaptation:
             self._query = None
             self._offset = np.zeros_like(self._offset)
             self._reference = None
+            n = self._offset.shape[0]
+            self._head_correction = (np.ones(n, np.float32), np.zeros(n, np.float32))
+            self._streak = np.zeros(n, np.int64)
+            self._previous = None
         self.adapter.reset()
         self._since_step = 0
 
     # ------------------------------------------------------------ control-loop side (cheap)
 
     def apply(self, obs: np.ndarray, action: np.ndarray, latent: np.ndarray | None) -> np.ndarray:
-        """Remember the query for the next :meth:`step`; return ``action`` + held offset."""
+        """Remember the query for the next :meth:`step`; return the corrected action: the
+        held offset, or (structured model) ``(r - 1) u + c`` with the held gain ratio ``r``
+        and bias torque ``c`` and the current commanded torque ``u``."""
         self._query = (obs, action, latent)
+        if self.structured:
+            ratio, bias = self._head_correction
+            n = ratio.shape[0]
+            u = action + self._kp_u * obs[2 * n : 3 * n] + self._kd_u * obs[3 * n : 4 * n]
+            offset = np.clip((ratio - 1.0) * u + bias, -self.max_correction, self.max_correction)
+            return np.clip(action + offset, -1.0, 1.0).astype(np.float32)
         return np.clip(action + self._offset, -1.0, 1.0).astype(np.float32)
 
     def record(
@@ -206,6 +281,10 @@ class DynamicsAdaptation:
             if self._reference is None and self.last_result.accepted:
                 self._reference = self.adapter.current_params()
         current = self.adapter.current_params()
+        if self.structured:
+            self._step_structured(window, current)
+            self.steps += 1
+            return
         self.active = window is not None and self._evidence(window, current)
         query = self._query
         if query is not None and self.active:
@@ -228,6 +307,49 @@ class DynamicsAdaptation:
         else:
             self._offset = np.zeros_like(self._offset)
         self.steps += 1
+
+    def _step_structured(
+        self, window: maml.TransitionBatch | None, current: Mapping[str, torch.Tensor]
+    ) -> None:
+        """Per-joint evidence, sign consistency, then the held gain ratio and bias torque."""
+        query = self._query
+        if window is None or query is None or self._reference is None:
+            self._streak[:] = 0
+            self.active = False
+            return
+        model = self._model
+        assert isinstance(model, TorqueGainDynamics)
+        holdout = window[-max(1, len(window) // 4) :]
+        obs, action, latent = query
+        obs_t = torch.from_numpy(np.asarray(obs, np.float32))[None]
+        act_t = torch.from_numpy(np.asarray(action, np.float32))[None]
+        z = (
+            torch.from_numpy(np.asarray(latent, np.float32))[None]
+            if self.uses_latent and latent is not None
+            else None
+        )
+        with torch.no_grad():
+            err_ref = per_joint_error(model, self._reference, holdout)
+            err_now = per_joint_error(model, current, holdout)
+            da = model.correction(obs_t, act_t, z, self._reference, current)[0].numpy()
+            k_ref, beta_ref = head_at(self._reference)
+            k_now, beta_now = head_at(current)
+            _, b = model.parts_at(current, obs_t, z)
+            ratio = (k_ref / k_now).numpy()
+            bias = ((beta_ref - beta_now) / (k_now * b[0])).numpy()
+            previous = self._previous if self._previous is not None else self._reference
+            da_previous = model.correction(obs_t, act_t, z, self._reference, previous)[0].numpy()
+        self._previous = current
+        evidence = np.isfinite(err_now) & (err_now < (1.0 - self.min_improvement) * err_ref)
+        # consistent: the previous adaptation implied a correction of the same sign here
+        agrees = np.sign(da) == np.sign(da_previous)
+        self._streak = np.where(evidence, np.where(agrees, self._streak + 1, 1), 0)
+        active = self._streak >= self.confirmations
+        self.active = bool(active.any())
+        self._head_correction = (
+            np.where(active, ratio, 1.0).astype(np.float32),
+            np.where(active, bias, 0.0).astype(np.float32),
+        )
 
     def _evidence(self, window: maml.TransitionBatch, current) -> bool:
         """Do the weights in use explain the newest data clearly better than the reference?"""
@@ -275,7 +397,7 @@ class DynamicsAdaptation:
         return self._thread is not None and self._thread.is_alive()
 
 
-def dynamics_for(loaded: LoadedModel, with_latent: bool) -> maml.DynamicsModel:
+def dynamics_for(loaded: LoadedModel, with_latent: bool) -> AnyDynamics:
     name = "dynamics_latent" if with_latent else "dynamics_plain"
     if name not in loaded.dynamics or loaded.maml_config is None:
         raise CheckpointError(
@@ -303,7 +425,7 @@ class TorchAdaptivePolicy:
         adaptation: bool = False,
         background: bool = False,
         adapt_period_s: float = 0.1,
-        dynamics_model: maml.DynamicsModel | None = None,
+        dynamics_model: AnyDynamics | None = None,
         seed: int = 0,
     ) -> None:
         self.loaded = loaded

@@ -41,6 +41,7 @@ from metarl_ros.learning.config import TrainConfig
 from metarl_ros.learning.encoder import make_transition
 from metarl_ros.learning.replay import MultiTaskReplay
 from metarl_ros.learning.rollout import VectorRollout
+from metarl_ros.learning.torque_model import PDStructure, TorqueGainDynamics
 from metarl_ros.learning.warm_start import warm_start
 from metarl_ros.resources import resolve_path
 from metarl_ros.sim.env import EnvSetup, load_env_setup
@@ -72,10 +73,30 @@ def policy_contract(setup: EnvSetup, config: TrainConfig) -> dict:
     }
 
 
+def pd_structure(setup: EnvSetup) -> PDStructure:
+    """The env's actuation (PD gains, action and observation scales) for the structured
+    dynamics model."""
+    feedback, observation = setup.config.feedback, setup.config.observation
+    return PDStructure(
+        kp=tuple(feedback.kp),
+        kd=tuple(feedback.kd),
+        action_scale=tuple(setup.robot.action_scale),
+        position_error_scale=observation.position_error_scale,
+        velocity_error_scale=observation.velocity_error_scale,
+        velocity_scale=observation.velocity_scale,
+    )
+
+
 def training_tasks(config: TrainConfig, setup: EnvSetup) -> list[TaskParams]:
     if config.method == "nominal":
         return [nominal_task(setup.robot.num_joints)]
     return make_split(setup.tasks, "train", setup.robot.friction_scale)
+
+
+def intact_task_index(tasks: list[TaskParams], num_joints: int) -> int | None:
+    """Index of the intact robot (:func:`nominal_task`) in ``tasks``, or None."""
+    key = nominal_task(num_joints).key()
+    return next((i for i, t in enumerate(tasks) if t.key() == key), None)
 
 
 class Trainer:
@@ -100,6 +121,12 @@ class Trainer:
         self.tasks = training_tasks(config, self.setup)
         self.heldout = make_split(self.setup.tasks, "heldout", self.setup.robot.friction_scale)
         self.oracle_vectors = torch.from_numpy(np.stack([t.oracle_vector(n) for t in self.tasks]))
+        self.intact_task = intact_task_index(self.tasks, n)
+        if config.intact_fraction > 0 and self.intact_task is None:
+            raise ValueError(
+                "intact_fraction > 0 needs the intact robot among the training tasks "
+                "(include_nominal: true in the task suite's train split)"
+            )
         self.spec = config.agent_spec(
             self.setup.obs_dim, self.setup.act_dim, oracle_vector_size(n)
         )
@@ -122,10 +149,13 @@ class Trainer:
         )
         self.rollout = VectorRollout(self.setup, config.envs_per_iteration)
         self.eval_rollout = VectorRollout(self.setup, config.eval_tasks)
-        self.dynamics: dict[str, maml.DynamicsModel] = {}
+        self.dynamics: dict[str, maml.DynamicsModel | TorqueGainDynamics] = {}
         self.meta_trainers: dict[str, maml.MAMLTrainer] = {}
         if config.method == "pearl" and config.dynamics.enabled:
-            self._build_dynamics()
+            # own RNG stream: the policy's training does not depend on the dynamics model
+            with torch.random.fork_rng():
+                torch.manual_seed(config.seed + 1)
+                self._build_dynamics()
         self.iteration = 0
         self.env_steps = 0
         self.updates = 0
@@ -149,19 +179,44 @@ class Trainer:
         d = self.config.dynamics
         target_dim = d.target_blocks * self.setup.robot.num_joints
         for name, latent_dim in (("dynamics_latent", self.spec.latent_dim), ("dynamics_plain", 0)):
-            model = maml.DynamicsModel(
-                self.setup.obs_dim,
-                self.setup.act_dim,
-                target_dim,
-                latent_dim=latent_dim,
-                hidden_sizes=tuple(d.hidden_sizes),
-            )
+            model: maml.DynamicsModel | TorqueGainDynamics
+            if d.model == "torque_gain":
+                model = TorqueGainDynamics(
+                    self.setup.obs_dim,
+                    self.setup.act_dim,
+                    latent_dim,
+                    tuple(d.hidden_sizes),
+                    pd_structure(self.setup),
+                    init_step=d.head_init_step,
+                )
+            else:
+                model = maml.DynamicsModel(
+                    self.setup.obs_dim,
+                    self.setup.act_dim,
+                    target_dim,
+                    latent_dim=latent_dim,
+                    hidden_sizes=tuple(d.hidden_sizes),
+                )
             self.dynamics[name] = model
             self.meta_trainers[name] = maml.MAMLTrainer(
                 model, self._maml_config(), meta_lr=d.meta_lr
             )
 
     # ------------------------------------------------------------------ data
+
+    def sample_task_ids(self, count: int) -> list[int]:
+        """``count`` training task ids, uniform over the split (without replacement when the
+        split is large enough), each slot replaced by the intact robot with probability
+        ``intact_fraction``."""
+        ids = self.rng.choice(
+            len(self.tasks), size=count, replace=len(self.tasks) < count
+        ).tolist()
+        fraction = self.config.intact_fraction
+        if fraction > 0:
+            assert self.intact_task is not None
+            intact = self.rng.random(count) < fraction
+            ids = [self.intact_task if flag else i for i, flag in zip(ids, intact)]
+        return [int(i) for i in ids]
 
     def collect(self, task_ids: list[int], deterministic: bool = False) -> np.ndarray:
         """One episode per task id; store transitions. Returns episode returns."""
@@ -215,21 +270,16 @@ class Trainer:
 
     def update(self) -> dict[str, float]:
         c = self.config
-        task_ids = list(
-            self.rng.choice(
-                len(self.tasks),
-                size=min(c.meta_batch_tasks, len(self.tasks)),
-                replace=len(self.tasks) < c.meta_batch_tasks,
-            )
-        )
+        task_ids = self.sample_task_ids(min(c.meta_batch_tasks, len(self.tasks)))
         batch = self.replay.sample(task_ids, c.batch_size, self.rng)
         context = mask = task_condition = None
         if self.spec.conditioning == "latent":
             context, mask = self.sample_context(task_ids)
         elif self.spec.conditioning == "oracle":
             task_condition = self.oracle_vectors[task_ids]
+        train_actor = self.updates >= c.critic_warmup_updates
         self.updates += 1
-        return self.agent.update(batch, context, mask, task_condition)
+        return self.agent.update(batch, context, mask, task_condition, train_actor=train_actor)
 
     # ------------------------------------------------------------------ dynamics (MAML)
 
@@ -260,14 +310,10 @@ class Trainer:
         return whole[: d.support_size], whole[d.support_size :]
 
     def _fit_normalizers(self) -> None:
-        d = self.config.dynamics
-        target = d.target_blocks * self.setup.robot.num_joints
         deltas = []
         for buffer in self.replay.tasks:
             if buffer.size:
-                deltas.append(
-                    buffer.next_obs[: buffer.size, :target] - buffer.obs[: buffer.size, :target]
-                )
+                deltas.append(buffer.next_obs[: buffer.size] - buffer.obs[: buffer.size])
         all_deltas = torch.from_numpy(np.concatenate(deltas))
         for model in self.dynamics.values():
             model.fit_normalizer(all_deltas)
@@ -449,13 +495,7 @@ class Trainer:
         )
         try:
             while self.iteration < end:
-                task_ids = list(
-                    self.rng.choice(
-                        len(self.tasks),
-                        size=c.envs_per_iteration,
-                        replace=len(self.tasks) < c.envs_per_iteration,
-                    )
-                )
+                task_ids = self.sample_task_ids(c.envs_per_iteration)
                 t0 = time.perf_counter()
                 returns = self.collect(task_ids)
                 t1 = time.perf_counter()
