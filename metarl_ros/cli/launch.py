@@ -255,6 +255,10 @@ def node_counters(node) -> dict[str, Any] | None:
         for name in CONTROLLER_PARAMETERS:  # as the running node has them
             if node.has_parameter(name):
                 counters[name] = node.get_parameter(name).value
+        # torch PEARL policy: MAML adaptation steps done (0 with adaptation off)
+        policy = getattr(node.loop, "policy", None)
+        if hasattr(policy, "adaptation"):
+            counters["maml_adaptations"] = int(getattr(policy.adaptation, "steps", 0))
         return counters
     return None
 

@@ -158,7 +158,9 @@ def _run_ros(runs, model: Path, scenario_path: Path, duration_s: float, rtf: flo
                   f"{sim.get('real_time_factor', 0.0):.2f}, lockstep timeouts "
                   f"{sim.get('lockstep_timeouts', 0)}, late ticks "
                   f"{controller.get('late_tick_pct', 0.0):g} %, inference p99 "
-                  f"{controller.get('inference_latency_p99_ms', 0.0):g} ms", flush=True)
+                  f"{controller.get('inference_latency_p99_ms', 0.0):g} ms"
+                  + (f", MAML adaptations {controller['maml_adaptations']}"
+                     if "maml_adaptations" in controller else ""), flush=True)
             results[run.name] = RunOutcome(result.trace, result.wall_s, result.code,
                                            result.counters, arguments)
     return results
