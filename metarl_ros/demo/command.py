@@ -11,7 +11,7 @@ from typing import Any
 from metarl_ros.demo.report import (
     PhaseWindows,
     describe_windows,
-    finite_or_none,
+    all_finite,
     flatten,
     format_table,
     plot,
@@ -206,7 +206,7 @@ def _check(name: str, outcome: RunOutcome, expected_samples: int,
     if timeouts:
         warnings.append(f"{name}: {timeouts} lockstep timeout(s): the simulator stepped with "
                         "zero effort there, so this run's numbers are affected")
-    if not finite_or_none(flatten(errors)):
+    if not all_finite(flatten(errors)):
         problems.append(f"{name}: a window has no finite tracking error")
     return problems, warnings
 

@@ -29,6 +29,8 @@ ADAPTED_S = 1.0
 
 @dataclass(frozen=True)
 class EventWindows:
+    """The two windows of one scenario event (simulated seconds, ``[start, end)``)."""
+
     label: str
     time_s: float
     right_after: tuple[float, float]
@@ -183,6 +185,6 @@ def plot(traces: Mapping[str, Trace], windows: PhaseWindows, title: str, path: P
     atomic_write_bytes(path, buffer.getvalue())
 
 
-def finite_or_none(values: Sequence[float | None]) -> bool:
-    """True when every value is a finite number."""
+def all_finite(values: Sequence[float | None]) -> bool:
+    """True when every value is a finite number (None counts as not finite)."""
     return all(v is not None and bool(np.isfinite(v)) for v in values)
