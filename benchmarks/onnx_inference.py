@@ -15,6 +15,10 @@ tick by tick with ``time.perf_counter_ns``, alternating blocks so machine load h
   binding, ``step.onnx`` with plain ``InferenceSession.run`` and feeds, and -- the floor of any
   onnxruntime call -- an empty graph (one Identity on 8 floats) through the pybind call the
   wrapper uses and through the public ``run_with_iobinding``.
+* ONNX, ``posterior_update='context'`` -- the same class with the encoder off the control
+  path: ``act`` runs ``policy.onnx`` on the latent of the last update and ``update_context()``
+  (timed apart) folds the queued transitions in every ``control_rate / --context-rate-hz``
+  ticks, one ``encoder.onnx`` call each.
 * torch -- :class:`metarl_ros.learning.runtime.TorchAdaptivePolicy` (adapter_node's
   ``pearl``), one torch thread, no MAML adaptation: ``observe`` runs the encoder on the new
   transition, ``act`` forms the product over the window and runs the actor.
@@ -98,11 +102,14 @@ def _stats(ns: list[int]) -> dict[str, float]:
             "p99_us": float(np.percentile(us, 99)), "n": int(us.size)}
 
 
-def time_ticks(policy, records, block: int) -> tuple[list[int], list[int]]:
-    """Per-tick observe and act times (ns) for ``block`` ticks."""
-    observe_ns, act_ns = [], []
+def time_ticks(policy, records, block: int,
+               update_every: int = 0) -> tuple[list[int], list[int], list[int]]:
+    """Per-tick observe and act times (ns) for ``block`` ticks, and with ``update_every`` the
+    times of ``policy.update_context()`` called after every ``update_every``-th tick (as the
+    control loop does at its context rate)."""
+    observe_ns, act_ns, update_ns = [], [], []
     clock = time.perf_counter_ns
-    for obs, action, reward, next_obs in records[:block]:
+    for i, (obs, action, reward, next_obs) in enumerate(records[:block]):
         t0 = clock()
         policy.observe(obs, action, reward, next_obs)
         t1 = clock()
@@ -110,7 +117,11 @@ def time_ticks(policy, records, block: int) -> tuple[list[int], list[int]]:
         t2 = clock()
         observe_ns.append(t1 - t0)
         act_ns.append(t2 - t1)
-    return observe_ns, act_ns
+        if update_every and i % update_every == update_every - 1:
+            t0 = clock()
+            policy.update_context()
+            update_ns.append(clock() - t0)
+    return observe_ns, act_ns, update_ns
 
 
 def _empty_graph(path: Path):
@@ -132,8 +143,9 @@ def _empty_graph(path: Path):
 
 def time_sessions(deployed, records, count: int, block: int,
                   workdir: Path) -> dict[str, list[int]]:
-    """Bare onnxruntime calls: every graph with I/O binding (what the wrapper runs),
-    ``step.onnx`` with ``InferenceSession.run`` and feeds, and an empty graph."""
+    """``act`` without a new transition (``policy.onnx`` through the wrapper), and bare
+    onnxruntime calls: every graph with I/O binding (what the wrapper runs), ``step.onnx``
+    with ``InferenceSession.run`` and feeds, and an empty graph."""
     obs, action, reward, next_obs = records[0]
     window = deployed._window
     step_feeds = {
@@ -144,6 +156,10 @@ def time_sessions(deployed, records, count: int, block: int,
     empty, empty_bound, _ = _empty_graph(workdir / "empty.onnx")
     empty_binding = empty_bound._binding
     calls = {
+        # what a tick would cost if the posterior were updated at the context rate instead:
+        # act with no new transition runs policy.onnx on the held latent (after reset, and
+        # after posterior() has folded a transition in, the node takes this path too)
+        "act_without_new_transition": lambda: deployed.act(next_obs),
         "step_iobinding": deployed._step.run,
         "policy_iobinding": deployed._policy.run,
         "encoder_iobinding": deployed._encoder.run,
@@ -170,6 +186,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="model.pt to export and time (missing: untrained stand-in)")
     parser.add_argument("--ticks", type=int, default=5000, help="timed ticks per runtime")
     parser.add_argument("--block", type=int, default=500, help="ticks per alternating block")
+    parser.add_argument("--context-rate-hz", type=float, default=10.0,
+                        help="update_context rate for posterior_update=context (node default)")
     parser.add_argument("--keep", type=Path,
                         help="build the stand-in model (model.pt + onnx/) in this directory and "
                              "keep it (e.g. for benchmarks/ros_latency.py) instead of a temp one")
@@ -194,19 +212,23 @@ def main(argv: list[str] | None = None) -> int:
         loaded = load_model(model_path)
         torch_policy = TorchAdaptivePolicy(loaded)
         onnx_policy = OnnxAdaptivePolicy(onnx_dir)
+        context_policy = OnnxAdaptivePolicy(onnx_dir, posterior_update="context")
         setup = load_env_setup(loaded.payload["env_config"])
+        every = max(1, round(setup.config.control_rate_hz / args.context_rate_hz))
         records = recorded_transitions(setup, torch_policy, args.block)
-        for policy in (torch_policy, onnx_policy):  # warm up, fill the windows
+        runtimes = (("onnx", onnx_policy, 0), ("onnx_context", context_policy, every),
+                    ("torch", torch_policy, 0))
+        for _, policy, update_every in runtimes:  # warm up, fill the windows
             policy.reset()
-            time_ticks(policy, records, min(200, args.block))
-        results: dict[str, list[int]] = {key: [] for key in (
-            "onnx_observe", "onnx_act", "torch_observe", "torch_act")}
+            time_ticks(policy, records, min(200, args.block), update_every)
+        results: dict[str, list[int]] = {f"{name}_{part}": [] for name, _, _ in runtimes
+                                         for part in ("observe", "act", "update")}
         done = 0
         while done < args.ticks:
-            for name, policy in (("onnx", onnx_policy), ("torch", torch_policy)):
-                observe_ns, act_ns = time_ticks(policy, records, args.block)
-                results[f"{name}_observe"] += observe_ns
-                results[f"{name}_act"] += act_ns
+            for name, policy, update_every in runtimes:
+                for part, ns in zip(("observe", "act", "update"),
+                                    time_ticks(policy, records, args.block, update_every)):
+                    results[f"{name}_{part}"] += ns
             done += args.block
         sessions = time_sessions(onnx_policy, records, args.ticks, args.block, workdir)
 
@@ -221,7 +243,17 @@ def main(argv: list[str] | None = None) -> int:
                                                     results["onnx_act"])]),
         "onnx_observe (store the transition)": _stats(results["onnx_observe"]),
         "onnx_act (step.onnx: encoder tick + policy)": _stats(results["onnx_act"]),
-        **{f"onnx_bare_{name}": _stats(ns) for name, ns in sessions.items()},
+        **{(name if name.startswith("act") else f"onnx_bare_{name}"): _stats(ns)
+           for name, ns in sessions.items()},
+        "onnx_context_tick (posterior_update=context: observe + act)": _stats(
+            [a + b for a, b in zip(results["onnx_context_observe"],
+                                   results["onnx_context_act"])]),
+        f"onnx_context_update_context (every {every} ticks)": _stats(
+            results["onnx_context_update"]),
+        "onnx_context_work_per_tick_us (tick p50 + update p50 / ticks per update)": (
+            float(np.percentile(np.add(results["onnx_context_observe"],
+                                       results["onnx_context_act"]), 50))
+            + float(np.percentile(results["onnx_context_update"], 50)) / every) / 1e3,
         "torch_tick": _stats([a + b for a, b in zip(results["torch_observe"],
                                                      results["torch_act"])]),
         "torch_observe (encoder)": _stats(results["torch_observe"]),

@@ -10,7 +10,9 @@ the transition; ``act`` runs ``step.onnx`` (the new transition's factor, the pro
 window, the policy on the updated posterior mean). ``act`` without a new transition runs
 ``policy.onnx``; ``posterior`` with one not yet acted on runs ``encoder.onnx``. The previous
 ``K - 1`` factors are held in a ring in precision form (empty slots zero), so the posterior is
-always the exact product over the last ``K`` transitions, as in the torch runtime.
+always the exact product over the last ``K`` transitions, as in the torch runtime. With
+``posterior_update='context'`` the encoder leaves the control path: ticks run ``policy.onnx``
+only and the queued transitions are folded in at the context rate (``update_context``).
 
 MAML online adaptation needs gradients and stays in the torch node; the ONNX policy runs PEARL's
 streaming posterior only.
@@ -22,7 +24,7 @@ import functools
 import json
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Literal
 
 import numpy as np
 
@@ -145,6 +147,9 @@ def check_expected_contract(contract: PolicyContract, source: str | Path,
                                  f"configured {int(window)}")
 
 
+POSTERIOR_UPDATES = ("tick", "context")
+
+
 class OnnxAdaptivePolicy:
     """PEARL's policy and streaming posterior from a ``metarl export`` directory.
 
@@ -153,6 +158,14 @@ class OnnxAdaptivePolicy:
             ``step.onnx`` for a model with a latent).
         expected_joint_names, expected_rate_hz, expected_window: what the node is configured
             for; any mismatch with the model's contract refuses to start.
+        posterior_update: ``tick`` (default): every ``act`` after an ``observe`` runs
+            ``step.onnx`` -- the policy always sees the posterior including the newest
+            transition, step for step as the torch runtime. ``context``: ``observe`` only
+            queues the transition and ``act`` runs ``policy.onnx`` on the latent of the last
+            update; :meth:`update_context` (the control loop calls it at its context rate) or
+            :meth:`posterior` folds the queue in, one ``encoder.onnx`` call per transition.
+            The posterior is the same exact product over the last K transitions once folded;
+            the policy's latent lags by up to one context period. Cheaper per control tick.
     """
 
     def __init__(
@@ -161,7 +174,11 @@ class OnnxAdaptivePolicy:
         expected_joint_names: list[str] | None = None,
         expected_rate_hz: float | None = None,
         expected_window: int | None = None,
+        posterior_update: str = "tick",
     ) -> None:
+        if posterior_update not in POSTERIOR_UPDATES:
+            raise ValueError(f"posterior_update {posterior_update!r}: expected one of "
+                             f"{', '.join(POSTERIOR_UPDATES)}")
         model_dir = Path(model_dir)
         policy_path = model_dir / "policy.onnx"
         if not policy_path.is_file():
@@ -175,8 +192,9 @@ class OnnxAdaptivePolicy:
         latent, obs_dim = self.contract.latent_dim, self.contract.obs_dim
         act_dim = self.contract.act_dim
         rows = max(1, self.contract.window_size - 1)
+        width = 2 * obs_dim + act_dim + 1
         # buffers bound to the graphs' inputs and outputs (written and read in place)
-        self._transition = np.zeros((1, 2 * obs_dim + act_dim + 1), np.float32)
+        self._transition = np.zeros((1, width), np.float32)
         self._obs = np.zeros((1, obs_dim), np.float32)
         self._action = np.zeros((1, act_dim), np.float32)
         self._window = np.zeros((2, rows, latent), np.float32)  # [precision, weighted]
@@ -198,18 +216,26 @@ class OnnxAdaptivePolicy:
             self._step = self._open_graph(model_dir / "step.onnx", c, {
                 **window, "obs": self._obs, "posterior_precision": self._precision,
                 "action": self._action})
-        # views made once (a view costs as much to make as the copy into it): the
-        # transition's (s, a, s') blocks, each ring slot (both forms), the new factor, obs
-        row = self._transition[0]
-        self._s, self._a = row[:obs_dim], row[obs_dim:obs_dim + act_dim]
-        self._r, self._s_next = obs_dim + act_dim, row[obs_dim + act_dim + 1:]
+        self.posterior_update = posterior_update
+        self._every_tick = posterior_update == "tick"
+        # transitions observed but not yet in the posterior: in the bound transition buffer
+        # (tick: at most one), or in a queue of up to K rows (context)
+        self._queue = np.zeros((0 if self._every_tick else self.contract.window_size, width),
+                               np.float32)
+        self._queued = 0
+        # views made once (a view costs as much to make as the copy into it): the (s, a, s')
+        # blocks of each row observe writes, each ring slot (both forms), the new factor, obs
+        self._r = obs_dim + act_dim
+        self._rows_in = [(row[:obs_dim], row[obs_dim:self._r], row, row[self._r + 1:])
+                         for row in (self._transition if self._every_tick else self._queue)]
         self._slots = [self._window[:, i] for i in range(rows)]
         self._new_factor = self._factor[:, 0]
         self._obs_row, self._action_row = self._obs[0], self._action[0]
         self._rows = rows
         self._holds_window = self.contract.window_size > 1
-        self._pending = False  # a transition is stored but not yet in the posterior
-        self._std_from = "prior"  # which buffer the posterior std comes from
+        self._std_from: Literal["prior", "std", "precision"] = "prior"
+        """where the posterior std comes from: N(0, I), encoder.onnx's std, step.onnx's
+        precision"""
         self._next_slot = 0
         self._fill = 0
         self.inference_time_s = 0.0
@@ -231,7 +257,19 @@ class OnnxAdaptivePolicy:
         if self._holds_window:
             self._slots[self._next_slot][...] = self._new_factor
             self._next_slot = (self._next_slot + 1) % self._rows
-        self._pending = False
+
+    def _fold(self) -> None:
+        """Fold the queued transitions into the posterior, oldest first (``encoder.onnx``)."""
+        start = time.perf_counter()
+        assert self._encoder is not None
+        for i in range(self._queued):
+            if not self._every_tick:
+                self._transition[0] = self._queue[i]
+            self._encoder.run()
+            self._commit()
+        self._queued = 0
+        self._std_from = "std"
+        self.encoder_time_s = time.perf_counter() - start
 
     # ----------------------------------------------------------------- AdaptivePolicy
 
@@ -240,29 +278,31 @@ class OnnxAdaptivePolicy:
         self._mean[:] = 0.0
         self._std[:] = 1.0
         self._std_from = "prior"
-        self._pending = False
+        self._queued = 0
         self._next_slot = 0
         self._fill = 0
 
     def observe(self, obs, action, reward, next_obs) -> None:
         if self._step is None:
             return
-        if self._pending:  # two transitions without an act between them
-            self._update_posterior()
-        self._s[...] = obs  # a wrong length raises (numpy)
-        self._a[...] = action
-        self._transition[0, self._r] = reward
-        self._s_next[...] = next_obs
-        self._pending = True
+        if self._queued == len(self._rows_in):  # tick: two observes without an act between
+            self._fold()
+        s, a, row, s_next = self._rows_in[self._queued]
+        s[...] = obs  # a wrong length raises (numpy)
+        a[...] = action
+        row[self._r] = reward
+        s_next[...] = next_obs
+        self._queued += 1
         self._fill = min(self._fill + 1, self.contract.window_size)
 
     def act(self, obs: np.ndarray) -> np.ndarray:
         start = time.perf_counter()
         self._obs_row[...] = obs
-        if self._pending:  # one call: new factor, product over the window, policy
+        if self._queued and self._every_tick:  # one call: factor, product, policy
             assert self._step is not None
             self._step.run()
             self._commit()
+            self._queued = 0
             self._std_from = "precision"
         else:  # the latent input is bound to the posterior mean buffer
             self._policy.run()
@@ -270,17 +310,15 @@ class OnnxAdaptivePolicy:
         self.inference_time_s = time.perf_counter() - start
         return action
 
-    def _update_posterior(self) -> None:
-        start = time.perf_counter()
-        assert self._encoder is not None
-        self._encoder.run()
-        self._commit()
-        self._std_from = "std"
-        self.encoder_time_s = time.perf_counter() - start
+    def update_context(self) -> None:
+        """Fold the transitions observed since the last update into the posterior (the
+        control loop calls this at its context rate; with ``posterior_update='tick'`` there is
+        at most one, left over when ``observe`` was not followed by ``act``)."""
+        if self._queued:
+            self._fold()
 
     def posterior(self) -> PosteriorSummary:
-        if self._pending:
-            self._update_posterior()
+        self.update_context()
         if self._std_from == "precision":
             std = 1.0 / np.sqrt(self._precision[0])
         else:

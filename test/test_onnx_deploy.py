@@ -158,6 +158,59 @@ def test_onnxruntime_matches_torch_actions_and_posterior(model):
     np.testing.assert_allclose(ticking.act(obs), reference.act(obs), atol=1e-5)
 
 
+def test_context_rate_posterior_is_exact_once_folded_and_the_policy_uses_the_held_latent(model):
+    """posterior_update='context': ticks act on the latent of the last update_context; every
+    update (every 3rd tick here) gives torch's exact posterior over the last K transitions,
+    also after more than a window of transitions queued without one."""
+    from metarl_ros.learning.runtime import TorchAdaptivePolicy, load_model
+    from metarl_ros.sim.env import ArmTrackingEnv
+    from metarl_ros.sim.tasks import TaskParams
+
+    model_path, onnx_dir = model
+    reference = TorchAdaptivePolicy(load_model(model_path))
+    deployed = OnnxAdaptivePolicy(onnx_dir, posterior_update="context")
+    with pytest.raises(ValueError, match="posterior_update 'often': expected one of tick"):
+        OnnxAdaptivePolicy(onnx_dir, posterior_update="often")
+    env = ArmTrackingEnv(SETUP)
+    obs, _ = env.reset(seed=2, options={"task": TaskParams(payload_mass=1.0)})
+    held = np.zeros(4, np.float32)  # the latent the deployed policy acts on
+    worst = 0.0
+
+    def compare_posteriors() -> None:
+        nonlocal worst
+        p_torch, p_onnx = reference.posterior(), deployed.posterior()
+        assert p_onnx.window_fill == p_torch.window_fill
+        worst = max(worst, float(np.abs(p_torch.mean - p_onnx.mean).max()),
+                    float(np.abs(p_torch.std - p_onnx.std).max()))
+
+    try:
+        for step in range(3 * WINDOW):
+            with torch.no_grad():
+                expected = reference.agent.actor(torch.from_numpy(
+                    np.concatenate([obs, held])[None].astype(np.float32)))[0].numpy()
+            action = deployed.act(obs)
+            worst = max(worst, float(np.abs(expected - action).max()))
+            next_obs, reward, _, _, _ = env.step(action)
+            reference.observe(obs, action, reward, next_obs)
+            deployed.observe(obs, action, reward, next_obs)
+            if step % 3 == 2:
+                deployed.update_context()
+                compare_posteriors()
+                held = deployed.posterior().mean
+            obs = next_obs
+        for _ in range(2 * WINDOW + 1):  # no update for more than a window: the queue overflows
+            action = deployed.act(obs)
+            next_obs, reward, _, _, _ = env.step(action)
+            reference.observe(obs, action, reward, next_obs)
+            deployed.observe(obs, action, reward, next_obs)
+            obs = next_obs
+        compare_posteriors()
+    finally:
+        env.close()
+    assert deployed.posterior().window_fill == WINDOW
+    assert worst <= 1e-5, worst
+
+
 # ------------------------------------------------------------------------------ torch-free
 
 

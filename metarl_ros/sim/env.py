@@ -14,35 +14,25 @@ Episodes last ``episode_s`` (4 s = 400 steps); they are truncated, never termina
 
 **Action** ``a`` in [-1, 1]^n (n = 7): normalized joint torques, added to a fixed joint-space
 PD feedback on the reference (residual control, as in residual RL and as rsl_rl/RMA-style
-policies act through a PD loop). The commanded effort is::
-
-    tau = Kp * (q_ref - q) + Kd * (qd_ref - qd) + a * action_scale      (N*m)
-
-computed by :func:`effort_command` from the measured state (the same function the ROS nodes
-use), then the firmware adds nominal gravity compensation and the motors limit it (see
+policies act through a PD loop): ``tau = Kp * (q_ref - q) + Kd * (qd_ref - qd) + a *
+action_scale``, computed from the measured state by
+:func:`metarl_ros.control_law.effort_command` (the same function the ROS nodes use); then the
+firmware adds nominal gravity compensation and the motors limit it (see
 :mod:`metarl_ros.sim.arm_sim`). ``feedback.kp = kd = 0`` gives pure torque control. The PD
 alone is the *classical* controller: it tracks the intact robot but sags under a payload and
 loses stiffness with a weak motor; the policy's job is to win that back.
 
-**Observation** (float32, 7n = 49 entries, blocks of n in joint order), from the *measured*
-(noisy) joint state and the reference at the current time::
+**Observation** (float32, 7n = 49 entries) from the *measured* (noisy) joint state and the
+reference at the current time, laid out by :func:`metarl_ros.control_law.build_observation`:
+joint positions relative to the default pose, velocities, position and velocity errors, the
+reference velocity and acceleration, the previous action (scales in the env YAML).
 
-    [ q - default_pose,
-      qd * velocity_scale,
-      (q_ref - q) * position_error_scale,
-      (qd_ref - qd) * velocity_error_scale,
-      qd_ref * velocity_scale,
-      qdd_ref * acceleration_scale,
-      previous action ]
-
-**Reward** (from the true state), with ``e = min(||q_ref - q||_2, max_error_rad)``::
-
-    kind: log      r = -ln(1 + e / tracking_scale_rad) - effort_weight * mean(a^2)   (shipped)
-    kind: linear   r = -e / tracking_scale_rad         - effort_weight * mean(a^2)
-
-The log form values halving the error equally at every scale, so the precise tracking of easy
-tasks is not drowned out by the large errors of hard ones in a critic shared across tasks. The
-error saturates so that a flailing arm early in training does not dominate the critic.
+**Reward** from the *true* state, :func:`metarl_ros.control_law.tracking_reward`: the log form
+(shipped) ``-ln(1 + e / tracking_scale_rad) - effort_weight * mean(a^2)`` with the tracking
+error ``e`` saturated at ``max_error_rad``. The log form values halving the error equally at
+every scale, so the precise tracking of easy tasks is not drowned out by the large errors of
+hard ones in a critic shared across tasks. The error saturates so that a flailing arm early in
+training does not dominate the critic.
 
 **Info** has ``tracking_error`` (||q_ref - q||_2 in rad, true state), ``time_s``,
 ``faults`` (labels of fault events that struck during the step) and ``task`` (the true task,
