@@ -163,7 +163,7 @@ def window_rows(window_size: int) -> int:
 
 
 def export_contract(loaded: LoadedModel) -> dict[str, str]:
-    """The metadata_props of both graphs (values are JSON strings)."""
+    """The metadata_props of every exported graph (values are JSON strings)."""
     payload = loaded.payload
     setup = load_env_setup(payload["env_config"])
     contract = dict(payload["contract"])
