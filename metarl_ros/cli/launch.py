@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import importlib
 import signal
 import sys
@@ -163,6 +164,8 @@ def run_graph(graph: Graph, duration_s: float | None = None, threads: int = 1,
     from rclpy.executors import MultiThreadedExecutor, SingleThreadedExecutor
     from rclpy.signals import SignalHandlerOptions
 
+    from metarl_ros.nodes.common import freeze_heap
+
     stop = stop or threading.Event()
     stopping = threading.Event()  # set once shutdown starts: later executor errors are noise
     context = Context()
@@ -187,6 +190,9 @@ def run_graph(graph: Graph, duration_s: float | None = None, threads: int = 1,
             nodes.append(_create_node(spec, context, extra))
         for note in graph.notes:
             nodes[0].get_logger().warning(note)
+        # as run_node does: full GC passes over the start-up heap (torch, the model) stall
+        # every thread for 0.1 s and more (lockstep timeouts); undone at the end of the run
+        freeze_heap()
         executor = (MultiThreadedExecutor(num_threads=threads, context=context) if threads > 1
                     else SingleThreadedExecutor(context=context))
         for node in [*extra_nodes, *nodes]:
@@ -219,6 +225,7 @@ def run_graph(graph: Graph, duration_s: float | None = None, threads: int = 1,
         for node in [*nodes, *extra_nodes]:
             node.destroy_node()
         rclpy.try_shutdown(context=context)
+        gc.unfreeze()  # what this run froze can be collected once its nodes are gone
     return GraphReport(code, counters)
 
 
