@@ -50,7 +50,11 @@ def _demo(tmp: Path, *args: str) -> tuple[subprocess.CompletedProcess, dict]:
     scenario = tmp / "scenario.yaml"
     scenario.write_text(SCENARIO)
     env = dict(os.environ, ROS_LOCALHOST_ONLY="1", ROS_AUTOMATIC_DISCOVERY_RANGE="LOCALHOST",
-               PYTHONUNBUFFERED="1")  # ROS_DOMAIN_ID: this run's (make test / conftest)
+               PYTHONUNBUFFERED="1")
+    if "--no-ros" not in args:
+        from ros_harness import domain_id  # rclpy
+
+        env["ROS_DOMAIN_ID"] = str(domain_id(offset=89))
     out = tmp / "out"
     proc = subprocess.run(
         [sys.executable, "-m", "metarl_ros.cli.main", "demo", "--scenario", str(scenario),
