@@ -31,7 +31,9 @@ arrives first. A control tick calls ``policy.observe`` (the transition that ende
 separately at its own rate.
 
 **Staleness** is measured on the caller's clock (ROS time: simulation time when
-``use_sim_time`` is on) from the *receipt* of the latest accepted joint state and reference.
+``use_sim_time`` is on) from the *receipt* of the latest accepted joint state and reference;
+an input that has not arrived yet counts from the first receipt of the other one (so a
+reference following its joint state by a few milliseconds at start-up is not "stale").
 :meth:`AdaptiveController.watchdog` is meant to be polled by a timer; while data are stale it
 returns the safe command to publish every control period.
 
@@ -165,22 +167,34 @@ class JointNameMapper:
 
 
 class Watchdog:
-    """Tracks the age of the latest accepted input. Stale when older than ``timeout_s``."""
+    """Tracks the age of the latest accepted input. Stale when older than ``timeout_s``.
+
+    An input that never arrived has no age (``inf``) until the watchdog is :meth:`arm`-ed;
+    from then on it counts from the arming time, so "never arrived" becomes stale only after
+    the timeout, like "stopped arriving".
+    """
 
     def __init__(self, timeout_s: float) -> None:
         if not timeout_s > 0:
             raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
         self.timeout_s = float(timeout_s)
         self.last_s: float | None = None
+        self.armed_s: float | None = None
 
     def feed(self, now_s: float) -> None:
         self.last_s = float(now_s)
 
+    def arm(self, now_s: float) -> None:
+        """Start expecting input now (no effect once armed or fed)."""
+        if self.armed_s is None and self.last_s is None:
+            self.armed_s = float(now_s)
+
     def age(self, now_s: float) -> float:
-        """Seconds since the last input; ``inf`` if none ever arrived."""
-        if self.last_s is None:
+        """Seconds since the last input (or since arming, if none arrived); else ``inf``."""
+        since = self.last_s if self.last_s is not None else self.armed_s
+        if since is None:
             return math.inf
-        return max(0.0, float(now_s) - self.last_s)
+        return max(0.0, float(now_s) - since)
 
     def stale(self, now_s: float) -> bool:
         return self.age(now_s) > self.timeout_s
@@ -487,6 +501,7 @@ class AdaptiveController:
         stamp = stamp_s if stamp_s > 0.0 else now_s
         self._sample, self._sample_stamp = sample, stamp
         self.joint_watchdog.feed(now_s)
+        self.reference_watchdog.arm(now_s)  # from now on a missing reference goes stale
         if stamp == self._last_tick_stamp and self._last_result is not None:
             # The same instant again (a lockstep simulator re-publishing it because our
             # command got lost before it was discovered): answer it again, idempotently.
@@ -514,6 +529,7 @@ class AdaptiveController:
         self._reference = (sample.position, sample.velocity, sample.effort)
         self._reference_stamp = stamp_s if stamp_s > 0.0 else now_s
         self.reference_watchdog.feed(now_s)
+        self.joint_watchdog.arm(now_s)
         return self._pending_stamp is not None and self._reference_ready()
 
     def _reference_ready(self) -> bool:

@@ -133,6 +133,14 @@ def test_watchdog():
     assert dog.stale(1.2)
     with pytest.raises(ValueError):
         Watchdog(0.0)
+    waiting = Watchdog(0.1)
+    waiting.arm(2.0)  # expected from now on: a missing input ages from here
+    assert waiting.age(2.05) == pytest.approx(0.05) and not waiting.stale(2.05)
+    assert waiting.stale(2.11)
+    waiting.arm(3.0)  # arming again does not restart the count
+    assert waiting.stale(2.11)
+    dog.arm(9.0)  # nor does arming a watchdog that has been fed
+    assert dog.age(1.05) == pytest.approx(0.05)
 
 
 def test_effort_clamp():
@@ -287,6 +295,32 @@ def test_stale_sensors_watchdog_commands_safe_action_once_per_period(setup):
     # fresh data: the policy is back
     assert not _feed(loop, 1.3, q).safe
     assert loop.safe_reason == "" and loop.diagnostics(1.3).level == "ok"
+
+
+def test_missing_input_is_stale_only_a_timeout_after_the_other_arrived(setup):
+    """At start-up a joint state may come a little before its reference (or the other way
+    round): that is no reason for the safe action, which would race the first real command
+    (and, untagged, answer a lockstep simulator's instant). The missing input goes stale
+    once it has been missing for the watchdog timeout."""
+    q = np.asarray(setup.robot.default_pose)
+    zeros = np.zeros(7)
+    names = setup.robot.joint_names
+    config = LoopConfig(watchdog_timeout_s=0.1)
+    loop = AdaptiveController(setup, RecordingPolicy(setup), config)
+    assert not loop.on_joint_state(1.0, 1.0, names, q, zeros)  # waits for its reference
+    assert loop.watchdog(1.0) is None and loop.watchdog(1.09) is None
+    assert loop.on_reference(1.0, 1.095, names, q, zeros, zeros)
+    assert not loop.tick(1.095).safe
+    never = AdaptiveController(setup, RecordingPolicy(setup), config)
+    never.on_joint_state(1.0, 1.0, names, q, zeros)
+    never.on_joint_state(1.06, 1.06, names, q, zeros)  # joint states keep coming
+    stale = never.watchdog(1.11)
+    assert stale is not None and stale.safe and stale.reason == "reference_stale"
+    only_reference = AdaptiveController(setup, RecordingPolicy(setup), config)
+    assert not only_reference.on_reference(1.0, 1.0, [], q, zeros, zeros)
+    assert only_reference.watchdog(1.05) is None
+    only_reference.on_reference(1.06, 1.06, [], q, zeros, zeros)
+    assert only_reference.watchdog(1.11).reason == "sensor_stale"
 
 
 def test_hold_mode_holds_the_latched_position_through_policy_failure(setup):

@@ -376,16 +376,20 @@ def test_refusal_exits_nonzero_with_one_clear_line(model, tmp_path):
 
 
 def _closed_loop(ros, node) -> tuple[np.ndarray, TrackingMonitor, object]:
-    """Run ``node`` against sim_node (lockstep, default scenario); per-step efforts it sent."""
+    """Run ``node`` against sim_node (lockstep, default scenario); the efforts it sent, one row
+    per instant answered, in time order."""
     probe = ros.add(Node("probe_deploy", context=ros.context))
     monitor = TrackingMonitor(probe)
     ros.add(node)
-    sent: list[np.ndarray] = []
+    sent: dict[int | None, np.ndarray] = {}
     publish = node.commands.publish
 
-    def recording_publish(efforts, position, **kwargs):
-        sent.append(np.array(efforts, dtype=np.float64))
-        return publish(efforts, position, **kwargs)
+    def recording_publish(efforts, position, stamp_ns=None, **kwargs):
+        efforts = np.array(efforts, dtype=np.float64)
+        if stamp_ns in sent:  # t = 0 re-published before the first answer reached the sim
+            np.testing.assert_array_equal(efforts, sent[stamp_ns])  # answered identically
+        sent.setdefault(stamp_ns, efforts)
+        return publish(efforts, position, stamp_ns=stamp_ns, **kwargs)
 
     node.commands.publish = recording_publish
     sim = ros.add(SimNode(context=ros.context, parameter_overrides=params(
@@ -394,7 +398,8 @@ def _closed_loop(ros, node) -> tuple[np.ndarray, TrackingMonitor, object]:
     assert sim.lockstep_timeouts == 0 and sim.commands_rejected == 0
     stats = node.loop.stats
     ros.remove_all()
-    return np.array(sent), monitor, stats
+    assert None not in sent  # every command answered an instant (no watchdog command)
+    return np.array([sent[k] for k in sorted(sent)]), monitor, stats
 
 
 def test_deploy_node_drives_the_sim_like_the_torch_node(ros, model):

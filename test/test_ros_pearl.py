@@ -67,6 +67,7 @@ def _run(ros, adaptation: bool):
     sim = ros.add(SimNode(context=ros.context, parameter_overrides=params(
         real_time_factor=0.0, scenario=SCENARIO, duration_s=RUN_S)))
     assert wait_for(sim.finished.is_set, 120.0), f"sim stuck at t={sim.sim.time_s}"
+    assert sim.lockstep_timeouts == 0  # every period answered: no zero-effort steps
     stats = adapter.loop.stats
     result = (monitor, [np.array(m.data) for m in latents.snapshot()], list(stamps), stats)
     ros.remove_all()

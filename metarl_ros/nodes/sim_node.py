@@ -28,9 +28,10 @@ Subscribes
     arm gets zero effort (gravity compensation continues) until a valid one arrives. In
     lockstep, a command tagged with the instant it answers (``layout.dim[0].label`` =
     ``stamp_ns:<ns>``, as adapter_node sends them) is ignored unless it answers the instant
-    being waited for (counted in ``commands_ignored``): a late duplicate answer to a
-    re-published instant must not be taken as the answer to the next one. Untagged commands
-    are taken as the answer to the current instant.
+    being waited for and is the first answer to it (counted in ``commands_ignored``): a late
+    duplicate answer to a re-published instant must not be taken as the answer to the next
+    one, and exactly one command is applied per instant. Untagged commands are taken as the
+    answer to the current instant.
     ``/sim/set_task`` (std_msgs/String) -- JSON task change applied at once, format in
     :mod:`metarl_ros.scenario` (e.g. ``{"label": "drop", "payload_mass": 0.0}``).
 
@@ -233,8 +234,10 @@ class SimNode(Node):
         tag = command_stamp_ns(msg)
         with self._cond:
             if self.lockstep and tag is not None and tag != self._awaiting_ns:
-                self.commands_ignored += 1  # answers an instant already stepped
+                self.commands_ignored += 1  # answers an instant already answered or stepped
                 return
+            if self.lockstep:
+                self._awaiting_ns = None  # answered: a second answer to it is ignored
             self.commands_received += 1
             if valid:
                 self._command = values
