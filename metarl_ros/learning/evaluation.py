@@ -21,6 +21,9 @@ Metrics per method (mean and std over episodes where it says so):
   that never recover count the remaining time; ``recovered_fraction`` says how many did.
 * ``tracking_error_before`` / ``tracking_error_after``: mean ``||q_ref - q||`` (rad) before and
   after the fault.
+* ``post_fault_gain_vs_base`` (``maml``, ``pearl_maml``): the per-episode post-fault return
+  minus that of the same policy without the MAML correction (``robust``, ``pearl``) on the
+  same episodes, mean and standard error -- what the correction itself adds.
 """
 
 from __future__ import annotations
@@ -228,7 +231,21 @@ def summarize(runs: dict[str, MethodRun], episodes: Sequence[FaultEpisode], dt: 
             "tracking_error_after_mean": float(after.mean()),
             "tracking_error_after_std": float(after.std()),
         }
+        base = _SOURCE[name][0]
+        if _SOURCE[name][1] and base in runs:
+            # paired over the same episodes: does the MAML correction change the return?
+            gain = post_per_episode(run, fault_steps) - post_per_episode(runs[base], fault_steps)
+            summary[name]["post_fault_gain_vs_base"] = {
+                "base": base,
+                "mean": float(gain.mean()),
+                "sem": float(gain.std(ddof=1) / np.sqrt(len(gain))) if len(gain) > 1 else 0.0,
+            }
     return summary
+
+
+def post_per_episode(run: MethodRun, fault_steps: Sequence[int]) -> np.ndarray:
+    """Post-fault return of each episode, (episodes,)."""
+    return np.array([run.reward[i, s:].sum() for i, s in enumerate(fault_steps)])
 
 
 def plot_around_fault(
