@@ -15,10 +15,11 @@ import pytest
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
 from rclpy.node import Node
 from sensor_msgs.msg import JointState
-from std_msgs.msg import Float64MultiArray, String
+from std_msgs.msg import Float64MultiArray, MultiArrayDimension, String
 
 from metarl_ros.control_loop import LoopConfig
 from metarl_ros.nodes.adapter_node import AdapterNode
+from metarl_ros.nodes.commands import STAMP_LABEL
 from metarl_ros.nodes.common import COMMAND_QOS, LATCHED_QOS, STATE_QOS, ns_to_stamp
 from metarl_ros.nodes.sim_node import SimNode
 from metarl_ros.policy_factory import make_policy, setup_contract
@@ -209,6 +210,23 @@ def test_sim_rejects_bad_commands_and_holds_zero_effort(ros, probe):
     commands.publish(Float64MultiArray(data=[5.0] * N))
     assert wait_for(lambda: sim.commands_received == 3, 5.0)
     assert sim.commands_rejected == 2
+
+
+def test_lockstep_applies_one_answer_per_instant(ros, probe):
+    """Two answers to the instant sim_node waits for (a controller answering a re-published
+    t = 0 twice): the first is applied, the second ignored, however soon it follows."""
+    commands = probe.create_publisher(Float64MultiArray, "/effort_controller/commands",
+                                      COMMAND_QOS)
+    sim = _sim(ros, duration_s=10.0)
+    assert wait_for(lambda: commands.get_subscription_count() > 0, 5.0)
+    for value in (1.0, 2.0):
+        msg = Float64MultiArray(data=[value] * N)
+        msg.layout.dim = [MultiArrayDimension(label=f"{STAMP_LABEL}0", size=N, stride=N)]
+        commands.publish(msg)
+    assert wait_for(lambda: sim.commands_received + sim.commands_ignored == 2, 5.0)
+    assert sim.commands_received == 1 and sim.commands_ignored == 1
+    assert wait_for(lambda: sim.sim.time_s > 0, 5.0)  # t = 0 stepped with the first answer
+    np.testing.assert_array_equal(sim._command, [1.0] * N)
 
 
 # ------------------------------------------------------------------------------ adapter_node I/O
