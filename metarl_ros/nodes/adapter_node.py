@@ -45,7 +45,8 @@ Loops
     ``policy.update_context()`` if the policy has it, then ``policy.posterior()``.
     *watchdog* (steady clock, every control period): safe action while joint states or
     reference are older than ``watchdog_timeout`` (node clock, i.e. simulated time under
-    ``use_sim_time``). *diagnostics* (steady clock).
+    ``use_sim_time``; one not received yet counts from the first receipt of the other).
+    *diagnostics* (steady clock).
 """
 
 from __future__ import annotations
