@@ -4,10 +4,14 @@ What is adapted
 ---------------
 Following GrBAL (Nagabandi et al. 2019, "Learning to adapt in dynamic, real-world environments
 through meta-reinforcement learning") the thing that adapts online is **not the policy** but a
-small **dynamics model** ``f(obs, action, z) -> delta``, where ``delta`` is the first
+**dynamics model**. This module holds the MAML machinery and the plain MLP model
+:class:`DynamicsModel` ``f(obs, action, z) -> delta``, where ``delta`` is the first
 ``target_dim`` entries of ``next_obs - obs`` (e.g. the joint-velocity change), normalised per
-dimension by a mean/std stored in the model (:meth:`DynamicsModel.fit_normalizer`). ``z`` is
-the optional latent task code from the PEARL encoder (``latent_dim`` may be 0).
+dimension by a mean/std stored in the model (:meth:`DynamicsModel.fit_normalizer`), all of whose
+weights adapt. ``z`` is the optional latent task code from the PEARL encoder (``latent_dim``
+may be 0). A model may instead declare ``adapted_parameter_names`` (see :func:`adapted_names`):
+then only those take inner steps -- the shipped structured model
+(:mod:`metarl_ros.learning.torque_model`) adapts only a per-joint torque gain and bias.
 
 The inner (adaptation) loss is the supervised one-step prediction error
 
