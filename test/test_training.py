@@ -405,6 +405,15 @@ def test_metarl_eval_writes_documented_json_and_plot(model_dir, tmp_path, capsys
     assert result["nominal"]["normalized_return"] == 0.0
     assert result["oracle"]["recover_time_s_mean"] == 0.0  # the oracle is its own reference
     assert result["oracle"]["recovered_fraction"] == 1.0
+    # what the MAML correction adds, paired with the same policy without it
+    for method, base in (("maml", "robust"), ("pearl_maml", "pearl")):
+        gain = result[method]["post_fault_gain_vs_base"]
+        assert gain["base"] == base and gain["sem"] >= 0.0
+        expected = (
+            result[method]["post_fault_return_sum"] - result[base]["post_fault_return_sum"]
+        ) / 2
+        assert gain["mean"] == pytest.approx(expected, rel=1e-4, abs=1e-3)
+    assert "post_fault_gain_vs_base" not in result["pearl"]
     protocol = result["protocol"]
     assert protocol["split"] == "heldout" and protocol["episodes"] == 2
     assert protocol["control_dt"] == pytest.approx(0.01)
