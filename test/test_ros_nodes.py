@@ -17,6 +17,7 @@ from rclpy.node import Node
 from sensor_msgs.msg import JointState
 from std_msgs.msg import Float64MultiArray, MultiArrayDimension, String
 
+from metarl_ros.config import ConfigError
 from metarl_ros.control_loop import LoopConfig
 from metarl_ros.nodes.adapter_node import AdapterNode
 from metarl_ros.nodes.commands import STAMP_LABEL
@@ -210,6 +211,16 @@ def test_sim_rejects_bad_commands_and_holds_zero_effort(ros, probe):
     commands.publish(Float64MultiArray(data=[5.0] * N))
     assert wait_for(lambda: sim.commands_received == 3, 5.0)
     assert sim.commands_rejected == 2
+
+
+def test_sim_refuses_a_joint_state_rate_that_does_not_fit_the_physics_rate(ros, probe):
+    """A clear error; the half-built node can still be destroyed (rclpy destroys every node
+    of a context that shuts down, and a node kept alive by a traceback is one of them)."""
+    with pytest.raises(ConfigError, match=r"joint_state_rate_hz \(333.0\) must divide") as info:
+        _sim(ros, joint_state_rate_hz=333.0)
+    half_built = next(entry.frame.f_locals["self"] for entry in info.traceback
+                      if isinstance(entry.frame.f_locals.get("self"), SimNode))
+    half_built.destroy_node()
 
 
 def test_lockstep_applies_one_answer_per_instant(ros, probe):

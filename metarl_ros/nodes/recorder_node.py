@@ -277,7 +277,8 @@ class RecorderNode(Node):
             print(message, flush=True)
 
     def destroy_node(self) -> None:
-        self.close()
+        if hasattr(self, "_closing"):  # not if the constructor failed before opening the bag
+            self.close()
         super().destroy_node()
 
 

@@ -449,12 +449,16 @@ class SimNode(Node):
         self._diag_pub.publish(array)
 
     def destroy_node(self) -> None:
-        self._stop.set()
-        with self._cond:
-            self._cond.notify_all()
-        if self._thread.is_alive() and self._thread is not threading.current_thread():
-            self._thread.join(timeout=5.0)
-        self.sim.close()
+        # (attributes are missing if the constructor failed: rclpy still destroys the node
+        # when its context shuts down)
+        if hasattr(self, "_thread"):
+            self._stop.set()
+            with self._cond:
+                self._cond.notify_all()
+            if self._thread.is_alive() and self._thread is not threading.current_thread():
+                self._thread.join(timeout=5.0)
+        if hasattr(self, "sim"):
+            self.sim.close()
         super().destroy_node()
 
 
