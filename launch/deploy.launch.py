@@ -13,46 +13,9 @@ writing the robot's joint states, the commands, the reference, the latent and di
 (under the remapped topic names) to ``bag`` for ``metarl retrain``.
 """
 
-from launch import LaunchDescription
-from launch.actions import DeclareLaunchArgument, LogInfo, OpaqueFunction
-from launch.substitutions import LaunchConfiguration
-from launch_ros.actions import Node
-from launch_ros.parameter_descriptions import ParameterValue
-
-from metarl_ros.graph import DEPLOY_ARGUMENTS, deploy_graph, parameter_file_path
-
-
-def _launch_value(value):
-    # Strings go through YAML in launch_ros ('true' would become a bool, '' nothing):
-    # pin their type. bool/int/float are passed through unchanged.
-    if isinstance(value, str):
-        return ParameterValue(value, value_type=str)
-    return value
-
-
-def _nodes(context, *args, **kwargs):
-    values = {arg.name: LaunchConfiguration(arg.name).perform(context)
-              for arg in DEPLOY_ARGUMENTS}
-    graph = deploy_graph(values)
-    actions = [LogInfo(msg=note) for note in graph.notes]
-    for spec in graph.nodes:
-        files = [parameter_file_path(path) for path in spec.parameter_files]
-        overrides = {key: _launch_value(value) for key, value in spec.parameters.items()}
-        actions.append(Node(
-            package=spec.package,
-            executable=spec.executable,
-            name=spec.name,
-            parameters=[*files, overrides],
-            remappings=list(spec.remappings),
-            output='screen',
-        ))
-    return actions
+from metarl_ros.graph import DEPLOY_ARGUMENTS, deploy_graph
+from metarl_ros.launch_description import graph_launch_description
 
 
 def generate_launch_description():
-    declared = [
-        DeclareLaunchArgument(arg.name, default_value=arg.default,
-                              description=arg.description, choices=arg.launch_choices)
-        for arg in DEPLOY_ARGUMENTS
-    ]
-    return LaunchDescription([*declared, OpaqueFunction(function=_nodes)])
+    return graph_launch_description(DEPLOY_ARGUMENTS, deploy_graph)
