@@ -310,8 +310,8 @@ def main(argv: list[str] | None = None) -> int:
                              "(adapter_node), onnx (onnx_policy_node)")
     parser.add_argument("--policy", default="pd", help="adapter_node policy (pd|pearl|onnx)")
     parser.add_argument("--model", default="", help="adapter_node model_path (pearl, onnx)")
-    parser.add_argument("--no-adaptation", action="store_true",
-                        help="adapter_node adaptation:=false (pearl: no MAML thread)")
+    parser.add_argument("--no-maml", action="store_true",
+                        help="adapter_node maml:=false (pearl: posterior only, no MAML thread)")
     parser.add_argument("--onnx-model", default="models/pearl/onnx",
                         help="onnx_policy_node model_path (a `metarl export` directory)")
     parser.add_argument("--command-type", choices=("effort", "trajectory"), default="effort",
@@ -340,7 +340,7 @@ def main(argv: list[str] | None = None) -> int:
     adapter_cmd = [sys.executable, "-m", "metarl_ros.nodes.adapter_node", "--ros-args",
                    "--params-file", str(REPO / "config" / "adapter_node.yaml"),
                    "-p", f"policy:={args.policy}", "-p", f"command_type:={args.command_type}",
-                   "-p", f"adaptation:={'false' if args.no_adaptation else 'true'}", *common]
+                   "-p", f"maml:={'false' if args.no_maml else 'true'}", *common]
     if args.model:
         adapter_cmd += ["-p", f"model_path:={args.model}"]
     onnx_cmd = [sys.executable, "-m", "metarl_ros.nodes.onnx_policy_node", "--ros-args",
@@ -364,7 +364,7 @@ def main(argv: list[str] | None = None) -> int:
     results = {
         "command": "python benchmarks/ros_latency.py " + " ".join(argv or sys.argv[1:]),
         "rate_hz": args.rate, "duration_s": args.duration, "policy": args.policy,
-        "command_type": args.command_type, "adaptation": not args.no_adaptation,
+        "command_type": args.command_type, "maml": not args.no_maml,
         "model": args.model, "onnx_model": args.onnx_model,
         "adapter_threads": args.adapter_threads,
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "

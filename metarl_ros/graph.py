@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from metarl_ros.control_loop import SAFE_MODES
+from metarl_ros.deploy import POSTERIOR_UPDATES
 from metarl_ros.joint_map import COMMAND_TYPES, command_topic
 from metarl_ros.policy_factory import POLICY_KINDS
 from metarl_ros.resources import PACKAGE_NAME, resolve_path
@@ -104,7 +105,13 @@ ADAPT_SIM_ARGUMENTS: tuple[LaunchArgument, ...] = (
     LaunchArgument("model", "models/pearl/model.pt",
                    "Trained model: model.pt for policy:=pearl; a `metarl export` directory for "
                    "policy:=onnx (left at its default it becomes models/pearl/onnx)."),
-    LaunchArgument("adaptation", "true", "Online adaptation on (pearl).", kind=bool),
+    LaunchArgument("adaptation", "true",
+                   "Online adaptation on: the context posterior (and MAML, see maml); false = "
+                   "the latent stays at the prior (the un-adapted policy).", kind=bool),
+    LaunchArgument("maml", "true",
+                   "policy:=pearl with adaptation: add the MAML dynamics correction (stepped "
+                   "inline every adapt_every transitions in lockstep, real_time_factor:=0; in a "
+                   "background thread at 10 Hz of wall time otherwise).", kind=bool),
     LaunchArgument("scenario", "config/scenarios/default.yaml",
                    "Fault scenario YAML for sim_node ('' = none)."),
     LaunchArgument("gui", "false", "Show the PyBullet GUI.", kind=bool),
@@ -158,6 +165,7 @@ def adapt_sim_graph(values: Mapping[str, str] | None = None) -> Graph:
         adapter = onnx_policy_spec({
             "env_config": args["env_config"],
             "model_path": model,
+            "adaptation": args["adaptation"],
             "controller_name": args["controller"],
             "use_sim_time": args["use_sim_time"],
         })
@@ -171,15 +179,19 @@ def adapt_sim_graph(values: Mapping[str, str] | None = None) -> Graph:
                 "policy": args["policy"],
                 "model_path": args["model"] if args["policy"] == "pearl" else "",
                 "adaptation": args["adaptation"],
+                "maml": args["maml"],
+                # lockstep: simulated time does not follow the wall clock, MAML must not either
+                "adaptation_schedule": ("inline" if args["real_time_factor"] == 0.0
+                                        else "background"),
                 "controller_name": args["controller"],
                 "use_sim_time": args["use_sim_time"],
             },
         )
     nodes: tuple[NodeSpec, ...] = (sim, adapter)
     notes = []
-    if args["policy"] == "onnx" and not args["adaptation"]:
-        notes.append("adaptation:=false does not apply to policy:=onnx (the exported model runs "
-                     "the streaming posterior only; MAML stays in the torch node)")
+    if args["policy"] == "onnx" and args["adaptation"] and args["maml"]:
+        notes.append("policy:=onnx adapts through the streaming posterior only: MAML needs "
+                     "gradients and stays in the torch node (policy:=pearl)")
     if args["record"]:
         # first, so that it is subscribed before the simulation starts stepping
         nodes = (recorder_spec(args["controller"], args["bag"], adapter.name), *nodes)
@@ -256,6 +268,10 @@ DEPLOY_ARGUMENTS: tuple[LaunchArgument, ...] = (
                    choices=SAFE_MODES),
     LaunchArgument("effort_limit_scale", "1.0",
                    "Clamp efforts to this fraction (0.01..1) of the effort limits.", kind=float),
+    LaunchArgument("posterior_update", "tick",
+                   "tick: the posterior takes each transition before the next action; "
+                   "context: it is updated at the context rate (10 Hz) and the policy acts on "
+                   "the last update (cheaper control ticks).", choices=POSTERIOR_UPDATES),
     LaunchArgument("use_sim_time", "false", "Follow /clock (simulation only).", kind=bool),
     LaunchArgument("record", "false",
                    "Record the robot's joint states, the commands, the reference, the latent "
@@ -320,6 +336,7 @@ def deploy_graph(values: Mapping[str, str] | None = None) -> Graph:
             "watchdog_timeout": args["watchdog_timeout"],
             "safe_mode": args["safe_mode"],
             "effort_limit_scale": args["effort_limit_scale"],
+            "posterior_update": args["posterior_update"],
             "use_sim_time": args["use_sim_time"],
         },
         parameter_files=(args["params_file"],) if args["params_file"] else (),

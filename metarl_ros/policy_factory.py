@@ -5,13 +5,21 @@
              residual, i.e. :class:`~metarl_ros.runtime.PDPolicy` with zero gains. Optional
              ``pd_kp``/``pd_kd`` make PDPolicy add an extra PD on top. Needs no model.
 ``pearl`` -- the trained PEARL(+MAML) runtime, ``metarl_ros.learning.runtime.
-             load_adaptive_policy(model_path, adaptation)``, imported only when asked for so
-             the nodes start without torch when running ``pd``.
+             load_adaptive_policy``, imported only when asked for so the nodes start without
+             torch when running ``pd``.
 ``onnx``  -- an exported model (``metarl export``) in onnxruntime:
              :class:`metarl_ros.deploy.OnnxAdaptivePolicy`, PEARL's policy and streaming
-             posterior without torch (MAML adaptation needs gradients and stays in ``pearl``;
-             ``adaptation`` does not apply). ``model_path`` is the export directory, its
-             ``policy.onnx``, or a folder holding it as ``onnx/``.
+             posterior without torch (MAML adaptation needs gradients and stays in ``pearl``).
+             ``model_path`` is the export directory, its ``policy.onnx``, or a folder holding
+             it as ``onnx/``.
+
+Online adaptation: ``adaptation=False`` wraps a learned policy in
+:class:`~metarl_ros.runtime.FrozenContext` (it never sees a transition, its latent stays at the
+prior, no MAML): the trained controller before any adaptation. With ``adaptation=True`` the
+streaming posterior runs, and for ``pearl`` with ``maml=True`` the MAML dynamics correction too,
+adapted in a background thread every 0.1 s of wall time (``adaptation_schedule="background"``,
+a robot) or inline every ``adapt_every`` transitions (``"inline"``: deterministic, for a
+simulator in lockstep, whose time is not the wall clock's).
 
 A model's contract must match the env setup the node runs (joint names and order, observation
 and action sizes, action scale, default pose, observation scales, PD feedback gains) and what
@@ -27,12 +35,13 @@ from typing import Sequence
 import numpy as np
 
 from metarl_ros.config import ConfigError
-from metarl_ros.deploy import check_expected_contract
+from metarl_ros.deploy import POSTERIOR_UPDATES, check_expected_contract
 from metarl_ros.resources import resolve_path
-from metarl_ros.runtime import AdaptivePolicy, PDPolicy, PolicyContract
+from metarl_ros.runtime import AdaptivePolicy, FrozenContext, PDPolicy, PolicyContract
 from metarl_ros.sim.env_config import EnvSetup
 
 POLICY_KINDS: tuple[str, ...] = ("pd", "pearl", "onnx")
+ADAPTATION_SCHEDULES: tuple[str, ...] = ("background", "inline")
 
 
 def setup_contract(setup: EnvSetup) -> PolicyContract:
@@ -104,6 +113,9 @@ def make_policy(
     setup: EnvSetup,
     model_path: str | Path = "",
     adaptation: bool = True,
+    maml: bool = True,
+    adaptation_schedule: str = "background",
+    posterior_update: str = "tick",
     pd_kp: Sequence[float] | None = None,
     pd_kd: Sequence[float] | None = None,
     expected_joint_names: Sequence[str] | None = None,
@@ -114,8 +126,17 @@ def make_policy(
 
     ``expected_*`` (``None`` = not checked) are what the node is configured for; a model
     whose contract differs raises :class:`~metarl_ros.deploy.ModelContractError`. ``pd``
-    has no model and ignores them.
+    has no model and ignores them, and the adaptation arguments (module docstring).
     """
+    if adaptation_schedule not in ADAPTATION_SCHEDULES:
+        raise ConfigError(f"adaptation_schedule {adaptation_schedule!r}: expected one of "
+                          f"{', '.join(ADAPTATION_SCHEDULES)}")
+    if posterior_update not in POSTERIOR_UPDATES:
+        raise ConfigError(f"posterior_update {posterior_update!r}: expected one of "
+                          f"{', '.join(POSTERIOR_UPDATES)}")
+    if posterior_update != "tick" and kind != "onnx":
+        raise ConfigError(f"posterior_update {posterior_update!r} applies to policy 'onnx' "
+                          f"only (policy {kind!r} updates its posterior every tick)")
     if kind == "pd":
         zeros = np.zeros(setup.act_dim)
         kp = np.asarray(pd_kp, dtype=np.float64) if pd_kp else zeros
@@ -133,11 +154,12 @@ def make_policy(
             raise ConfigError(f"{path}: model not found")
         from metarl_ros.learning.runtime import load_adaptive_policy  # torch: import lazily
 
-        policy = load_adaptive_policy(path, adaptation=adaptation)
+        policy = load_adaptive_policy(path, adaptation=adaptation and maml,
+                                      background=adaptation_schedule == "background")
         check_expected_contract(policy.contract, path, expected_joint_names, expected_rate_hz,
                                 expected_window)
         check_contract(policy.contract, setup, str(path))
-        return policy
+        return policy if adaptation else FrozenContext(policy)
     if kind == "onnx":
         if not str(model_path):
             raise ConfigError("policy 'onnx' needs an exported model (parameter model_path: "
@@ -148,7 +170,8 @@ def make_policy(
         policy = OnnxAdaptivePolicy(
             model_dir,
             expected_joint_names=list(expected_joint_names) if expected_joint_names else None,
-            expected_rate_hz=expected_rate_hz, expected_window=expected_window)
+            expected_rate_hz=expected_rate_hz, expected_window=expected_window,
+            posterior_update=posterior_update)
         check_contract(policy.contract, setup, str(model_dir / "policy.onnx"))
-        return policy
+        return policy if adaptation else FrozenContext(policy)
     raise ConfigError(f"unknown policy {kind!r}; choose one of {', '.join(POLICY_KINDS)}")

@@ -44,7 +44,8 @@ def test_default_graph_nodes_and_parameters():
         "use_sim_time": True}
     assert adapter.parameters == {
         "env_config": "sim/envs/iiwa7_tracking.yaml", "policy": "pd", "model_path": "",
-        "adaptation": True, "controller_name": "effort_controller", "use_sim_time": True}
+        "adaptation": True, "maml": True, "adaptation_schedule": "background",
+        "controller_name": "effort_controller", "use_sim_time": True}
     assert isinstance(sim.parameters["real_time_factor"], float)
     assert graph.notes == ()
 
@@ -57,6 +58,8 @@ def test_graph_from_argument_values():
     assert adapter.parameters["model_path"] == "m/x.pt"
     assert adapter.parameters["adaptation"] is False
     assert sim.parameters["real_time_factor"] == 0.0 and sim.parameters["gui"] is True
+    # lockstep: MAML steps follow the transitions, not the wall clock
+    assert adapter.parameters["adaptation_schedule"] == "inline"
     assert sim.parameters["controller_name"] == "arm_effort"
     assert adapter.parameters["controller_name"] == "arm_effort"
     assert sim.parameters["use_sim_time"] is False

@@ -257,6 +257,37 @@ def test_onnx_policy_node_never_imports_torch_pybullet_or_gymnasium(model):
 # ------------------------------------------------------------------------------ start-up refusals
 
 
+def test_policy_factory_adaptation_switches(model):
+    """adaptation=False: the policy never sees a transition (latent at the prior); onnx can
+    fold its posterior at the context rate; pearl refuses that, and bad values are named."""
+    from metarl_ros.policy_factory import make_policy
+    from metarl_ros.runtime import FrozenContext
+
+    model_path, onnx_dir = model
+    rng = np.random.default_rng(0)
+    obs = rng.normal(size=(3, SETUP.obs_dim)).astype(np.float32)
+    action = np.zeros(SETUP.act_dim, np.float32)
+    for kind, path in (("onnx", onnx_dir), ("pearl", model_path)):
+        frozen = make_policy(kind, SETUP, model_path=path, adaptation=False)
+        live = make_policy(kind, SETUP, model_path=path, adaptation=True, maml=False)
+        assert isinstance(frozen, FrozenContext) and not isinstance(live, FrozenContext)
+        for policy in (frozen, live):
+            policy.reset()
+            policy.observe(obs[0], action, -1.0, obs[1])
+        assert (frozen.posterior().window_fill, live.posterior().window_fill) == (0, 1), kind
+        np.testing.assert_allclose(frozen.posterior().mean, 0.0, atol=1e-6)
+        assert np.abs(live.posterior().mean).max() > 1e-4, kind
+        # the un-adapted policy acts as the live one does on an empty context
+        live.reset()
+        np.testing.assert_allclose(frozen.act(obs[2]), live.act(obs[2]), atol=1e-5)
+    context = make_policy("onnx", SETUP, model_path=onnx_dir, posterior_update="context")
+    assert context.posterior_update == "context"
+    with pytest.raises(ConfigError, match="posterior_update 'context' applies to policy 'onnx'"):
+        make_policy("pearl", SETUP, model_path=model_path, posterior_update="context")
+    with pytest.raises(ConfigError, match="adaptation_schedule 'sometimes'"):
+        make_policy("pearl", SETUP, model_path=model_path, adaptation_schedule="sometimes")
+
+
 def _onnx_node(ros, onnx_dir, **overrides):
     values = {"model_path": str(onnx_dir), "use_sim_time": False}
     values.update(overrides)
@@ -415,7 +446,7 @@ def test_deploy_node_drives_the_sim_like_the_torch_node(ros, model):
     """
     model_path, onnx_dir = model
     torch_node = AdapterNode(context=ros.context, parameter_overrides=params(
-        use_sim_time=True, policy="pearl", model_path=str(model_path), adaptation=False))
+        use_sim_time=True, policy="pearl", model_path=str(model_path), maml=False))
     torch_efforts, torch_monitor, torch_stats = _closed_loop(ros, torch_node)
     onnx_node = OnnxPolicyNode(context=ros.context, parameter_overrides=params(
         use_sim_time=True, model_path=str(onnx_dir), context_window=WINDOW))
@@ -599,7 +630,10 @@ def test_deploy_graph_and_adapt_sim_with_onnx():
     assert [n.name for n in sim.nodes] == ["recorder_node", "sim_node", "onnx_policy_node"]
     assert sim.node("onnx_policy_node").parameters["model_path"] == "models/pearl/onnx"
     assert "/onnx_policy_node/latent" in sim.node("recorder_node").parameters["topics"]
-    assert any("adaptation:=false does not apply" in note for note in sim.notes)
+    assert sim.node("onnx_policy_node").parameters["adaptation"] is False
+    assert sim.notes == ("record:=true: recorder_node writes rosbag2_<date-time>",)
+    assert any("MAML needs gradients" in note
+               for note in adapt_sim_graph({"policy": "onnx"}).notes)
     chosen = adapt_sim_graph({"policy": "onnx", "model": "/x/export"})
     assert chosen.node("onnx_policy_node").parameters["model_path"] == "/x/export"
 

@@ -68,22 +68,17 @@ class RunOutcome:
         }
 
 
-#: The runs through the node graph: adapt_sim with these launch arguments.
-ROS_RUNS = (
+#: The demo's runs: adapt_sim with these launch arguments (``--no-ros``: the same four
+#: controllers on the env directly).
+DEMO_RUNS = (
     DemoRun("pd", "PD feedback alone (policy:=pd, no learned policy)", {"policy": "pd"}),
     DemoRun("adaptation_off",
-            "PEARL, adaptation:=false (no MAML; the context posterior still runs)",
-            {"policy": "pearl", "adaptation": "false"}),
-    DemoRun("adaptation_on", "PEARL + MAML dynamics correction, adaptation:=true",
-            {"policy": "pearl", "adaptation": "true"}),
-)
-
-#: ``--no-ros`` adds a control the node does not offer (see direct_run).
-DIRECT_RUNS = (
-    ROS_RUNS[0],
-    DemoRun("frozen_latent", "PEARL with its latent held at the prior (no context inference)",
-            {"policy": "pearl", "adaptation": "false"}),
-    *ROS_RUNS[1:],
+            "PEARL, adaptation:=false (latent held at the prior: the un-adapted policy)",
+            {"policy": "pearl", "adaptation": "false", "maml": "false"}),
+    DemoRun("pearl", "PEARL, adaptation:=true maml:=false (context posterior over 0.25 s)",
+            {"policy": "pearl", "adaptation": "true", "maml": "false"}),
+    DemoRun("pearl_maml", "PEARL + MAML dynamics correction, adaptation:=true maml:=true",
+            {"policy": "pearl", "adaptation": "true", "maml": "true"}),
 )
 
 
@@ -168,8 +163,9 @@ def _run_ros(runs, model: Path, scenario_path: Path, duration_s: float, rtf: flo
 
 def _run_direct(runs, loaded, scenario: Scenario, duration_s: float
                 ) -> dict[str, RunOutcome]:
-    from metarl_ros.demo.direct_run import FrozenContext, run_env
+    from metarl_ros.demo.direct_run import run_env
     from metarl_ros.learning.runtime import TorchAdaptivePolicy
+    from metarl_ros.runtime import FrozenContext
     from metarl_ros.sim.env import ArmTrackingEnv, load_env_setup
 
     env = ArmTrackingEnv(load_env_setup(loaded.payload["env_config"]))
@@ -180,11 +176,13 @@ def _run_direct(runs, loaded, scenario: Scenario, duration_s: float
             start = time.monotonic()
             if run.arguments["policy"] == "pd":
                 policy = None
-            elif run.name == "frozen_latent":
-                policy = FrozenContext(TorchAdaptivePolicy(loaded))
             else:
-                policy = TorchAdaptivePolicy(loaded, adaptation=run.arguments["adaptation"]
-                                             == "true", background=False)
+                adaptation = run.arguments["adaptation"] == "true"
+                policy = TorchAdaptivePolicy(
+                    loaded, adaptation=adaptation and run.arguments["maml"] == "true",
+                    background=False)
+                if not adaptation:
+                    policy = FrozenContext(policy)
             trace = run_env(env, scenario, duration_s, policy)
             results[run.name] = RunOutcome(trace, time.monotonic() - start)
     finally:
@@ -227,11 +225,10 @@ def demo_command(args: argparse.Namespace) -> int:
           ("lockstep" if args.real_time_factor == 0 else
            f"real-time factor {args.real_time_factor:g}")), flush=True)
     start = time.monotonic()
+    runs = DEMO_RUNS
     if args.no_ros:
-        runs = DIRECT_RUNS
         results = _run_direct(runs, loaded, scenario, duration_s)
     else:
-        runs = ROS_RUNS
         results = _run_ros(runs, model, scenario_path, duration_s, args.real_time_factor,
                            args.verbose)
 

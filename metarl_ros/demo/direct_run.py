@@ -1,10 +1,9 @@
 """``metarl demo --no-ros``: the same scenario on the Gymnasium env directly, no DDS.
 
-A cross-check of the node graph (in lockstep the simulator node steps exactly like the env)
-and the place for a control the nodes do not offer: ``frozen_latent``, the PEARL policy with
-its latent held at the prior (no context inference at all). MAML runs inline every
-``adapt_every`` transitions here (deterministic), in the node in a background thread at 10 Hz
-of wall time.
+A cross-check of the node graph: in lockstep the simulator node steps exactly like the env,
+and the adapter node runs MAML inline every ``adapt_every`` transitions as here
+(``adaptation_schedule: inline``, which the graph picks for lockstep), so both paths give the
+same numbers.
 """
 
 from __future__ import annotations
@@ -12,29 +11,9 @@ from __future__ import annotations
 import numpy as np
 
 from metarl_ros.demo.trace import Trace
-from metarl_ros.runtime import AdaptivePolicy, PosteriorSummary
+from metarl_ros.runtime import AdaptivePolicy
 from metarl_ros.scenario import Scenario
 from metarl_ros.sim.env import ArmTrackingEnv
-
-
-class FrozenContext:
-    """Wraps a policy so that it never sees a transition: its latent stays at the prior."""
-
-    def __init__(self, policy: AdaptivePolicy) -> None:
-        self.policy = policy
-        self.contract = policy.contract
-
-    def reset(self) -> None:
-        self.policy.reset()
-
-    def observe(self, obs, action, reward, next_obs) -> None:
-        pass
-
-    def act(self, obs: np.ndarray) -> np.ndarray:
-        return self.policy.act(obs)
-
-    def posterior(self) -> PosteriorSummary:
-        return self.policy.posterior()
 
 
 def run_env(env: ArmTrackingEnv, scenario: Scenario, duration_s: float,

@@ -71,7 +71,13 @@ from metarl_ros.control_loop import (
     TickResult,
 )
 from metarl_ros.joint_map import JointMap
-from metarl_ros.policy_factory import POLICY_KINDS, feedback_gains, make_policy
+from metarl_ros.deploy import POSTERIOR_UPDATES
+from metarl_ros.policy_factory import (
+    ADAPTATION_SCHEDULES,
+    POLICY_KINDS,
+    feedback_gains,
+    make_policy,
+)
 from metarl_ros.runtime import AdaptivePolicy
 from metarl_ros.sim.env_config import load_env_setup
 
@@ -115,6 +121,8 @@ class AdapterNode(Node):
         if policy is None:
             policy = make_policy(
                 p["policy"], self.setup, model_path=p["model_path"], adaptation=p["adaptation"],
+                maml=p["maml"], adaptation_schedule=p["adaptation_schedule"],
+                posterior_update=p["posterior_update"],
                 pd_kp=p["pd_kp"], pd_kd=p["pd_kd"], expected_joint_names=model_joints,
                 expected_rate_hz=control_rate, expected_window=p["context_window"] or None)
         else:
@@ -179,8 +187,23 @@ class AdapterNode(Node):
                                   "Trained model: model.pt for 'pearl', a `metarl export` "
                                   "directory for 'onnx' (unused by 'pd').")
         d["adaptation"] = declare(self, "adaptation", True,
-                                  "Online adaptation on (pearl: MAML updates; the posterior "
-                                  "always runs; onnx: posterior only, MAML is not exported).")
+                                  "Online adaptation on: the streaming posterior (and MAML, "
+                                  "see maml). false = the latent stays at the prior and no "
+                                  "transition reaches the policy (the un-adapted controller).")
+        d["maml"] = declare(self, "maml", True,
+                            "pearl with adaptation: add the MAML dynamics correction (onnx: "
+                            "not exported, ignored).")
+        d["adaptation_schedule"] = declare(
+            self, "adaptation_schedule", "background",
+            "pearl MAML steps: background = a thread every 0.1 s of wall time (a robot); "
+            "inline = every adapt_every transitions in the control callback (deterministic; "
+            "a simulator in lockstep).", choices=ADAPTATION_SCHEDULES)
+        d["posterior_update"] = declare(
+            self, "posterior_update", "tick",
+            "onnx: tick = fold each transition into the posterior before the next action "
+            "(step for step as the torch node); context = fold at context_rate_hz, the policy "
+            "acts on the last folded latent (cheaper ticks). pearl/pd: tick only.",
+            choices=POSTERIOR_UPDATES)
         d["controller_name"] = declare(self, "controller_name", "effort_controller",
                                        "Commands go to /<controller_name>/commands (effort) or "
                                        "/<controller_name>/joint_trajectory (trajectory).")
