@@ -158,11 +158,20 @@ def _fake_launch_modules(values: dict[str, str]) -> dict[str, types.ModuleType]:
     return modules
 
 
-def _load_launch_file():
-    spec = importlib.util.spec_from_file_location("adapt_sim_launch", LAUNCH_FILE)
+def _load_launch_file(name: str = "adapt_sim"):
+    """Import ``launch/<name>.launch.py`` as a module (with whatever ``launch`` is importable)."""
+    path = REPO / "launch" / f"{name}.launch.py"
+    spec = importlib.util.spec_from_file_location(f"{name}_launch", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def stand_in_launch_description(monkeypatch, name: str, values: dict[str, str]):
+    """``launch/<name>.launch.py``'s description, built against stand-ins of the launch API."""
+    for module_name, module in _fake_launch_modules(values).items():
+        monkeypatch.setitem(sys.modules, module_name, module)
+    return _load_launch_file(name).generate_launch_description()
 
 
 def _check_nodes_against_graph(nodes, graph, unwrap):
@@ -182,9 +191,7 @@ def test_launch_file_against_stand_in_launch_api(monkeypatch):
     """The launch file's logic, run against stand-ins of the launch API it calls."""
     values = {arg.name: arg.default for arg in ADAPT_SIM_ARGUMENTS}
     values.update(policy="pearl", record="true", real_time_factor="0.5")
-    for name, module in _fake_launch_modules(values).items():
-        monkeypatch.setitem(sys.modules, name, module)
-    description = _load_launch_file().generate_launch_description()
+    description = stand_in_launch_description(monkeypatch, "adapt_sim", values)
     declared = [a for a in description if type(a).__name__ == "DeclareLaunchArgument"]
     assert [a.args[0] for a in declared] == [arg.name for arg in ADAPT_SIM_ARGUMENTS]
     defaults = [a.kwargs["default_value"] for a in declared]
@@ -389,13 +396,7 @@ def test_deploy_launch_file_with_record_against_stand_in_launch_api(monkeypatch)
 
     values = {arg.name: arg.default for arg in DEPLOY_ARGUMENTS}
     values.update(record="true", bag="/data/run2", joint_states="/robot/joint_states")
-    for name, module in _fake_launch_modules(values).items():
-        monkeypatch.setitem(sys.modules, name, module)
-    spec = importlib.util.spec_from_file_location("deploy_launch",
-                                                  REPO / "launch" / "deploy.launch.py")
-    launch_file = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(launch_file)
-    description = launch_file.generate_launch_description()
+    description = stand_in_launch_description(monkeypatch, "deploy", values)
     declared = {a.args[0]: a.kwargs for a in description
                 if type(a).__name__ == "DeclareLaunchArgument"}
     assert declared["record"]["default_value"] == "false"

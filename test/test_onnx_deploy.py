@@ -40,7 +40,7 @@ from metarl_ros.nodes.onnx_policy_node import OnnxPolicyNode
 from metarl_ros.nodes.sim_node import SimNode
 from metarl_ros.sim.env import build_observation, effort_command, load_env_setup
 from ros_harness import Collector, RosSession, domain_id, params, wait_for
-from test_launch_graph import _check_nodes_against_graph, _fake_launch_modules
+from test_launch_graph import _check_nodes_against_graph, stand_in_launch_description
 from test_ros_nodes import TrackingMonitor
 
 torch = pytest.importorskip("torch", reason="making the test model needs torch")
@@ -639,17 +639,9 @@ def test_deploy_graph_and_adapt_sim_with_onnx():
 
 
 def test_deploy_launch_file_against_stand_in_launch_api(monkeypatch):
-    import importlib.util
-
     values = {arg.name: arg.default for arg in DEPLOY_ARGUMENTS}
     values.update(joint_states="/robot/joint_states", command_type="trajectory")
-    for name, module in _fake_launch_modules(values).items():
-        monkeypatch.setitem(sys.modules, name, module)
-    spec = importlib.util.spec_from_file_location("deploy_launch",
-                                                  REPO / "launch" / "deploy.launch.py")
-    launch_file = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(launch_file)
-    description = launch_file.generate_launch_description()
+    description = stand_in_launch_description(monkeypatch, "deploy", values)
     declared = [a for a in description if type(a).__name__ == "DeclareLaunchArgument"]
     assert [a.args[0] for a in declared] == [arg.name for arg in DEPLOY_ARGUMENTS]
     opaque = [a for a in description if type(a).__name__ == "OpaqueFunction"][0]
