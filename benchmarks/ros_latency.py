@@ -314,6 +314,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="adapter_node maml:=false (pearl: posterior only, no MAML thread)")
     parser.add_argument("--onnx-model", default="models/pearl/onnx",
                         help="onnx_policy_node model_path (a `metarl export` directory)")
+    parser.add_argument("--onnx-posterior-update", choices=("tick", "context"), default="tick",
+                        help="onnx_policy_node posterior_update")
     parser.add_argument("--command-type", choices=("effort", "trajectory"), default="effort",
                         help="command_type of adapter_node and onnx_policy_node; effort needs "
                              "--policy pd for matching, onnx_policy_node always uses trajectory")
@@ -346,6 +348,7 @@ def main(argv: list[str] | None = None) -> int:
     onnx_cmd = [sys.executable, "-m", "metarl_ros.nodes.onnx_policy_node", "--ros-args",
                 "--params-file", str(REPO / "config" / "onnx_policy_node.yaml"),
                 "-p", f"model_path:={args.onnx_model}", "-p", "command_type:=trajectory",
+                "-p", f"posterior_update:={args.onnx_posterior_update}",
                 *common]
     runs = {
         "echo": lambda: measure(driver, "echo", [sys.executable, __file__, "--echo"],
@@ -366,6 +369,7 @@ def main(argv: list[str] | None = None) -> int:
         "rate_hz": args.rate, "duration_s": args.duration, "policy": args.policy,
         "command_type": args.command_type, "maml": not args.no_maml,
         "model": args.model, "onnx_model": args.onnx_model,
+        "onnx_posterior_update": args.onnx_posterior_update,
         "adapter_threads": args.adapter_threads,
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
                    f"load average {os.getloadavg()[0]:.2f}",

@@ -115,6 +115,7 @@ class StreamingPosterior:
         self.window = window
         self._mu: deque[torch.Tensor] = deque(maxlen=window)
         self._var: deque[torch.Tensor] = deque(maxlen=window)
+        self._posterior: tuple[torch.Tensor, torch.Tensor] | None = None  # until the next push
 
     def __len__(self) -> int:
         return len(self._mu)
@@ -122,6 +123,7 @@ class StreamingPosterior:
     def reset(self) -> None:
         self._mu.clear()
         self._var.clear()
+        self._posterior = None
 
     @torch.no_grad()
     def push(self, transition: torch.Tensor) -> None:
@@ -129,14 +131,20 @@ class StreamingPosterior:
         mu, var = self.encoder.factors(transition)
         self._mu.append(mu)
         self._var.append(var)
+        self._posterior = None
 
     @torch.no_grad()
     def posterior(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Mean and variance, each (L,)."""
-        if not self._mu:
-            latent = self.encoder.latent_dim
-            return torch.zeros(latent), torch.ones(latent)
-        return product_of_gaussians(torch.stack(list(self._mu)), torch.stack(list(self._var)))
+        """Mean and variance, each (L,). Computed once per push (the control loop asks for it
+        several times per tick: MAML's record, the action, the published latent)."""
+        if self._posterior is None:
+            if not self._mu:
+                latent = self.encoder.latent_dim
+                self._posterior = torch.zeros(latent), torch.ones(latent)
+            else:
+                self._posterior = product_of_gaussians(torch.stack(list(self._mu)),
+                                                       torch.stack(list(self._var)))
+        return self._posterior
 
 
 class BatchedWindows:
