@@ -41,16 +41,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from loopback import loopback_ros_env  # benchmarks/loopback.py
+
 REPO = Path(__file__).resolve().parent.parent
 JOINTS = [f"lbr_iiwa_joint_{i}" for i in range(1, 8)]
-
-
-def _ros_env() -> dict[str, str]:
-    env = dict(os.environ)
-    env.setdefault("ROS_DOMAIN_ID", str(os.getpid() % 101 + 1))
-    env["ROS_AUTOMATIC_DISCOVERY_RANGE"] = "LOCALHOST"
-    env["ROS_LOCALHOST_ONLY"] = "1"
-    return env
 
 
 # ---------------------------------------------------------------------------- bag -> transitions
@@ -159,7 +153,7 @@ def bare_subscriber() -> int:
 
 def record_benchmark(folder: Path, seconds: float, rate: float, bare: bool = False) -> dict:
     """Publish to recorder_node (or, ``bare``, to a counting subscriber) and count drops."""
-    env = _ros_env()
+    env = loopback_ros_env()
     os.environ.update({k: env[k] for k in ("ROS_DOMAIN_ID", "ROS_AUTOMATIC_DISCOVERY_RANGE",
                                            "ROS_LOCALHOST_ONLY")})
     import rclpy

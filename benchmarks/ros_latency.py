@@ -47,19 +47,12 @@ from pathlib import Path
 
 import numpy as np
 
+from loopback import loopback_ros_env  # benchmarks/loopback.py
+
 REPO = Path(__file__).resolve().parent.parent
 STEP_RAD = 1e-6
 #: commands later than this after the last state are the watchdog's (half its 0.1 s timeout)
 WATCHDOG_CUTOFF_S = 0.05
-
-
-def _ros_env() -> dict[str, str]:
-    """The children's environment: DDS on loopback, this run's domain (ROS_DOMAIN_ID if set)."""
-    env = dict(os.environ)
-    env.setdefault("ROS_DOMAIN_ID", str(os.getpid() % 101 + 1))
-    env["ROS_AUTOMATIC_DISCOVERY_RANGE"] = "LOCALHOST"
-    env["ROS_LOCALHOST_ONLY"] = "1"
-    return env
 
 
 # ---------------------------------------------------------------------------- echo node
@@ -263,7 +256,7 @@ def _memory(pid: int) -> dict[str, float]:
 
 
 def _start(cmd: list[str]) -> subprocess.Popen:
-    return subprocess.Popen(cmd, env=_ros_env(), cwd=REPO, stdout=subprocess.DEVNULL,
+    return subprocess.Popen(cmd, env=loopback_ros_env(), cwd=REPO, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
 
 
@@ -330,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
     unknown = sorted(set(nodes) - {"echo", "adapter", "onnx"})
     if unknown:
         parser.error(f"unknown --nodes {unknown}")
-    os.environ.update(_ros_env())
+    os.environ.update(loopback_ros_env())
     driver = Driver(args.rate)
     decimation = max(1, int(round(args.rate / driver.setup.config.control_rate_hz)))
     if args.command_type == "effort" and args.policy != "pd" and "adapter" in nodes:
