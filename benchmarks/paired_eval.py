@@ -34,7 +34,7 @@ def _post_fault_returns(model_root: Path, split: str, episodes: int, seed: int,
     """``(summary, {method: post-fault return per episode, (episodes,)})``."""
     summary, runs, plan, setup = evaluation.evaluate(model_root, split, episodes, seed,
                                                      methods=methods)
-    steps = [int(round(episode.fault_time_s / setup.control_dt)) for episode in plan]
+    steps = evaluation.fault_steps_of(plan, setup.control_dt)
     return summary, {m: evaluation.post_per_episode(runs[m], steps) for m in summary}
 
 

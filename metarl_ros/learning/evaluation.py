@@ -196,11 +196,26 @@ def recovery_times(
     return np.asarray(times), np.asarray(recovered)
 
 
+def fault_steps_of(episodes: Sequence[FaultEpisode], dt: float) -> list[int]:
+    """The control step at which each episode's fault strikes."""
+    return [int(round(e.fault_time_s / dt)) for e in episodes]
+
+
+def mean_before_after(
+    values: np.ndarray, fault_steps: Sequence[int]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per episode, the mean of ``values`` (episodes, steps) before and from its fault step:
+    two arrays of shape (episodes,)."""
+    before = np.array([values[i, :s].mean() for i, s in enumerate(fault_steps)])
+    after = np.array([values[i, s:].mean() for i, s in enumerate(fault_steps)])
+    return before, after
+
+
 def summarize(runs: dict[str, MethodRun], episodes: Sequence[FaultEpisode], dt: float) -> dict:
-    fault_steps = [int(round(e.fault_time_s / dt)) for e in episodes]
+    fault_steps = fault_steps_of(episodes, dt)
 
     def post(run: MethodRun) -> float:
-        return float(sum(run.reward[i, s:].sum() for i, s in enumerate(fault_steps)))
+        return float(sum(post_per_episode(run, fault_steps)))
 
     oracle, nominal = runs["oracle"], runs["nominal"]
     gap_post = post(oracle) - post(nominal)
@@ -210,8 +225,7 @@ def summarize(runs: dict[str, MethodRun], episodes: Sequence[FaultEpisode], dt: 
         times, recovered = recovery_times(
             run.tracking_error, oracle.tracking_error, fault_steps, dt
         )
-        before = np.array([run.tracking_error[i, :s].mean() for i, s in enumerate(fault_steps)])
-        after = np.array([run.tracking_error[i, s:].mean() for i, s in enumerate(fault_steps)])
+        before, after = mean_before_after(run.tracking_error, fault_steps)
         returns = run.reward.sum(axis=1)
         summary[name] = {
             "normalized_return": (post(run) - post(nominal)) / gap_post
@@ -262,8 +276,7 @@ def plot_around_fault(
     fig, ax = plt.subplots(figsize=(8, 4.5))
     for name, run in runs.items():
         rows = []
-        for i, e in enumerate(episodes):
-            s = int(round(e.fault_time_s / dt))
+        for i, s in enumerate(fault_steps_of(episodes, dt)):
             if s - lo >= 0 and s + hi <= run.tracking_error.shape[1]:
                 rows.append(run.tracking_error[i, s - lo : s + hi])
         if rows:

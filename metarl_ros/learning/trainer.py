@@ -39,6 +39,7 @@ from metarl_ros.learning.checkpoint import (
 )
 from metarl_ros.learning.config import TrainConfig
 from metarl_ros.learning.encoder import make_transition
+from metarl_ros.learning.evaluation import fault_steps_of, mean_before_after
 from metarl_ros.learning.replay import MultiTaskReplay
 from metarl_ros.learning.rollout import VectorRollout
 from metarl_ros.learning.torque_model import PDStructure, TorqueGainDynamics
@@ -357,13 +358,12 @@ class Trainer:
             latent_mode="mean",
             window=self.config.context_window,
         )
-        fault_step = [int(round(e.fault_time_s / self.setup.control_dt)) for e in episodes]
-        after = np.mean([result.tracking_error[i, s:].mean() for i, s in enumerate(fault_step)])
-        before = np.mean([result.tracking_error[i, :s].mean() for i, s in enumerate(fault_step)])
+        before, after = mean_before_after(
+            result.tracking_error, fault_steps_of(episodes, self.setup.control_dt))
         return {
             "eval/return": float(result.returns.mean()),
-            "eval/tracking_error_before": float(before),
-            "eval/tracking_error_after": float(after),
+            "eval/tracking_error_before": float(before.mean()),
+            "eval/tracking_error_after": float(after.mean()),
         }
 
     # ------------------------------------------------------------------ persistence
