@@ -161,28 +161,30 @@ def _run_ros(runs, model: Path, scenario_path: Path, duration_s: float, rtf: flo
     return results
 
 
-def _run_direct(runs, loaded, scenario: Scenario, duration_s: float
+def _run_direct(runs, model: Path, env_config: str, scenario: Scenario, duration_s: float
                 ) -> dict[str, RunOutcome]:
+    """Each run on the env, its policy built as the graph's adapter_node builds it (same
+    launch arguments -> same node parameters -> ``make_policy``), in lockstep."""
     from metarl_ros.demo.direct_run import run_env
-    from metarl_ros.learning.runtime import TorchAdaptivePolicy
-    from metarl_ros.runtime import FrozenContext
+    from metarl_ros.graph import adapt_sim_graph
+    from metarl_ros.policy_factory import make_policy
     from metarl_ros.sim.env import ArmTrackingEnv, load_env_setup
 
-    env = ArmTrackingEnv(load_env_setup(loaded.payload["env_config"]))
+    setup = load_env_setup(env_config)
+    env = ArmTrackingEnv(setup)
     results = {}
     try:
         for run in runs:
             print(f"running {run.name}: {run.description} ...", flush=True)
             start = time.monotonic()
-            if run.arguments["policy"] == "pd":
-                policy = None
-            else:
-                adaptation = run.arguments["adaptation"] == "true"
-                policy = TorchAdaptivePolicy(
-                    loaded, adaptation=adaptation and run.arguments["maml"] == "true",
-                    background=False)
-                if not adaptation:
-                    policy = FrozenContext(policy)
+            policy = None  # pd: the env's PD feedback alone (zero action)
+            if run.arguments["policy"] != "pd":
+                graph = adapt_sim_graph({**run.arguments, "model": str(model),
+                                         "real_time_factor": "0.0"})
+                p = graph.node("adapter_node").parameters
+                policy = make_policy(p["policy"], setup, model_path=p["model_path"],
+                                     adaptation=p["adaptation"], maml=p["maml"],
+                                     adaptation_schedule=p["adaptation_schedule"])
             trace = run_env(env, scenario, duration_s, policy)
             results[run.name] = RunOutcome(trace, time.monotonic() - start)
     finally:
@@ -227,7 +229,7 @@ def demo_command(args: argparse.Namespace) -> int:
     start = time.monotonic()
     runs = DEMO_RUNS
     if args.no_ros:
-        results = _run_direct(runs, loaded, scenario, duration_s)
+        results = _run_direct(runs, model, loaded.payload["env_config"], scenario, duration_s)
     else:
         results = _run_ros(runs, model, scenario_path, duration_s, args.real_time_factor,
                            args.verbose)
