@@ -555,3 +555,28 @@ def test_torque_gain_dynamics_train_save_load_and_correct(tiny_env, tmp_path):
         adaptation.record(obs, out, obs, np.zeros(4, np.float32))
         adaptation.maybe_step()
     assert adaptation.steps == 6 and adaptation.last_result is not None
+
+
+def test_anchor_weight_needs_init_from_and_anchors_to_the_source(tiny_env, tmp_path):
+    with pytest.raises(ValueError, match="anchor_weight > 0 needs init_from"):
+        tiny_config(tiny_env, method="robust", anchor_weight=1.0)
+    nominal = Trainer(tiny_config(tiny_env, method="nominal"), tmp_path / "nominal",
+                      progress=False)
+    source = nominal.write_final_model()
+    config = tiny_config(tiny_env, method="pearl", init_from=str(source), anchor_weight=1.0)
+    trainer = Trainer(config, tmp_path / "run", progress=False)
+    obs = torch.randn(16, trainer.spec.obs_dim)
+    with torch.no_grad():
+        expected = nominal.agent.actor(obs)
+        z = torch.randn(16, trainer.spec.latent_dim)
+        torch.testing.assert_close(trainer.anchor_actor(torch.cat([obs, z], -1)), expected)
+    trainer.collect_initial()
+    losses = [trainer.update()["anchor_loss"] for _ in range(5)]
+    assert losses[0] == 0.0 and losses[-1] > 0.0
+    assert not any(p.requires_grad for p in trainer.anchor_actor.parameters())
+    # resume rebuilds the anchor from init_from, not from the fine-tuned actor
+    trainer.save_checkpoint()
+    resumed = Trainer(config, tmp_path / "run", progress=False)
+    assert resumed.resume()
+    with torch.no_grad():
+        torch.testing.assert_close(resumed.anchor_actor(torch.cat([obs, z], -1)), expected)

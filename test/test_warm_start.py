@@ -1,5 +1,7 @@
 """Warm start (curriculum): a conditioned agent built from an unconditioned one."""
 
+import copy
+
 import pytest
 import torch
 
@@ -113,3 +115,48 @@ def test_critic_warmup_update_leaves_actor_and_temperature_untouched(source):
     assert any(not torch.equal(agent.critic.state_dict()[k], v) for k, v in critic.items())
     agent.update(batch, task_condition=oracle)  # and the normal update moves the actor
     assert any(not torch.equal(agent.actor.state_dict()[k], v) for k, v in actor.items())
+
+
+def _random_batch(seed: int) -> tuple[TransitionBatch, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    batch = TransitionBatch(
+        obs=torch.randn(2, 64, OBS, generator=g),
+        action=torch.rand(2, 64, ACT, generator=g) * 2 - 1,
+        reward=torch.randn(2, 64, generator=g),
+        next_obs=torch.randn(2, 64, OBS, generator=g),
+    )
+    return batch, torch.randn(2, 5, generator=g)
+
+
+def _drift_from_source(source: ConditionedSAC, anchor_weight: float) -> float:
+    """Mean squared distance of the deterministic actions from the source's after 40 updates
+    on random data (whose critic pulls the actor somewhere else)."""
+    torch.manual_seed(5)
+    agent = ConditionedSAC(_spec("oracle", actor_lr=3e-3))
+    warm_start(agent, source.state_dict(), vars(source.spec), "source")
+    anchor = copy.deepcopy(agent.actor).requires_grad_(False)
+    batch, oracle = _random_batch(0)
+    for _ in range(40):
+        agent.update(batch, task_condition=oracle, anchor=anchor, anchor_weight=anchor_weight)
+    obs = batch.flatten().obs
+    x = torch.cat([obs, oracle.repeat_interleave(64, 0)], -1)
+    with torch.no_grad():
+        return float((agent.actor(x) - anchor(x)).pow(2).sum(-1).mean())
+
+
+def test_anchor_keeps_the_fine_tuned_actor_near_the_source(source):
+    free = _drift_from_source(source, 0.0)
+    held = _drift_from_source(source, 100.0)
+    assert free > 1e-3  # the critic does move the actor without the anchor
+    assert held < 0.1 * free, (held, free)
+
+
+def test_anchor_loss_is_zero_at_the_anchor_and_reported(source):
+    agent = ConditionedSAC(_spec("oracle"))
+    warm_start(agent, source.state_dict(), vars(source.spec), "source")
+    anchor = copy.deepcopy(agent.actor).requires_grad_(False)
+    batch, oracle = _random_batch(1)
+    first = agent.update(batch, task_condition=oracle, anchor=anchor, anchor_weight=1.0)
+    assert first["anchor_loss"] == 0.0  # the actor starts as the anchor
+    second = agent.update(batch, task_condition=oracle, anchor=anchor, anchor_weight=1.0)
+    assert second["anchor_loss"] > 0.0

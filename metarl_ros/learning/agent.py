@@ -121,6 +121,8 @@ class ConditionedSAC(nn.Module):
         context_mask: torch.Tensor | None = None,
         task_condition: torch.Tensor | None = None,
         train_actor: bool = True,
+        anchor: TanhGaussianActor | None = None,
+        anchor_weight: float = 0.0,
     ) -> dict[str, float]:
         """One gradient step on a meta-batch.
 
@@ -131,6 +133,11 @@ class ConditionedSAC(nn.Module):
             task_condition: (T, oracle_dim), for ``oracle`` conditioning.
             train_actor: False updates only the critics (and the encoder): the critic warm-up
                 after a warm start, whose copied critic is not yet right for the new tasks.
+            anchor: a frozen actor with this agent's input layout (the warm-start policy).
+                With ``anchor_weight > 0`` the actor loss gains
+                ``anchor_weight * mean_B ||tanh(mean(x)) - anchor(x)||^2``: a trust region
+                that keeps the deterministic action near the anchor's wherever the critic's
+                action gradient is weaker than the pull (see ``TrainConfig.anchor_weight``).
         """
         spec = self.spec
         num_tasks, per_task = batch.reward.shape
@@ -171,6 +178,12 @@ class ConditionedSAC(nn.Module):
         action, log_prob = self.actor.sample(x_actor)
         q_pi = self.critic(x_actor, action).min(0).values
         actor_loss = (alpha * log_prob - q_pi).mean()
+        anchor_loss = torch.zeros(())
+        if anchor is not None and anchor_weight > 0.0:
+            with torch.no_grad():
+                reference = anchor(x_actor)
+            anchor_loss = (self.actor(x_actor) - reference).pow(2).sum(-1).mean()
+            actor_loss = actor_loss + anchor_weight * anchor_loss
         if train_actor:
             self.actor_optimizer.zero_grad(set_to_none=True)
             actor_loss.backward()
@@ -191,6 +204,7 @@ class ConditionedSAC(nn.Module):
         return {
             "critic_loss": critic_loss.item(),
             "actor_loss": actor_loss.item(),
+            "anchor_loss": anchor_loss.item(),
             "kl": kl.item(),
             "alpha": alpha.item(),
             "q_mean": q.mean().item(),

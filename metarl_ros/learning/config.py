@@ -104,6 +104,14 @@ class TrainConfig(StrictModel):
         "temperature frozen: after init_from the copied critic is right only for the source "
         "task, and actor steps on it would wreck the copied policy",
     )
+    anchor_weight: float = Field(
+        default=0.0,
+        ge=0.0,
+        description="trust region to the init_from policy: adds anchor_weight * "
+        "||a(s, c) - a_init(s)||^2 (deterministic actions) to the actor loss, so that the "
+        "fine-tune moves the actor only where the critic's action gradient outweighs the pull "
+        "and keeps the source's precision elsewhere; needs init_from",
+    )
     agent: AgentConfig = AgentConfig()
     dynamics: DynamicsConfig = DynamicsConfig()
 
@@ -111,6 +119,8 @@ class TrainConfig(StrictModel):
     def _check(self) -> "TrainConfig":
         if self.min_context > self.context_window:
             raise ValueError("min_context must not exceed context_window")
+        if self.anchor_weight > 0 and not self.init_from:
+            raise ValueError("anchor_weight > 0 needs init_from (the policy to stay near)")
         return self
 
     @property

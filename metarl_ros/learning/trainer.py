@@ -17,6 +17,8 @@ same tasks), ``nominal`` (no context, intact robot only).
 
 from __future__ import annotations
 
+import copy
+
 import json
 import time
 from pathlib import Path
@@ -142,6 +144,13 @@ class Trainer:
             payload = load_model_payload(source)
             warm_start(self.agent, payload["agent"], payload["agent_spec"], str(source))
             self.warm_started_from = str(source)
+        # the warm-started actor, frozen: the anchor of the trust region (anchor_weight); it
+        # is rebuilt from init_from on resume, so checkpoints need not store it
+        self.anchor_actor = (
+            copy.deepcopy(self.agent.actor).requires_grad_(False)
+            if config.anchor_weight > 0
+            else None
+        )
         self.replay = MultiTaskReplay(
             len(self.tasks),
             config.replay_capacity_per_task,
@@ -280,7 +289,15 @@ class Trainer:
             task_condition = self.oracle_vectors[task_ids]
         train_actor = self.updates >= c.critic_warmup_updates
         self.updates += 1
-        return self.agent.update(batch, context, mask, task_condition, train_actor=train_actor)
+        return self.agent.update(
+            batch,
+            context,
+            mask,
+            task_condition,
+            train_actor=train_actor,
+            anchor=self.anchor_actor,
+            anchor_weight=c.anchor_weight,
+        )
 
     # ------------------------------------------------------------------ dynamics (MAML)
 
