@@ -33,6 +33,7 @@ from metarl_ros.learning.checkpoint import (
 from metarl_ros.learning.config import AgentConfig, DynamicsConfig, TrainConfig, load_train_config
 from metarl_ros.learning.evaluation import (
     RECOVERY_FLOOR_RAD,
+    bootstrap_normalized_return,
     recovery_times,
     rolling_mean,
 )
@@ -403,6 +404,8 @@ def test_metarl_eval_writes_documented_json_and_plot(model_dir, tmp_path, capsys
         assert metrics["recover_time_s_mean"] >= 0.0 and metrics["tracking_error_after_mean"] > 0.0
     assert result["oracle"]["normalized_return"] == 1.0
     assert result["nominal"]["normalized_return"] == 0.0
+    assert result["oracle"]["normalized_return_ci95"] == [1.0, 1.0]
+    assert result["nominal"]["normalized_return_ci95"] == [0.0, 0.0]
     assert result["oracle"]["recover_time_s_mean"] == 0.0  # the oracle is its own reference
     assert result["oracle"]["recovered_fraction"] == 1.0
     # what the MAML correction adds, paired with the same policy without it
@@ -465,6 +468,23 @@ def test_rolling_mean_simple_values():
                                [2.0, 3.0, 5.0, 7.0])
     x = np.arange(6.0)
     np.testing.assert_array_equal(rolling_mean(x, 1), x)
+
+
+def test_bootstrap_interval_of_the_normalized_return():
+    rng = np.random.default_rng(0)
+    nominal = rng.normal(-100.0, 30.0, 400)
+    oracle = nominal + rng.normal(10.0, 5.0, 400)  # the gap varies per episode
+    halfway = nominal + 0.5 * (oracle - nominal)
+    low, high = bootstrap_normalized_return(halfway, oracle, nominal)
+    assert low == pytest.approx(0.5) and high == pytest.approx(0.5)  # exact in every resample
+    noisy = halfway + rng.normal(0.0, 10.0, 400)
+    low, high = bootstrap_normalized_return(noisy, oracle, nominal)
+    point = (noisy - nominal).sum() / (oracle - nominal).sum()
+    assert low < point < high and low < 0.5 < high
+    few_low, few_high = bootstrap_normalized_return(
+        noisy[:50], oracle[:50], nominal[:50]
+    )
+    assert few_high - few_low > 2 * (high - low)  # ~sqrt(8) wider with 8x fewer episodes
 
 
 def test_recovery_times_without_rolling():

@@ -211,8 +211,34 @@ def mean_before_after(
     return before, after
 
 
+def bootstrap_normalized_return(
+    method: np.ndarray,
+    oracle: np.ndarray,
+    nominal: np.ndarray,
+    resamples: int = 2000,
+    seed: int = 0,
+) -> tuple[float, float]:
+    """95 % percentile-bootstrap interval of ``sum(method - nominal) / sum(oracle - nominal)``.
+
+    Args:
+        method, oracle, nominal: post-fault return per episode, each (episodes,), paired (the
+            same episodes); episodes are resampled with replacement, the same indices for all
+            three.
+    """
+    rng = np.random.default_rng(seed)
+    index = rng.integers(0, len(method), size=(resamples, len(method)))
+    gap = (oracle[index] - nominal[index]).sum(axis=1)
+    won = (method[index] - nominal[index]).sum(axis=1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = won / gap
+    low, high = np.nanpercentile(ratio, [2.5, 97.5])
+    return float(low), float(high)
+
+
 def summarize(runs: dict[str, MethodRun], episodes: Sequence[FaultEpisode], dt: float) -> dict:
     fault_steps = fault_steps_of(episodes, dt)
+    post_oracle = post_per_episode(runs["oracle"], fault_steps)
+    post_nominal = post_per_episode(runs["nominal"], fault_steps)
 
     def post(run: MethodRun) -> float:
         return float(sum(post_per_episode(run, fault_steps)))
@@ -231,6 +257,11 @@ def summarize(runs: dict[str, MethodRun], episodes: Sequence[FaultEpisode], dt: 
             "normalized_return": (post(run) - post(nominal)) / gap_post
             if gap_post
             else float("nan"),
+            "normalized_return_ci95": list(
+                bootstrap_normalized_return(
+                    post_per_episode(run, fault_steps), post_oracle, post_nominal
+                )
+            ),
             "normalized_return_full": float((run.reward.sum() - nominal.reward.sum()) / gap_full)
             if gap_full
             else float("nan"),
@@ -334,12 +365,16 @@ def print_table(summary: dict) -> None:
     from rich.table import Table
 
     table = Table(title="metarl eval")
-    for column in ("method", "norm. return", "recover s", "recovered", "err before", "err after"):
+    columns = ("method", "norm. return", "95% CI", "recover s", "recovered", "err before",
+               "err after")
+    for column in columns:
         table.add_column(column, justify="right")
     for name, m in summary.items():
+        low, high = m["normalized_return_ci95"]
         table.add_row(
             name,
             f"{m['normalized_return']:.3f}",
+            f"{low:.2f}..{high:.2f}",
             f"{m['recover_time_s_mean']:.2f}±{m['recover_time_s_std']:.2f}",
             f"{m['recovered_fraction']:.0%}",
             f"{m['tracking_error_before_mean']:.4f}",
