@@ -29,6 +29,8 @@ from metarl_ros.learning.checkpoint import (
     MODEL_FORMAT_VERSION,
     CheckpointError,
     load_model_payload,
+    model_env_config,
+    portable_env_path,
 )
 from metarl_ros.learning.config import AgentConfig, DynamicsConfig, TrainConfig, load_train_config
 from metarl_ros.learning.evaluation import (
@@ -40,6 +42,7 @@ from metarl_ros.learning.evaluation import (
 from metarl_ros.learning.runtime import DynamicsAdaptation, load_model
 from metarl_ros.learning.torque_model import TorqueGainDynamics
 from metarl_ros.learning.trainer import Trainer
+from metarl_ros.resources import share_directory
 from metarl_ros.sim.tasks import nominal_task
 
 torch.set_num_threads(1)
@@ -366,6 +369,26 @@ def test_corrupt_and_foreign_model_files_raise_checkpoint_error(model_dir, tmp_p
     expect_checkpoint_error(tmp_path / "nowhere.pt", "not found")
     expect_checkpoint_error(tmp_path, "not found")  # a directory without model.pt
     assert torch.load(good, weights_only=True)["format"] == MODEL_FORMAT  # untouched
+
+
+def test_model_env_config_is_found_from_another_checkout(tmp_path):
+    shipped_env = share_directory() / "sim" / "envs" / "iiwa7_tracking.yaml"
+    # trained inside the package: stored relative to it, so any checkout or install finds it
+    assert portable_env_path(shipped_env) == "sim/envs/iiwa7_tracking.yaml"
+    relative = {"env_config": portable_env_path(shipped_env)}
+    assert model_env_config(relative, "m.pt").resolve() == shipped_env.resolve()
+    # trained in another checkout (an absolute path that does not exist here): its sim/ tail
+    foreign = {"env_config": "/elsewhere/checkout/sim/envs/iiwa7_tracking.yaml"}
+    assert model_env_config(foreign, "m.pt").resolve() == shipped_env.resolve()
+    # an env config outside the package stays absolute and is used as it is
+    own = tmp_path / "my_env.yaml"
+    own.write_text(shipped_env.read_text())
+    assert portable_env_path(own) == str(own.resolve())
+    assert model_env_config({"env_config": str(own)}, "m.pt") == own.resolve()
+    for missing in ("/elsewhere/sim/envs/no_such_env.yaml", str(tmp_path / "gone.yaml"), ""):
+        with pytest.raises(CheckpointError, match="m.pt: ") as info:
+            model_env_config({"env_config": missing}, "m.pt")
+        assert missing in str(info.value) or "names no env config" in str(info.value)
 
 
 def test_checkpoint_dir_with_dangling_latest_pointer(trained_run, tmp_path):

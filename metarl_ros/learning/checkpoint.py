@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from metarl_ros.errors import MetarlError
+from metarl_ros.resources import resolve_path, share_directory
 
 MODEL_FORMAT = "metarl_ros.model"
 MODEL_FORMAT_VERSION = 1
@@ -96,6 +97,41 @@ def build_model_payload(
         "contract": contract,
         "metadata": metadata or {},
     }
+
+
+def portable_env_path(path: str | Path) -> str:
+    """The env config path a model file stores: relative to the package share directory when
+    the file lies inside it (``sim/envs/iiwa7_tracking.yaml``), so that a model trained in one
+    checkout loads in another checkout, a pip or a colcon install; else absolute."""
+    path = Path(path).resolve()
+    try:
+        return path.relative_to(share_directory().resolve()).as_posix()
+    except (ValueError, FileNotFoundError):
+        return str(path)
+
+
+def model_env_config(payload: dict, source: str | Path) -> Path:
+    """The env config file a model was trained with, found on this machine.
+
+    A relative path (what :func:`portable_env_path` stores) resolves against the working
+    directory, then the share directory. An absolute path that does not exist here (a model
+    trained in another checkout) falls back to its part from the last ``sim/`` folder on,
+    looked up the same way. Raises :class:`CheckpointError` naming the model and the path.
+    """
+    stored = Path(str(payload.get("env_config", "")))
+    if not str(stored) or str(stored) == ".":
+        raise CheckpointError(f"{source}: model file names no env config")
+    candidates = [resolve_path(stored)]
+    if stored.is_absolute() and "sim" in stored.parts:
+        last_sim = len(stored.parts) - 1 - stored.parts[::-1].index("sim")
+        candidates.append(resolve_path(Path(*stored.parts[last_sim:])))
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    raise CheckpointError(
+        f"{source}: the env config it was trained with, {stored}, is not on this machine "
+        f"(looked for {', '.join(str(c) for c in candidates)})"
+    )
 
 
 def load_model_payload(path: str | Path) -> dict:

@@ -39,7 +39,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from metarl_ros.learning.checkpoint import CheckpointError
+from metarl_ros.learning.checkpoint import CheckpointError, model_env_config
 from metarl_ros.learning.rollout import RolloutResult, VectorRollout
 from metarl_ros.learning.runtime import DynamicsAdaptation, LoadedModel, dynamics_for, load_model
 from metarl_ros.sim.env import EnvSetup, load_env_setup
@@ -337,7 +337,7 @@ def evaluate(
         raise CheckpointError(f"unknown method(s) {unknown}; choose from {list(METHODS)}")
     models = load_method_models(model_root, methods)
     first = next(iter(models.values()))
-    setup = load_env_setup(first.payload["env_config"])
+    setup = load_env_setup(model_env_config(first.payload, first.path))
     for name, loaded in models.items():
         if loaded.contract.joint_names != first.contract.joint_names:
             raise CheckpointError(f"{loaded.path}: joint names differ from {first.path}")

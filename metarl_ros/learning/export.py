@@ -57,7 +57,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from metarl_ros.learning.checkpoint import CheckpointError
+from metarl_ros.learning.checkpoint import CheckpointError, model_env_config
 from metarl_ros.learning.encoder import ContextEncoder, product_of_gaussians
 from metarl_ros.learning.networks import TanhGaussianActor
 from metarl_ros.learning.runtime import LoadedModel, load_model
@@ -165,7 +165,7 @@ def window_rows(window_size: int) -> int:
 def export_contract(loaded: LoadedModel) -> dict[str, str]:
     """The metadata_props of every exported graph (values are JSON strings)."""
     payload = loaded.payload
-    setup = load_env_setup(payload["env_config"])
+    setup = load_env_setup(model_env_config(payload, loaded.path))
     contract = dict(payload["contract"])
     contract["feedback"] = setup.config.feedback.model_dump()
     contract["observation_layout"] = [
@@ -219,7 +219,7 @@ def _recorded_inputs(loaded: LoadedModel, steps: int = 60) -> list[dict[str, np.
     from metarl_ros.sim.env import ArmTrackingEnv
     from metarl_ros.sim.tasks import TaskParams
 
-    setup = load_env_setup(loaded.payload["env_config"])
+    setup = load_env_setup(model_env_config(loaded.payload, loaded.path))
     env = ArmTrackingEnv(setup)
     policy = TorchAdaptivePolicy(loaded)
     obs, _ = env.reset(seed=7, options={"task": TaskParams(payload_mass=2.0)})

@@ -79,6 +79,7 @@ from metarl_ros.learning.checkpoint import (
     CheckpointError,
     atomic_torch_save,
     build_model_payload,
+    model_env_config,
 )
 from metarl_ros.learning.encoder import kl_to_standard_normal, make_transition
 from metarl_ros.learning.replay import TransitionBatch
@@ -412,7 +413,7 @@ def retrain(bag_paths: Sequence[str | Path], model_path: str | Path, out: str | 
         raise RetrainError(f"{loaded.path}: an oracle model needs the true task online; "
                            "retrain a pearl, robust or nominal model")
     contract = loaded.contract
-    setup = load_env_setup(loaded.payload["env_config"])
+    setup = load_env_setup(model_env_config(loaded.payload, loaded.path))
     window = contract.window_size or 1
 
     bags = [read_bag(p, setup, contract.joint_names, config.topics, config.alignment,

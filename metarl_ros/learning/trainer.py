@@ -37,6 +37,7 @@ from metarl_ros.learning.checkpoint import (
     build_model_payload,
     load_model_payload,
     load_state_strict,
+    portable_env_path,
     remove_stale_temp_files,
 )
 from metarl_ros.learning.config import TrainConfig
@@ -392,7 +393,7 @@ class Trainer:
             agent_state=self._agent_weights(),
             agent_spec=self.spec,
             train_config=self.config.model_dump(mode="json"),
-            env_config_path=self.env_path,
+            env_config_path=portable_env_path(self.env_path),
             contract=policy_contract(self.setup, self.config),
             extra_states=extra,
             metadata={
