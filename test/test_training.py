@@ -36,6 +36,8 @@ from metarl_ros.learning.config import AgentConfig, DynamicsConfig, TrainConfig,
 from metarl_ros.learning.evaluation import (
     RECOVERY_FLOOR_RAD,
     bootstrap_normalized_return,
+    context_window,
+    load_method_models,
     recovery_times,
     rolling_mean,
 )
@@ -408,6 +410,19 @@ def test_checkpoint_dir_with_dangling_latest_pointer(trained_run, tmp_path):
 METHOD_KEYS = ("normalized_return", "recover_time_s_mean", "recover_time_s_std",
                "recovered_fraction", "tracking_error_before_mean", "tracking_error_before_std",
                "tracking_error_after_mean", "tracking_error_after_std")
+
+
+def test_eval_runs_pearl_with_its_own_context_window(model_dir, tiny_env, tmp_path):
+    # the nominal model (loaded first) was trained with another window than PEARL's
+    for method in ("oracle", "robust", "pearl"):
+        shutil.copytree(model_dir / method, tmp_path / method)
+    nominal = Trainer(tiny_config(tiny_env, method="nominal", context_window=3),
+                      tmp_path / "nominal", progress=False)
+    nominal.write_final_model()
+    models = load_method_models(tmp_path, ("pearl", "robust"))
+    assert next(iter(models)) == "nominal" and models["nominal"].contract.window_size == 3
+    assert context_window(models) == models["pearl"].contract.window_size == 8
+    assert context_window(load_method_models(tmp_path, ("robust",))) == 1
 
 
 @pytest.mark.filterwarnings("ignore:No artists with labels")  # 1 s episodes: no window to plot

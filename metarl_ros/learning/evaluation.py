@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -121,6 +122,14 @@ def load_method_models(model_root: Path, methods: Sequence[str]) -> dict[str, Lo
                 f"{path}: holds a {models[name].method!r} model, expected {name!r}"
             )
     return models
+
+
+def context_window(models: dict[str, LoadedModel]) -> int:
+    """The streaming-posterior window of the latent-conditioned model (its contract's), or 1
+    when no loaded model uses a latent: the window of the model that needs it, not of whichever
+    model loads first."""
+    latent = [m for m in models.values() if m.agent.spec.conditioning == "latent"]
+    return latent[0].contract.window_size if latent else 1
 
 
 def run_method(
@@ -341,7 +350,7 @@ def evaluate(
     for name, loaded in models.items():
         if loaded.contract.joint_names != first.contract.joint_names:
             raise CheckpointError(f"{loaded.path}: joint names differ from {first.path}")
-    window = first.contract.window_size if first.contract.window_size else 25
+    window = context_window(models)
     tasks = make_split(setup.tasks, split, setup.robot.friction_scale)  # type: ignore[arg-type]
     plan = fault_episodes(setup.tasks, tasks, episodes, seed)
     rollout = VectorRollout(setup, min(num_envs, episodes))
@@ -380,7 +389,8 @@ def print_table(summary: dict) -> None:
             f"{m['tracking_error_before_mean']:.4f}",
             f"{m['tracking_error_after_mean']:.4f}",
         )
-    Console().print(table)
+    # a pipe or a log file gets the whole table, not rich's 80-column default
+    Console(width=None if sys.stdout.isatty() else 120).print(table)
 
 
 def evaluate_command(args: argparse.Namespace) -> int:
