@@ -481,3 +481,35 @@ def test_update_without_encoder(conditioning):
     obs = torch.randn(6, OBS)
     cond = torch.randn(6, spec.cond_dim)
     assert agent.act(obs, cond, deterministic=True).shape == (6, ACT)
+
+
+def _step_to_step_change(agent: ConditionedSAC, batch: TransitionBatch, condition) -> float:
+    flat = batch.flatten()
+    cond = condition.repeat_interleave(PER_TASK, 0)
+    with torch.no_grad():
+        a = agent.actor(torch.cat([flat.obs, cond], -1))
+        a_next = agent.actor(torch.cat([flat.next_obs, cond], -1))
+    return float((a - a_next).pow(2).sum(-1).mean())
+
+
+def test_smoothness_term_is_reported_and_smooths_consecutive_actions():
+    batch, _, _ = synthetic_meta_batch()
+    condition = torch.randn(TASKS, 5, generator=torch.Generator().manual_seed(3))
+    changes, reported = {}, {}
+    for weight in (0.0, 30.0):
+        torch.manual_seed(12)
+        spec = AgentSpec(obs_dim=OBS, act_dim=ACT, conditioning="oracle", oracle_dim=5,
+                         actor_hidden=(16, 16), critic_hidden=(16, 16), actor_lr=3e-3)
+        agent = ConditionedSAC(spec)
+        before = _step_to_step_change(agent, batch, condition)
+        stats = agent.update(batch, task_condition=condition, smoothness_weight=weight)
+        # the reported term is the step-to-step change of the deterministic actions the
+        # update started from
+        reported[weight] = stats["smoothness_loss"]
+        if weight:
+            assert stats["smoothness_loss"] == pytest.approx(before, rel=1e-5)
+        for _ in range(60):
+            agent.update(batch, task_condition=condition, smoothness_weight=weight)
+        changes[weight] = _step_to_step_change(agent, batch, condition)
+    assert reported[0.0] == 0.0  # off: not computed
+    assert changes[30.0] < 0.2 * changes[0.0], changes

@@ -638,3 +638,15 @@ def test_anchor_weight_needs_init_from_and_anchors_to_the_source(tiny_env, tmp_p
     assert resumed.resume()
     with torch.no_grad():
         torch.testing.assert_close(resumed.anchor_actor(torch.cat([obs, z], -1)), expected)
+
+
+def test_smoothness_weight_reaches_the_actor_update(tiny_env, tmp_path):
+    with pytest.raises(ValueError, match="smoothness_weight"):
+        tiny_config(tiny_env, method="robust", smoothness_weight=-1.0)
+    off = Trainer(tiny_config(tiny_env, method="robust"), tmp_path / "off", progress=False)
+    on = Trainer(tiny_config(tiny_env, method="robust", smoothness_weight=1.0), tmp_path / "on",
+                 progress=False)
+    for trainer in (off, on):
+        trainer.collect_initial()
+    assert off.update()["smoothness_loss"] == 0.0
+    assert on.update()["smoothness_loss"] > 0.0

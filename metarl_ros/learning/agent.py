@@ -123,6 +123,7 @@ class ConditionedSAC(nn.Module):
         train_actor: bool = True,
         anchor: TanhGaussianActor | None = None,
         anchor_weight: float = 0.0,
+        smoothness_weight: float = 0.0,
     ) -> dict[str, float]:
         """One gradient step on a meta-batch.
 
@@ -138,6 +139,11 @@ class ConditionedSAC(nn.Module):
                 ``anchor_weight * mean_B ||tanh(mean(x)) - anchor(x)||^2``: a trust region
                 that keeps the deterministic action near the anchor's wherever the critic's
                 action gradient is weaker than the pull (see ``TrainConfig.anchor_weight``).
+            smoothness_weight: with ``> 0`` the actor loss gains
+                ``smoothness_weight * mean_B ||tanh(mean(s, c)) - tanh(mean(s', c))||^2``
+                over the batch's consecutive states: the temporal term of CAPS (Mysore et
+                al., 2021), against actions that flip from one control step to the next
+                (see ``TrainConfig.smoothness_weight``).
         """
         spec = self.spec
         num_tasks, per_task = batch.reward.shape
@@ -184,6 +190,12 @@ class ConditionedSAC(nn.Module):
                 reference = anchor(x_actor)
             anchor_loss = (self.actor(x_actor) - reference).pow(2).sum(-1).mean()
             actor_loss = actor_loss + anchor_weight * anchor_loss
+        smoothness_loss = torch.zeros(())
+        if smoothness_weight > 0.0:
+            smoothness_loss = (
+                (self.actor(x_actor) - self.actor(next_x.detach())).pow(2).sum(-1).mean()
+            )
+            actor_loss = actor_loss + smoothness_weight * smoothness_loss
         if train_actor:
             self.actor_optimizer.zero_grad(set_to_none=True)
             actor_loss.backward()
@@ -205,6 +217,7 @@ class ConditionedSAC(nn.Module):
             "critic_loss": critic_loss.item(),
             "actor_loss": actor_loss.item(),
             "anchor_loss": anchor_loss.item(),
+            "smoothness_loss": smoothness_loss.item(),
             "kl": kl.item(),
             "alpha": alpha.item(),
             "q_mean": q.mean().item(),

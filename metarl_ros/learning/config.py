@@ -112,6 +112,14 @@ class TrainConfig(StrictModel):
         "fine-tune moves the actor only where the critic's action gradient outweighs the pull "
         "and keeps the source's precision elsewhere; needs init_from",
     )
+    smoothness_weight: float = Field(
+        default=0.0,
+        ge=0.0,
+        description="temporal action smoothness (CAPS): adds smoothness_weight * "
+        "||a(s, c) - a(s', c)||^2 over consecutive states (deterministic actions) to the actor "
+        "loss, against actions that flip sign from one control step to the next (shaking on "
+        "hardware)",
+    )
     agent: AgentConfig = AgentConfig()
     dynamics: DynamicsConfig = DynamicsConfig()
 

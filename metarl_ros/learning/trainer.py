@@ -298,6 +298,7 @@ class Trainer:
             train_actor=train_actor,
             anchor=self.anchor_actor,
             anchor_weight=c.anchor_weight,
+            smoothness_weight=c.smoothness_weight,
         )
 
     # ------------------------------------------------------------------ dynamics (MAML)
