@@ -35,6 +35,7 @@ from metarl_ros.learning.checkpoint import (
 from metarl_ros.learning.config import AgentConfig, DynamicsConfig, TrainConfig, load_train_config
 from metarl_ros.learning.evaluation import (
     RECOVERY_FLOOR_RAD,
+    action_oscillation,
     bootstrap_normalized_return,
     context_window,
     load_method_models,
@@ -409,7 +410,7 @@ def test_checkpoint_dir_with_dangling_latest_pointer(trained_run, tmp_path):
 
 METHOD_KEYS = ("normalized_return", "recover_time_s_mean", "recover_time_s_std",
                "recovered_fraction", "tracking_error_before_mean", "tracking_error_before_std",
-               "tracking_error_after_mean", "tracking_error_after_std")
+               "tracking_error_after_mean", "tracking_error_after_std", "action_oscillation")
 
 
 def test_eval_runs_pearl_with_its_own_context_window(model_dir, tiny_env, tmp_path):
@@ -499,6 +500,17 @@ def test_rolling_mean(width):
     x = np.random.default_rng(width).normal(size=(3, 17))
     np.testing.assert_allclose(rolling_mean(x, width), naive_rolling_mean(x, width),
                                rtol=1e-12, atol=1e-12)
+
+
+def test_action_oscillation_is_the_amplitude_of_step_to_step_alternation():
+    steps = np.arange(40)
+    alternating = 0.3 * (-1.0) ** steps  # period 2, amplitude 0.3
+    ramp = np.linspace(-1.0, 1.0, 40)  # smooth: no second difference
+    action = np.stack([np.stack([alternating, ramp], -1), np.stack([ramp, ramp], -1)])
+    np.testing.assert_allclose(action_oscillation(action), [0.15, 0.0], atol=1e-12)
+    slow = np.sin(2 * np.pi * steps / 20)[None, :, None]  # a 20-step period barely counts
+    # its second difference is 4 sin(pi / 20)^2 ~ 0.1 of its amplitude: 0.016 against 0.3
+    assert action_oscillation(slow)[0] < 0.1 * action_oscillation(alternating[None, :, None])[0]
 
 
 def test_rolling_mean_simple_values():

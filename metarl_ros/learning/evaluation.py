@@ -21,6 +21,10 @@ Metrics per method (mean and std over episodes where it says so):
   that never recover count the remaining time; ``recovered_fraction`` says how many did.
 * ``tracking_error_before`` / ``tracking_error_after``: mean ``||q_ref - q||`` (rad) before and
   after the fault.
+* ``action_oscillation``: mean ``|a_t - 2 a_{t-1} + a_{t-2}| / 4`` over steps and joints, in
+  units of the normalized action: the amplitude of a step-to-step alternation
+  (``a_t = A (-1)^t`` gives ``A``, a ramp gives 0) -- what shakes a robot, invisible in the
+  tracking error of a stiff simulated arm.
 * ``post_fault_gain_vs_base`` (``maml``, ``pearl_maml``): the per-episode post-fault return
   minus that of the same policy without the MAML correction (``robust``, ``pearl``) on the
   same episodes, mean and standard error -- what the correction itself adds.
@@ -63,11 +67,12 @@ RECOVERY_FLOOR_RAD = 0.005
 
 @dataclass
 class MethodRun:
-    """All episodes of one method: arrays (episodes, steps)."""
+    """All episodes of one method: arrays (episodes, steps[, dim])."""
 
     reward: np.ndarray
     tracking_error: np.ndarray
     latent_mean: np.ndarray
+    action: np.ndarray  # (episodes, steps, act_dim), what was applied (after any correction)
 
 
 class MAMLCorrection:
@@ -142,7 +147,7 @@ def run_method(
 ) -> MethodRun:
     source, with_maml = _SOURCE[method]
     loaded = models[source]
-    rewards, errors, latents = [], [], []
+    rewards, errors, latents, actions = [], [], [], []
     nominal = nominal_task(setup.robot.num_joints)
     batch = len(rollout.envs)
     for start in range(0, len(episodes), batch):
@@ -169,7 +174,17 @@ def run_method(
         rewards.append(result.reward)
         errors.append(result.tracking_error)
         latents.append(result.latent_mean)
-    return MethodRun(np.concatenate(rewards), np.concatenate(errors), np.concatenate(latents))
+        actions.append(result.action)
+    return MethodRun(np.concatenate(rewards), np.concatenate(errors), np.concatenate(latents),
+                     np.concatenate(actions))
+
+
+def action_oscillation(action: np.ndarray) -> np.ndarray:
+    """Per episode, the mean amplitude of step-to-step alternation of the actions:
+    ``mean_t,j |a_t - 2 a_{t-1} + a_{t-2}| / 4`` for ``action`` (episodes, steps, act_dim);
+    shape (episodes,)."""
+    second_difference = action[:, 2:] - 2.0 * action[:, 1:-1] + action[:, :-2]
+    return np.abs(second_difference).mean(axis=(1, 2)) / 4.0
 
 
 def rolling_mean(x: np.ndarray, width: int) -> np.ndarray:
@@ -284,6 +299,7 @@ def summarize(runs: dict[str, MethodRun], episodes: Sequence[FaultEpisode], dt: 
             "tracking_error_before_std": float(before.std()),
             "tracking_error_after_mean": float(after.mean()),
             "tracking_error_after_std": float(after.std()),
+            "action_oscillation": float(action_oscillation(run.action).mean()),
         }
         base = _SOURCE[name][0]
         if _SOURCE[name][1] and base in runs:
@@ -389,7 +405,7 @@ def print_table(summary: dict) -> None:
 
     table = Table(title="metarl eval")
     columns = ("method", "norm. return", "95% CI", "recover s", "recovered", "err before",
-               "err after")
+               "err after", "oscillation")
     for column in columns:
         table.add_column(column, justify="right")
     for name, m in summary.items():
@@ -402,6 +418,7 @@ def print_table(summary: dict) -> None:
             f"{m['recovered_fraction']:.0%}",
             f"{m['tracking_error_before_mean']:.4f}",
             f"{m['tracking_error_after_mean']:.4f}",
+            f"{m['action_oscillation']:.3f}",
         )
     # a pipe or a log file gets the whole table, not rich's 80-column default
     Console(width=None if sys.stdout.isatty() else 120).print(table)
