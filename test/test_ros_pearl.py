@@ -118,9 +118,9 @@ def test_pearl_adapter_closes_the_loop_with_and_without_adaptation(ros):
     recovered_off = _window_mean(off_monitor, payload_time + 1.5, RUN_S)
     assert recovered_off < 0.03, recovered_off
     # with adaptation the arm recovers better from the payload, by a margin (shipped model,
-    # measured: on 0.0026 rad, off 0.0032 rad; lockstep with inline MAML makes both runs
+    # measured: on 0.0024 rad, off 0.0029 rad; lockstep with inline MAML makes both runs
     # deterministic). The policy trained with the trust region to the nominal controller
     # (anchor_weight) is precise with its latent at the prior too, so the margin is smaller
-    # than the previous model's (0.0037 vs 0.0102 rad).
+    # than that of the model trained without it (0.0037 vs 0.0102 rad).
     print(f"after the payload: adaptation on {recovered_on:.4f} rad, off {recovered_off:.4f} rad")
     assert recovered_on < 0.9 * recovered_off, (recovered_on, recovered_off)
