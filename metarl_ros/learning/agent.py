@@ -184,17 +184,19 @@ class ConditionedSAC(nn.Module):
         action, log_prob = self.actor.sample(x_actor)
         q_pi = self.critic(x_actor, action).min(0).values
         actor_loss = (alpha * log_prob - q_pi).mean()
+        anchored = anchor is not None and anchor_weight > 0.0
+        # the deterministic actions, once for both terms that need them
+        mean_action = self.actor(x_actor) if anchored or smoothness_weight > 0.0 else None
         anchor_loss = torch.zeros(())
-        if anchor is not None and anchor_weight > 0.0:
+        if anchored:
             with torch.no_grad():
                 reference = anchor(x_actor)
-            anchor_loss = (self.actor(x_actor) - reference).pow(2).sum(-1).mean()
+            anchor_loss = (mean_action - reference).pow(2).sum(-1).mean()
             actor_loss = actor_loss + anchor_weight * anchor_loss
         smoothness_loss = torch.zeros(())
         if smoothness_weight > 0.0:
-            smoothness_loss = (
-                (self.actor(x_actor) - self.actor(next_x.detach())).pow(2).sum(-1).mean()
-            )
+            # next_x carries no gradient to the encoder (its condition is detached)
+            smoothness_loss = (mean_action - self.actor(next_x)).pow(2).sum(-1).mean()
             actor_loss = actor_loss + smoothness_weight * smoothness_loss
         if train_actor:
             self.actor_optimizer.zero_grad(set_to_none=True)

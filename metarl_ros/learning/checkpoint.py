@@ -118,9 +118,9 @@ def model_env_config(payload: dict, source: str | Path) -> Path:
     trained in another checkout) falls back to its part from the last ``sim/`` folder on,
     looked up the same way. Raises :class:`CheckpointError` naming the model and the path.
     """
-    stored = Path(str(payload.get("env_config", "")))
-    if not str(stored) or str(stored) == ".":
+    if not payload.get("env_config"):
         raise CheckpointError(f"{source}: model file names no env config")
+    stored = Path(str(payload["env_config"]))
     candidates = [resolve_path(stored)]
     if stored.is_absolute() and "sim" in stored.parts:
         last_sim = len(stored.parts) - 1 - stored.parts[::-1].index("sim")
