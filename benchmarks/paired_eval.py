@@ -13,8 +13,9 @@ between close variants, and a paired difference removes that variance.
     python benchmarks/paired_eval.py models --split ood --episodes 30 --seed 1 \
         --correction 0.6,0.1 --correction 0.3,0.3
 
-Prints, per method, the mean paired difference of post-fault return per episode with its
-standard error, the normalized return of each side and the tracking error before the fault.
+Prints, per method, the mean paired difference of post-fault and of pre-fault return per
+episode with its standard error, the normalized return of each side and the tracking error
+before the fault.
 Settings chosen with it should be reported on another seed (`metarl eval` uses seed 0).
 """
 
@@ -29,13 +30,23 @@ import torch
 from metarl_ros.learning import evaluation, runtime
 
 
-def _post_fault_returns(model_root: Path, split: str, episodes: int, seed: int,
-                        methods: tuple[str, ...]) -> tuple[dict, dict[str, np.ndarray]]:
-    """``(summary, {method: post-fault return per episode, (episodes,)})``."""
+def _returns(model_root: Path, split: str, episodes: int, seed: int, methods: tuple[str, ...]
+             ) -> tuple[dict, dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """``(summary, {method: post-fault return per episode}, {method: pre-fault return per
+    episode})``, each array (episodes,)."""
     summary, runs, plan, setup = evaluation.evaluate(model_root, split, episodes, seed,
                                                      methods=methods)
     steps = evaluation.fault_steps_of(plan, setup.control_dt)
-    return summary, {m: evaluation.post_per_episode(runs[m], steps) for m in summary}
+    post = {m: evaluation.post_per_episode(runs[m], steps) for m in summary}
+    pre = {m: runs[m].reward.sum(axis=1) - post[m] for m in summary}
+    return summary, post, pre
+
+
+def _post_fault_returns(model_root: Path, split: str, episodes: int, seed: int,
+                        methods: tuple[str, ...]) -> tuple[dict, dict[str, np.ndarray]]:
+    """``(summary, {method: post-fault return per episode, (episodes,)})``."""
+    summary, post, _ = _returns(model_root, split, episodes, seed, methods)
+    return summary, post
 
 
 def _paired(new: np.ndarray, old: np.ndarray) -> str:
@@ -45,13 +56,14 @@ def _paired(new: np.ndarray, old: np.ndarray) -> str:
 
 def compare_models(old: Path, new: Path, split: str, episodes: int, seed: int,
                    methods: tuple[str, ...]) -> None:
-    old_summary, old_returns = _post_fault_returns(old, split, episodes, seed, methods)
-    new_summary, new_returns = _post_fault_returns(new, split, episodes, seed, methods)
+    old_summary, old_returns, old_pre = _returns(old, split, episodes, seed, methods)
+    new_summary, new_returns, new_pre = _returns(new, split, episodes, seed, methods)
     for method in methods:
         a, b = old_summary[method], new_summary[method]
         before = "tracking_error_before_mean"
         print(f"{split} seed {seed} {method}: {new} - {old} post-fault return "
-              f"{_paired(new_returns[method], old_returns[method])}; normalized "
+              f"{_paired(new_returns[method], old_returns[method])}; pre-fault return "
+              f"{_paired(new_pre[method], old_pre[method])}; normalized "
               f"{a['normalized_return']:.3f} -> {b['normalized_return']:.3f}; error before "
               f"{a[before]:.4f} -> {b[before]:.4f} rad", flush=True)
 
