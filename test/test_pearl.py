@@ -20,9 +20,12 @@ from metarl_ros.learning.encoder import (
     BatchedWindows,
     ContextEncoder,
     StreamingPosterior,
+    TrailingContexts,
     kl_to_standard_normal,
     make_transition,
     product_of_gaussians,
+    trailing_windows,
+    windowed_posterior,
 )
 from metarl_ros.learning.networks import EnsembleMLP, TanhGaussianActor, TwinCritic
 from metarl_ros.learning.replay import TransitionBatch
@@ -202,6 +205,54 @@ def test_batched_windows_match_streaming_posterior_with_wraparound():
     for single in singles:
         single.reset()
     check()
+
+
+def test_windowed_posterior_equals_the_masked_product_of_each_window():
+    mu, var = random_factors(2, 7, 3, seed=4)
+    windows = (torch.rand(2, 5, 7, generator=torch.Generator().manual_seed(1)) < 0.5).double()
+    windows[1, 2] = 0.0  # an empty window: the prior
+    mean, variance = windowed_posterior(mu, var, windows)
+    assert mean.shape == variance.shape == (2, 5, 3)
+    for t in range(2):
+        for m in range(5):
+            ref_mu, ref_var = product_of_gaussians(mu[t], var[t], windows[t, m])
+            torch.testing.assert_close(mean[t, m], ref_mu)
+            torch.testing.assert_close(variance[t, m], ref_var)
+    assert torch.equal(mean[1, 2], torch.zeros(3)) and torch.equal(variance[1, 2], torch.ones(3))
+
+
+def test_trailing_contexts_are_the_posteriors_the_deployed_policy_acts_with():
+    """A sequence that crosses an episode boundary: every RL transition's context is what a
+    StreamingPosterior, reset at the boundary, held when the policy acted on it (before the
+    transition is pushed), and its next state's is what it held right after."""
+    encoder = tiny_encoder()
+    window = 4
+    episode_step = torch.tensor([7, 8, 9, 10, 11, 0, 1, 2, 3, 4, 5, 6])  # reset at index 5
+    transitions = torch.randn(len(episode_step), 6)
+    windows, next_windows = trailing_windows(episode_step, window)
+    assert windows.shape == next_windows.shape == (len(episode_step) - window, len(episode_step))
+    contexts = TrailingContexts(transitions[None, None], windows[None, None],
+                                next_windows[None, None])
+    with torch.no_grad():
+        (mu, var), (next_mu, next_var) = contexts.posteriors(encoder)
+    assert mu.shape == next_mu.shape == (1, len(episode_step) - window, 3)
+
+    stream = StreamingPosterior(encoder, window)
+    for j, transition in enumerate(transitions):
+        if episode_step[j] == 0:
+            stream.reset()
+        acted_with = stream.posterior()
+        stream.push(transition)
+        if j >= window:
+            torch.testing.assert_close(mu[0, j - window], acted_with[0], rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(var[0, j - window], acted_with[1], rtol=1e-5, atol=1e-6)
+            after = stream.posterior()
+            torch.testing.assert_close(next_mu[0, j - window], after[0], rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(next_var[0, j - window], after[1], rtol=1e-5, atol=1e-6)
+    # right after the reset (index 5) the policy acted on the prior
+    assert torch.equal(mu[0, 5 - window], torch.zeros(3))
+    with pytest.raises(ValueError, match="no RL transition"):
+        trailing_windows(episode_step[:window], window)
 
 
 def test_make_transition_layout():
@@ -481,6 +532,60 @@ def test_update_without_encoder(conditioning):
     obs = torch.randn(6, OBS)
     cond = torch.randn(6, spec.cond_dim)
     assert agent.act(obs, cond, deterministic=True).shape == (6, ACT)
+
+
+def test_update_with_trailing_contexts_conditions_each_transition_on_its_own_posterior():
+    """The critic loss of an update with TrailingContexts, recomputed by hand: each RL
+    transition with z from its own window, its next state with the next window's (same
+    noise), and the encoder's gradient is the critic's plus the KL's."""
+    agent = tiny_agent()
+    segments, window, per_segment = 2, 3, PER_TASK // 2
+    length = window + per_segment
+    g = torch.Generator().manual_seed(21)
+    sequence = torch.randn(TASKS, segments, length, 2 * OBS + ACT + 1, generator=g)
+    obs = sequence[..., :OBS]
+    action = sequence[..., OBS:OBS + ACT].tanh()
+    reward = sequence[..., OBS + ACT]
+    next_obs = sequence[..., OBS + ACT + 1:]
+    sequence = make_transition(obs, action, reward, next_obs)
+    episode_step = torch.arange(length).expand(TASKS, segments, -1) + 2  # task 0 ...
+    episode_step[0, 1] = torch.tensor([5, 6, 0, 1, 2, 3, 4])  # ... resets in segment 1
+    windows, next_windows = trailing_windows(episode_step, window)
+    contexts = TrailingContexts(sequence, windows, next_windows)
+    tail = slice(window, None)
+    batch = TransitionBatch(*(x[:, :, tail].flatten(1, 2) for x in (obs, action, reward,
+                                                                      next_obs)))
+
+    reference = copy.deepcopy(agent)
+    torch.manual_seed(7)
+    (mu, var), (next_mu, next_var) = contexts.posteriors(reference.encoder)
+    noise = torch.randn_like(mu)
+    z = (mu + var.sqrt() * noise).flatten(0, 1)
+    next_z = (next_mu + next_var.sqrt() * noise).flatten(0, 1)
+    kl = kl_to_standard_normal(mu, var).mean()
+    flat = batch.flatten()
+    x = torch.cat([flat.obs, z], -1)
+    next_x = torch.cat([flat.next_obs, next_z], -1)
+    alpha = reference.log_alpha.exp().detach()
+    with torch.no_grad():
+        next_action, next_log_prob = reference.actor.sample(next_x)
+        target = flat.reward + reference.spec.gamma * (
+            reference.critic_target(next_x, next_action).min(0).values - alpha * next_log_prob)
+    critic_loss = (reference.critic(x, flat.action) - target).pow(2).mean(-1).sum()
+    grads = torch.autograd.grad(critic_loss + reference.spec.kl_weight * kl,
+                                list(reference.encoder.parameters()))
+
+    torch.manual_seed(7)
+    stats = agent.update(batch, contexts)
+    assert stats["critic_loss"] == pytest.approx(critic_loss.item(), rel=1e-6)
+    assert stats["kl"] == pytest.approx(kl.item(), rel=1e-6)
+    for p, g_ref in zip(agent.encoder.parameters(), grads):
+        assert g_ref.abs().sum() > 0
+        torch.testing.assert_close(p.grad, g_ref, rtol=1e-5, atol=1e-7)
+    # task 0, segment 1 resets at position 2: its first RL transition (position 3, step 1)
+    # acted on that one transition only, its next state on two; nothing from before the reset
+    assert windows[0, 1, 0].tolist() == [0, 0, 1, 0, 0, 0, 0]
+    assert next_windows[0, 1, 0].tolist() == [0, 0, 1, 1, 0, 0, 0]
 
 
 def _step_to_step_change(agent: ConditionedSAC, batch: TransitionBatch, condition) -> float:

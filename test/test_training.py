@@ -32,6 +32,7 @@ from metarl_ros.learning.checkpoint import (
     model_env_config,
     portable_env_path,
 )
+from metarl_ros.learning.encoder import make_transition
 from metarl_ros.learning.config import AgentConfig, DynamicsConfig, TrainConfig, load_train_config
 from metarl_ros.learning.evaluation import (
     RECOVERY_FLOOR_RAD,
@@ -171,7 +172,8 @@ def test_checkpoint_resume_restores_everything_and_continues_identically(tiny_en
     at_checkpoint = agent_state(original)
     state_at_checkpoint = copy.deepcopy(original.train_state())  # optimizer tensors are live
     replay_at_checkpoint = [(t.size, t.cursor, t.obs.copy(), t.action.copy(), t.reward.copy(),
-                             t.next_obs.copy()) for t in original.replay.tasks]
+                             t.next_obs.copy(), t.episode_step.copy())
+                            for t in original.replay.tasks]
     shutil.copytree(tmp_path / "original", tmp_path / "resumed")
     original.run(max_iterations=1)
 
@@ -186,11 +188,12 @@ def test_checkpoint_resume_restores_everything_and_continues_identically(tiny_en
     assert resumed.normalizer_fitted
     assert_states_equal(restored, at_checkpoint)
     assert_nested_equal(resumed.train_state(), state_at_checkpoint)  # optimizers, RNG states
-    for buffer, (size, cursor, obs, action, reward, next_obs) in zip(resumed.replay.tasks,
-                                                                      replay_at_checkpoint):
+    for buffer, (size, cursor, obs, action, reward, next_obs, episode_step) in zip(
+            resumed.replay.tasks, replay_at_checkpoint):
         assert (buffer.size, buffer.cursor) == (size, cursor)
         for mine, theirs in ((buffer.obs, obs), (buffer.action, action),
-                             (buffer.reward, reward), (buffer.next_obs, next_obs)):
+                             (buffer.reward, reward), (buffer.next_obs, next_obs),
+                             (buffer.episode_step, episode_step)):
             np.testing.assert_array_equal(mine[:size], theirs[:size])
 
     resumed.run(max_iterations=1)
@@ -662,3 +665,82 @@ def test_smoothness_weight_reaches_the_actor_update(tiny_env, tmp_path):
         trainer.collect_initial()
     assert off.update()["smoothness_loss"] == 0.0
     assert on.update()["smoothness_loss"] > 0.0
+
+
+def test_trailing_contexts_and_fault_episodes_in_training(tiny_env, tmp_path):
+    """fault_episode_fraction 1: every collected episode starts intact and its task strikes in
+    the suite's fault window; the trailing contexts of a meta-batch hold, for each RL
+    transition, exactly the transitions before it in its own episode; training on them
+    lowers the critic loss."""
+    config = tiny_config(tiny_env, agent={"gamma": 0.9}, context_sampling="trailing",
+                         context_segments=4, fault_episode_fraction=1.0)
+    trainer = Trainer(config, tmp_path / "run", progress=False)
+    calls = []
+    run = trainer.rollout.run
+
+    def spy(agent, tasks, seeds, **kwargs):
+        calls.append((list(tasks), kwargs["faults"]))
+        return run(agent, tasks, seeds, **kwargs)
+
+    trainer.rollout.run = spy
+    trainer.collect_initial()
+    intact = nominal_task(trainer.setup.robot.num_joints).key()
+    scheduled = [event for tasks, faults in calls for event in faults]
+    assert [len(f) for f in scheduled] == [1] * TRAIN_TASKS
+    assert all(task.key() == intact for tasks, _ in calls for task in tasks)
+    assert [f[0].task.key() for f in scheduled] == [t.key() for t in trainer.tasks]
+    assert all(0.3 <= f[0].time_s <= 0.6 for f in scheduled)
+
+    window, per_segment = config.context_window, config.batch_size // config.context_segments
+    batch, contexts = trainer.sample_trailing([0, 1])
+    assert batch.reward.shape == (2, config.batch_size)
+    assert contexts.transitions.shape[:3] == (2, config.context_segments, window + per_segment)
+    # the batch's transitions are the last per_segment ones of each segment's sequence
+    rl_part = contexts.transitions[:, :, window:].flatten(1, 2)
+    torch.testing.assert_close(
+        rl_part, make_transition(batch.obs, batch.action, batch.reward, batch.next_obs))
+    assert contexts.windows.sum(-1).max() == window
+    # a sequence that crosses into task 0's second episode (which starts at buffer row 100):
+    # its RL transitions are that episode's steps 0.., whose windows hold min(step, window)
+    # transitions, none from the first episode
+    trainer.collect([0])
+    assert trainer.replay.tasks[0].episode_step[100:200].tolist() == list(range(100))
+    crossing = np.arange(100 - window, 100 + per_segment)
+    trainer._consecutive_index = lambda task_id, length: crossing
+    _, contexts = trainer.sample_trailing([0])
+    fill = contexts.windows[0, 0].sum(-1)
+    assert fill.tolist() == [min(m, window) for m in range(per_segment)]
+    assert contexts.windows[0, 0, :, :window].sum() == 0  # nothing before the reset
+    assert contexts.next_windows[0, 0].sum(-1).tolist() == [
+        min(m + 1, window) for m in range(per_segment)]
+
+    losses = [trainer.update()["critic_loss"] for _ in range(300)]
+    assert all(np.isfinite(losses))
+    first, last = float(np.mean(losses[:30])), float(np.mean(losses[-30:]))
+    assert last < 0.5 * first, (first, last)
+
+
+def test_trailing_and_fault_episode_options_are_validated(tiny_env):
+    with pytest.raises(ValueError, match="for method pearl"):
+        tiny_config(tiny_env, method="robust", context_sampling="trailing")
+    with pytest.raises(ValueError, match="must divide by context_segments"):
+        tiny_config(tiny_env, context_sampling="trailing", context_segments=5)
+    with pytest.raises(ValueError, match="needs context_sampling trailing"):
+        tiny_config(tiny_env, fault_episode_fraction=0.5)
+    with pytest.raises(ValueError, match="oracle"):
+        tiny_config(tiny_env, method="oracle", fault_episode_fraction=0.5)
+    assert tiny_config(tiny_env, method="robust", fault_episode_fraction=0.5)
+
+
+def test_resume_from_a_replay_without_episode_steps_names_the_problem(trained_run, tmp_path):
+    run_dir, config_path, config = trained_run
+    copy_dir = tmp_path / "run"
+    shutil.copytree(run_dir, copy_dir)
+    trainer = Trainer(config, copy_dir, config_path=config_path, progress=False)
+    replay_file = trainer.checkpoints.latest() / "replay.npz"
+    with np.load(replay_file) as data:
+        old = {key: data[key] for key in data.files if not key.endswith("/episode_step")}
+    with open(replay_file, "wb") as stream:
+        np.savez(stream, **old)
+    with pytest.raises(CheckpointError, match="no episode_step"):
+        Trainer(config, copy_dir, config_path=config_path, progress=False).resume()

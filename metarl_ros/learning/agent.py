@@ -27,6 +27,7 @@ from torch import nn
 
 from metarl_ros.learning.encoder import (
     ContextEncoder,
+    TrailingContexts,
     kl_to_standard_normal,
 )
 from metarl_ros.learning.networks import TanhGaussianActor, TwinCritic
@@ -117,7 +118,7 @@ class ConditionedSAC(nn.Module):
     def update(
         self,
         batch: TransitionBatch,
-        context: torch.Tensor | None = None,
+        context: torch.Tensor | TrailingContexts | None = None,
         context_mask: torch.Tensor | None = None,
         task_condition: torch.Tensor | None = None,
         train_actor: bool = True,
@@ -129,7 +130,11 @@ class ConditionedSAC(nn.Module):
 
         Args:
             batch: RL transitions with leading dims (T, B).
-            context: encoder input (T, N, transition_dim), for ``latent`` conditioning.
+            context: for ``latent`` conditioning, either encoder input (T, N,
+                transition_dim): one posterior per task for its whole row of the batch
+                (PEARL's), or :class:`TrailingContexts` whose RL transitions are ``batch``'s
+                (T, B) in segment order: one posterior per transition, the deployed one,
+                and the next state's for the Bellman target.
             context_mask: (T, N), 1 for valid context entries (variable context sizes).
             task_condition: (T, oracle_dim), for ``oracle`` conditioning.
             train_actor: False updates only the critics (and the encoder): the critic warm-up
@@ -148,10 +153,17 @@ class ConditionedSAC(nn.Module):
         spec = self.spec
         num_tasks, per_task = batch.reward.shape
         kl = torch.zeros(())
+        next_cond = None
         if spec.conditioning == "latent":
             assert self.encoder is not None and context is not None
-            mu, var = self.encoder.posterior(context, context_mask)
-            z = mu + var.sqrt() * torch.randn_like(mu)
+            if isinstance(context, TrailingContexts):
+                (mu, var), (next_mu, next_var) = context.posteriors(self.encoder)
+                noise = torch.randn_like(mu)  # one draw for s and s': the same belief sample
+                z = mu + var.sqrt() * noise  # (T, B, L)
+                next_cond = (next_mu + next_var.sqrt() * noise).detach().flatten(0, 1)
+            else:
+                mu, var = self.encoder.posterior(context, context_mask)
+                z = mu + var.sqrt() * torch.randn_like(mu)  # (T, L)
             kl = kl_to_standard_normal(mu, var).mean()
             task_cond = z
         elif spec.conditioning == "oracle":
@@ -159,10 +171,13 @@ class ConditionedSAC(nn.Module):
             task_cond = task_condition
         else:
             task_cond = torch.zeros(num_tasks, 0)
-        cond = task_cond.unsqueeze(1).expand(-1, per_task, -1).reshape(num_tasks * per_task, -1)
+        if task_cond.dim() == 3:  # one condition per transition
+            cond = task_cond.flatten(0, 1)
+        else:
+            cond = task_cond.unsqueeze(1).expand(-1, per_task, -1).flatten(0, 1)
         flat = batch.flatten()
         x = torch.cat([flat.obs, cond], dim=-1)
-        next_x = torch.cat([flat.next_obs, cond.detach()], dim=-1)
+        next_x = torch.cat([flat.next_obs, cond.detach() if next_cond is None else next_cond], -1)
         alpha = self.log_alpha.exp().detach()
 
         with torch.no_grad():
@@ -195,8 +210,10 @@ class ConditionedSAC(nn.Module):
             actor_loss = actor_loss + anchor_weight * anchor_loss
         smoothness_loss = torch.zeros(())
         if smoothness_weight > 0.0:
-            # next_x carries no gradient to the encoder (its condition is detached)
-            smoothness_loss = (mean_action - self.actor(next_x)).pow(2).sum(-1).mean()
+            # the next state under the same condition: smooth in the state, free to follow a
+            # change of belief; no gradient to the encoder (the condition is detached)
+            next_same = torch.cat([flat.next_obs, cond.detach()], dim=-1)
+            smoothness_loss = (mean_action - self.actor(next_same)).pow(2).sum(-1).mean()
             actor_loss = actor_loss + smoothness_weight * smoothness_loss
         if train_actor:
             self.actor_optimizer.zero_grad(set_to_none=True)

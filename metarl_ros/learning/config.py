@@ -78,7 +78,33 @@ class TrainConfig(StrictModel):
     meta_batch_tasks: PositiveInt = 16
     batch_size: PositiveInt = 128
     context_window: PositiveInt = Field(default=25, description="transitions, streaming posterior")
-    min_context: PositiveInt = 1
+    min_context: PositiveInt = Field(
+        default=1, description="context_sampling task: smallest random fill of the window"
+    )
+    context_sampling: Literal["task", "trailing"] = Field(
+        default="task",
+        description="pearl: 'task' conditions a task's whole meta-batch row on one posterior "
+        "over a window of consecutive transitions of that task (Rakelly et al., 2019); "
+        "'trailing' conditions every RL transition on the posterior over the context_window "
+        "transitions before it in its own episode, exactly as deployed (the prior at a reset, "
+        "windows that straddle a mid-episode fault), and its next state on the window that "
+        "includes it (learning/encoder.py: TrailingContexts)",
+    )
+    context_segments: PositiveInt = Field(
+        default=8,
+        description="context_sampling trailing: each task's batch_size RL transitions come as "
+        "this many runs of consecutive steps (batch_size must divide by it), whose windows "
+        "share their encoded factors",
+    )
+    fault_episode_fraction: float = Field(
+        default=0.0,
+        ge=0.0,
+        le=1.0,
+        description="share of collected training episodes that start on the intact robot and "
+        "switch to their task at a time drawn from the suite's fault_time_s, as every "
+        "evaluation episode does; the whole episode goes to that task's buffer (pearl needs "
+        "context_sampling trailing for it, the oracle cannot use it: its condition is per task)",
+    )
     replay_capacity_per_task: PositiveInt = 20000
     eval_every_iterations: PositiveInt = 10
     eval_tasks: PositiveInt = 8
@@ -129,6 +155,26 @@ class TrainConfig(StrictModel):
             raise ValueError("min_context must not exceed context_window")
         if self.anchor_weight > 0 and not self.init_from:
             raise ValueError("anchor_weight > 0 needs init_from (the policy to stay near)")
+        if self.context_sampling == "trailing":
+            if self.method != "pearl":
+                raise ValueError("context_sampling trailing is for method pearl (a context)")
+            if self.batch_size % self.context_segments:
+                raise ValueError(
+                    f"batch_size {self.batch_size} must divide by context_segments "
+                    f"{self.context_segments}"
+                )
+        if self.fault_episode_fraction > 0:
+            if self.method in ("oracle", "nominal"):
+                raise ValueError(
+                    f"fault_episode_fraction > 0 does not apply to method {self.method}: "
+                    "the oracle's condition is one task vector per buffer, nominal has only "
+                    "the intact robot"
+                )
+            if self.method == "pearl" and self.context_sampling != "trailing":
+                raise ValueError(
+                    "fault_episode_fraction > 0 needs context_sampling trailing for pearl: a "
+                    "per-task context would mix the intact and the faulty part of an episode"
+                )
         return self
 
     @property

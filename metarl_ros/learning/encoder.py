@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -55,6 +56,86 @@ def product_of_gaussians(
     precision_sum = precision.sum(-2)
     posterior_var = 1.0 / precision_sum
     return posterior_var * (precision * mu).sum(-2), posterior_var
+
+
+def windowed_posterior(
+    mu: torch.Tensor, var: torch.Tensor, windows: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Products of Gaussian factors over many windows of one sequence at once.
+
+    Args:
+        mu, var: factors of a sequence of transitions, shape (..., W, L).
+        windows: (..., M, W), row m is 1 for the factors in the m-th window and 0 elsewhere.
+
+    Returns:
+        Posterior mean and variance of each window, each (..., M, L): row m equals
+        ``product_of_gaussians(mu, var, windows[..., m, :])``, empty windows giving the prior.
+        Overlapping windows share the factors, so each transition is encoded once.
+    """
+    precision = 1.0 / var
+    empty = (windows.sum(-1, keepdim=True) == 0).to(mu.dtype)  # (..., M, 1)
+    precision_sum = windows @ precision + empty
+    mean = (windows @ (precision * mu)) / precision_sum
+    return mean, 1.0 / precision_sum
+
+
+@dataclass
+class TrailingContexts:
+    """Contexts exactly as deployed, one per RL transition: the posterior the policy acted
+    with at step ``t`` is the product over the (up to ``K``) transitions before ``t`` in the
+    same episode, and the one it acts with at ``t + 1`` also includes transition ``t``.
+
+    The RL transitions come in segments of ``M`` consecutive steps; each segment's sequence
+    holds the ``K`` transitions before it too (``W = K + M``), so that overlapping windows
+    share their factors.
+
+    Shapes: transitions (T, S, W, D) for T tasks of S segments; windows and next_windows
+    (T, S, M, W), the masks of the windows for the segment's m-th RL transition and for its
+    next state.
+    """
+
+    transitions: torch.Tensor
+    windows: torch.Tensor
+    next_windows: torch.Tensor
+
+    def posteriors(
+        self, encoder: "ContextEncoder"
+    ) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+        """(mean, variance) at each RL transition and at its next state, each (T, S*M, L);
+        gradients flow to the encoder through both."""
+        mu, var = encoder.factors(self.transitions)
+        now = windowed_posterior(mu, var, self.windows)
+        after = windowed_posterior(mu, var, self.next_windows)
+        return tuple(x.flatten(1, 2) for x in now), tuple(x.flatten(1, 2) for x in after)
+
+
+def trailing_windows(
+    episode_step: torch.Tensor, window: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Window masks of :class:`TrailingContexts` from the step index of each transition in its
+    episode.
+
+    Args:
+        episode_step: (..., W) step index within its episode of each transition of the
+            sequences (consecutive in time, W > window).
+        window: K, the deployed context window.
+
+    Returns:
+        windows, next_windows: (..., W - K, W). The RL transition at position ``j = K + m``
+        was acted on with the transitions ``j - K .. j - 1``, its next state with
+        ``j - K + 1 .. j``, each limited to its own episode (``j - p <= episode_step[j]``).
+    """
+    length = episode_step.shape[-1]
+    if length <= window:
+        raise ValueError(f"sequences of {length} transitions hold no RL transition after a "
+                         f"window of {window}")
+    target = torch.arange(window, length)[:, None]  # (M, 1) positions j
+    source = torch.arange(length)[None, :]  # (1, W) positions p
+    lag = target - source  # (M, W): j - p
+    in_episode = lag <= episode_step[..., window:, None]  # (..., M, W)
+    windows = ((lag >= 1) & (lag <= window) & in_episode).to(torch.float32)
+    next_windows = ((lag >= 0) & (lag <= window - 1) & in_episode).to(torch.float32)
+    return windows, next_windows
 
 
 def kl_to_standard_normal(mu: torch.Tensor, var: torch.Tensor) -> torch.Tensor:

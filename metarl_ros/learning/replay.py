@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 _FIELDS = ("obs", "action", "reward", "next_obs")
+_STORED = (*_FIELDS, "episode_step")
 
 
 @dataclass
@@ -34,7 +35,10 @@ class TransitionBatch:
 
 
 class TaskReplay:
-    """A ring buffer of one task's transitions (float32 numpy storage)."""
+    """A ring buffer of one task's transitions (float32 numpy storage), in the order they
+    happened, with each transition's step index in its episode (``episode_step``: 0 at a
+    reset), which tells where a window of consecutive transitions crosses into an earlier
+    episode."""
 
     def __init__(self, capacity: int, obs_dim: int, act_dim: int) -> None:
         self.capacity = capacity
@@ -42,19 +46,27 @@ class TaskReplay:
         self.action = np.zeros((capacity, act_dim), np.float32)
         self.reward = np.zeros((capacity,), np.float32)
         self.next_obs = np.zeros((capacity, obs_dim), np.float32)
+        self.episode_step = np.zeros((capacity,), np.int64)
         self.size = 0
         self.cursor = 0
 
     def add(
-        self, obs: np.ndarray, action: np.ndarray, reward: np.ndarray, next_obs: np.ndarray
+        self,
+        obs: np.ndarray,
+        action: np.ndarray,
+        reward: np.ndarray,
+        next_obs: np.ndarray,
+        episode_step: np.ndarray | None = None,
     ) -> None:
-        """Append a chunk of transitions, arrays with leading dim M."""
+        """Append a chunk of transitions, arrays with leading dim M. ``episode_step``
+        defaults to ``0 .. M-1``: the chunk is one whole episode from its reset."""
         count = len(reward)
         index = (self.cursor + np.arange(count)) % self.capacity
         self.obs[index] = obs
         self.action[index] = action
         self.reward[index] = reward
         self.next_obs[index] = next_obs
+        self.episode_step[index] = np.arange(count) if episode_step is None else episode_step
         self.cursor = int((self.cursor + count) % self.capacity)
         self.size = min(self.size + count, self.capacity)
 
@@ -72,14 +84,19 @@ class TaskReplay:
                 name: getattr(self, name)[: self.size]
                 if self.size < self.capacity
                 else getattr(self, name)
-                for name in _FIELDS
+                for name in _STORED
             },
             "meta": np.array([self.size, self.cursor], dtype=np.int64),
         }
 
     def load_state(self, state: dict[str, np.ndarray]) -> None:
         size, cursor = (int(v) for v in state["meta"])
-        for name in _FIELDS:
+        if "episode_step" not in state:
+            raise ValueError(
+                "replay state has no episode_step (written before metarl_ros stored it): "
+                "resume that run with the version that wrote it, or start a new --out"
+            )
+        for name in _STORED:
             getattr(self, name)[:size] = state[name]
         self.size, self.cursor = size, cursor
 
@@ -93,8 +110,8 @@ class MultiTaskReplay:
     def __len__(self) -> int:
         return sum(t.size for t in self.tasks)
 
-    def add(self, task_id: int, obs, action, reward, next_obs) -> None:
-        self.tasks[task_id].add(obs, action, reward, next_obs)
+    def add(self, task_id: int, obs, action, reward, next_obs, episode_step=None) -> None:
+        self.tasks[task_id].add(obs, action, reward, next_obs, episode_step)
 
     def sample(
         self, task_ids: list[int], count: int, rng: np.random.Generator, recent: int | None = None
@@ -122,4 +139,6 @@ class MultiTaskReplay:
     def load(self, path: Path) -> None:
         with np.load(path) as data:
             for i, buffer in enumerate(self.tasks):
-                buffer.load_state({key: data[f"{i}/{key}"] for key in (*_FIELDS, "meta")})
+                buffer.load_state(
+                    {key: data[f"{i}/{key}"] for key in (*_STORED, "meta") if f"{i}/{key}" in data}
+                )

@@ -5,9 +5,12 @@ One iteration (PEARL-style, Rakelly et al. 2019, Alg. 1, with online posteriors)
 1. sample ``envs_per_iteration`` training tasks and run one episode on each in lockstep, the
    policy conditioned on the streaming posterior over its own last ``context_window``
    transitions (with ``z = mu + std * eps``, ``eps`` fixed per episode: posterior sampling);
+   with ``fault_episode_fraction`` some episodes start intact and the task strikes mid-way;
 2. ``updates_per_iteration`` SAC updates on meta-batches of ``meta_batch_tasks`` tasks: for
-   each task a context of consecutive transitions (random fill ``min_context..window``, as the
-   window is after a reset or a fault) and ``batch_size`` RL transitions from its buffer;
+   each task ``batch_size`` RL transitions from its buffer and, by ``context_sampling``,
+   either one context of consecutive transitions for all of them (``task``, PEARL's; random
+   fill ``min_context..window``, as the window is after a reset or a fault) or each
+   transition's own trailing window in its episode (``trailing``, the deployed posterior);
 3. (PEARL runs) MAML meta-steps for the two dynamics models the online adapter uses: one
    conditioned on the PEARL latent (``pearl_maml``), one without (``maml``).
 
@@ -41,15 +44,16 @@ from metarl_ros.learning.checkpoint import (
     remove_stale_temp_files,
 )
 from metarl_ros.learning.config import TrainConfig
-from metarl_ros.learning.encoder import make_transition
+from metarl_ros.learning.encoder import TrailingContexts, make_transition, trailing_windows
 from metarl_ros.learning.evaluation import fault_steps_of, mean_before_after
-from metarl_ros.learning.replay import MultiTaskReplay
+from metarl_ros.learning.replay import MultiTaskReplay, TransitionBatch
 from metarl_ros.learning.rollout import VectorRollout
 from metarl_ros.learning.torque_model import PDStructure, TorqueGainDynamics
 from metarl_ros.learning.warm_start import warm_start
 from metarl_ros.resources import resolve_path
 from metarl_ros.sim.env import EnvSetup, load_env_setup
 from metarl_ros.sim.tasks import (
+    FaultEvent,
     TaskParams,
     fault_episodes,
     make_split,
@@ -230,12 +234,25 @@ class Trainer:
         return [int(i) for i in ids]
 
     def collect(self, task_ids: list[int], deterministic: bool = False) -> np.ndarray:
-        """One episode per task id; store transitions. Returns episode returns."""
+        """One episode per task id; store transitions. Returns episode returns.
+
+        With ``fault_episode_fraction`` that share of the episodes starts on the intact robot
+        and the task strikes at a time drawn from the suite's ``fault_time_s``."""
         seeds = self.rng.integers(0, 2**31 - 1, size=len(task_ids))
+        starts = [self.tasks[i] for i in task_ids]
+        faults: list[list[FaultEvent]] = [[] for _ in task_ids]
+        if self.config.fault_episode_fraction > 0:
+            struck = self.rng.random(len(task_ids)) < self.config.fault_episode_fraction
+            times = self.setup.tasks.fault_time_s.sample(self.rng, size=len(task_ids))
+            intact = nominal_task(self.setup.robot.num_joints)
+            for row in np.flatnonzero(struck):
+                faults[row] = [FaultEvent(float(times[row]), starts[row], label="fault")]
+                starts[row] = intact
         result = self.rollout.run(
             self.agent,
-            [self.tasks[i] for i in task_ids],
+            starts,
             seeds,
+            faults=faults,
             deterministic=deterministic,
             latent_mode="sample",
             window=self.config.context_window,
@@ -279,12 +296,52 @@ class Trainer:
         mask = torch.from_numpy((np.arange(k)[None, :] >= (k - fill)[:, None]).astype(np.float32))
         return context, mask
 
+    def sample_trailing(self, task_ids: list[int]) -> tuple[TransitionBatch, TrailingContexts]:
+        """RL transitions with their deployed contexts (``context_sampling: trailing``).
+
+        Per task, ``context_segments`` runs of ``M = batch_size / context_segments``
+        consecutive transitions, each with the ``context_window`` transitions before it.
+        Returns the batch (T, batch_size) in segment order and its :class:`TrailingContexts`.
+        """
+        c = self.config
+        segments, k = c.context_segments, c.context_window
+        length = k + c.batch_size // segments
+        index = np.stack(
+            [
+                np.stack([self._consecutive_index(task_id, length) for _ in range(segments)])
+                for task_id in task_ids
+            ]
+        )  # (T, S, W) buffer rows, oldest first
+        fields = {
+            name: np.stack([getattr(self.replay.tasks[t], name)[rows] for t, rows in
+                            zip(task_ids, index)])
+            for name in ("obs", "action", "reward", "next_obs", "episode_step")
+        }
+        obs, action, reward, next_obs = (
+            torch.from_numpy(fields[name]) for name in ("obs", "action", "reward", "next_obs")
+        )
+        windows, next_windows = trailing_windows(torch.from_numpy(fields["episode_step"]), k)
+        contexts = TrailingContexts(
+            make_transition(obs, action, reward, next_obs), windows, next_windows
+        )
+        tail = slice(k, None)
+        batch = TransitionBatch(
+            obs[:, :, tail].flatten(1, 2),
+            action[:, :, tail].flatten(1, 2),
+            reward[:, :, tail].flatten(1, 2),
+            next_obs[:, :, tail].flatten(1, 2),
+        )
+        return batch, contexts
+
     def update(self) -> dict[str, float]:
         c = self.config
         task_ids = self.sample_task_ids(min(c.meta_batch_tasks, len(self.tasks)))
-        batch = self.replay.sample(task_ids, c.batch_size, self.rng)
         context = mask = task_condition = None
-        if self.spec.conditioning == "latent":
+        if self.spec.conditioning == "latent" and c.context_sampling == "trailing":
+            batch, context = self.sample_trailing(task_ids)
+        else:
+            batch = self.replay.sample(task_ids, c.batch_size, self.rng)
+        if self.spec.conditioning == "latent" and c.context_sampling == "task":
             context, mask = self.sample_context(task_ids)
         elif self.spec.conditioning == "oracle":
             task_condition = self.oracle_vectors[task_ids]
@@ -466,7 +523,10 @@ class Trainer:
         torch.set_rng_state(state["torch_rng"])
         replay_file = latest / "replay.npz"
         if replay_file.is_file():
-            self.replay.load(replay_file)
+            try:
+                self.replay.load(replay_file)
+            except ValueError as error:
+                raise CheckpointError(f"{replay_file}: {error}") from error
         else:  # no stored data: refill before updating again
             self.collect_initial()
         return True
