@@ -3,7 +3,9 @@
     .venv/bin/python benchmarks/update_speed.py [--threads 1 2] [--repeats 30] [--json out.json]
 
 "Naive" is the size the brief quotes (16 tasks x 256 samples, 256-wide MLPs, context of 100);
-"shipped" is config/train_pearl.yaml (8 tasks x 128, 128-wide, context 25). Both use the same
+"shipped" is config/train_pearl.yaml (8 tasks x 128, 128-wide, context 25); "trailing" is the
+same with ``context_sampling: trailing`` (each RL transition conditioned on its own window:
+8 segments of 16 steps per task, each with the 25 transitions before it). All use the same
 code (ConditionedSAC.update: encoder + twin critic + actor + temperature + Polyak), on random
 data of the iiwa7 task's shapes (obs 49, action 7). Reports the median over repeats.
 """
@@ -18,12 +20,15 @@ import time
 import torch
 
 from metarl_ros.learning.agent import AgentSpec, ConditionedSAC
+from metarl_ros.learning.encoder import TrailingContexts, trailing_windows
 from metarl_ros.learning.replay import TransitionBatch
 
 OBS, ACT = 49, 7
 SIZES = {
     "naive": dict(tasks=16, batch=256, context=100, hidden=(256, 256), encoder=(256, 256)),
     "shipped": dict(tasks=8, batch=128, context=25, hidden=(128, 128), encoder=(128, 128)),
+    "trailing": dict(tasks=8, batch=128, context=25, hidden=(128, 128), encoder=(128, 128),
+                     segments=8),
 }
 
 
@@ -43,7 +48,16 @@ def time_update(size: dict, repeats: int) -> float:
         torch.randn(t, b),
         torch.randn(t, b, OBS),
     )
-    context = torch.randn(t, size["context"], spec.transition_dim)
+    k = size["context"]
+    context: torch.Tensor | TrailingContexts = torch.randn(t, k, spec.transition_dim)
+    if "segments" in size:
+        segments = size["segments"]
+        length = k + b // segments
+        episode_step = torch.arange(length).expand(t, segments, -1) + k  # windows all full
+        context = TrailingContexts(
+            torch.randn(t, segments, length, spec.transition_dim),
+            *trailing_windows(episode_step, k),
+        )
     for _ in range(3):
         agent.update(batch, context)
     samples = []
