@@ -486,6 +486,17 @@ def test_metarl_eval_reports_missing_or_mislabelled_models(model_dir, tmp_path, 
     assert not (tmp_path / "x.json").exists()
 
 
+def test_the_maml_method_alone_loads_the_pearl_run_that_owns_its_dynamics(model_dir, tmp_path):
+    models = load_method_models(model_dir, ["maml"])
+    assert set(models) == {"oracle", "nominal", "robust", "pearl"}
+    partial = tmp_path / "partial"
+    shutil.copytree(model_dir, partial)
+    shutil.rmtree(partial / "pearl")
+    with pytest.raises(CheckpointError, match=r"pearl/model.pt: missing; method\(s\) \['maml'\]"):
+        load_method_models(partial, ["oracle", "maml"])
+    assert set(load_method_models(partial, ["robust"])) == {"oracle", "nominal", "robust"}
+
+
 # ------------------------------------------------------------------------------------------
 # evaluation metrics on hand-made arrays
 # ------------------------------------------------------------------------------------------

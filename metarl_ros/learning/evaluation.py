@@ -111,15 +111,20 @@ class MAMLCorrection:
 
 def load_method_models(model_root: Path, methods: Sequence[str]) -> dict[str, LoadedModel]:
     """``model_root/<name>/model.pt`` for every trained model the methods need."""
-    needed = sorted({_SOURCE[m][0] for m in methods} | {"oracle", "nominal"})
+    def users(name: str) -> list[str]:
+        """The methods that need model ``name``: the policy's source, and the PEARL run for
+        every MAML method (it trains the dynamics models)."""
+        return [m for m in methods if _SOURCE[m][0] == name or (name == "pearl" and _SOURCE[m][1])]
+
+    needed = sorted({"oracle", "nominal"} | {name for name, _ in _SOURCE.values() if users(name)})
     models: dict[str, LoadedModel] = {}
     for name in needed:
         path = model_root / name / "model.pt"
         if not path.is_file():
             raise CheckpointError(
-                f"{path}: missing; method(s) "
-                f"{[m for m in methods if _SOURCE[m][0] == name] or [name]} "
-                "need it (oracle and nominal are needed for normalization)"
+                f"{path}: missing; method(s) {users(name) or [name]} need it (oracle and "
+                "nominal are needed for normalization, the PEARL run's dynamics models by the "
+                "MAML methods)"
             )
         models[name] = load_model(path)
         if models[name].method != name:
