@@ -738,9 +738,41 @@ def test_trailing_and_fault_episode_options_are_validated(tiny_env):
         tiny_config(tiny_env, context_sampling="trailing", context_segments=5)
     with pytest.raises(ValueError, match="needs context_sampling trailing"):
         tiny_config(tiny_env, fault_episode_fraction=0.5)
-    with pytest.raises(ValueError, match="oracle"):
-        tiny_config(tiny_env, method="oracle", fault_episode_fraction=0.5)
+    with pytest.raises(ValueError, match="nominal"):
+        tiny_config(tiny_env, method="nominal", fault_episode_fraction=0.5)
     assert tiny_config(tiny_env, method="robust", fault_episode_fraction=0.5)
+
+
+def test_oracle_fault_episodes_keep_the_task_vector_each_transition_was_acted_on(
+        tiny_env, tmp_path):
+    """Before the fault the oracle acted on the intact robot's vector, after it on the task's;
+    its updates condition each transition on the vector stored with it."""
+    config = tiny_config(tiny_env, method="oracle", fault_episode_fraction=1.0)
+    trainer = Trainer(config, tmp_path / "run", progress=False)
+    trainer.collect_initial()
+    joints = trainer.setup.robot.num_joints
+    intact = nominal_task(joints).oracle_vector(joints)
+    dt = trainer.setup.control_dt
+    for task, buffer in zip(trainer.tasks, trainer.replay.tasks):
+        rows = buffer.condition[: buffer.size]
+        changed = np.flatnonzero(np.any(rows != intact, axis=1))
+        if np.array_equal(task.oracle_vector(joints), intact):  # the split's intact task
+            assert not changed.size
+            continue
+        assert changed.size, "the task never struck"
+        strike = changed[0]
+        assert 0.3 / dt - 1 <= strike <= 0.6 / dt + 1  # within the suite's fault window
+        np.testing.assert_array_equal(rows[:strike], np.broadcast_to(intact, rows[:strike].shape))
+        np.testing.assert_array_equal(rows[strike:],
+                                      np.broadcast_to(task.oracle_vector(joints),
+                                                      rows[strike:].shape))
+    seen = []
+    update = trainer.agent.update
+    trainer.agent.update = lambda batch, *args, **kwargs: (seen.append(args[2]), update(
+        batch, *args, **kwargs))[1]
+    stats = trainer.update()
+    assert np.isfinite(stats["critic_loss"])
+    assert seen[0].shape == (config.meta_batch_tasks, config.batch_size, intact.size)
 
 
 def test_resume_from_a_replay_without_episode_steps_names_the_problem(trained_run, tmp_path):

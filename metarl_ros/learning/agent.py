@@ -136,7 +136,8 @@ class ConditionedSAC(nn.Module):
                 (T, B) in segment order: one posterior per transition, the deployed one,
                 and the next state's for the Bellman target.
             context_mask: (T, N), 1 for valid context entries (variable context sizes).
-            task_condition: (T, oracle_dim), for ``oracle`` conditioning.
+            task_condition: (T, oracle_dim) or, one per transition, (T, B, oracle_dim), for
+                ``oracle`` conditioning.
             train_actor: False updates only the critics (and the encoder): the critic warm-up
                 after a warm start, whose copied critic is not yet right for the new tasks.
             anchor: a frozen actor with this agent's input layout (the warm-start policy).

@@ -103,7 +103,8 @@ class TrainConfig(StrictModel):
         description="share of collected training episodes that start on the intact robot and "
         "switch to their task at a time drawn from the suite's fault_time_s, as every "
         "evaluation episode does; the whole episode goes to that task's buffer (pearl needs "
-        "context_sampling trailing for it, the oracle cannot use it: its condition is per task)",
+        "context_sampling trailing for it; the oracle's transitions keep the task vector they "
+        "were acted on)",
     )
     replay_capacity_per_task: PositiveInt = 20000
     eval_every_iterations: PositiveInt = 10
@@ -164,11 +165,10 @@ class TrainConfig(StrictModel):
                     f"{self.context_segments}"
                 )
         if self.fault_episode_fraction > 0:
-            if self.method in ("oracle", "nominal"):
+            if self.method == "nominal":
                 raise ValueError(
-                    f"fault_episode_fraction > 0 does not apply to method {self.method}: "
-                    "the oracle's condition is one task vector per buffer, nominal has only "
-                    "the intact robot"
+                    "fault_episode_fraction > 0 does not apply to method nominal: it trains on "
+                    "the intact robot only"
                 )
             if self.method == "pearl" and self.context_sampling != "trailing":
                 raise ValueError(

@@ -38,10 +38,13 @@ class TaskReplay:
     """A ring buffer of one task's transitions (float32 numpy storage), in the order they
     happened, with each transition's step index in its episode (``episode_step``: 0 at a
     reset), which tells where a window of consecutive transitions crosses into an earlier
-    episode."""
+    episode. With ``cond_dim > 0`` it also keeps the condition each transition was acted on
+    (the oracle's true task vector, which changes at a mid-episode fault)."""
 
-    def __init__(self, capacity: int, obs_dim: int, act_dim: int) -> None:
+    def __init__(self, capacity: int, obs_dim: int, act_dim: int, cond_dim: int = 0) -> None:
         self.capacity = capacity
+        self.fields = _STORED + (("condition",) if cond_dim else ())
+        self.condition = np.zeros((capacity, cond_dim), np.float32)
         self.obs = np.zeros((capacity, obs_dim), np.float32)
         self.action = np.zeros((capacity, act_dim), np.float32)
         self.reward = np.zeros((capacity,), np.float32)
@@ -57,9 +60,11 @@ class TaskReplay:
         reward: np.ndarray,
         next_obs: np.ndarray,
         episode_step: np.ndarray | None = None,
+        condition: np.ndarray | None = None,
     ) -> None:
         """Append a chunk of transitions, arrays with leading dim M. ``episode_step``
-        defaults to ``0 .. M-1``: the chunk is one whole episode from its reset."""
+        defaults to ``0 .. M-1``: the chunk is one whole episode from its reset;
+        ``condition`` (M, cond_dim) is required when the buffer keeps conditions."""
         count = len(reward)
         index = (self.cursor + np.arange(count)) % self.capacity
         self.obs[index] = obs
@@ -67,6 +72,10 @@ class TaskReplay:
         self.reward[index] = reward
         self.next_obs[index] = next_obs
         self.episode_step[index] = np.arange(count) if episode_step is None else episode_step
+        if "condition" in self.fields:
+            if condition is None:
+                raise ValueError("this buffer keeps each transition's condition: pass it")
+            self.condition[index] = condition
         self.cursor = int((self.cursor + count) % self.capacity)
         self.size = min(self.size + count, self.capacity)
 
@@ -84,19 +93,21 @@ class TaskReplay:
                 name: getattr(self, name)[: self.size]
                 if self.size < self.capacity
                 else getattr(self, name)
-                for name in _STORED
+                for name in self.fields
             },
             "meta": np.array([self.size, self.cursor], dtype=np.int64),
         }
 
     def load_state(self, state: dict[str, np.ndarray]) -> None:
         size, cursor = (int(v) for v in state["meta"])
-        if "episode_step" not in state:
+        missing = [name for name in self.fields if name not in state]
+        if missing:
             raise ValueError(
-                "replay state has no episode_step (written before metarl_ros stored it): "
-                "resume that run with the version that wrote it, or start a new --out"
+                f"replay state has no {', '.join(missing)} (written by a metarl_ros that did "
+                "not store it): resume that run with the version that wrote it, or start a "
+                "new --out"
             )
-        for name in _STORED:
+        for name in self.fields:
             getattr(self, name)[:size] = state[name]
         self.size, self.cursor = size, cursor
 
@@ -104,28 +115,37 @@ class TaskReplay:
 class MultiTaskReplay:
     """One :class:`TaskReplay` per task id, with stacked sampling across tasks."""
 
-    def __init__(self, num_tasks: int, capacity: int, obs_dim: int, act_dim: int) -> None:
-        self.tasks = [TaskReplay(capacity, obs_dim, act_dim) for _ in range(num_tasks)]
+    def __init__(
+        self, num_tasks: int, capacity: int, obs_dim: int, act_dim: int, cond_dim: int = 0
+    ) -> None:
+        self.tasks = [TaskReplay(capacity, obs_dim, act_dim, cond_dim) for _ in range(num_tasks)]
 
     def __len__(self) -> int:
         return sum(t.size for t in self.tasks)
 
-    def add(self, task_id: int, obs, action, reward, next_obs, episode_step=None) -> None:
-        self.tasks[task_id].add(obs, action, reward, next_obs, episode_step)
+    def add(
+        self, task_id: int, obs, action, reward, next_obs, episode_step=None, condition=None
+    ) -> None:
+        self.tasks[task_id].add(obs, action, reward, next_obs, episode_step, condition)
+
+    def sample_index(
+        self, task_ids: list[int], count: int, rng: np.random.Generator, recent: int | None = None
+    ) -> list[np.ndarray]:
+        """``count`` random buffer rows of each task."""
+        return [self.tasks[task_id].sample_index(count, rng, recent) for task_id in task_ids]
+
+    def gather(self, task_ids: list[int], index: list[np.ndarray], name: str) -> torch.Tensor:
+        """Field ``name`` at the rows ``index`` of each task, stacked: (T, count, ...)."""
+        return torch.from_numpy(
+            np.stack([getattr(self.tasks[t], name)[rows] for t, rows in zip(task_ids, index)])
+        )
 
     def sample(
         self, task_ids: list[int], count: int, rng: np.random.Generator, recent: int | None = None
     ) -> TransitionBatch:
         """``count`` transitions from each task: tensors with leading dims (T, count)."""
-        parts = {name: [] for name in _FIELDS}
-        for task_id in task_ids:
-            buffer = self.tasks[task_id]
-            index = buffer.sample_index(count, rng, recent)
-            for name in _FIELDS:
-                parts[name].append(getattr(buffer, name)[index])
-        return TransitionBatch(
-            **{name: torch.from_numpy(np.stack(parts[name])) for name in _FIELDS}
-        )
+        index = self.sample_index(task_ids, count, rng, recent)
+        return TransitionBatch(**{name: self.gather(task_ids, index, name) for name in _FIELDS})
 
     def save(self, path: Path) -> None:
         """Write all buffers to ``path`` (an ``.npz``); the caller makes it atomic."""
@@ -140,5 +160,6 @@ class MultiTaskReplay:
         with np.load(path) as data:
             for i, buffer in enumerate(self.tasks):
                 buffer.load_state(
-                    {key: data[f"{i}/{key}"] for key in (*_STORED, "meta") if f"{i}/{key}" in data}
+                    {key: data[f"{i}/{key}"] for key in (*buffer.fields, "meta")
+                     if f"{i}/{key}" in data}
                 )

@@ -54,6 +54,7 @@ class RolloutResult:
     latent_mean: np.ndarray  # (E, S, L), empty L for non-latent agents
     latent_std: np.ndarray
     control_dt: float
+    oracle_condition: np.ndarray  # (E, S, C): the true task vector acted on, empty C unless oracle
 
     @property
     def returns(self) -> np.ndarray:
@@ -123,6 +124,8 @@ class VectorRollout:
         out_error = np.zeros((count, steps), np.float32)
         out_mu = np.zeros((count, steps, latent_dim), np.float32)
         out_std = np.zeros((count, steps, latent_dim), np.float32)
+        oracle_dim = spec.cond_dim if spec.conditioning == "oracle" else 0
+        out_oracle = np.zeros((count, steps, oracle_dim), np.float32)
         for t in range(steps):
             mu_np = None
             if windows is not None:
@@ -132,11 +135,10 @@ class VectorRollout:
                 out_mu[:, t], out_std[:, t] = mu.numpy(), std.numpy()
                 mu_np = out_mu[:, t]
             elif spec.conditioning == "oracle":
-                condition = torch.from_numpy(
-                    np.stack(
-                        [env.true_task.oracle_vector(self.setup.robot.num_joints) for env in envs]
-                    )
+                out_oracle[:, t] = np.stack(
+                    [env.true_task.oracle_vector(self.setup.robot.num_joints) for env in envs]
                 )
+                condition = torch.from_numpy(out_oracle[:, t])
             else:
                 condition = torch.zeros(count, 0)
             obs_t = torch.from_numpy(obs)
@@ -168,4 +170,5 @@ class VectorRollout:
             out_mu,
             out_std,
             self.setup.control_dt,
+            out_oracle,
         )

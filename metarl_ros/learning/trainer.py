@@ -128,7 +128,6 @@ class Trainer:
         n = self.setup.robot.num_joints
         self.tasks = training_tasks(config, self.setup)
         self.heldout = make_split(self.setup.tasks, "heldout", self.setup.robot.friction_scale)
-        self.oracle_vectors = torch.from_numpy(np.stack([t.oracle_vector(n) for t in self.tasks]))
         self.intact_task = intact_task_index(self.tasks, n)
         if config.intact_fraction > 0 and self.intact_task is None:
             raise ValueError(
@@ -156,11 +155,13 @@ class Trainer:
             if config.anchor_weight > 0
             else None
         )
+        # the oracle's condition is stored per transition: it changes at a mid-episode fault
         self.replay = MultiTaskReplay(
             len(self.tasks),
             config.replay_capacity_per_task,
             self.setup.obs_dim,
             self.setup.act_dim,
+            cond_dim=self.spec.cond_dim if self.spec.conditioning == "oracle" else 0,
         )
         self.rollout = VectorRollout(self.setup, config.envs_per_iteration)
         self.eval_rollout = VectorRollout(self.setup, config.eval_tasks)
@@ -264,6 +265,8 @@ class Trainer:
                 result.action[row],
                 result.reward[row],
                 result.next_obs[row],
+                condition=result.oracle_condition[row] if self.spec.conditioning == "oracle"
+                else None,
             )
         self.env_steps += result.reward.size
         return result.returns
@@ -339,12 +342,18 @@ class Trainer:
         context = mask = task_condition = None
         if self.spec.conditioning == "latent" and c.context_sampling == "trailing":
             batch, context = self.sample_trailing(task_ids)
+        elif self.spec.conditioning == "oracle":
+            # each transition with the true task vector it was acted on (T, B, C)
+            index = self.replay.sample_index(task_ids, c.batch_size, self.rng)
+            batch = TransitionBatch(
+                *(self.replay.gather(task_ids, index, name)
+                  for name in ("obs", "action", "reward", "next_obs"))
+            )
+            task_condition = self.replay.gather(task_ids, index, "condition")
         else:
             batch = self.replay.sample(task_ids, c.batch_size, self.rng)
         if self.spec.conditioning == "latent" and c.context_sampling == "task":
             context, mask = self.sample_context(task_ids)
-        elif self.spec.conditioning == "oracle":
-            task_condition = self.oracle_vectors[task_ids]
         train_actor = self.updates >= c.critic_warmup_updates
         self.updates += 1
         return self.agent.update(
