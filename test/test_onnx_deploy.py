@@ -75,7 +75,7 @@ def model(tmp_path_factory) -> tuple[Path, Path]:
         dynamics=DynamicsConfig(enabled=False))
     model_path = Trainer(config, root / "run", progress=False).write_final_model()
     summary = export_model(model_path, root / "onnx")
-    assert summary["max_abs_diff"] <= 1e-5
+    assert summary["max_abs_diff"] <= 1e-5 and summary["max_scaled_diff"] <= 1e-5
     return model_path, root / "onnx"
 
 
@@ -374,6 +374,35 @@ def test_export_replaces_a_previous_export_and_nothing_else(model, tmp_path):
     with pytest.raises(ExportError, match="not empty"):
         export_model(model_path, out)
     assert (out / "notes.txt").read_text() == "mine" and (out / "policy.onnx").is_file()
+
+
+def test_export_parity_gate_is_relative_above_one_and_writes_nothing_past_it(
+        model, tmp_path, monkeypatch):
+    """The gate bounds |onnx - torch| / (1 + |torch|): a float32 variance of 80 off by a few
+    ulps (4e-5 absolute) passes, a scaled difference above 1e-5 refuses the export whole."""
+    from metarl_ros.learning import export
+
+    model_path, _ = model
+    real = export.check_parity
+    seen = []
+
+    def spy(loaded, out_dir, **kwargs):
+        seen.append(real(loaded, out_dir, **kwargs))
+        return seen[-1]
+
+    monkeypatch.setattr(export, "check_parity", spy)
+    summary = export.export_model(model_path, tmp_path / "real")
+    worst, scaled = seen[0]
+    assert 0 < scaled <= worst  # the scaled difference never exceeds the absolute one
+    assert (summary["max_abs_diff"], summary["max_scaled_diff"]) == (worst, scaled)
+
+    monkeypatch.setattr(export, "check_parity", lambda loaded, out_dir, **kw: (4e-5, 5e-7))
+    assert export.export_model(model_path, tmp_path / "large")["max_abs_diff"] == 4e-5
+    monkeypatch.setattr(export, "check_parity", lambda loaded, out_dir, **kw: (3e-5, 2e-5))
+    with pytest.raises(export.ExportError, match=r"2.00e-05 \(\|onnx - torch\| / \(1 \+"):
+        export.export_model(model_path, tmp_path / "refused")
+    assert not (tmp_path / "refused").exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 
 def _env_with(path: Path, **changes) -> None:

@@ -50,7 +50,8 @@ def _export(args: argparse.Namespace) -> int:
 
     summary = export_model(args.model, args.out)
     print(f"exported {summary['method']} model to {args.out}: {', '.join(summary['files'])} "
-          f"(opset {summary['opset']}, max |onnx - torch| = {summary['max_abs_diff']:.1e})")
+          f"(opset {summary['opset']}, max |onnx - torch| = {summary['max_abs_diff']:.1e}, "
+          f"max |onnx - torch| / (1 + |torch|) = {summary['max_scaled_diff']:.1e})")
     return 0
 
 
