@@ -25,7 +25,7 @@ from test_ros_nodes import TrackingMonitor
 # METARL_PEARL_MODEL points the test at another model file (e.g. a training run's).
 MODEL = os.environ.get("METARL_PEARL_MODEL", adapt_sim_graph().arguments["model"])
 SCENARIO = "config/scenarios/default.yaml"
-RUN_S = 6.5  # through the payload pick-up (3 s), before the motor damage (7 s)
+RUN_S = 10.0  # the whole scenario: payload pick-up at 3 s, motor damage at 7 s
 
 
 def _model_or_skip():
@@ -87,13 +87,15 @@ def _window_mean(monitor, start, end):
 
 
 def test_pearl_adapter_closes_the_loop_with_and_without_adaptation(ros):
-    """The shipped PEARL model drives the sim through the payload fault, latent published;
-    with adaptation:=false the latent stays at the prior and tracking stays bounded too,
-    and after the fault the arm tracks better with adaptation than without.
+    """The shipped PEARL model drives the sim through the payload and the motor damage,
+    latent published; with adaptation:=false the latent stays at the prior and tracking stays
+    bounded too, and after the motor damage the arm tracks better with adaptation than
+    without.
     """
     setup = load_env_setup()
     scenario = load_scenario(resolve_path(SCENARIO), setup.robot.joint_names)
     payload_time = scenario.events[0].time_s  # 3 s: 2.5 kg payload
+    damage_time = scenario.events[1].time_s  # 7 s: joint 2's motor at 40 %
 
     on_monitor, latents, stamps, on_stats = _run(ros, adaptation=True)
     assert on_stats.policy_errors == 0 and on_stats.safe_ticks == 0
@@ -105,9 +107,10 @@ def test_pearl_adapter_closes_the_loop_with_and_without_adaptation(ros):
     assert np.isfinite(values).all() and (values[:, d:] > 0).all()  # mean, positive std
     assert np.ptp(values[:, :d], axis=0).max() > 0  # the posterior is updated online
     # tracking stays bounded through the fault, adaptation on and off (measured 0.003)
-    recovered_on = _window_mean(on_monitor, payload_time + 1.5, RUN_S)
-    assert recovered_on < 0.03, recovered_on
+    assert _window_mean(on_monitor, payload_time + 1.5, damage_time) < 0.03
     assert _window_mean(on_monitor, payload_time, payload_time + 0.5) < 0.03
+    recovered_on = _window_mean(on_monitor, damage_time + 2.0, RUN_S)
+    assert recovered_on < 0.05, recovered_on
 
     off_monitor, off_latents, _, off_stats = _run(ros, adaptation=False)
     assert off_stats.policy_errors == 0 and off_stats.safe_ticks == 0
@@ -115,12 +118,14 @@ def test_pearl_adapter_closes_the_loop_with_and_without_adaptation(ros):
     off_values = np.array(off_latents)  # the prior N(0, I), never updated
     np.testing.assert_allclose(off_values[:, :d], 0.0, atol=1e-6)
     np.testing.assert_allclose(off_values[:, d:], 1.0, atol=1e-6)
-    recovered_off = _window_mean(off_monitor, payload_time + 1.5, RUN_S)
-    assert recovered_off < 0.03, recovered_off
-    # with adaptation the arm recovers better from the payload, by a margin (shipped model,
-    # measured: on 0.0024 rad, off 0.0029 rad; lockstep with inline MAML makes both runs
-    # deterministic). The policy trained with the trust region to the nominal controller
-    # (anchor_weight) is precise with its latent at the prior too, so the margin is smaller
-    # than that of the model trained without it (0.0037 vs 0.0102 rad).
-    print(f"after the payload: adaptation on {recovered_on:.4f} rad, off {recovered_off:.4f} rad")
+    assert _window_mean(off_monitor, payload_time + 1.5, damage_time) < 0.03
+    recovered_off = _window_mean(off_monitor, damage_time + 2.0, RUN_S)
+    assert recovered_off < 0.05, recovered_off
+    # with adaptation the arm recovers better from the motor damage, by a margin (shipped
+    # model, last second of the run, measured: on 0.0223 rad, off 0.0284 rad; lockstep with
+    # inline MAML makes both runs deterministic). After the payload the policies trained
+    # since 2026-12-02 (with the fault episodes) track as well with the latent at the prior
+    # as adapted (0.0029 both in 4.5-6.5 s), so the comparison is made after the motor damage.
+    print(f"after the motor damage: adaptation on {recovered_on:.4f} rad, "
+          f"off {recovered_off:.4f} rad")
     assert recovered_on < 0.9 * recovered_off, (recovered_on, recovered_off)
