@@ -309,21 +309,15 @@ class Trainer:
         c = self.config
         segments, k = c.context_segments, c.context_window
         length = k + c.batch_size // segments
-        index = np.stack(
-            [
-                np.stack([self._consecutive_index(task_id, length) for _ in range(segments)])
-                for task_id in task_ids
-            ]
-        )  # (T, S, W) buffer rows, oldest first
-        fields = {
-            name: np.stack([getattr(self.replay.tasks[t], name)[rows] for t, rows in
-                            zip(task_ids, index)])
+        index = [
+            np.stack([self._consecutive_index(task_id, length) for _ in range(segments)])
+            for task_id in task_ids
+        ]  # per task (S, W) buffer rows, oldest first
+        obs, action, reward, next_obs, episode_step = (
+            self.replay.gather(task_ids, index, name)
             for name in ("obs", "action", "reward", "next_obs", "episode_step")
-        }
-        obs, action, reward, next_obs = (
-            torch.from_numpy(fields[name]) for name in ("obs", "action", "reward", "next_obs")
         )
-        windows, next_windows = trailing_windows(torch.from_numpy(fields["episode_step"]), k)
+        windows, next_windows = trailing_windows(episode_step, k)
         contexts = TrailingContexts(
             make_transition(obs, action, reward, next_obs), windows, next_windows
         )
