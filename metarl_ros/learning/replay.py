@@ -140,12 +140,15 @@ class MultiTaskReplay:
             np.stack([getattr(self.tasks[t], name)[rows] for t, rows in zip(task_ids, index)])
         )
 
+    def batch_at(self, task_ids: list[int], index: list[np.ndarray]) -> TransitionBatch:
+        """The transitions at the rows ``index`` of each task: leading dims (T, *rows.shape)."""
+        return TransitionBatch(**{name: self.gather(task_ids, index, name) for name in _FIELDS})
+
     def sample(
         self, task_ids: list[int], count: int, rng: np.random.Generator, recent: int | None = None
     ) -> TransitionBatch:
         """``count`` transitions from each task: tensors with leading dims (T, count)."""
-        index = self.sample_index(task_ids, count, rng, recent)
-        return TransitionBatch(**{name: self.gather(task_ids, index, name) for name in _FIELDS})
+        return self.batch_at(task_ids, self.sample_index(task_ids, count, rng, recent))
 
     def save(self, path: Path) -> None:
         """Write all buffers to ``path`` (an ``.npz``); the caller makes it atomic."""

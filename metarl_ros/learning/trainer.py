@@ -313,20 +313,19 @@ class Trainer:
             np.stack([self._consecutive_index(task_id, length) for _ in range(segments)])
             for task_id in task_ids
         ]  # per task (S, W) buffer rows, oldest first
-        obs, action, reward, next_obs, episode_step = (
-            self.replay.gather(task_ids, index, name)
-            for name in ("obs", "action", "reward", "next_obs", "episode_step")
+        seq = self.replay.batch_at(task_ids, index)  # (T, S, W, ...)
+        windows, next_windows = trailing_windows(
+            self.replay.gather(task_ids, index, "episode_step"), k
         )
-        windows, next_windows = trailing_windows(episode_step, k)
         contexts = TrailingContexts(
-            make_transition(obs, action, reward, next_obs), windows, next_windows
+            make_transition(seq.obs, seq.action, seq.reward, seq.next_obs), windows, next_windows
         )
         tail = slice(k, None)
         batch = TransitionBatch(
-            obs[:, :, tail].flatten(1, 2),
-            action[:, :, tail].flatten(1, 2),
-            reward[:, :, tail].flatten(1, 2),
-            next_obs[:, :, tail].flatten(1, 2),
+            seq.obs[:, :, tail].flatten(1, 2),
+            seq.action[:, :, tail].flatten(1, 2),
+            seq.reward[:, :, tail].flatten(1, 2),
+            seq.next_obs[:, :, tail].flatten(1, 2),
         )
         return batch, contexts
 
@@ -339,10 +338,7 @@ class Trainer:
         elif self.spec.conditioning == "oracle":
             # each transition with the true task vector it was acted on (T, B, C)
             index = self.replay.sample_index(task_ids, c.batch_size, self.rng)
-            batch = TransitionBatch(
-                *(self.replay.gather(task_ids, index, name)
-                  for name in ("obs", "action", "reward", "next_obs"))
-            )
+            batch = self.replay.batch_at(task_ids, index)
             task_condition = self.replay.gather(task_ids, index, "condition")
         else:
             batch = self.replay.sample(task_ids, c.batch_size, self.rng)
