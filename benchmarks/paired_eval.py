@@ -9,9 +9,10 @@ between close variants, and a paired difference removes that variance.
     python benchmarks/paired_eval.py models runs/recipe/final --split heldout \
         --episodes 30 --seed 1 --methods oracle,robust,pearl,maml,pearl_maml
 
-    # MAML correction settings (evidence threshold, bound), against the policy without it
+    # MAML correction settings (evidence threshold, bound[, lag band in rad or off]),
+    # against the policy without it
     python benchmarks/paired_eval.py models --split ood --episodes 30 --seed 1 \
-        --correction 0.6,0.1 --correction 0.3,0.3
+        --correction 0.6,0.1,off --correction 0.6,0.1,0.005
 
 Prints, per method, the mean paired difference of post-fault and of pre-fault return per
 episode with its standard error, the normalized return of each side and the tracking error
@@ -69,15 +70,16 @@ def compare_models(old: Path, new: Path, split: str, episodes: int, seed: int,
 
 
 def compare_corrections(root: Path, split: str, episodes: int, seed: int,
-                        settings: list[tuple[float, float]]) -> None:
-    """Each (min_improvement, max_correction) setting: the corrected methods against the same
-    policies without correction, on the same episodes."""
+                        settings: list[tuple[float, float, float | None]]) -> None:
+    """Each (min_improvement, max_correction, lag_band_rad) setting: the corrected methods
+    against the same policies without correction, on the same episodes."""
     base_methods = ("oracle", "nominal", "robust", "pearl")
     _, base = _post_fault_returns(root, split, episodes, seed, base_methods)
     gap = base["oracle"].sum() - base["nominal"].sum()
-    for min_improvement, max_correction in settings:
+    for min_improvement, max_correction, lag_band_rad in settings:
         runtime.STRUCTURED_DEFAULTS.update(min_improvement=min_improvement,
-                                           max_correction=max_correction)
+                                           max_correction=max_correction,
+                                           lag_band_rad=lag_band_rad)
         _, corrected = _post_fault_returns(root, split, episodes, seed, ("maml", "pearl_maml"))
         parts = []
         for method, policy in (("maml", "robust"), ("pearl_maml", "pearl")):
@@ -85,15 +87,23 @@ def compare_corrections(root: Path, split: str, episodes: int, seed: int,
             parts.append(f"{method} - {policy}: {_paired(corrected[method], base[policy])} "
                          f"({diff.sum() / gap:+.3f} normalized)")
         print(f"{split} seed {seed} min_improvement {min_improvement} max_correction "
-              f"{max_correction}: " + " | ".join(parts), flush=True)
+              f"{max_correction} lag_band_rad {lag_band_rad}: " + " | ".join(parts), flush=True)
 
 
-def _setting(text: str) -> tuple[float, float]:
+def _setting(text: str) -> tuple[float, float, float | None]:
+    """``MIN_IMPROVEMENT,MAX_CORRECTION[,LAG_BAND_RAD]``; the band is the shipped default when
+    left out, and ``off`` turns the lag gate off."""
+    values = text.split(",")
     try:
-        min_improvement, max_correction = (float(v) for v in text.split(","))
+        if len(values) not in (2, 3):
+            raise ValueError
+        min_improvement, max_correction = float(values[0]), float(values[1])
+        band = runtime.STRUCTURED_DEFAULTS["lag_band_rad"] if len(values) == 2 else (
+            None if values[2] == "off" else float(values[2]))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected MIN_IMPROVEMENT,MAX_CORRECTION")
-    return min_improvement, max_correction
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: expected MIN_IMPROVEMENT,MAX_CORRECTION[,LAG_BAND_RAD|off]") from None
+    return min_improvement, max_correction, band
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -106,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--methods", default="robust,pearl,maml,pearl_maml")
     parser.add_argument("--correction", type=_setting, action="append", default=[],
-                        metavar="MIN_IMPROVEMENT,MAX_CORRECTION",
+                        metavar="MIN_IMPROVEMENT,MAX_CORRECTION[,LAG_BAND_RAD|off]",
                         help="MAML correction setting to try (repeat for several)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)

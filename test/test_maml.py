@@ -34,7 +34,7 @@ from metarl_ros.learning.maml import (
     params_of,
 )
 
-from metarl_ros.learning.runtime import DynamicsAdaptation
+from metarl_ros.learning.runtime import LAG_HORIZON_TICKS, STRUCTURED_DEFAULTS, DynamicsAdaptation
 from metarl_ros.learning.torque_model import PDStructure, TorqueGainDynamics, head_at
 
 torch.set_num_threads(1)
@@ -699,8 +699,10 @@ def _feed(adaptation: DynamicsAdaptation, steps: int, strength: tuple[float, flo
 def test_structured_correction_needs_evidence_and_inverts_a_weak_joint() -> None:
     model = _torque_model().float()
     cfg = MAMLConfig(hidden_sizes=(), inner_steps=10, inner_lr=1.5, max_step_norm=None)
+    # the lag gate off: this toy's observations carry no tracking error (tested below)
     adaptation = DynamicsAdaptation(
-        model, cfg, window=40, adapt_every=10, max_correction=10.0, min_improvement=0.6
+        model, cfg, window=40, adapt_every=10, max_correction=10.0, min_improvement=0.6,
+        lag_band_rad=None,
     )
     # intact robot: the adapted head explains nothing better than the reference -> no change
     for action, corrected in _feed(adaptation, 120, (1.0, 1.0), seed=0):
@@ -716,3 +718,63 @@ def test_structured_correction_needs_evidence_and_inverts_a_weak_joint() -> None
     # the first correction waited for two agreeing adaptations after the fault's evidence
     first = next(i for i, (a, c) in enumerate(pairs) if not np.array_equal(a, c))
     assert first >= 20
+
+
+def _held_bias(adaptation: DynamicsAdaptation, bias: tuple[float, float]) -> None:
+    """Make ``adaptation`` hold a pure bias correction (gain ratio 1) on both joints."""
+    adaptation._head_correction = (np.ones(2, np.float32), np.asarray(bias, np.float32))
+
+
+def _obs_with_lag(lag_rad: tuple[float, float], scale: float) -> np.ndarray:
+    """Toy observation (4 blocks of 2) whose position-error block is ``q_ref - q = lag``."""
+    obs = np.zeros(8, np.float32)
+    obs[4:6] = np.asarray(lag_rad, np.float32) * scale
+    return obs
+
+
+def test_lag_gate_passes_a_correction_only_towards_the_reference() -> None:
+    """Joint 0 lags its reference by twice the band below it, joint 1 sits the same distance
+    above it; both corrections push upwards (+). Only joint 0's acts, and in full."""
+    model = _torque_model().float()
+    cfg = MAMLConfig(hidden_sizes=())
+    band = 0.005
+    adaptation = DynamicsAdaptation(model, cfg, max_correction=1.0, lag_band_rad=band)
+    _held_bias(adaptation, (0.3, 0.3))
+    obs = _obs_with_lag((2 * band, -2 * band), model.pd.position_error_scale)
+    action = np.zeros(2, np.float32)
+    for _ in range(10 * LAG_HORIZON_TICKS):  # the mean lag settles
+        corrected = adaptation.apply(obs, action, None)
+    np.testing.assert_allclose(corrected, [0.3, 0.0], atol=1e-6)
+    # the same correction pushing downwards: now joint 1 gets it
+    _held_bias(adaptation, (-0.3, -0.3))
+    np.testing.assert_allclose(adaptation.apply(obs, action, None), [0.0, -0.3], atol=1e-6)
+
+
+def test_lag_gate_scales_with_the_mean_lag_and_forgets_it_on_reset() -> None:
+    model = _torque_model().float()
+    band = 0.01
+    adaptation = DynamicsAdaptation(model, MAMLConfig(hidden_sizes=()), max_correction=1.0,
+                                    lag_band_rad=band)
+    _held_bias(adaptation, (0.2, 0.2))
+    obs = _obs_with_lag((0.25 * band, 0.0), model.pd.position_error_scale)
+    for _ in range(10 * LAG_HORIZON_TICKS):
+        corrected = adaptation.apply(obs, np.zeros(2, np.float32), None)
+    # a quarter of the band -> a quarter of the correction; a joint on its reference -> none
+    np.testing.assert_allclose(corrected, [0.05, 0.0], atol=1e-4)
+    # one tick after a step in the lag the mean has moved 1/LAG_HORIZON_TICKS of the way
+    adaptation.reset()
+    _held_bias(adaptation, (0.2, 0.2))
+    first = adaptation.apply(_obs_with_lag((band, 0.0), model.pd.position_error_scale),
+                             np.zeros(2, np.float32), None)
+    np.testing.assert_allclose(first, [0.2 / LAG_HORIZON_TICKS, 0.0], atol=1e-6)
+
+
+def test_lag_band_must_be_positive_or_none() -> None:
+    model = _torque_model().float()
+    for bad in (0.0, -0.01, float("nan")):
+        with pytest.raises(ValueError, match="lag_band_rad"):
+            DynamicsAdaptation(model, MAMLConfig(hidden_sizes=()), lag_band_rad=bad)
+    off = DynamicsAdaptation(model, MAMLConfig(hidden_sizes=()), lag_band_rad=None)
+    assert off.lag_band_rad is None
+    default = DynamicsAdaptation(model, MAMLConfig(hidden_sizes=()))
+    assert default.lag_band_rad == STRUCTURED_DEFAULTS["lag_band_rad"]

@@ -93,9 +93,12 @@ AnyDynamics = maml.DynamicsModel | TorqueGainDynamics
 
 MLP_DEFAULTS = {"min_improvement": 0.6, "max_correction": 0.1}
 """Deployment settings of the correction with the plain MLP model (as shipped before)."""
-STRUCTURED_DEFAULTS = {"min_improvement": 0.6, "max_correction": 0.1}
+STRUCTURED_DEFAULTS = {"min_improvement": 0.6, "max_correction": 0.1, "lag_band_rad": 0.005}
 """Deployment settings of the correction with :class:`TorqueGainDynamics` (chosen on
-training-free quick evaluations, docs/LEARNING.md)."""
+evaluation episodes of seed 1, docs/BENCHMARKS.md)."""
+LAG_HORIZON_TICKS = 25
+"""Time constant, in control ticks, of the per-joint mean tracking error the lag gate reads
+(0.25 s at 100 Hz: the context window's span)."""
 
 
 def per_joint_error(
@@ -147,6 +150,16 @@ class DynamicsAdaptation:
     robot now behaves unlike before -- and it is bounded to ``max_correction`` per action
     dimension.
 
+    Better prediction is not better control: a head fitted to recent data also predicts it
+    better when the model's error merely depends on the state, and the policy may already
+    compensate what the model sees. So (structured model) the **lag gate** lets joint ``i``'s
+    correction act only as far as the joint lags its reference in the direction the
+    correction pushes: the correction is scaled by
+    ``clip(sign(da_i) * e_i / lag_band_rad, 0, 1)``, with ``e_i`` the joint's mean position
+    error ``q_ref - q`` over the last ``LAG_HORIZON_TICKS`` ticks (exponential average). A
+    joint that tracks gets no correction; one the correction would push past its reference
+    gets none either; one that sags by ``lag_band_rad`` or more gets all of it.
+
     With the structured model (:class:`~metarl_ros.learning.torque_model.TorqueGainDynamics`)
     the correction is the closed-form inverse of the adapted per-joint torque gain and bias,
     and the evidence is per joint: joint ``i`` is corrected only when the adapted head
@@ -168,6 +181,8 @@ class DynamicsAdaptation:
         max_correction: bound on the correction per action dimension, action units
             (default: per model kind).
         confirmations: structured model: consecutive adaptations that must agree.
+        lag_band_rad: structured model: the joint's mean lag (rad) at which the lag gate
+            passes the whole correction; ``None`` turns the gate off (default: per model kind).
     """
 
     def __init__(
@@ -179,6 +194,7 @@ class DynamicsAdaptation:
         min_improvement: float | None = None,
         max_correction: float | None = None,
         confirmations: int = 2,
+        lag_band_rad: float | None | Literal["default"] = "default",
     ) -> None:
         self.adapter = maml.OnlineAdapter(model, config)  # type: ignore[arg-type]
         self.structured = isinstance(model, TorqueGainDynamics)
@@ -191,6 +207,8 @@ class DynamicsAdaptation:
         if self.structured:
             self._kp_u = model.kp_u.numpy().astype(np.float32)
             self._kd_u = model.kd_u.numpy().astype(np.float32)
+            self._position_error_scale = float(model.pd.position_error_scale)
+        self._mean_lag = np.zeros(n, np.float32)  # rad, per joint (lag gate)
         # private copy: functional calls swap tensors inside the module (not thread-safe)
         self._model = copy.deepcopy(model)
         self.uses_latent = model.latent_dim > 0
@@ -205,6 +223,10 @@ class DynamicsAdaptation:
         self.max_correction = (
             defaults["max_correction"] if max_correction is None else max_correction
         )
+        band = defaults.get("lag_band_rad") if lag_band_rad == "default" else lag_band_rad
+        if band is not None and not (np.isfinite(band) and band > 0):
+            raise ValueError(f"lag_band_rad must be a positive number or None, got {band!r}")
+        self.lag_band_rad = band if self.structured else None
         self.active = False  # is a correction being applied
         self._reference: Mapping[str, torch.Tensor] | None = None
         self._since_step = 0
@@ -228,6 +250,7 @@ class DynamicsAdaptation:
             self._head_correction = (np.ones(n, np.float32), np.zeros(n, np.float32))
             self._streak = np.zeros(n, np.int64)
             self._previous = None
+            self._mean_lag = np.zeros(n, np.float32)
         self.adapter.reset()
         self._since_step = 0
 
@@ -236,15 +259,28 @@ class DynamicsAdaptation:
     def apply(self, obs: np.ndarray, action: np.ndarray, latent: np.ndarray | None) -> np.ndarray:
         """Remember the query for the next :meth:`step`; return the corrected action: the
         held offset, or (structured model) ``(r - 1) u + c`` with the held gain ratio ``r``
-        and bias torque ``c`` and the current commanded torque ``u``."""
+        and bias torque ``c`` and the current commanded torque ``u``, through the lag gate."""
         self._query = (obs, action, latent)
         if self.structured:
             ratio, bias = self._head_correction
             n = ratio.shape[0]
-            u = action + self._kp_u * obs[2 * n : 3 * n] + self._kd_u * obs[3 * n : 4 * n]
+            position_error = obs[2 * n : 3 * n]
+            self._mean_lag += (
+                position_error / self._position_error_scale - self._mean_lag
+            ) / LAG_HORIZON_TICKS
+            u = action + self._kp_u * position_error + self._kd_u * obs[3 * n : 4 * n]
             offset = np.clip((ratio - 1.0) * u + bias, -self.max_correction, self.max_correction)
+            if self.lag_band_rad is not None:
+                offset = offset * self.lag_gate(offset)
             return np.clip(action + offset, -1.0, 1.0).astype(np.float32)
         return np.clip(action + self._offset, -1.0, 1.0).astype(np.float32)
+
+    def lag_gate(self, offset: np.ndarray) -> np.ndarray:
+        """Per-joint factor in [0, 1], (n,): how far each joint lags its reference (mean
+        ``q_ref - q``) in the direction ``offset`` (n,) pushes it, in units of
+        ``lag_band_rad``."""
+        assert self.lag_band_rad is not None
+        return np.clip(np.sign(offset) * self._mean_lag / self.lag_band_rad, 0.0, 1.0)
 
     def record(
         self, obs: np.ndarray, action: np.ndarray, next_obs: np.ndarray, latent: np.ndarray | None
