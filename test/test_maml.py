@@ -769,6 +769,22 @@ def test_lag_gate_scales_with_the_mean_lag_and_forgets_it_on_reset() -> None:
     np.testing.assert_allclose(first, [0.2 / LAG_HORIZON_TICKS, 0.0], atol=1e-6)
 
 
+def test_lag_gate_mean_skips_a_non_finite_reading() -> None:
+    model = _torque_model().float()
+    band = 0.01
+    adaptation = DynamicsAdaptation(model, MAMLConfig(hidden_sizes=()), max_correction=1.0,
+                                    lag_band_rad=band)
+    _held_bias(adaptation, (0.2, 0.2))
+    obs = _obs_with_lag((band, band), model.pd.position_error_scale)
+    for _ in range(10 * LAG_HORIZON_TICKS):
+        adaptation.apply(obs, np.zeros(2, np.float32), None)
+    bad = obs.copy()
+    bad[4] = np.nan
+    adaptation.apply(bad, np.zeros(2, np.float32), None)
+    np.testing.assert_allclose(adaptation.apply(obs, np.zeros(2, np.float32), None),
+                               [0.2, 0.2], atol=1e-4)
+
+
 def test_lag_band_must_be_positive_or_none() -> None:
     model = _torque_model().float()
     for bad in (0.0, -0.01, float("nan")):

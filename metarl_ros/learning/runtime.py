@@ -265,9 +265,10 @@ class DynamicsAdaptation:
             ratio, bias = self._head_correction
             n = ratio.shape[0]
             position_error = obs[2 * n : 3 * n]
-            self._mean_lag += (
-                position_error / self._position_error_scale - self._mean_lag
-            ) / LAG_HORIZON_TICKS
+            if np.isfinite(position_error).all():  # one bad reading must not stick in the mean
+                self._mean_lag += (
+                    position_error / self._position_error_scale - self._mean_lag
+                ) / LAG_HORIZON_TICKS
             u = action + self._kp_u * position_error + self._kd_u * obs[3 * n : 4 * n]
             offset = np.clip((ratio - 1.0) * u + bias, -self.max_correction, self.max_correction)
             if self.lag_band_rad is not None:
