@@ -725,6 +725,16 @@ def _held_bias(adaptation: DynamicsAdaptation, bias: tuple[float, float]) -> Non
     adaptation._head_correction = (np.ones(2, np.float32), np.asarray(bias, np.float32))
 
 
+def _gated(band: float, bias: tuple[float, float]) -> tuple[DynamicsAdaptation, float]:
+    """A toy adaptation with the lag gate at ``band`` holding a pure ``bias`` correction, and
+    its model's position-error scale."""
+    model = _torque_model().float()
+    adaptation = DynamicsAdaptation(model, MAMLConfig(hidden_sizes=()), max_correction=1.0,
+                                    lag_band_rad=band)
+    _held_bias(adaptation, bias)
+    return adaptation, model.pd.position_error_scale
+
+
 def _obs_with_lag(lag_rad: tuple[float, float], scale: float) -> np.ndarray:
     """Toy observation (4 blocks of 2) whose position-error block is ``q_ref - q = lag``."""
     obs = np.zeros(8, np.float32)
@@ -735,12 +745,9 @@ def _obs_with_lag(lag_rad: tuple[float, float], scale: float) -> np.ndarray:
 def test_lag_gate_passes_a_correction_only_towards_the_reference() -> None:
     """Joint 0 lags its reference by twice the band below it, joint 1 sits the same distance
     above it; both corrections push upwards (+). Only joint 0's acts, and in full."""
-    model = _torque_model().float()
-    cfg = MAMLConfig(hidden_sizes=())
     band = 0.005
-    adaptation = DynamicsAdaptation(model, cfg, max_correction=1.0, lag_band_rad=band)
-    _held_bias(adaptation, (0.3, 0.3))
-    obs = _obs_with_lag((2 * band, -2 * band), model.pd.position_error_scale)
+    adaptation, scale = _gated(band, (0.3, 0.3))
+    obs = _obs_with_lag((2 * band, -2 * band), scale)
     action = np.zeros(2, np.float32)
     for _ in range(10 * LAG_HORIZON_TICKS):  # the mean lag settles
         corrected = adaptation.apply(obs, action, None)
@@ -751,12 +758,9 @@ def test_lag_gate_passes_a_correction_only_towards_the_reference() -> None:
 
 
 def test_lag_gate_scales_with_the_mean_lag_and_forgets_it_on_reset() -> None:
-    model = _torque_model().float()
     band = 0.01
-    adaptation = DynamicsAdaptation(model, MAMLConfig(hidden_sizes=()), max_correction=1.0,
-                                    lag_band_rad=band)
-    _held_bias(adaptation, (0.2, 0.2))
-    obs = _obs_with_lag((0.25 * band, 0.0), model.pd.position_error_scale)
+    adaptation, scale = _gated(band, (0.2, 0.2))
+    obs = _obs_with_lag((0.25 * band, 0.0), scale)
     for _ in range(10 * LAG_HORIZON_TICKS):
         corrected = adaptation.apply(obs, np.zeros(2, np.float32), None)
     # a quarter of the band -> a quarter of the correction; a joint on its reference -> none
@@ -764,18 +768,14 @@ def test_lag_gate_scales_with_the_mean_lag_and_forgets_it_on_reset() -> None:
     # one tick after a step in the lag the mean has moved 1/LAG_HORIZON_TICKS of the way
     adaptation.reset()
     _held_bias(adaptation, (0.2, 0.2))
-    first = adaptation.apply(_obs_with_lag((band, 0.0), model.pd.position_error_scale),
-                             np.zeros(2, np.float32), None)
+    first = adaptation.apply(_obs_with_lag((band, 0.0), scale), np.zeros(2, np.float32), None)
     np.testing.assert_allclose(first, [0.2 / LAG_HORIZON_TICKS, 0.0], atol=1e-6)
 
 
 def test_lag_gate_mean_skips_a_non_finite_reading() -> None:
-    model = _torque_model().float()
     band = 0.01
-    adaptation = DynamicsAdaptation(model, MAMLConfig(hidden_sizes=()), max_correction=1.0,
-                                    lag_band_rad=band)
-    _held_bias(adaptation, (0.2, 0.2))
-    obs = _obs_with_lag((band, band), model.pd.position_error_scale)
+    adaptation, scale = _gated(band, (0.2, 0.2))
+    obs = _obs_with_lag((band, band), scale)
     for _ in range(10 * LAG_HORIZON_TICKS):
         adaptation.apply(obs, np.zeros(2, np.float32), None)
     bad = obs.copy()
