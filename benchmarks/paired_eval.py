@@ -98,8 +98,9 @@ def _setting(text: str) -> tuple[float, float, float | None]:
         if len(values) not in (2, 3):
             raise ValueError
         min_improvement, max_correction = float(values[0]), float(values[1])
-        band = runtime.STRUCTURED_DEFAULTS["lag_band_rad"] if len(values) == 2 else (
-            None if values[2] == "off" else float(values[2]))
+        band = runtime.STRUCTURED_DEFAULTS["lag_band_rad"]
+        if len(values) == 3:
+            band = None if values[2] == "off" else float(values[2])
     except ValueError:
         raise argparse.ArgumentTypeError(
             f"{text!r}: expected MIN_IMPROVEMENT,MAX_CORRECTION[,LAG_BAND_RAD|off]") from None

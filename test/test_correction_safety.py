@@ -61,15 +61,16 @@ def test_lag_gate_keeps_a_bad_dynamics_model_from_costing_return(monkeypatch) ->
         pearl.dynamics["dynamics_latent"] = _corrupted(
             pearl.dynamics["dynamics_latent"], noise=1.0, seed=0
         )
+        shipped_band = runtime.STRUCTURED_DEFAULTS["lag_band_rad"]
         results = {}
-        for band in (None, runtime.STRUCTURED_DEFAULTS["lag_band_rad"]):
+        for band in (None, shipped_band):
             monkeypatch.setitem(runtime.STRUCTURED_DEFAULTS, "lag_band_rad", band)
             run = evaluation.run_method("pearl_maml", models, setup, plan, rollout, window)
             results[band] = _returns(run, fault_steps)
     finally:
         rollout.close()
-    (pre_off, _), (pre_on, post_on) = results[None], results[runtime.STRUCTURED_DEFAULTS[
-        "lag_band_rad"]]
+    pre_off, _ = results[None]
+    pre_on, post_on = results[shipped_band]
     # the premise: ungated, the bad model's correction acts on the intact arm and costs return
     assert (pre_off - pre_alone).mean() < -5.0, (pre_off - pre_alone)
     # gated: level with PEARL alone before the fault and after it
