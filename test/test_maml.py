@@ -6,7 +6,6 @@ import copy
 import io
 import logging
 import math
-import statistics
 import threading
 import time
 from collections.abc import Mapping
@@ -382,23 +381,18 @@ def test_correct_action_compensates_halved_gain_and_clamps() -> None:
     )
 
 
-def test_correct_action_is_cheap_and_graph_free() -> None:
+def test_correct_action_is_graph_free() -> None:
+    """The correction runs on the control path: it must not leave an autograd graph behind
+    (its cost is measured in benchmarks, not asserted here)."""
     torch.manual_seed(0)
     model = DynamicsModel(14, 7, 7, latent_dim=8, hidden_sizes=(128, 128))
     prior = dict(model.named_parameters())  # requires_grad tensors must not leak a graph
     adapted = {k: v.detach() + 0.01 * torch.randn_like(v) for k, v in prior.items()}
     obs, z = torch.randn(14), torch.randn(8)
     a_pi = torch.rand(7) * 2 - 1
-    times = []
-    for _ in range(15):
-        t0 = time.perf_counter()
-        out = correct_action(model, obs, a_pi, z, prior, adapted, 10, 0.1, 0.1)
-        times.append(time.perf_counter() - t0)
-    median_ms = 1e3 * statistics.median(times)
-    print(f"correct_action 128x128, 10 steps: median {median_ms:.2f} ms")
+    out = correct_action(model, obs, a_pi, z, prior, adapted, 10, 0.1, 0.1)
     assert out.grad_fn is None and not out.requires_grad
     assert not torch.equal(out, a_pi)
-    assert median_ms < 25.0
 
 
 # ------------------------------------------------------------------------------------------

@@ -264,6 +264,64 @@ def test_make_transition_layout():
     torch.testing.assert_close(make_transition(obs, action, reward[:, None], next_obs), t)
 
 
+def delta_encoder() -> ContextEncoder:
+    torch.manual_seed(0)
+    return ContextEncoder(9, 2, hidden=[16], input_features="normalized_delta", obs_dim=3)
+
+
+def test_normalized_delta_features_are_the_standardized_change_of_state():
+    encoder = delta_encoder()
+    obs, action, next_obs = torch.randn(50, 3), torch.randn(50, 2), torch.randn(50, 3) * 0.01
+    next_obs = obs + next_obs
+    reward = torch.randn(50)
+    transitions = make_transition(obs, action, reward, next_obs)
+    encoder.fit_input_normalizer(transitions)
+    by_hand = torch.cat([obs, action, reward[:, None], next_obs - obs], -1)
+    expected = (by_hand - by_hand.mean(0)) / by_hand.std(0)
+    torch.testing.assert_close(encoder.features(transitions), expected)
+    # standardized: the tiny change of state now has unit spread like everything else
+    torch.testing.assert_close(encoder.features(transitions).std(0), torch.ones(9))
+
+
+def test_normalized_delta_features_are_clipped_and_saved_with_the_weights():
+    encoder = delta_encoder()
+    encoder.fit_input_normalizer(torch.randn(20, 9))
+    outlier = torch.full((1, 9), 1e6)
+    assert encoder.features(outlier).abs().max() == pytest.approx(10.0)
+    assert torch.isfinite(encoder.factors(outlier)[0]).all()
+    restored = ContextEncoder(9, 2, hidden=[16], input_features="normalized_delta", obs_dim=3)
+    restored.load_state_dict(encoder.state_dict())
+    x = torch.randn(5, 9)
+    torch.testing.assert_close(restored.factors(x), encoder.factors(x))
+
+
+def test_raw_encoder_feeds_the_transition_unchanged_and_has_no_statistics():
+    encoder = tiny_encoder()
+    x = torch.randn(4, 6)
+    assert torch.equal(encoder.features(x), x)
+    assert set(encoder.state_dict()) == {k for k in encoder.state_dict() if k.startswith("net.")}
+    with pytest.raises(ValueError, match="raw transitions"):
+        encoder.fit_input_normalizer(x)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"input_features": "whitened"}, "input_features must be"),
+        ({"input_features": "normalized_delta"}, "needs obs_dim"),
+        ({"input_features": "normalized_delta", "obs_dim": 5}, "needs obs_dim"),
+    ],
+)
+def test_encoder_input_options_are_validated(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        ContextEncoder(9, 2, hidden=[16], **kwargs)
+
+
+def test_fit_input_normalizer_rejects_too_few_transitions():
+    with pytest.raises(ValueError, match="N >= 2"):
+        delta_encoder().fit_input_normalizer(torch.randn(1, 9))
+
+
 # ------------------------------------------------------------------------------------------
 # actor and critic
 # ------------------------------------------------------------------------------------------

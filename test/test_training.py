@@ -787,3 +787,30 @@ def test_resume_from_a_replay_without_episode_steps_names_the_problem(trained_ru
         np.savez(stream, **old)
     with pytest.raises(CheckpointError, match="no episode_step"):
         Trainer(config, copy_dir, config_path=config_path, progress=False).resume()
+
+
+def test_normalized_delta_encoder_is_fitted_on_the_initial_episodes_and_exported(
+        tiny_env, tmp_path):
+    """encoder_input normalized_delta: the feature statistics come from the initial episodes
+    (one 100-step episode per task, the first 100 rows of each buffer), travel with the
+    model file, and the exported ONNX graphs pass the parity check with them."""
+    from metarl_ros.learning.export import export_model
+
+    config = tiny_config(tiny_env, agent={"encoder_input": "normalized_delta"})
+    trainer = Trainer(config, tmp_path / "run", progress=False)
+    trainer.run(max_iterations=1)
+    encoder = trainer.agent.encoder
+    initial = torch.cat([
+        make_transition(*(torch.from_numpy(getattr(buffer, field)[:100])
+                          for field in ("obs", "action", "reward", "next_obs")))
+        for buffer in trainer.replay.tasks])
+    obs_dim = trainer.setup.obs_dim
+    features = torch.cat([initial[:, :-obs_dim], initial[:, -obs_dim:] - initial[:, :obs_dim]], -1)
+    torch.testing.assert_close(encoder.input_mean, features.mean(0))
+    torch.testing.assert_close(encoder.input_std, features.std(0).clamp_min(1e-5))
+
+    loaded = load_model(tmp_path / "run" / "model.pt")
+    assert loaded.agent.spec.encoder_input == "normalized_delta"
+    assert torch.equal(loaded.agent.encoder.input_std, encoder.input_std)
+    summary = export_model(tmp_path / "run" / "model.pt", tmp_path / "onnx")
+    assert (tmp_path / "onnx" / "step.onnx").is_file(), summary

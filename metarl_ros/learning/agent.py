@@ -34,6 +34,7 @@ from metarl_ros.learning.networks import TanhGaussianActor, TwinCritic
 from metarl_ros.learning.replay import TransitionBatch
 
 Conditioning = Literal["latent", "oracle", "none"]
+EncoderInput = Literal["raw", "normalized_delta"]
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,7 @@ class AgentSpec:
     latent_dim: int = 8
     oracle_dim: int = 0
     encoder_hidden: tuple[int, ...] = (128, 128)
+    encoder_input: EncoderInput = "raw"
     actor_hidden: tuple[int, ...] = (256, 256)
     critic_hidden: tuple[int, ...] = (256, 256)
     gamma: float = 0.99
@@ -77,7 +79,13 @@ class ConditionedSAC(nn.Module):
         self.spec = spec
         in_dim = spec.obs_dim + spec.cond_dim
         self.encoder = (
-            ContextEncoder(spec.transition_dim, spec.latent_dim, spec.encoder_hidden)
+            ContextEncoder(
+                spec.transition_dim,
+                spec.latent_dim,
+                spec.encoder_hidden,
+                input_features=spec.encoder_input,
+                obs_dim=spec.obs_dim,
+            )
             if spec.conditioning == "latent"
             else None
         )

@@ -19,6 +19,12 @@ class AgentConfig(StrictModel):
 
     latent_dim: PositiveInt = 8
     encoder_hidden: list[PositiveInt] = [128, 128]
+    encoder_input: Literal["raw", "normalized_delta"] = Field(
+        default="raw",
+        description="raw: the encoder sees (s, a, r, s') as it is (PEARL); normalized_delta: "
+        "(s, a, r, s' - s), standardized by statistics of the initial episodes "
+        "(learning/encoder.py)",
+    )
     actor_hidden: list[PositiveInt] = [128, 128]
     critic_hidden: list[PositiveInt] = [256, 256]
     gamma: float = Field(default=0.99, gt=0.0, lt=1.0)
@@ -190,6 +196,7 @@ class TrainConfig(StrictModel):
             latent_dim=a.latent_dim,
             oracle_dim=oracle_dim,
             encoder_hidden=tuple(a.encoder_hidden),
+            encoder_input=a.encoder_input,
             actor_hidden=tuple(a.actor_hidden),
             critic_hidden=tuple(a.critic_hidden),
             gamma=a.gamma,

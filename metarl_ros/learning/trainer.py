@@ -538,6 +538,23 @@ class Trainer:
 
     # ------------------------------------------------------------------ loop
 
+    def _fit_encoder_input(self) -> None:
+        """Standardize a ``normalized_delta`` encoder's input on the initial episodes."""
+        encoder = self.agent.encoder
+        if encoder is None or encoder.input_features != "normalized_delta":
+            return
+        rows = [
+            make_transition(
+                *(
+                    torch.from_numpy(getattr(buffer, field)[: buffer.size])
+                    for field in ("obs", "action", "reward", "next_obs")
+                )
+            )
+            for buffer in self.replay.tasks
+            if buffer.size
+        ]
+        encoder.fit_input_normalizer(torch.cat(rows))
+
     def collect_initial(self) -> None:
         c = self.config
         ids = [i for i in range(len(self.tasks)) for _ in range(c.initial_episodes_per_task)]
@@ -555,6 +572,7 @@ class Trainer:
         self.writer = SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=self.iteration)
         if self.iteration == 0 and len(self.replay) == 0:
             self.collect_initial()
+            self._fit_encoder_input()
         last_checkpoint = time.monotonic()
         start = time.monotonic()
         end = (
