@@ -10,6 +10,8 @@ import copy
 import dataclasses
 import math
 
+import numpy as np
+
 import pytest
 import torch
 from torch.distributions import Normal, TanhTransform, TransformedDistribution, kl_divergence
@@ -553,6 +555,61 @@ def test_update_kl_gradient_reaches_encoder():
     agent.update(batch, context, mask)
     for p, g in zip(agent.encoder.parameters(), with_kl):
         torch.testing.assert_close(p.grad, g, rtol=1e-5, atol=1e-7)
+
+
+def _task_transitions(gain: float, n: int, g: torch.Generator) -> torch.Tensor:
+    """(n, transition_dim) of a task whose state moves by gain * action."""
+    obs = torch.randn(n, OBS, generator=g)
+    action = torch.rand(n, ACT, generator=g) * 2 - 1
+    next_obs = obs + gain * action.repeat(1, OBS // ACT)
+    return make_transition(obs, action, torch.randn(n, generator=g), next_obs)
+
+
+def test_reconstruction_loss_teaches_the_encoder_each_tasks_dynamics():
+    """Tasks differ only in how the state responds to the action. With the decoder's loss
+    the posterior over a task's context predicts that task's transitions, and predicts them
+    better than another task's posterior does: z has learned the dynamics."""
+    torch.manual_seed(3)
+    spec = AgentSpec(obs_dim=OBS, act_dim=ACT, conditioning="latent", latent_dim=LATENT,
+                     encoder_hidden=(32,), actor_hidden=(16,), critic_hidden=(16,),
+                     kl_weight=0.01, encoder_input="normalized_delta",
+                     reconstruction_weight=1.0, decoder_hidden=(32,), encoder_lr=3e-3)
+    agent = ConditionedSAC(spec)
+    gains = torch.tensor([-1.0, -0.3, 0.4, 1.0])
+    g = torch.Generator().manual_seed(0)
+    agent.encoder.fit_input_normalizer(torch.cat([_task_transitions(k, 50, g) for k in gains]))
+
+    def meta_batch(context_tasks):
+        rl = torch.stack([_task_transitions(k, PER_TASK, g) for k in gains])
+        context = torch.stack([_task_transitions(gains[i], CONTEXT, g) for i in context_tasks])
+        batch = TransitionBatch(rl[..., :OBS], rl[..., OBS:OBS + ACT], rl[..., OBS + ACT],
+                                rl[..., -OBS:])
+        return batch, context
+
+    def decoder_error(context_tasks) -> float:
+        batch, context = meta_batch(context_tasks)
+        with torch.no_grad():
+            mu, _ = agent.encoder.posterior(context)
+            cond = mu.unsqueeze(1).expand(-1, PER_TASK, -1).flatten(0, 1)
+            return agent._reconstruction_loss(batch.flatten(), cond).item()
+
+    own, swapped = [0, 1, 2, 3], [3, 2, 1, 0]
+    losses = [agent.update(*meta_batch(own))["reconstruction_loss"] for _ in range(400)]
+    assert np.mean(losses[-40:]) < 0.2 * np.mean(losses[:10])
+    own_error = np.mean([decoder_error(own) for _ in range(10)])
+    swapped_error = np.mean([decoder_error(swapped) for _ in range(10)])
+    assert own_error < 0.25 * swapped_error, (own_error, swapped_error)
+
+
+def test_reconstruction_needs_a_latent_normalized_delta_encoder():
+    spec = AgentSpec(obs_dim=OBS, act_dim=ACT, latent_dim=LATENT, reconstruction_weight=1.0)
+    with pytest.raises(ValueError, match="normalized_delta"):
+        ConditionedSAC(spec)
+    with pytest.raises(ValueError, match="latent conditioning"):
+        ConditionedSAC(dataclasses.replace(spec, conditioning="none",
+                                           encoder_input="normalized_delta"))
+    plain = ConditionedSAC(dataclasses.replace(spec, reconstruction_weight=0.0))
+    assert plain.decoder is None
 
 
 def test_update_polyak_target():

@@ -6,7 +6,11 @@ differs:
 * ``latent`` -- PEARL: ``z ~ q(z | context)`` from
   :class:`~metarl_ros.learning.encoder.ContextEncoder`,
   trained by the critic's Bellman loss plus ``kl_weight * KL(q(z|c) || N(0, I))``; the actor
-  sees ``z`` detached (Rakelly et al., 2019, Sec. 4).
+  sees ``z`` detached (Rakelly et al., 2019, Sec. 4). Optionally
+  (``reconstruction_weight > 0``) the encoder also learns from a decoder that predicts each
+  RL transition's change of state from ``(s, a, z)``, ``z`` inferred from the transitions
+  before it (a variBAD-style model loss, Zintgraf et al., 2020): a self-supervised signal
+  that needs no task labels, so offline retraining from a robot's bags can use it too.
 * ``oracle`` -- the true task parameters (:meth:`TaskParams.oracle_vector`), an upper bound.
 * ``none`` -- no task information: the *robust* baseline when trained on the task
   distribution, the *nominal* baseline when trained on the intact robot only.
@@ -29,8 +33,9 @@ from metarl_ros.learning.encoder import (
     ContextEncoder,
     TrailingContexts,
     kl_to_standard_normal,
+    make_transition,
 )
-from metarl_ros.learning.networks import TanhGaussianActor, TwinCritic
+from metarl_ros.learning.networks import TanhGaussianActor, TwinCritic, mlp
 from metarl_ros.learning.replay import TransitionBatch
 
 Conditioning = Literal["latent", "oracle", "none"]
@@ -58,6 +63,8 @@ class AgentSpec:
     alpha_lr: float = 3e-4
     init_alpha: float = 0.1
     kl_weight: float = 0.1
+    reconstruction_weight: float = 0.0
+    decoder_hidden: tuple[int, ...] = (128, 128)
 
     @property
     def cond_dim(self) -> int:
@@ -89,6 +96,15 @@ class ConditionedSAC(nn.Module):
             if spec.conditioning == "latent"
             else None
         )
+        self.decoder = None
+        if spec.reconstruction_weight > 0:
+            if self.encoder is None or spec.encoder_input != "normalized_delta":
+                raise ValueError(
+                    "reconstruction_weight > 0 needs latent conditioning and encoder_input "
+                    "'normalized_delta' (the decoder predicts the standardized change of state)"
+                )
+            self.decoder = mlp(spec.obs_dim + spec.act_dim + spec.latent_dim,
+                               spec.decoder_hidden, spec.obs_dim)
         self.actor = TanhGaussianActor(in_dim, spec.actor_hidden, spec.act_dim)
         self.critic = TwinCritic(in_dim + spec.act_dim, spec.critic_hidden)
         self.critic_target = copy.deepcopy(self.critic).requires_grad_(False)
@@ -96,7 +112,10 @@ class ConditionedSAC(nn.Module):
         self.target_entropy = -float(spec.act_dim)
         critic_params = list(self.critic.parameters())
         if self.encoder is not None:
-            self.encoder_optimizer = torch.optim.Adam(self.encoder.parameters(), spec.encoder_lr)
+            encoder_params = list(self.encoder.parameters())
+            if self.decoder is not None:
+                encoder_params += list(self.decoder.parameters())
+            self.encoder_optimizer = torch.optim.Adam(encoder_params, spec.encoder_lr)
         self.critic_optimizer = torch.optim.Adam(critic_params, spec.critic_lr)
         self.actor_optimizer = torch.optim.Adam(self.actor.parameters(), spec.actor_lr)
         self.alpha_optimizer = torch.optim.Adam([self.log_alpha], spec.alpha_lr)
@@ -195,10 +214,13 @@ class ConditionedSAC(nn.Module):
             target = flat.reward + spec.gamma * (next_q - alpha * next_log_prob)
         q = self.critic(x, flat.action)  # (2, TB)
         critic_loss = (q - target).pow(2).mean(-1).sum()
+        reconstruction_loss = self._reconstruction_loss(flat, cond)
         self.critic_optimizer.zero_grad(set_to_none=True)
         if self.encoder is not None:
             self.encoder_optimizer.zero_grad(set_to_none=True)
-        (critic_loss + spec.kl_weight * kl).backward()
+        (
+            critic_loss + spec.kl_weight * kl + spec.reconstruction_weight * reconstruction_loss
+        ).backward()
         self.critic_optimizer.step()
         if self.encoder is not None:
             self.encoder_optimizer.step()
@@ -247,7 +269,25 @@ class ConditionedSAC(nn.Module):
             "anchor_loss": anchor_loss.item(),
             "smoothness_loss": smoothness_loss.item(),
             "kl": kl.item(),
+            "reconstruction_loss": reconstruction_loss.item(),
             "alpha": alpha.item(),
             "q_mean": q.mean().item(),
             "entropy": -log_prob.mean().item(),
         }
+
+    def _reconstruction_loss(self, flat: TransitionBatch, cond: torch.Tensor) -> torch.Tensor:
+        """Mean squared error of the decoder's standardized change of state (0 without one).
+
+        flat: RL transitions (N, ...); cond: the z each was acted on with (N, latent_dim),
+        carrying the encoder's gradient.
+        """
+        if self.decoder is None:
+            return torch.zeros(())
+        assert self.encoder is not None
+        with torch.no_grad():
+            features = self.encoder.features(
+                make_transition(flat.obs, flat.action, flat.reward, flat.next_obs)
+            )
+            target = features[:, -self.spec.obs_dim :]
+        predicted = self.decoder(torch.cat([flat.obs, flat.action, cond], dim=-1))
+        return (predicted - target).pow(2).mean()

@@ -35,6 +35,14 @@ class AgentConfig(StrictModel):
     alpha_lr: PositiveFloat = 3e-4
     init_alpha: PositiveFloat = 0.1
     kl_weight: float = Field(default=0.1, ge=0.0)
+    reconstruction_weight: float = Field(
+        default=0.0,
+        ge=0.0,
+        description="pearl: weight of a decoder's prediction of each transition's "
+        "standardized change of state from (s, a, z), trained with the encoder "
+        "(needs encoder_input: normalized_delta; learning/agent.py)",
+    )
+    decoder_hidden: list[PositiveInt] = [128, 128]
 
 
 class DynamicsConfig(StrictModel):
@@ -207,6 +215,8 @@ class TrainConfig(StrictModel):
             alpha_lr=a.alpha_lr,
             init_alpha=a.init_alpha,
             kl_weight=a.kl_weight,
+            reconstruction_weight=a.reconstruction_weight,
+            decoder_hidden=tuple(a.decoder_hidden),
         )
 
 
