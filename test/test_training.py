@@ -703,7 +703,8 @@ def test_trailing_contexts_and_fault_episodes_in_training(tiny_env, tmp_path):
     assert all(0.3 <= f[0].time_s <= 0.6 for f in scheduled)
 
     window, per_segment = config.context_window, config.batch_size // config.context_segments
-    batch, contexts = trainer.sample_trailing([0, 1])
+    batch, contexts, task_vectors = trainer.sample_trailing([0, 1])
+    assert task_vectors is None  # stored only for the oracle or task inference
     assert batch.reward.shape == (2, config.batch_size)
     assert contexts.transitions.shape[:3] == (2, config.context_segments, window + per_segment)
     # the batch's transitions are the last per_segment ones of each segment's sequence
@@ -718,7 +719,7 @@ def test_trailing_contexts_and_fault_episodes_in_training(tiny_env, tmp_path):
     assert trainer.replay.tasks[0].episode_step[100:200].tolist() == list(range(100))
     crossing = np.arange(100 - window, 100 + per_segment)
     trainer._consecutive_index = lambda task_id, length: crossing
-    _, contexts = trainer.sample_trailing([0])
+    _, contexts, _ = trainer.sample_trailing([0])
     fill = contexts.windows[0, 0].sum(-1)
     assert fill.tolist() == [min(m, window) for m in range(per_segment)]
     assert contexts.windows[0, 0, :, :window].sum() == 0  # nothing before the reset
@@ -741,6 +742,8 @@ def test_trailing_and_fault_episode_options_are_validated(tiny_env):
     with pytest.raises(ValueError, match="nominal"):
         tiny_config(tiny_env, method="nominal", fault_episode_fraction=0.5)
     assert tiny_config(tiny_env, method="robust", fault_episode_fraction=0.5)
+    with pytest.raises(ValueError, match="task_inference_weight > 0 is for method pearl"):
+        tiny_config(tiny_env, agent={"task_inference_weight": 1.0})
 
 
 def test_oracle_fault_episodes_keep_the_task_vector_each_transition_was_acted_on(
@@ -814,3 +817,40 @@ def test_normalized_delta_encoder_is_fitted_on_the_initial_episodes_and_exported
     assert torch.equal(loaded.agent.encoder.input_std, encoder.input_std)
     summary = export_model(tmp_path / "run" / "model.pt", tmp_path / "onnx")
     assert (tmp_path / "onnx" / "step.onnx").is_file(), summary
+
+
+def test_task_inference_regresses_each_transitions_own_task_vector(tiny_env, tmp_path):
+    """task_inference_weight: PEARL's replay keeps the true task vector of every transition
+    (intact before a mid-episode fault), each RL transition of a trailing meta-batch carries
+    its own, and the head learns to read them off the posterior."""
+    config = tiny_config(tiny_env, agent={"task_inference_weight": 1.0, "gamma": 0.9,
+                                          "encoder_lr": 3e-3},
+                         context_sampling="trailing", context_segments=4,
+                         fault_episode_fraction=1.0)
+    trainer = Trainer(config, tmp_path / "run", progress=False)
+    trainer.collect_initial()
+    joints = trainer.setup.robot.num_joints
+    intact = nominal_task(joints).oracle_vector(joints)
+    buffer, task = trainer.replay.tasks[1], trainer.tasks[1]
+    assert not np.array_equal(task.oracle_vector(joints), intact)
+    rows = buffer.condition[: buffer.size]
+    assert np.array_equal(rows[0], intact) and np.array_equal(rows[-1], task.oracle_vector(joints))
+
+    batch, _, task_vectors = trainer.sample_trailing([0, 1])
+    assert task_vectors.shape == (2, config.batch_size, intact.size)
+    # the vectors belong to the batch's own transitions: look each one up in its buffer
+    for t, task_id in enumerate((0, 1)):
+        stored = trainer.replay.tasks[task_id]
+        for j in (0, config.batch_size - 1):
+            row = np.flatnonzero(np.all(stored.obs[: stored.size] == batch.obs[t, j].numpy(), 1))
+            np.testing.assert_array_equal(stored.condition[row[0]], task_vectors[t, j].numpy())
+
+    # better than the best constant guess (what a head that ignores z reaches): the
+    # spread of the targets about their mean, over every stored transition
+    stored = np.concatenate([b.condition[: b.size] for b in trainer.replay.tasks])
+    constant = float(((stored - stored.mean(0)) ** 2).mean())
+    losses = [trainer.update()["task_inference_loss"] for _ in range(1500)]
+    assert all(np.isfinite(losses)) and losses[0] > constant
+    assert np.mean(losses[-50:]) < 0.75 * constant, (constant, losses[-50:])
+    path = trainer.write_final_model()
+    assert load_model(path).agent.task_head is not None

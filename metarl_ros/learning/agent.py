@@ -10,7 +10,11 @@ differs:
   (``reconstruction_weight > 0``) the encoder also learns from a decoder that predicts each
   RL transition's change of state from ``(s, a, z)``, ``z`` inferred from the transitions
   before it (a variBAD-style model loss, Zintgraf et al., 2020): a self-supervised signal
-  that needs no task labels, so offline retraining from a robot's bags can use it too.
+  that needs no task labels, so offline retraining from a robot's bags can use it too. Or
+  (``task_inference_weight > 0``) a linear head regresses the true task vector from the
+  posterior mean: task inference supervised by the simulator's task parameters in training
+  only (Humplik et al., 2019, "Meta reinforcement learning as task inference"); the deployed
+  policy still sees nothing but its context.
 * ``oracle`` -- the true task parameters (:meth:`TaskParams.oracle_vector`), an upper bound.
 * ``none`` -- no task information: the *robust* baseline when trained on the task
   distribution, the *nominal* baseline when trained on the intact robot only.
@@ -65,6 +69,7 @@ class AgentSpec:
     kl_weight: float = 0.1
     reconstruction_weight: float = 0.0
     decoder_hidden: tuple[int, ...] = (128, 128)
+    task_inference_weight: float = 0.0
 
     @property
     def cond_dim(self) -> int:
@@ -105,6 +110,14 @@ class ConditionedSAC(nn.Module):
                 )
             self.decoder = mlp(spec.obs_dim + spec.act_dim + spec.latent_dim,
                                spec.decoder_hidden, spec.obs_dim)
+        self.task_head = None
+        if spec.task_inference_weight > 0:
+            if self.encoder is None or spec.oracle_dim <= 0:
+                raise ValueError(
+                    "task_inference_weight > 0 needs latent conditioning and oracle_dim > 0 "
+                    "(the size of the task vector the head regresses)"
+                )
+            self.task_head = nn.Linear(spec.latent_dim, spec.oracle_dim)
         self.actor = TanhGaussianActor(in_dim, spec.actor_hidden, spec.act_dim)
         self.critic = TwinCritic(in_dim + spec.act_dim, spec.critic_hidden)
         self.critic_target = copy.deepcopy(self.critic).requires_grad_(False)
@@ -113,8 +126,9 @@ class ConditionedSAC(nn.Module):
         critic_params = list(self.critic.parameters())
         if self.encoder is not None:
             encoder_params = list(self.encoder.parameters())
-            if self.decoder is not None:
-                encoder_params += list(self.decoder.parameters())
+            for head in (self.decoder, self.task_head):
+                if head is not None:
+                    encoder_params += list(head.parameters())
             self.encoder_optimizer = torch.optim.Adam(encoder_params, spec.encoder_lr)
         self.critic_optimizer = torch.optim.Adam(critic_params, spec.critic_lr)
         self.actor_optimizer = torch.optim.Adam(self.actor.parameters(), spec.actor_lr)
@@ -164,7 +178,9 @@ class ConditionedSAC(nn.Module):
                 and the next state's for the Bellman target.
             context_mask: (T, N), 1 for valid context entries (variable context sizes).
             task_condition: (T, oracle_dim) or, one per transition, (T, B, oracle_dim), for
-                ``oracle`` conditioning.
+                ``oracle`` conditioning; for ``latent`` conditioning with
+                ``task_inference_weight > 0``, the true task vector of each RL transition
+                (T, B, oracle_dim), the task head's target (trailing contexts only).
             train_actor: False updates only the critics (and the encoder): the critic warm-up
                 after a warm start, whose copied critic is not yet right for the new tasks.
             anchor: a frozen actor with this agent's input layout (the warm-start policy).
@@ -181,6 +197,7 @@ class ConditionedSAC(nn.Module):
         spec = self.spec
         num_tasks, per_task = batch.reward.shape
         kl = torch.zeros(())
+        task_loss = torch.zeros(())
         next_cond = None
         if spec.conditioning == "latent":
             assert self.encoder is not None and context is not None
@@ -193,6 +210,11 @@ class ConditionedSAC(nn.Module):
                 mu, var = self.encoder.posterior(context, context_mask)
                 z = mu + var.sqrt() * torch.randn_like(mu)  # (T, L)
             kl = kl_to_standard_normal(mu, var).mean()
+            if self.task_head is not None:
+                if task_condition is None or not isinstance(context, TrailingContexts):
+                    raise ValueError("task_inference_weight > 0 needs trailing contexts and "
+                                     "each RL transition's task vector (task_condition)")
+                task_loss = (self.task_head(mu) - task_condition).pow(2).mean()
             task_cond = z
         elif spec.conditioning == "oracle":
             assert task_condition is not None
@@ -219,7 +241,10 @@ class ConditionedSAC(nn.Module):
         if self.encoder is not None:
             self.encoder_optimizer.zero_grad(set_to_none=True)
         (
-            critic_loss + spec.kl_weight * kl + spec.reconstruction_weight * reconstruction_loss
+            critic_loss
+            + spec.kl_weight * kl
+            + spec.reconstruction_weight * reconstruction_loss
+            + spec.task_inference_weight * task_loss
         ).backward()
         self.critic_optimizer.step()
         if self.encoder is not None:
@@ -270,6 +295,7 @@ class ConditionedSAC(nn.Module):
             "smoothness_loss": smoothness_loss.item(),
             "kl": kl.item(),
             "reconstruction_loss": reconstruction_loss.item(),
+            "task_inference_loss": task_loss.item(),
             "alpha": alpha.item(),
             "q_mean": q.mean().item(),
             "entropy": -log_prob.mean().item(),

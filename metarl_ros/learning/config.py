@@ -43,6 +43,13 @@ class AgentConfig(StrictModel):
         "(needs encoder_input: normalized_delta; learning/agent.py)",
     )
     decoder_hidden: list[PositiveInt] = [128, 128]
+    task_inference_weight: float = Field(
+        default=0.0,
+        ge=0.0,
+        description="pearl: weight of a linear head's regression of the true task vector from "
+        "the posterior mean, trained with the encoder (the simulator's task parameters in "
+        "training only; needs context_sampling: trailing; learning/agent.py)",
+    )
 
 
 class DynamicsConfig(StrictModel):
@@ -170,6 +177,13 @@ class TrainConfig(StrictModel):
             raise ValueError("min_context must not exceed context_window")
         if self.anchor_weight > 0 and not self.init_from:
             raise ValueError("anchor_weight > 0 needs init_from (the policy to stay near)")
+        if self.agent.task_inference_weight > 0 and (
+            self.method != "pearl" or self.context_sampling != "trailing"
+        ):
+            raise ValueError(
+                "agent.task_inference_weight > 0 is for method pearl with context_sampling "
+                "trailing (each RL transition's own task vector is the target)"
+            )
         if self.context_sampling == "trailing":
             if self.method != "pearl":
                 raise ValueError("context_sampling trailing is for method pearl (a context)")
@@ -217,6 +231,7 @@ class TrainConfig(StrictModel):
             kl_weight=a.kl_weight,
             reconstruction_weight=a.reconstruction_weight,
             decoder_hidden=tuple(a.decoder_hidden),
+            task_inference_weight=a.task_inference_weight,
         )
 
 

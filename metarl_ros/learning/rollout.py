@@ -54,7 +54,8 @@ class RolloutResult:
     latent_mean: np.ndarray  # (E, S, L), empty L for non-latent agents
     latent_std: np.ndarray
     control_dt: float
-    oracle_condition: np.ndarray  # (E, S, C): the true task vector acted on, empty C unless oracle
+    # (E, S, C): the true task vector; C is 0 unless oracle conditioning or record_task
+    oracle_condition: np.ndarray
 
     @property
     def returns(self) -> np.ndarray:
@@ -86,6 +87,7 @@ class VectorRollout:
         window: int = 25,
         hook: StepHook | None = None,
         steps: int | None = None,
+        record_task: bool = False,
     ) -> RolloutResult:
         """Run one episode on each of ``len(tasks)`` envs.
 
@@ -100,6 +102,8 @@ class VectorRollout:
             window: context window size for the streaming posterior.
             hook: optional per-step correction and observation (MAML adaptation).
             steps: episode length override (default: the env's).
+            record_task: record the true task vector of every step for any conditioning (the
+                oracle's are always recorded: they are its condition).
         """
         count = len(tasks)
         if count > len(self.envs):
@@ -124,10 +128,14 @@ class VectorRollout:
         out_error = np.zeros((count, steps), np.float32)
         out_mu = np.zeros((count, steps, latent_dim), np.float32)
         out_std = np.zeros((count, steps, latent_dim), np.float32)
-        oracle_dim = spec.cond_dim if spec.conditioning == "oracle" else 0
+        oracle_dim = spec.oracle_dim if spec.conditioning == "oracle" or record_task else 0
         out_oracle = np.zeros((count, steps, oracle_dim), np.float32)
         for t in range(steps):
             mu_np = None
+            if oracle_dim:
+                out_oracle[:, t] = np.stack(
+                    [env.true_task.oracle_vector(self.setup.robot.num_joints) for env in envs]
+                )
             if windows is not None:
                 mu, var = windows.posterior()
                 std = var.sqrt()
@@ -135,9 +143,6 @@ class VectorRollout:
                 out_mu[:, t], out_std[:, t] = mu.numpy(), std.numpy()
                 mu_np = out_mu[:, t]
             elif spec.conditioning == "oracle":
-                out_oracle[:, t] = np.stack(
-                    [env.true_task.oracle_vector(self.setup.robot.num_joints) for env in envs]
-                )
                 condition = torch.from_numpy(out_oracle[:, t])
             else:
                 condition = torch.zeros(count, 0)

@@ -155,13 +155,17 @@ class Trainer:
             if config.anchor_weight > 0
             else None
         )
-        # the oracle's condition is stored per transition: it changes at a mid-episode fault
+        # the true task vector is stored per transition (it changes at a mid-episode fault):
+        # the oracle's condition, or the target of PEARL's task inference
+        self.records_task = (
+            self.spec.conditioning == "oracle" or self.spec.task_inference_weight > 0
+        )
         self.replay = MultiTaskReplay(
             len(self.tasks),
             config.replay_capacity_per_task,
             self.setup.obs_dim,
             self.setup.act_dim,
-            cond_dim=self.spec.cond_dim if self.spec.conditioning == "oracle" else 0,
+            cond_dim=self.spec.oracle_dim if self.records_task else 0,
         )
         self.rollout = VectorRollout(self.setup, config.envs_per_iteration)
         self.eval_rollout = VectorRollout(self.setup, config.eval_tasks)
@@ -257,6 +261,7 @@ class Trainer:
             deterministic=deterministic,
             latent_mode="sample",
             window=self.config.context_window,
+            record_task=self.records_task,
         )
         for row, task_id in enumerate(task_ids):
             self.replay.add(
@@ -265,8 +270,7 @@ class Trainer:
                 result.action[row],
                 result.reward[row],
                 result.next_obs[row],
-                condition=result.oracle_condition[row] if self.spec.conditioning == "oracle"
-                else None,
+                condition=result.oracle_condition[row] if self.records_task else None,
             )
         self.env_steps += result.reward.size
         return result.returns
@@ -299,12 +303,16 @@ class Trainer:
         mask = torch.from_numpy((np.arange(k)[None, :] >= (k - fill)[:, None]).astype(np.float32))
         return context, mask
 
-    def sample_trailing(self, task_ids: list[int]) -> tuple[TransitionBatch, TrailingContexts]:
+    def sample_trailing(
+        self, task_ids: list[int]
+    ) -> tuple[TransitionBatch, TrailingContexts, torch.Tensor | None]:
         """RL transitions with their deployed contexts (``context_sampling: trailing``).
 
         Per task, ``context_segments`` runs of ``M = batch_size / context_segments``
         consecutive transitions, each with the ``context_window`` transitions before it.
-        Returns the batch (T, batch_size) in segment order and its :class:`TrailingContexts`.
+        Returns the batch (T, batch_size) in segment order, its :class:`TrailingContexts`
+        and, if the replay stores them, the RL transitions' true task vectors
+        (T, batch_size, oracle_dim), else None.
         """
         c = self.config
         segments, k = c.context_segments, c.context_window
@@ -327,14 +335,18 @@ class Trainer:
             seq.reward[:, :, tail].flatten(1, 2),
             seq.next_obs[:, :, tail].flatten(1, 2),
         )
-        return batch, contexts
+        task_vectors = None
+        if self.records_task:
+            stored = self.replay.gather(task_ids, index, "condition")  # (T, S, W, C)
+            task_vectors = stored[:, :, tail].flatten(1, 2)
+        return batch, contexts, task_vectors
 
     def update(self) -> dict[str, float]:
         c = self.config
         task_ids = self.sample_task_ids(min(c.meta_batch_tasks, len(self.tasks)))
         context = mask = task_condition = None
         if self.spec.conditioning == "latent" and c.context_sampling == "trailing":
-            batch, context = self.sample_trailing(task_ids)
+            batch, context, task_condition = self.sample_trailing(task_ids)
         elif self.spec.conditioning == "oracle":
             # each transition with the true task vector it was acted on (T, B, C)
             index = self.replay.sample_index(task_ids, c.batch_size, self.rng)
