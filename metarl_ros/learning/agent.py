@@ -10,7 +10,7 @@ differs:
   (``reconstruction_weight > 0``) the encoder also learns from a decoder that predicts each
   RL transition's change of state from ``(s, a, z)``, ``z`` inferred from the transitions
   before it (a variBAD-style model loss, Zintgraf et al., 2020): a self-supervised signal
-  that needs no task labels, so offline retraining from a robot's bags can use it too. Or
+  that needs no task labels (``metarl retrain``'s offline objective does not use it). Or
   (``task_inference_weight > 0``) a linear head regresses the true task vector from the
   posterior mean: task inference supervised by the simulator's task parameters in training
   only (Humplik et al., 2019, "Meta reinforcement learning as task inference"); the deployed
