@@ -193,10 +193,13 @@ class ContextEncoder(nn.Module):
         """transitions (..., D) -> the network's input (..., D) (the identity for ``"raw"``)."""
         if self.input_features == "raw":
             return transitions
-        n = self.obs_dim
-        head, next_obs = transitions[..., :-n], transitions[..., -n:]
-        delta = torch.cat([head, next_obs - transitions[..., :n]], dim=-1)
+        delta = self._delta_form(transitions)
         return ((delta - self.input_mean) / self.input_std).clamp(-INPUT_CLIP, INPUT_CLIP)
+
+    def _delta_form(self, transitions: torch.Tensor) -> torch.Tensor:
+        """``(s, a, r, s')`` (..., D) -> ``(s, a, r, s' - s)`` (..., D)."""
+        n = self.obs_dim
+        return torch.cat([transitions[..., :-n], transitions[..., -n:] - transitions[..., :n]], -1)
 
     @torch.no_grad()
     def fit_input_normalizer(self, transitions: torch.Tensor) -> None:
@@ -212,10 +215,7 @@ class ContextEncoder(nn.Module):
                 f"fit_input_normalizer: transitions must be (N >= 2, D), "
                 f"got {tuple(transitions.shape)}"
             )
-        n = self.obs_dim
-        delta = torch.cat(
-            [transitions[:, :-n], transitions[:, -n:] - transitions[:, :n]], dim=-1
-        ).to(self.input_mean)
+        delta = self._delta_form(transitions).to(self.input_mean)
         self.input_mean.copy_(delta.mean(0))
         self.input_std.copy_(delta.std(0).clamp_min(MIN_INPUT_STD))
 
