@@ -60,17 +60,25 @@ def chatter(models: dict, setup, episodes: int) -> None:
     rollout.close()
 
 
-def actions(models: dict, setup, episodes: int) -> None:
-    tasks = make_split(setup.tasks, "train", setup.robot.friction_scale)
-    plan = fault_episodes(setup.tasks, tasks, episodes, seed=5)
+def _fault_rollout(models: dict, setup, split: str, episodes: int, seed: int, name: str):
+    """Method ``name``, deterministic, on ``episodes`` fault episodes of ``split``:
+    ``(plan, RolloutResult)``."""
+    tasks = make_split(setup.tasks, split, setup.robot.friction_scale)
+    plan = fault_episodes(setup.tasks, tasks, episodes, seed=seed)
     rollout = VectorRollout(setup, episodes)
+    result = rollout.run(models[name].agent, [nominal_task(setup.robot.num_joints)] * episodes,
+                         [e.seed for e in plan], faults=[e.faults() for e in plan],
+                         deterministic=True, latent_mode="mean",
+                         window=evaluation.context_window(models))
+    rollout.close()
+    return plan, result
+
+
+def actions(models: dict, setup, episodes: int) -> None:
     nominal = models["nominal"].agent
     for name in ("robust", "pearl"):
         agent = models[name].agent
-        result = rollout.run(agent, [nominal_task(setup.robot.num_joints)] * episodes,
-                             [e.seed for e in plan], faults=[e.faults() for e in plan],
-                             deterministic=True, latent_mode="mean",
-                             window=evaluation.context_window(models))
+        _, result = _fault_rollout(models, setup, "train", episodes, 5, name)
         obs = torch.from_numpy(result.obs.reshape(-1, result.obs.shape[-1]))
         condition = torch.from_numpy(result.latent_mean.reshape(obs.shape[0], -1))
         x = torch.cat([obs, condition], -1)
@@ -82,19 +90,6 @@ def actions(models: dict, setup, episodes: int) -> None:
         print(f"{name:8s} ||a - a_nominal|| median {distance.median():.3f} "
               f"p90 {distance.quantile(0.9):.3f}; ||dQ/da|| median {slope.median():.3f} "
               f"p90 {slope.quantile(0.9):.3f}")
-    rollout.close()
-
-
-def _fault_rollout(models: dict, setup, split: str, episodes: int, seed: int, name: str):
-    tasks = make_split(setup.tasks, split, setup.robot.friction_scale)
-    plan = fault_episodes(setup.tasks, tasks, episodes, seed=seed)
-    rollout = VectorRollout(setup, episodes)
-    result = rollout.run(models[name].agent, [nominal_task(setup.robot.num_joints)] * episodes,
-                         [e.seed for e in plan], faults=[e.faults() for e in plan],
-                         deterministic=True, latent_mode="mean",
-                         window=evaluation.context_window(models))
-    rollout.close()
-    return plan, result
 
 
 def _latent_samples(models: dict, setup, split: str, episodes: int, seed: int):
