@@ -666,6 +666,23 @@ def test_anchor_weight_needs_init_from_and_anchors_to_the_source(tiny_env, tmp_p
         torch.testing.assert_close(resumed.anchor_actor(torch.cat([obs, z], -1)), expected)
 
 
+def test_init_critic_condition_reaches_the_warm_start(tiny_env, tmp_path):
+    with pytest.raises(ValueError, match="init_critic_condition 'random' needs init_from"):
+        tiny_config(tiny_env, method="pearl", init_critic_condition="random")
+    source = Trainer(tiny_config(tiny_env, method="nominal"), tmp_path / "nominal",
+                     progress=False).write_final_model()
+    columns = {}
+    for init in ("zero", "random"):
+        config = tiny_config(tiny_env, method="pearl", init_from=str(source),
+                             init_critic_condition=init)
+        trainer = Trainer(config, tmp_path / init, progress=False)
+        obs_dim, latent_dim = trainer.spec.obs_dim, trainer.spec.latent_dim
+        columns[init] = trainer.agent.critic.net.layers[0].weight[:, obs_dim : obs_dim + latent_dim]
+        assert torch.count_nonzero(trainer.agent.actor.trunk[0].weight[:, obs_dim:]) == 0
+    assert torch.count_nonzero(columns["zero"]) == 0
+    assert torch.count_nonzero(columns["random"]) == columns["random"].numel()
+
+
 def test_smoothness_weight_reaches_the_actor_update(tiny_env, tmp_path):
     with pytest.raises(ValueError, match="smoothness_weight"):
         tiny_config(tiny_env, method="robust", smoothness_weight=-1.0)

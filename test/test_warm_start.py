@@ -76,6 +76,47 @@ def test_condition_columns_start_at_zero_and_then_learn(source):
     assert first.requires_grad
 
 
+def _bellman_gradient_to_encoder(agent: ConditionedSAC) -> float:
+    """Norm of d(sum Q)/d(encoder parameters) through a reparameterized z, KL left out."""
+    torch.manual_seed(2)
+    context = torch.randn(4, 10, agent.spec.transition_dim)
+    mu, var = agent.encoder.posterior(context)
+    z = (mu + var.sqrt() * torch.randn_like(mu)).repeat_interleave(8, 0)  # (32, L)
+    obs, action = torch.randn(32, OBS), torch.rand(32, ACT) * 2 - 1
+    agent.encoder.zero_grad(set_to_none=False)
+    agent.critic(torch.cat([obs, z], -1), action).sum().backward()
+    return float(sum(p.grad.norm() ** 2 for p in agent.encoder.parameters()) ** 0.5)
+
+
+def test_random_critic_condition_opens_a_bellman_gradient_and_keeps_the_policy(source):
+    zero = ConditionedSAC(_spec("latent"))
+    warm_start(zero, source.state_dict(), vars(source.spec), "source")
+    assert _bellman_gradient_to_encoder(zero) == 0.0  # the saddle that collapses the latent
+
+    torch.manual_seed(1)
+    agent = ConditionedSAC(_spec("latent"))
+    fresh = agent.critic.net.layers[0].weight.detach().clone()  # (2, obs + z + act, hidden)
+    warm_start(agent, source.state_dict(), vars(source.spec), "source", critic_condition="random")
+    assert _bellman_gradient_to_encoder(agent) > 0.0
+    first = agent.critic.net.layers[0].weight.detach()
+    assert torch.equal(first[:, OBS : OBS + 3], fresh[:, OBS : OBS + 3])
+    assert torch.equal(first, agent.critic_target.net.layers[0].weight)
+    obs, action = torch.randn(32, OBS), torch.rand(32, ACT) * 2 - 1
+    cond = torch.randn(32, 3) * 10.0
+    # the policy is still exactly the source; the critic is the source's at z = 0
+    torch.testing.assert_close(
+        agent.act(obs, cond, True), source.act(obs, torch.zeros(32, 0), True), rtol=0, atol=0
+    )
+    torch.testing.assert_close(
+        agent.critic(torch.cat([obs, torch.zeros(32, 3)], -1), action),
+        source.critic(obs, action),
+        rtol=0,
+        atol=1e-6,
+    )
+    with pytest.raises(ValueError, match="critic_condition"):
+        warm_start(agent, source.state_dict(), vars(source.spec), "source", critic_condition="x")
+
+
 def test_mismatched_networks_are_refused(source):
     wider = ConditionedSAC(
         AgentSpec(

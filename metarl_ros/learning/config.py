@@ -138,6 +138,13 @@ class TrainConfig(StrictModel):
         description="model.pt of an unconditioned run (e.g. nominal) to start actor, critics "
         "and temperature from; condition inputs start at zero (learning/warm_start.py)",
     )
+    init_critic_condition: Literal["zero", "random"] = Field(
+        default="zero",
+        description="with init_from: how the critics' new condition columns start. 'zero' "
+        "makes the start exactly the source agent; 'random' keeps their fresh initialization "
+        "(the actor's stay zero, so the start policy is still the source), which gives PEARL's "
+        "encoder a Bellman gradient from the first update (learning/warm_start.py)",
+    )
     intact_fraction: float = Field(
         default=0.0,
         ge=0.0,
@@ -177,6 +184,9 @@ class TrainConfig(StrictModel):
             raise ValueError("min_context must not exceed context_window")
         if self.anchor_weight > 0 and not self.init_from:
             raise ValueError("anchor_weight > 0 needs init_from (the policy to stay near)")
+        if self.init_critic_condition != "zero" and not self.init_from:
+            raise ValueError("init_critic_condition 'random' needs init_from (without it every "
+                             "column starts random anyway)")
         if self.agent.task_inference_weight > 0 and (
             self.method != "pearl" or self.context_sampling != "trailing"
         ):

@@ -146,7 +146,8 @@ class Trainer:
                 config.init_from, base=config_path.parent if config_path else None
             )
             payload = load_model_payload(source)
-            warm_start(self.agent, payload["agent"], payload["agent_spec"], str(source))
+            warm_start(self.agent, payload["agent"], payload["agent_spec"], str(source),
+                       critic_condition=config.init_critic_condition)
             self.warm_started_from = str(source)
         # the warm-started actor, frozen: the anchor of the trust region (anchor_weight); it
         # is rebuilt from init_from on resume, so checkpoints need not store it

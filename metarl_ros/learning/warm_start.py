@@ -6,6 +6,12 @@ critics' first layers gain input columns for the condition (PEARL's ``z`` or the
 vector); those start at zero, so the warm-started agent *is* the source policy until training
 teaches it to use the condition. The encoder and its heads (if any) start fresh.
 
+With ``critic_condition="random"`` the critics' condition columns keep their fresh random
+initialization instead (the actor's still start at zero, so the start policy is unchanged).
+Zero columns give PEARL's encoder no Bellman gradient at the start (d loss / d z passes
+through them), while the KL term pulls every posterior to the prior from the first update:
+the latent dimensions that the critic does not pick up early collapse (docs/LEARNING.md).
+
 Input layouts (see :mod:`metarl_ros.learning.agent`): actor ``[obs, cond]``, critic
 ``[obs, cond, action]``.
 """
@@ -19,12 +25,12 @@ from metarl_ros.learning.checkpoint import CheckpointError
 
 
 def _expand_inputs(
-    source: torch.Tensor, target: torch.Tensor, obs_dim: int, tail: int
+    source: torch.Tensor, target: torch.Tensor, obs_dim: int, tail: int, keep_condition: bool
 ) -> torch.Tensor:
-    """Copy ``source``'s input slices ``[obs | tail]`` into ``target``, zeros for the condition
-    in between. The input axis is dim 1 both for nn.Linear weights (out, in) and for
-    EnsembleLinear weights (E, in, out)."""
-    out = torch.zeros_like(target)
+    """Copy ``source``'s input slices ``[obs | tail]`` into ``target``; the condition columns in
+    between are zeros, or ``target``'s own with ``keep_condition``. The input axis is dim 1
+    both for nn.Linear weights (out, in) and for EnsembleLinear weights (E, in, out)."""
+    out = target.clone() if keep_condition else torch.zeros_like(target)
     out[:, :obs_dim] = source[:, :obs_dim]
     if tail:
         out[:, -tail:] = source[:, -tail:]
@@ -36,9 +42,14 @@ def warm_start(
     source_state: dict[str, torch.Tensor],
     source_spec: dict,
     source_name: str,
+    critic_condition: str = "zero",
 ) -> list[str]:
     """Load ``source_state`` into ``agent`` (actor, critics, temperature); returns what was
-    copied. Raises :class:`CheckpointError` if the networks do not correspond."""
+    copied. ``critic_condition`` is ``"zero"`` or ``"random"``: how the critics' (and target
+    critics') condition columns start; the actor's always start at zero. Raises
+    :class:`CheckpointError` if the networks do not correspond."""
+    if critic_condition not in ("zero", "random"):
+        raise ValueError(f"critic_condition must be 'zero' or 'random', got {critic_condition!r}")
     spec = agent.spec
     for field in ("obs_dim", "act_dim", "actor_hidden", "critic_hidden"):
         mine, theirs = getattr(spec, field), source_spec[field]
@@ -76,7 +87,8 @@ def warm_start(
                         f"{source_name}: cannot warm-start {name}: shape "
                         f"{tuple(theirs.shape)} vs {tuple(value.shape)}"
                     )
-                own[name] = _expand_inputs(theirs, value, spec.obs_dim, tail)
+                keep = network != "actor" and critic_condition == "random"
+                own[name] = _expand_inputs(theirs, value, spec.obs_dim, tail, keep)
             copied.append(name)
     agent.load_state_dict(own)
     return copied
