@@ -677,7 +677,8 @@ def test_init_critic_condition_reaches_the_warm_start(tiny_env, tmp_path):
                              init_critic_condition=init)
         trainer = Trainer(config, tmp_path / init, progress=False)
         obs_dim, latent_dim = trainer.spec.obs_dim, trainer.spec.latent_dim
-        columns[init] = trainer.agent.critic.net.layers[0].weight[:, obs_dim : obs_dim + latent_dim]
+        first = trainer.agent.critic.net.layers[0].weight  # (2, obs + z + act, hidden)
+        columns[init] = first[:, obs_dim : obs_dim + latent_dim]
         assert torch.count_nonzero(trainer.agent.actor.trunk[0].weight[:, obs_dim:]) == 0
     assert torch.count_nonzero(columns["zero"]) == 0
     assert torch.count_nonzero(columns["random"]) == columns["random"].numel()
