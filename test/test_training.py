@@ -33,7 +33,13 @@ from metarl_ros.learning.checkpoint import (
     portable_env_path,
 )
 from metarl_ros.learning.encoder import make_transition
-from metarl_ros.learning.config import AgentConfig, DynamicsConfig, TrainConfig, load_train_config
+from metarl_ros.learning.config import (
+    AgentConfig,
+    DynamicsConfig,
+    TrainConfig,
+    config_changes,
+    load_train_config,
+)
 from metarl_ros.learning.evaluation import (
     RECOVERY_FLOOR_RAD,
     action_oscillation,
@@ -281,8 +287,24 @@ def test_metarl_train_refuses_existing_run_and_config_mismatch(trained_run, tmp_
                         "--no-progress"])
     assert code == 2
     err = capsys.readouterr().err
-    assert "different config" in err and "hash" in err and "step_000000002" in err
+    assert "different config" in err and "step_000000002" in err
+    assert f"seed: {config.seed} -> {config.seed + 1}" in err  # names what changed
     assert sorted(str(p.relative_to(out)) for p in out.rglob("*")) == listing  # nothing written
+
+
+def test_config_changes_ignore_fields_added_since_at_their_defaults(tiny_env):
+    config = tiny_config(tiny_env, method="pearl")
+    stored = config.model_dump(mode="json")
+    assert config_changes(stored, config) == []
+    # a run written before two options existed: the same run under their defaults
+    del stored["init_critic_condition"], stored["agent"]["task_inference_weight"]
+    assert config_changes(stored, config) == []
+    stored["agent"]["kl_weight"] = config.agent.kl_weight * 2
+    assert config_changes(stored, config) == [
+        f"agent.kl_weight: {config.agent.kl_weight * 2!r} -> {config.agent.kl_weight!r}"]
+    stored["no_such_option"] = 1
+    (change,) = config_changes(stored, config)
+    assert change.startswith("stored config no longer valid") and "no_such_option" in change
 
 
 # ------------------------------------------------------------------------------------------

@@ -247,3 +247,35 @@ class TrainConfig(StrictModel):
 
 def load_train_config(path: str | Path) -> TrainConfig:
     return load_yaml_model(TrainConfig, path)
+
+
+def _flatten(values: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def config_changes(stored: dict, current: TrainConfig) -> list[str]:
+    """What differs between a run's stored config and ``current``, one ``"field: old -> new"``
+    per dotted field; empty if they describe the same run.
+
+    ``stored`` is a dumped :class:`TrainConfig`, possibly written before fields were added:
+    it is read through the current schema, so a field added since at its default is no
+    change (a run started before an option existed resumes under the option's default,
+    which is what it trained with). A stored config the schema no longer accepts is one
+    change that says why.
+    """
+    try:
+        before = TrainConfig.model_validate(stored).model_dump(mode="json")
+    except ValueError as error:
+        return [f"stored config no longer valid: {error}"]
+    old, new = _flatten(before), _flatten(current.model_dump(mode="json"))
+    return [
+        f"{key}: {old.get(key)!r} -> {new.get(key)!r}"
+        for key in sorted(old.keys() | new.keys())
+        if old.get(key) != new.get(key)
+    ]

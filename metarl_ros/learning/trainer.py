@@ -43,7 +43,7 @@ from metarl_ros.learning.checkpoint import (
     portable_env_path,
     remove_stale_temp_files,
 )
-from metarl_ros.learning.config import TrainConfig
+from metarl_ros.learning.config import TrainConfig, config_changes
 from metarl_ros.learning.encoder import TrailingContexts, make_transition, trailing_windows
 from metarl_ros.learning.evaluation import fault_steps_of, mean_before_after
 from metarl_ros.learning.replay import MultiTaskReplay, TransitionBatch
@@ -486,9 +486,6 @@ class Trainer:
             "env_steps": self.env_steps,
             "updates": self.updates,
             "normalizer_fitted": self.normalizer_fitted,
-            "config_hash": build_model_payload(
-                {}, self.spec, self.config.model_dump(mode="json"), "", {}
-            )["config_hash"],
             "optimizers": {k: o.state_dict() for k, o in self.agent.optimizers().items()},
             "meta_optimizers": {
                 k: t.optimizer.state_dict() for k, t in self.meta_trainers.items()
@@ -512,13 +509,11 @@ class Trainer:
 
         payload = load_model_payload(latest / "model.pt")
         state = torch.load(latest / "train_state.pt", map_location="cpu", weights_only=True)
-        expected = build_model_payload({}, self.spec, self.config.model_dump(mode="json"), "", {})[
-            "config_hash"
-        ]
-        if state["config_hash"] != expected:
+        changes = config_changes(payload["train_config"], self.config)
+        if changes:
             raise CheckpointError(
-                f"{latest}: checkpoint was made with a different config (hash "
-                f"{state['config_hash']} != {expected}); use a new --out or the same config"
+                f"{latest}: checkpoint was made with a different config ("
+                f"{'; '.join(changes)}); use a new --out or the same config"
             )
         load_state_strict(self.agent, payload["agent"], "agent", latest)
         for name, model in self.dynamics.items():
