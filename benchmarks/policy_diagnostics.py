@@ -10,6 +10,9 @@
     python benchmarks/policy_diagnostics.py latent models --episodes 100
     # where PEARL trails the oracle after the fault, by the kind of fault (heldout, seed 1)
     python benchmarks/policy_diagnostics.py gap models --episodes 100
+    # how many latent dimensions PEARL uses, and how much the actions of PEARL and the oracle
+    # depend on their condition (heldout, seed 1)
+    python benchmarks/policy_diagnostics.py condition models --episodes 30
 
 ``chatter`` prints, per method and joint, the alternation amplitude
 (:func:`metarl_ros.learning.evaluation.action_oscillation` per joint) and the share of control
@@ -21,7 +24,13 @@ train split. ``latent`` samples the posterior mean 0.5 s before the fault (the i
 0.5, 1.0, 1.5, 2.0 s after it, and prints per target (each varying motor's strength, the
 payload mass, whether a joint is locked) the probe's R^2 on the heldout episodes. ``gap``
 prints, per kind of fault, the post-fault return the oracle, PEARL and robust win over
-nominal, summed over the episodes of that kind.
+nominal, summed over the episodes of that kind. ``condition`` prints, from 0.5 s after the
+fault on, PEARL's per-dimension spread (std over episodes and steps) of the posterior mean and
+its median posterior std (a dimension whose mean barely moves while its std stays near the
+prior's 1 carries no task: collapsed), and for PEARL and the oracle the median and 90th
+percentile of ``||a(s, c) - a(s, c_before)||``: how far the condition moves the deterministic
+action from what the same policy would do on the same state with the condition it had 0.5 s
+before the fault.
 """
 
 from __future__ import annotations
@@ -128,6 +137,31 @@ def latent(models: dict, setup, episodes: int) -> None:
         print(f"{name:18s} heldout R^2 {r2:5.2f} (target std {np.sqrt(spread):.3f})")
 
 
+def condition(models: dict, setup, episodes: int) -> None:
+    for name in ("pearl", "oracle"):
+        plan, result = _fault_rollout(models, setup, "heldout", episodes, 1, name)
+        steps = evaluation.fault_steps_of(plan, setup.control_dt)
+        half_second = int(round(0.5 / setup.control_dt))
+        obs = torch.from_numpy(result.obs)
+        cond = torch.from_numpy(result.latent_mean if name == "pearl" else result.oracle_condition)
+        after = torch.zeros(obs.shape[:2], dtype=torch.bool)
+        for i, k in enumerate(steps):
+            after[i, k + half_second :] = True
+        before = torch.stack([cond[i, max(k - half_second, 0)] for i, k in enumerate(steps)])
+        agent = models[name].agent
+        with torch.no_grad():
+            moved = (agent.actor(torch.cat([obs, cond], -1))
+                     - agent.actor(torch.cat([obs, before[:, None].expand_as(cond)], -1)))
+        distance = moved.norm(dim=-1)[after]
+        if name == "pearl":
+            spread = cond[after].std(0).numpy()
+            std = torch.from_numpy(result.latent_std)[after].median(0).values.numpy()
+            print(f"pearl    posterior mean spread per dimension {np.round(spread, 3)}")
+            print(f"pearl    median posterior std per dimension  {np.round(std, 3)}")
+        print(f"{name:8s} ||a(s, c) - a(s, c_before)|| median {distance.median():.3f} "
+              f"p90 {distance.quantile(0.9):.3f}")
+
+
 def _fault_kind(task) -> str:
     kinds = [("locked", bool(task.locked_joints)),
              ("motor", bool(task.motor_strength) and min(task.motor_strength) < 1.0),
@@ -154,7 +188,7 @@ def gap(model_root: Path, episodes: int) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("what", choices=("chatter", "actions", "latent", "gap"))
+    parser.add_argument("what", choices=("chatter", "actions", "latent", "gap", "condition"))
     parser.add_argument("models", type=Path, help="model directory (oracle/, robust/, ...)")
     parser.add_argument("--episodes", type=int, default=4)
     args = parser.parse_args(argv)
@@ -165,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     models = evaluation.load_method_models(args.models, METHODS)
     first = next(iter(models.values()))
     setup = load_env_setup(model_env_config(first.payload, first.path))
-    {"chatter": chatter, "actions": actions, "latent": latent}[args.what](
+    {"chatter": chatter, "actions": actions, "latent": latent, "condition": condition}[args.what](
         models, setup, args.episodes)
     return 0
 
