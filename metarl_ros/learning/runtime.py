@@ -93,7 +93,7 @@ AnyDynamics = maml.DynamicsModel | TorqueGainDynamics
 
 MLP_DEFAULTS = {"min_improvement": 0.6, "max_correction": 0.1}
 """Deployment settings of the correction with the plain MLP model (as shipped before)."""
-STRUCTURED_DEFAULTS = {"min_improvement": 0.1, "max_correction": 0.5, "lag_band_rad": 0.001}
+STRUCTURED_DEFAULTS = {"min_improvement": 0.1, "max_correction": 0.5, "lag_band_rad": 0.002}
 """Deployment settings of the correction with :class:`TorqueGainDynamics` (chosen on
 evaluation episodes of seed 1, docs/BENCHMARKS.md)."""
 LAG_HORIZON_TICKS = 25
