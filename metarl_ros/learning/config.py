@@ -136,7 +136,8 @@ class TrainConfig(StrictModel):
     init_from: str | None = Field(
         default=None,
         description="model.pt of an unconditioned run (e.g. nominal) to start actor, critics "
-        "and temperature from; condition inputs start at zero (learning/warm_start.py)",
+        "and temperature from; the actor's condition inputs start at zero, the critics' as "
+        "init_critic_condition says (learning/warm_start.py)",
     )
     init_critic_condition: Literal["zero", "random"] = Field(
         default="zero",
