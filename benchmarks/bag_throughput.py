@@ -52,8 +52,8 @@ JOINTS = [f"lbr_iiwa_joint_{i}" for i in range(1, 8)]
 
 def make_bag(folder: Path, seconds: float) -> Path:
     from metarl_ros.learning.sim_recording import record_simulated_run
-    from metarl_ros.policy_factory import make_policy
-    from metarl_ros.sim.env import load_env_setup
+    from metarl_ros.policy.factory import make_policy
+    from metarl_ros.sim.env_config import load_env_setup
     from metarl_ros.sim.tasks import FaultEvent, TaskParams
 
     setup = load_env_setup()
@@ -70,9 +70,9 @@ def make_bag(folder: Path, seconds: float) -> Path:
 def read_benchmark(bag: Path, repeats: int) -> dict:
     from rosbags.highlevel import AnyReader
 
-    from metarl_ros.bag import jazzy_typestore
     from metarl_ros.learning.bag_dataset import read_bag
-    from metarl_ros.sim.env import load_env_setup
+    from metarl_ros.recording.bag import jazzy_typestore
+    from metarl_ros.sim.env_config import load_env_setup
 
     setup = load_env_setup()
     used = {"/joint_states", "/reference", "/effort_controller/commands", "/sim/true_task"}
@@ -217,7 +217,7 @@ def record_benchmark(folder: Path, seconds: float, rate: float, bare: bool = Fal
 
     from rosbags.rosbag2 import Reader
 
-    from metarl_ros.bag import JointStateDecoder, bag_is_complete
+    from metarl_ros.recording.bag import JointStateDecoder, bag_is_complete
 
     decoder = JointStateDecoder()
     with Reader(bag) as reader:

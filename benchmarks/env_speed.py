@@ -36,7 +36,8 @@ import numpy as np
 import pybullet
 import pybullet_data
 
-from metarl_ros.sim.env import ArmTrackingEnv, load_env_setup
+from metarl_ros.sim.env import ArmTrackingEnv
+from metarl_ros.sim.env_config import load_env_setup
 from metarl_ros.sim.tasks import TaskParams
 
 GOAL_RATIO = 0.5  # the env must keep at least this fraction of the bare physics rate

@@ -7,7 +7,7 @@ takes the newest transition) followed by ``act(s')``, as the control loop calls 
 runtimes get the same recorded transitions (a simulated episode with a payload) and are timed
 tick by tick with ``time.perf_counter_ns``, alternating blocks so machine load hits both alike:
 
-* ONNX -- :class:`metarl_ros.deploy.OnnxAdaptivePolicy` (what onnx_policy_node runs):
+* ONNX -- :class:`metarl_ros.policy.onnx_policy.OnnxAdaptivePolicy` (what onnx_policy_node runs):
   ``observe`` stores the transition, ``act`` runs ``step.onnx`` (new factor, product of
   Gaussians over the window, policy) in one onnxruntime call; 1 intra-op / 1 inter-op thread,
   inputs and outputs bound once to numpy buffers (I/O binding). The bare onnxruntime calls
@@ -19,13 +19,13 @@ tick by tick with ``time.perf_counter_ns``, alternating blocks so machine load h
   path: ``act`` runs ``policy.onnx`` on the latent of the last update and ``update_context()``
   (timed apart) folds the queued transitions in every ``control_rate / --context-rate-hz``
   ticks, one ``encoder.onnx`` call each.
-* torch -- :class:`metarl_ros.learning.runtime.TorchAdaptivePolicy` (adapter_node's
+* torch -- :class:`metarl_ros.policy.torch_policy.TorchAdaptivePolicy` (adapter_node's
   ``pearl``), one torch thread, no MAML adaptation: ``observe`` runs the encoder on the new
   transition, ``act`` forms the product over the window and runs the actor.
 
 Model: ``--model`` if it exists (default ``models/pearl/model.pt``, with its shipped
 ``onnx/`` export if that is there, else exported to a temporary folder with
-``metarl_ros.learning.export.export_model``), else an untrained model of the shipped
+``metarl_ros.policy.onnx_export.export_model``), else an untrained model of the shipped
 architecture (``config/train_pearl.yaml``) -- the cost does not depend on the weights. The
 result says which.
 """
@@ -50,8 +50,8 @@ SHIPPED_CONFIG = "config/train_pearl.yaml"
 
 def prepare_model(model: str, workdir: Path) -> tuple[Path, Path, str]:
     """``(model.pt, export dir, description)``; builds an untrained stand-in if needed."""
-    from metarl_ros.learning.export import export_model
-    from metarl_ros.resources import resolve_path
+    from metarl_ros.core.resources import resolve_path
+    from metarl_ros.policy.onnx_export import export_model
 
     path = resolve_path(model)
     if path.exists():
@@ -129,7 +129,7 @@ def _empty_graph(path: Path):
     import onnx
     from onnx import TensorProto, helper
 
-    from metarl_ros.deploy import _BoundGraph, _open_session
+    from metarl_ros.policy.onnx_policy import _BoundGraph, _open_session
 
     spec = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [1, 8]) for n in ("x", "y")]
     graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "empty",
@@ -199,9 +199,10 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     torch.set_num_threads(1)
-    from metarl_ros.deploy import OnnxAdaptivePolicy
-    from metarl_ros.learning.runtime import TorchAdaptivePolicy, load_model
-    from metarl_ros.sim.env import load_env_setup
+    from metarl_ros.learning.saved_model import load_model
+    from metarl_ros.policy.onnx_policy import OnnxAdaptivePolicy
+    from metarl_ros.policy.torch_policy import TorchAdaptivePolicy
+    from metarl_ros.sim.env_config import load_env_setup
 
     with tempfile.TemporaryDirectory(prefix="onnx_bench_") as tmp:
         workdir = Path(tmp)

@@ -28,7 +28,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from metarl_ros.learning import evaluation, runtime
+from metarl_ros.evaluation import evaluate as evaluation
+from metarl_ros.policy import dynamics_adaptation as runtime
 
 
 def _returns(model_root: Path, split: str, episodes: int, seed: int, methods: tuple[str, ...]

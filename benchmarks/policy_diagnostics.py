@@ -15,7 +15,7 @@
     python benchmarks/policy_diagnostics.py condition models --episodes 30
 
 ``chatter`` prints, per method and joint, the alternation amplitude
-(:func:`metarl_ros.learning.evaluation.action_oscillation` per joint) and the share of control
+(:func:`metarl_ros.evaluation.evaluate.action_oscillation` per joint) and the share of control
 steps on which the action's change flips sign, over deterministic episodes on the intact arm
 (the first 0.5 s skipped). ``actions`` prints, for robust and PEARL, the median and 90th
 percentile of ``||a - a_nominal||`` and of ``||dQ/da||`` (the method's own critic at its own
@@ -41,10 +41,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from metarl_ros.learning import evaluation
+from metarl_ros.evaluation import evaluate as evaluation
 from metarl_ros.learning.checkpoint import model_env_config
 from metarl_ros.learning.rollout import VectorRollout
-from metarl_ros.sim.env import load_env_setup
+from metarl_ros.sim.env_config import load_env_setup
 from metarl_ros.sim.tasks import fault_episodes, make_split, nominal_task
 
 METHODS = ("nominal", "oracle", "robust", "pearl")

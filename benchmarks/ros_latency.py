@@ -46,7 +46,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-
 from loopback import loopback_ros_env  # benchmarks/loopback.py
 
 REPO = Path(__file__).resolve().parent.parent
@@ -96,7 +95,7 @@ class Driver:
         from sensor_msgs.msg import JointState
         from std_msgs.msg import Float64MultiArray
 
-        from metarl_ros.sim.env import load_env_setup
+        from metarl_ros.sim.env_config import load_env_setup
 
         self.setup = load_env_setup()
         self.names = list(self.setup.robot.joint_names)

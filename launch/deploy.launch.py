@@ -13,8 +13,8 @@ writing the robot's joint states, the commands, the reference, the latent and di
 (under the remapped topic names) to ``bag`` for ``metarl retrain``.
 """
 
-from metarl_ros.graph import DEPLOY_ARGUMENTS, deploy_graph
-from metarl_ros.launch_description import graph_launch_description
+from metarl_ros.graph.spec import DEPLOY_ARGUMENTS, deploy_graph
+from metarl_ros.graph.launch_description import graph_launch_description
 
 
 def generate_launch_description():

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import yaml
 
-from metarl_ros.bag import BagWriter, jazzy_typestore
+from metarl_ros.core.resources import share_directory
 from metarl_ros.learning.config import AgentConfig, DynamicsConfig, TrainConfig
 from metarl_ros.learning.trainer import Trainer
-from metarl_ros.resources import share_directory
+from metarl_ros.recording.bag import BagWriter, jazzy_typestore
 from metarl_ros.sim.tasks import FaultEvent, TaskParams
 
 SHARE = share_directory()

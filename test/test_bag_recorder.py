@@ -22,18 +22,18 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from bag_helpers import FAULT_LABEL, JOINTS, RUN_S, tiny_model, write_scenario, write_tiny_env
 from rclpy.node import Node
+from ros_harness import Collector, RosSession, domain_id, params, wait_for
 from sensor_msgs.msg import JointState
 from std_msgs.msg import Float64MultiArray, String
 
-from bag_helpers import FAULT_LABEL, JOINTS, RUN_S, tiny_model, write_scenario, write_tiny_env
-from metarl_ros.bag import JointStateDecoder, bag_is_complete, decode_float64_array
 from metarl_ros.cli.main import main as metarl_main
 from metarl_ros.nodes.adapter_node import AdapterNode
 from metarl_ros.nodes.common import COMMAND_QOS, LATCHED_QOS, STATE_QOS
 from metarl_ros.nodes.recorder_node import RecorderNode
 from metarl_ros.nodes.sim_node import SimNode
-from ros_harness import Collector, RosSession, domain_id, params, wait_for
+from metarl_ros.recording.bag import JointStateDecoder, bag_is_complete, decode_float64_array
 
 torch.set_num_threads(1)
 COMMANDS = "/effort_controller/commands"

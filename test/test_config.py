@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from metarl_ros.config import ConfigError
-from metarl_ros.resources import share_directory
-from metarl_ros.sim.env import load_env_setup
+from metarl_ros.core.resources import share_directory
+from metarl_ros.core.schema import ConfigError
+from metarl_ros.sim.env_config import load_env_setup
 from metarl_ros.sim.robot import load_robot_spec
 from metarl_ros.sim.tasks import TaskParams, load_task_suite
 

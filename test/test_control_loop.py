@@ -5,19 +5,16 @@ import math
 import numpy as np
 import pytest
 
-from metarl_ros.control_loop import (
-    AdaptiveController,
-    EffortClamp,
-    JointNameMapper,
-    LogThrottle,
-    LoopConfig,
-    RejectedInput,
-    SafeAction,
-    Watchdog,
-)
-from metarl_ros.policy_factory import make_policy, setup_contract
-from metarl_ros.runtime import PosteriorSummary
-from metarl_ros.sim.env import ArmTrackingEnv, effort_command, load_env_setup, tracking_reward
+from metarl_ros.control.controller import AdaptiveController, LoopConfig
+from metarl_ros.control.joint_map import JointNameMapper, RejectedInput
+from metarl_ros.control.law import effort_command, tracking_reward
+from metarl_ros.control.policy_interface import PosteriorSummary
+from metarl_ros.control.safety import EffortClamp, SafeAction
+from metarl_ros.control.watchdog import Watchdog
+from metarl_ros.core.log import LogThrottle
+from metarl_ros.policy.factory import make_policy, setup_contract
+from metarl_ros.sim.env import ArmTrackingEnv
+from metarl_ros.sim.env_config import load_env_setup
 
 NAMES = ["a", "b", "c"]
 
@@ -155,7 +152,7 @@ def test_effort_clamp():
 
 
 def test_safe_action_zero_and_hold():
-    from metarl_ros.control_loop import JointSample
+    from metarl_ros.control.joint_map import JointSample
 
     clamp = EffortClamp([10.0, 10.0], [50.0, 50.0])
     zero = SafeAction("zero", [1, 1], [1, 1], clamp)
@@ -190,7 +187,7 @@ def test_transitions_observation_and_reward_match_the_env(setup):
     env = ArmTrackingEnv(setup)
     rng = np.random.default_rng(1)
     recorder = RecordingPolicy(setup)
-    loop = AdaptiveController(setup, recorder, LoopConfig(control_rate_hz=100.0))
+    loop = AdaptiveController(setup.law, recorder, LoopConfig(control_rate_hz=100.0))
     obs, _ = env.reset(seed=3)
     env_transitions = []
     for k in range(6):
@@ -203,7 +200,8 @@ def test_transitions_observation_and_reward_match_the_env(setup):
                                    reading.velocity)
         result = loop.tick(t)
         assert not result.safe
-        expected = effort_command(setup, recorder.action, reading.position, reading.velocity, ref)
+        expected = effort_command(setup.law, recorder.action, reading.position,
+                                  reading.velocity, ref)
         np.testing.assert_allclose(result.efforts, expected)
         next_obs, reward, *_ = env.step(result.action.astype(np.float32))
         env_transitions.append((obs, result.action, reward, next_obs))
@@ -218,14 +216,14 @@ def test_transitions_observation_and_reward_match_the_env(setup):
 
 
 def test_decimation_to_the_control_rate(setup):
-    loop = AdaptiveController(setup, RecordingPolicy(setup), LoopConfig(control_rate_hz=100.0))
+    loop = AdaptiveController(setup.law, RecordingPolicy(setup), LoopConfig(control_rate_hz=100.0))
     q = np.asarray(setup.robot.default_pose)
     ticks = [k for k in range(50) if _feed(loop, 1.0 + k * 0.002, q) is not None]
     assert ticks == list(range(0, 50, 5))
 
 
 def test_reference_sync_defers_the_tick_until_the_matching_reference(setup):
-    loop = AdaptiveController(setup, RecordingPolicy(setup), LoopConfig())
+    loop = AdaptiveController(setup.law, RecordingPolicy(setup), LoopConfig())
     q = np.asarray(setup.robot.default_pose)
     zeros = np.zeros(7)
     names = setup.robot.joint_names
@@ -234,14 +232,15 @@ def test_reference_sync_defers_the_tick_until_the_matching_reference(setup):
     loop.tick(1.0)
     assert not loop.on_joint_state(1.01, 1.01, names, q, zeros)  # reference is older
     assert loop.on_reference(1.01, 1.01, [], q, zeros, zeros)
-    unsynced = AdaptiveController(setup, RecordingPolicy(setup), LoopConfig(reference_sync=False))
+    unsynced = AdaptiveController(setup.law, RecordingPolicy(setup),
+                                  LoopConfig(reference_sync=False))
     unsynced.on_reference(1.0, 1.0, [], q, zeros, zeros)
     assert unsynced.on_joint_state(1.01, 1.01, names, q, zeros)
 
 
 def test_policy_exception_gives_safe_action_and_the_loop_continues(setup):
     policy = RecordingPolicy(setup, action=np.full(7, 0.5), fail_on={3}, bad_output_on={5})
-    loop = AdaptiveController(setup, policy, LoopConfig())
+    loop = AdaptiveController(setup.law, policy, LoopConfig())
     q = np.asarray(setup.robot.default_pose)
     results = [_feed(loop, 1.0 + 0.01 * k, q) for k in range(8)]
     assert [r.safe for r in results] == [False, False, True, False, True, False, False, False]
@@ -256,7 +255,8 @@ def test_policy_exception_gives_safe_action_and_the_loop_continues(setup):
 
 
 def test_policy_action_is_clipped_and_efforts_clamped(setup):
-    loop = AdaptiveController(setup, RecordingPolicy(setup, action=np.full(7, 5.0)), LoopConfig())
+    loop = AdaptiveController(setup.law, RecordingPolicy(setup, action=np.full(7, 5.0)),
+                              LoopConfig())
     q = np.asarray(setup.robot.default_pose)
     zeros = np.zeros(7)
     result = _feed(loop, 1.0, q)  # on the reference: no feedback term
@@ -268,7 +268,7 @@ def test_policy_action_is_clipped_and_efforts_clamped(setup):
 
 
 def test_pd_policy_is_the_env_feedback_alone(setup):
-    loop = AdaptiveController(setup, make_policy("pd", setup), LoopConfig())
+    loop = AdaptiveController(setup.law, make_policy("pd", setup), LoopConfig())
     q = np.asarray(setup.robot.default_pose)
     ref = (q + 0.01, np.full(7, 0.1), np.zeros(7))
     result = _feed(loop, 1.0, q, ref=ref)
@@ -278,7 +278,7 @@ def test_pd_policy_is_the_env_feedback_alone(setup):
 
 
 def test_stale_sensors_watchdog_commands_safe_action_once_per_period(setup):
-    loop = AdaptiveController(setup, RecordingPolicy(setup, action=np.full(7, 0.3)),
+    loop = AdaptiveController(setup.law, RecordingPolicy(setup, action=np.full(7, 0.3)),
                               LoopConfig(watchdog_timeout_s=0.1, safe_mode="hold",
                                          hold_kp=(100.0,) * 7, hold_kd=(0.0,) * 7))
     assert loop.watchdog(0.5) is None  # nothing ever received: not started
@@ -306,17 +306,17 @@ def test_missing_input_is_stale_only_a_timeout_after_the_other_arrived(setup):
     zeros = np.zeros(7)
     names = setup.robot.joint_names
     config = LoopConfig(watchdog_timeout_s=0.1)
-    loop = AdaptiveController(setup, RecordingPolicy(setup), config)
+    loop = AdaptiveController(setup.law, RecordingPolicy(setup), config)
     assert not loop.on_joint_state(1.0, 1.0, names, q, zeros)  # waits for its reference
     assert loop.watchdog(1.0) is None and loop.watchdog(1.09) is None
     assert loop.on_reference(1.0, 1.095, names, q, zeros, zeros)
     assert not loop.tick(1.095).safe
-    never = AdaptiveController(setup, RecordingPolicy(setup), config)
+    never = AdaptiveController(setup.law, RecordingPolicy(setup), config)
     never.on_joint_state(1.0, 1.0, names, q, zeros)
     never.on_joint_state(1.06, 1.06, names, q, zeros)  # joint states keep coming
     stale = never.watchdog(1.11)
     assert stale is not None and stale.safe and stale.reason == "reference_stale"
-    only_reference = AdaptiveController(setup, RecordingPolicy(setup), config)
+    only_reference = AdaptiveController(setup.law, RecordingPolicy(setup), config)
     assert not only_reference.on_reference(1.0, 1.0, [], q, zeros, zeros)
     assert only_reference.watchdog(1.05) is None
     only_reference.on_reference(1.06, 1.06, [], q, zeros, zeros)
@@ -325,7 +325,7 @@ def test_missing_input_is_stale_only_a_timeout_after_the_other_arrived(setup):
 
 def test_hold_mode_holds_the_latched_position_through_policy_failure(setup):
     policy = RecordingPolicy(setup, fail_on={2, 3})
-    loop = AdaptiveController(setup, policy, LoopConfig(safe_mode="hold", hold_kp=(100.0,) * 7,
+    loop = AdaptiveController(setup.law, policy, LoopConfig(safe_mode="hold", hold_kp=(100.0,) * 7,
                                                         hold_kd=(10.0,) * 7))
     q = np.asarray(setup.robot.default_pose)
     _feed(loop, 1.0, q)
@@ -337,7 +337,7 @@ def test_hold_mode_holds_the_latched_position_through_policy_failure(setup):
 
 def test_context_update_latent_shift_and_adaptation_events(setup):
     policy = RecordingPolicy(setup, latent=(np.zeros(4), np.full(4, 0.1)))
-    loop = AdaptiveController(setup, policy, LoopConfig(adaptation_event_threshold=1.0))
+    loop = AdaptiveController(setup.law, policy, LoopConfig(adaptation_event_threshold=1.0))
     first = loop.update_context(0.1)
     assert first.shift == 0.0 and not first.adaptation_event and first.window_fill == 7
     policy.latent = (np.full(4, 0.05), np.full(4, 0.1))  # 0.5 std: no event
@@ -348,12 +348,12 @@ def test_context_update_latent_shift_and_adaptation_events(setup):
     assert loop.stats.adaptation_events == 1
     values = loop.diagnostics(0.3).values
     assert values["latent_dim"] == "4" and values["adaptation_events"] == "1"
-    no_latent = AdaptiveController(setup, RecordingPolicy(setup), LoopConfig())
+    no_latent = AdaptiveController(setup.law, RecordingPolicy(setup), LoopConfig())
     assert no_latent.update_context(0) is None
 
 
 def test_rejections_are_counted_and_keep_the_previous_sample(setup):
-    loop = AdaptiveController(setup, RecordingPolicy(setup), LoopConfig())
+    loop = AdaptiveController(setup.law, RecordingPolicy(setup), LoopConfig())
     q = np.asarray(setup.robot.default_pose)
     _feed(loop, 1.0, q)
     with pytest.raises(RejectedInput):
@@ -368,7 +368,8 @@ def test_rejections_are_counted_and_keep_the_previous_sample(setup):
 
 
 def test_late_ticks_from_gaps_and_publish_latency(setup):
-    loop = AdaptiveController(setup, RecordingPolicy(setup), LoopConfig(late_tick_fraction=0.5))
+    loop = AdaptiveController(setup.law, RecordingPolicy(setup),
+                              LoopConfig(late_tick_fraction=0.5))
     q = np.asarray(setup.robot.default_pose)
     _feed(loop, 1.0, q)
     _feed(loop, 1.01, q)
@@ -386,19 +387,19 @@ def test_late_ticks_from_gaps_and_publish_latency(setup):
 def test_reward_uses_the_shared_function(setup):
     """Guard against re-implementation: the reward equals tracking_reward's for a known error."""
     policy = RecordingPolicy(setup, action=np.full(7, 0.2))
-    loop = AdaptiveController(setup, policy, LoopConfig())
+    loop = AdaptiveController(setup.law, policy, LoopConfig())
     q = np.asarray(setup.robot.default_pose)
     ref_q = q + 0.01
     zeros = np.zeros(7)
     _feed(loop, 1.0, q, ref=(ref_q, zeros, zeros))
     _feed(loop, 1.01, q, ref=(ref_q, zeros, zeros))
-    expected = tracking_reward(setup, float(np.linalg.norm(ref_q - q)), np.full(7, 0.2))
+    expected = tracking_reward(setup.law, float(np.linalg.norm(ref_q - q)), np.full(7, 0.2))
     assert policy.observed[0][2] == pytest.approx(expected)
 
 
 def test_repeated_instant_is_answered_again_without_calling_the_policy(setup):
     policy = RecordingPolicy(setup, action=np.full(7, 0.1))
-    loop = AdaptiveController(setup, policy, LoopConfig())
+    loop = AdaptiveController(setup.law, policy, LoopConfig())
     q = np.asarray(setup.robot.default_pose)
     first = _feed(loop, 0.0 + 1e-9, q)
     again = _feed(loop, 0.0 + 1e-9, q)

@@ -16,10 +16,11 @@ import numpy as np
 import pytest
 import torch
 
-from metarl_ros.learning import evaluation, runtime
+from metarl_ros.core.resources import share_directory
+from metarl_ros.evaluation import evaluate as evaluation
 from metarl_ros.learning.rollout import VectorRollout
-from metarl_ros.resources import share_directory
-from metarl_ros.sim.env import load_env_setup
+from metarl_ros.policy import dynamics_adaptation as runtime
+from metarl_ros.sim.env_config import load_env_setup
 from metarl_ros.sim.tasks import fault_episodes, make_split
 
 torch.set_num_threads(1)

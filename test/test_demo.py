@@ -17,11 +17,11 @@ import numpy as np
 import pytest
 
 from metarl_ros.cli.main import main
-from metarl_ros.config import ConfigError
+from metarl_ros.core.resources import resolve_path
+from metarl_ros.core.schema import ConfigError
 from metarl_ros.demo.report import PhaseWindows, format_table
-from metarl_ros.demo.trace import TraceRecorder
-from metarl_ros.resources import resolve_path
-from metarl_ros.scenario import ScenarioConfig, resolve_scenario
+from metarl_ros.evaluation.trace import TraceRecorder
+from metarl_ros.sim.scenario import ScenarioConfig, resolve_scenario
 
 REPO = Path(__file__).resolve().parent.parent
 MODEL = "models/pearl/model.pt"

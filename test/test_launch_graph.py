@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-
-from metarl_ros.cli.launch import node_arguments
-from metarl_ros.graph import ADAPT_SIM_ARGUMENTS, adapt_sim_graph, parameter_file_path
 from ros_harness import domain_id
+
+from metarl_ros.graph.runner import node_arguments
+from metarl_ros.graph.spec import ADAPT_SIM_ARGUMENTS, adapt_sim_graph, parameter_file_path
 
 REPO = Path(__file__).resolve().parent.parent
 LAUNCH_FILE = REPO / "launch" / "adapt_sim.launch.py"
@@ -116,7 +116,7 @@ def test_launch_file_is_derived_from_the_graph():
     """Static check (always runs): the launch file builds its nodes from metarl_ros.graph."""
     tree = ast.parse(LAUNCH_FILE.read_text())
     imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
-                and node.module == "metarl_ros.graph" for alias in node.names}
+                and node.module == "metarl_ros.graph.spec" for alias in node.names}
     assert {"ADAPT_SIM_ARGUMENTS", "adapt_sim_graph"} <= imported
     functions = {node.name for node in tree.body if isinstance(node, ast.FunctionDef)}
     assert "generate_launch_description" in functions
@@ -214,15 +214,17 @@ def test_launch_file_against_stand_in_launch_api(monkeypatch):
 
 def test_launch_file_with_the_real_launch_library():
     try:
-        import launch  # noqa: F401
         import launch_ros  # noqa: F401
+
+        import launch  # noqa: F401
     except ImportError:
         reason = ("the `launch`/`launch_ros` libraries are not installed (the index's ROS wheels "
                   "do not ship them); the launch file was checked against stand-ins instead")
         print(f"SKIPPED: {reason}")
         pytest.skip(reason)
-    from launch import LaunchContext
     from launch.actions import DeclareLaunchArgument, OpaqueFunction
+
+    from launch import LaunchContext
 
     description = _load_launch_file().generate_launch_description()
     context = LaunchContext()
@@ -353,7 +355,7 @@ def test_node_executables_run_as_processes_and_stop_cleanly_on_sigint():
 
 
 def test_deploy_graph_records_the_robots_topics_with_record_true():
-    from metarl_ros.graph import deploy_graph
+    from metarl_ros.graph.spec import deploy_graph
 
     assert [n.name for n in deploy_graph().nodes] == ["onnx_policy_node"]
     assert deploy_graph().notes == ()
@@ -392,7 +394,7 @@ def test_deploy_graph_records_the_robots_topics_with_record_true():
 
 
 def test_deploy_launch_file_with_record_against_stand_in_launch_api(monkeypatch):
-    from metarl_ros.graph import DEPLOY_ARGUMENTS, deploy_graph
+    from metarl_ros.graph.spec import DEPLOY_ARGUMENTS, deploy_graph
 
     values = {arg.name: arg.default for arg in DEPLOY_ARGUMENTS}
     values.update(record="true", bag="/data/run2", joint_states="/robot/joint_states")
@@ -423,8 +425,8 @@ def test_metarl_launch_deploy_record_writes_a_closed_bag_of_the_robot_run(tmp_pa
     from rclpy.context import Context
     from sensor_msgs.msg import JointState
 
-    from metarl_ros.bag import bag_is_complete
     from metarl_ros.nodes.common import STATE_QOS, ns_to_stamp
+    from metarl_ros.recording.bag import bag_is_complete
     from metarl_ros.sim.env_config import load_env_setup
 
     model = REPO / "models" / "pearl" / "onnx"

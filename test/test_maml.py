@@ -32,9 +32,12 @@ from metarl_ros.learning.maml import (
     maml_loss,
     params_of,
 )
-
-from metarl_ros.learning.runtime import LAG_HORIZON_TICKS, STRUCTURED_DEFAULTS, DynamicsAdaptation
 from metarl_ros.learning.torque_model import PDStructure, TorqueGainDynamics, head_at
+from metarl_ros.policy.dynamics_adaptation import (
+    LAG_HORIZON_TICKS,
+    STRUCTURED_DEFAULTS,
+    DynamicsAdaptation,
+)
 
 torch.set_num_threads(1)
 

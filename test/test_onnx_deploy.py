@@ -2,7 +2,7 @@
 
 One tiny PEARL model of the shipped layout (32-wide, latent 4, window 8; untrained weights:
 parity and plumbing do not need a good policy) is saved and exported once per module with
-``metarl_ros.learning.export.export_model``. Needs torch to *make* the model; the node under
+``metarl_ros.policy.onnx_export.export_model``. Needs torch to *make* the model; the node under
 test never imports it (checked in a subprocess).
 """
 
@@ -21,27 +21,28 @@ import pytest
 from rclpy.node import Node
 from rclpy.parameter import Parameter
 from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
+from ros_harness import Collector, RosSession, domain_id, params, wait_for
 from sensor_msgs.msg import JointState
 from std_msgs.msg import Float64MultiArray
+from test_launch_graph import _check_nodes_against_graph, stand_in_launch_description
+from test_ros_nodes import TrackingMonitor
 from trajectory_msgs.msg import JointTrajectory
 
-from metarl_ros.config import ConfigError
-from metarl_ros.deploy import ModelContractError, OnnxAdaptivePolicy
-from metarl_ros.graph import (
+from metarl_ros.control.joint_map import JointMap
+from metarl_ros.control.law import build_observation, effort_command
+from metarl_ros.core.schema import ConfigError
+from metarl_ros.graph.spec import (
     DEPLOY_ARGUMENTS,
     adapt_sim_graph,
     deploy_graph,
     parameter_file_path,
 )
-from metarl_ros.joint_map import JointMap
 from metarl_ros.nodes.adapter_node import AdapterNode
 from metarl_ros.nodes.common import STATE_QOS, ns_to_stamp
 from metarl_ros.nodes.onnx_policy_node import OnnxPolicyNode
 from metarl_ros.nodes.sim_node import SimNode
-from metarl_ros.sim.env import build_observation, effort_command, load_env_setup
-from ros_harness import Collector, RosSession, domain_id, params, wait_for
-from test_launch_graph import _check_nodes_against_graph, stand_in_launch_description
-from test_ros_nodes import TrackingMonitor
+from metarl_ros.policy.onnx_policy import ModelContractError, OnnxAdaptivePolicy
+from metarl_ros.sim.env_config import load_env_setup
 
 torch = pytest.importorskip("torch", reason="making the test model needs torch")
 
@@ -60,8 +61,8 @@ WINDOW = 8
 def model(tmp_path_factory) -> tuple[Path, Path]:
     """``(model.pt, export directory)`` of a tiny PEARL model for the shipped env."""
     from metarl_ros.learning.config import AgentConfig, DynamicsConfig, TrainConfig
-    from metarl_ros.learning.export import export_model
     from metarl_ros.learning.trainer import Trainer
+    from metarl_ros.policy.onnx_export import export_model
 
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("onnx_model")
@@ -111,7 +112,8 @@ def test_onnxruntime_matches_torch_actions_and_posterior(model):
     through more steps than the window holds (the ONNX ring buffer wraps). ``ticking`` runs
     as the control loop does (observe, act: one step.onnx call); ``asking`` reads the posterior
     before acting (encoder.onnx, then policy.onnx)."""
-    from metarl_ros.learning.runtime import TorchAdaptivePolicy, load_model
+    from metarl_ros.learning.saved_model import load_model
+    from metarl_ros.policy.torch_policy import TorchAdaptivePolicy
     from metarl_ros.sim.env import ArmTrackingEnv
     from metarl_ros.sim.tasks import TaskParams
 
@@ -162,7 +164,8 @@ def test_context_rate_posterior_is_exact_once_folded_and_the_policy_uses_the_hel
     """posterior_update='context': ticks act on the latent of the last update_context; every
     update (every 3rd tick here) gives torch's exact posterior over the last K transitions,
     also after more than a window of transitions queued without one."""
-    from metarl_ros.learning.runtime import TorchAdaptivePolicy, load_model
+    from metarl_ros.learning.saved_model import load_model
+    from metarl_ros.policy.torch_policy import TorchAdaptivePolicy
     from metarl_ros.sim.env import ArmTrackingEnv
     from metarl_ros.sim.tasks import TaskParams
 
@@ -260,8 +263,8 @@ def test_onnx_policy_node_never_imports_torch_pybullet_or_gymnasium(model):
 def test_policy_factory_adaptation_switches(model):
     """adaptation=False: the policy never sees a transition (latent at the prior); onnx can
     fold its posterior at the context rate; pearl refuses that, and bad values are named."""
-    from metarl_ros.policy_factory import make_policy
-    from metarl_ros.runtime import FrozenContext
+    from metarl_ros.policy.factory import make_policy
+    from metarl_ros.policy.frozen_context import FrozenContext
 
     model_path, onnx_dir = model
     rng = np.random.default_rng(0)
@@ -359,7 +362,7 @@ def _set_metadata(source: Path, target: Path, **values: str) -> None:
 def test_export_replaces_a_previous_export_and_nothing_else(model, tmp_path):
     """Re-exporting into the same directory (the documented `metarl export --out
     models/pearl/onnx`) replaces it whole; a folder holding anything else is left alone."""
-    from metarl_ros.learning.export import ExportError, export_model
+    from metarl_ros.policy.onnx_export import ExportError, export_model
 
     model_path, _ = model
     out = tmp_path / "export"
@@ -380,7 +383,7 @@ def test_export_parity_gate_is_relative_above_one_and_writes_nothing_past_it(
         model, tmp_path, monkeypatch):
     """The gate bounds |onnx - torch| / (1 + |torch|): a float32 variance of 80 off by a few
     ulps (4e-5 absolute) passes, a scaled difference above 1e-5 refuses the export whole."""
-    from metarl_ros.learning import export
+    from metarl_ros.policy import onnx_export as export
 
     model_path, _ = model
     real = export.check_parity
@@ -549,9 +552,9 @@ def _robot_reading():
 def _expected_first_efforts(onnx_dir, q, qd, ref) -> np.ndarray:
     """The first tick's efforts (model order): the shared observation/effort functions."""
     policy = OnnxAdaptivePolicy(onnx_dir)
-    obs = build_observation(SETUP, q, qd, ref, np.zeros(N, dtype=np.float32))
+    obs = build_observation(SETUP.law, q, qd, ref, np.zeros(N, dtype=np.float32))
     action = np.clip(policy.act(obs), -1.0, 1.0)
-    efforts = effort_command(SETUP, action, q, qd, ref)
+    efforts = effort_command(SETUP.law, action, q, qd, ref)
     limits = np.asarray(SETUP.robot.effort_limits)
     return np.clip(efforts, -limits, limits)
 

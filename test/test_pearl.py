@@ -11,7 +11,6 @@ import dataclasses
 import math
 
 import numpy as np
-
 import pytest
 import torch
 from torch.distributions import Normal, TanhTransform, TransformedDistribution, kl_divergence

@@ -1,6 +1,6 @@
 """Offline retraining from bags, without ROS: bag -> transitions -> TD3+BC -> model + ONNX.
 
-Bags are written through the recorder's writer (:class:`metarl_ros.bag.BagWriter`) by
+Bags are written through the recorder's writer (:class:`metarl_ros.recording.bag.BagWriter`) by
 :func:`metarl_ros.learning.sim_recording.record_simulated_run`: the simulated arm, the
 adapter's own control loop and sim_node's topics, stamps and true-task events. The recording
 through the real recorder node over DDS is in test_bag_recorder.py.
@@ -17,7 +17,6 @@ import numpy as np
 import pytest
 import torch
 import yaml
-
 from bag_helpers import (
     FAULT_LABEL,
     FAULT_TIME_S,
@@ -28,7 +27,21 @@ from bag_helpers import (
     tiny_model,
     write_tiny_env,
 )
-from metarl_ros.bag import (
+
+from metarl_ros.cli.main import main as metarl_main
+from metarl_ros.control.policy_interface import PosteriorSummary
+from metarl_ros.learning.bag_dataset import (
+    SegmentationConfig,
+    build_tasks,
+    posterior_change_points,
+    read_bag,
+    split_by_events,
+)
+from metarl_ros.learning.checkpoint import load_model_payload
+from metarl_ros.learning.saved_model import load_model
+from metarl_ros.learning.sim_recording import CdrMessages, record_simulated_run
+from metarl_ros.policy.factory import make_policy, setup_contract
+from metarl_ros.recording.bag import (
     FLOAT64_ARRAY,
     JOINT_STATE,
     BagWriter,
@@ -38,20 +51,7 @@ from metarl_ros.bag import (
     bag_is_complete,
     jazzy_typestore,
 )
-from metarl_ros.cli.main import main as metarl_main
-from metarl_ros.learning.bag_dataset import (
-    SegmentationConfig,
-    build_tasks,
-    posterior_change_points,
-    read_bag,
-    split_by_events,
-)
-from metarl_ros.learning.checkpoint import load_model_payload
-from metarl_ros.learning.runtime import load_model
-from metarl_ros.learning.sim_recording import CdrMessages, record_simulated_run
-from metarl_ros.policy_factory import make_policy, setup_contract
-from metarl_ros.runtime import PosteriorSummary
-from metarl_ros.sim.env import load_env_setup
+from metarl_ros.sim.env_config import load_env_setup
 
 torch.set_num_threads(1)
 

@@ -14,19 +14,20 @@ import numpy as np
 import pytest
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
 from rclpy.node import Node
+from ros_harness import Collector, RosSession, domain_id, params, wait_for
 from sensor_msgs.msg import JointState
 from std_msgs.msg import Float64MultiArray, MultiArrayDimension, String
 
-from metarl_ros.config import ConfigError
-from metarl_ros.control_loop import LoopConfig
+from metarl_ros.control.controller import LoopConfig
+from metarl_ros.control.law import build_observation, effort_command
+from metarl_ros.control.policy_interface import PosteriorSummary
+from metarl_ros.core.schema import ConfigError
 from metarl_ros.nodes.adapter_node import AdapterNode
 from metarl_ros.nodes.commands import STAMP_LABEL
 from metarl_ros.nodes.common import COMMAND_QOS, LATCHED_QOS, STATE_QOS, ns_to_stamp
 from metarl_ros.nodes.sim_node import SimNode
-from metarl_ros.policy_factory import make_policy, setup_contract
-from metarl_ros.runtime import PosteriorSummary
-from metarl_ros.sim.env import build_observation, effort_command, load_env_setup
-from ros_harness import Collector, RosSession, domain_id, params, wait_for
+from metarl_ros.policy.factory import make_policy, setup_contract
+from metarl_ros.sim.env_config import load_env_setup
 
 SETUP = load_env_setup()
 JOINTS = list(SETUP.robot.joint_names)
@@ -279,10 +280,10 @@ class FakeRobot:
 def _expected_efforts(policy, position, velocity, ref, previous_action):
     """What the adapter must command: the shared observation and effort functions, clamped."""
     ref = tuple(np.asarray(r, dtype=np.float64) for r in ref)
-    obs = build_observation(SETUP, np.asarray(position), np.asarray(velocity), ref,
+    obs = build_observation(SETUP.law, np.asarray(position), np.asarray(velocity), ref,
                             np.asarray(previous_action, dtype=np.float32))
     action = np.clip(policy.act(obs), -1, 1)
-    efforts = effort_command(SETUP, action, np.asarray(position), np.asarray(velocity), ref)
+    efforts = effort_command(SETUP.law, action, np.asarray(position), np.asarray(velocity), ref)
     limits = np.array(SETUP.robot.effort_limits)
     return np.clip(efforts, -limits, limits), action
 
@@ -412,7 +413,7 @@ def test_loop_config_defaults_match_the_node_yaml():
     """config/adapter_node.yaml and LoopConfig agree on the safety defaults."""
     import yaml
 
-    from metarl_ros.resources import resolve_path
+    from metarl_ros.core.resources import resolve_path
 
     data = yaml.safe_load(resolve_path("config/adapter_node.yaml").read_text())
     node = data["adapter_node"]["ros__parameters"]

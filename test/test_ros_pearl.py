@@ -10,17 +10,17 @@ import os
 
 import numpy as np
 import pytest
+from ros_harness import Collector, RosSession, domain_id, params, wait_for
 from std_msgs.msg import Float64MultiArray
+from test_ros_nodes import TrackingMonitor
 
-from metarl_ros.graph import adapt_sim_graph
+from metarl_ros.core.resources import resolve_path
+from metarl_ros.graph.spec import adapt_sim_graph
 from metarl_ros.nodes.adapter_node import AdapterNode
 from metarl_ros.nodes.common import STATE_QOS
 from metarl_ros.nodes.sim_node import SimNode
-from metarl_ros.resources import resolve_path
-from metarl_ros.scenario import load_scenario
-from metarl_ros.sim.env import load_env_setup
-from ros_harness import Collector, RosSession, domain_id, params, wait_for
-from test_ros_nodes import TrackingMonitor
+from metarl_ros.sim.env_config import load_env_setup
+from metarl_ros.sim.scenario import load_scenario
 
 # METARL_PEARL_MODEL points the test at another model file (e.g. a training run's).
 MODEL = os.environ.get("METARL_PEARL_MODEL", adapt_sim_graph().arguments["model"])

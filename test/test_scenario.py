@@ -4,10 +4,10 @@ import json
 
 import pytest
 
-from metarl_ros.config import ConfigError
-from metarl_ros.resources import resolve_path
-from metarl_ros.scenario import load_scenario, parse_task_command, task_to_json
+from metarl_ros.core.resources import resolve_path
+from metarl_ros.core.schema import ConfigError
 from metarl_ros.sim.robot import load_robot_spec
+from metarl_ros.sim.scenario import load_scenario, parse_task_command, task_to_json
 from metarl_ros.sim.tasks import TaskParams
 
 JOINTS = load_robot_spec(resolve_path("sim/robots/iiwa7.yaml")).joint_names

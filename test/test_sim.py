@@ -17,7 +17,8 @@ from gymnasium.utils.env_checker import check_env
 
 import metarl_ros
 from metarl_ros.sim.arm_sim import ArmSimulation, JointReading
-from metarl_ros.sim.env import ArmTrackingEnv, load_env_setup
+from metarl_ros.sim.env import ArmTrackingEnv
+from metarl_ros.sim.env_config import load_env_setup
 from metarl_ros.sim.reference import MultiSineReference, ReferenceConfig
 from metarl_ros.sim.tasks import FaultEvent, TaskParams, make_split, nominal_task
 

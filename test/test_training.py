@@ -21,26 +21,11 @@ import numpy as np
 import pytest
 import torch
 import yaml
-
 from bag_helpers import write_tiny_env
+
 from metarl_ros.cli.main import main as metarl_main
-from metarl_ros.learning.checkpoint import (
-    MODEL_FORMAT,
-    MODEL_FORMAT_VERSION,
-    CheckpointError,
-    load_model_payload,
-    model_env_config,
-    portable_env_path,
-)
-from metarl_ros.learning.encoder import make_transition
-from metarl_ros.learning.config import (
-    AgentConfig,
-    DynamicsConfig,
-    TrainConfig,
-    config_changes,
-    load_train_config,
-)
-from metarl_ros.learning.evaluation import (
+from metarl_ros.core.resources import share_directory
+from metarl_ros.evaluation.evaluate import (
     RECOVERY_FLOOR_RAD,
     action_oscillation,
     bootstrap_normalized_return,
@@ -49,10 +34,26 @@ from metarl_ros.learning.evaluation import (
     recovery_times,
     rolling_mean,
 )
-from metarl_ros.learning.runtime import DynamicsAdaptation, load_model
+from metarl_ros.learning.checkpoint import (
+    MODEL_FORMAT,
+    MODEL_FORMAT_VERSION,
+    CheckpointError,
+    load_model_payload,
+    model_env_config,
+    portable_env_path,
+)
+from metarl_ros.learning.config import (
+    AgentConfig,
+    DynamicsConfig,
+    TrainConfig,
+    config_changes,
+    load_train_config,
+)
+from metarl_ros.learning.encoder import make_transition
+from metarl_ros.learning.saved_model import load_model
 from metarl_ros.learning.torque_model import TorqueGainDynamics
 from metarl_ros.learning.trainer import Trainer
-from metarl_ros.resources import share_directory
+from metarl_ros.policy.dynamics_adaptation import DynamicsAdaptation
 from metarl_ros.sim.tasks import nominal_task
 
 torch.set_num_threads(1)
@@ -837,7 +838,7 @@ def test_normalized_delta_encoder_is_fitted_on_the_initial_episodes_and_exported
     """encoder_input normalized_delta: the feature statistics come from the initial episodes
     (one 100-step episode per task, the first 100 rows of each buffer), travel with the
     model file, and the exported ONNX graphs pass the parity check with them."""
-    from metarl_ros.learning.export import export_model
+    from metarl_ros.policy.onnx_export import export_model
 
     config = tiny_config(tiny_env, agent={"encoder_input": "normalized_delta"})
     trainer = Trainer(config, tmp_path / "run", progress=False)

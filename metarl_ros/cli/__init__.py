@@ -1,0 +1,1 @@
+"""The ``metarl`` command line: train, eval, export, retrain, demo, launch."""

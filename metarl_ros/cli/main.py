@@ -12,9 +12,9 @@ from pathlib import Path
 
 
 def _train(args: argparse.Namespace) -> int:
+    from metarl_ros.core.resources import resolve_path
     from metarl_ros.learning.config import load_train_config
     from metarl_ros.learning.trainer import Trainer
-    from metarl_ros.resources import resolve_path
 
     config_path = resolve_path(args.config)
     config = load_train_config(config_path)
@@ -40,13 +40,13 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from metarl_ros.learning.evaluation import evaluate_command
+    from metarl_ros.evaluation.evaluate import evaluate_command
 
     return evaluate_command(args)
 
 
 def _export(args: argparse.Namespace) -> int:
-    from metarl_ros.learning.export import export_model
+    from metarl_ros.policy.onnx_export import export_model
 
     summary = export_model(args.model, args.out)
     print(f"exported {summary['method']} model to {args.out}: {', '.join(summary['files'])} "
@@ -56,9 +56,13 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _retrain(args: argparse.Namespace) -> int:
-    from metarl_ros.learning.offline import retrain_command
+    from metarl_ros.learning.offline import load_retrain_config, retrain
+    from metarl_ros.policy.onnx_export import export_model
 
-    return retrain_command(args)
+    config = load_retrain_config(args.config)
+    retrain(args.bag, args.model, args.out, config, progress=not args.no_progress,
+            export=export_model)
+    return 0
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -149,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
         return _launch(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
-    from metarl_ros.errors import MetarlError
+    from metarl_ros.core.errors import MetarlError
 
     try:
         return args.func(args)

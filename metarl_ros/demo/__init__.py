@@ -12,7 +12,7 @@ directly instead (a cross-check: in lockstep both give the same numbers).
 
 Modules: :mod:`~metarl_ros.demo.command` (entry point), :mod:`~metarl_ros.demo.ros_run` (one
 run through the graph), :mod:`~metarl_ros.demo.direct_run` (one run on the env),
-:mod:`~metarl_ros.demo.trace` (what a run records), :mod:`~metarl_ros.demo.report` (metric,
+:mod:`~metarl_ros.evaluation.trace` (what a run records), :mod:`~metarl_ros.demo.report` (metric,
 table, JSON, plot).
 """
 

@@ -8,20 +8,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from metarl_ros.core.errors import MetarlError
+from metarl_ros.core.files import atomic_write_json
+from metarl_ros.core.resources import resolve_path
 from metarl_ros.demo.report import (
     PhaseWindows,
-    describe_windows,
     all_finite,
+    describe_windows,
     flatten,
     format_table,
     plot,
-    write_json,
 )
-from metarl_ros.demo.trace import Trace
-from metarl_ros.errors import MetarlError
-from metarl_ros.graph import ADAPT_SIM_ARGUMENTS
-from metarl_ros.resources import resolve_path
-from metarl_ros.scenario import Scenario, load_scenario
+from metarl_ros.evaluation.trace import Trace
+from metarl_ros.graph.spec import ADAPT_SIM_ARGUMENTS
+from metarl_ros.sim.scenario import Scenario, load_scenario
 
 _DEFAULTS = {arg.name: arg.default for arg in ADAPT_SIM_ARGUMENTS}
 DEFAULT_MODEL = _DEFAULTS["model"]
@@ -100,7 +100,7 @@ def load_pearl_model(model: Path):
     be a PEARL model (latent-conditioned) with a MAML dynamics model (adaptation on)."""
     import torch
 
-    from metarl_ros.learning.runtime import load_model
+    from metarl_ros.learning.saved_model import load_model
 
     torch.set_num_threads(1)
     loaded = load_model(model)  # CheckpointError names the file and the problem
@@ -135,7 +135,7 @@ def _run_ros(runs, model: Path, scenario_path: Path, duration_s: float, rtf: flo
     except ImportError as exc:
         raise DemoError(f"the demo runs the ROS 2 node graph and needs rclpy ({exc}); install "
                         "the ros extra (pip install -e '.[ros]') or pass --no-ros") from None
-    from metarl_ros.cli.launch import stop_on_signals
+    from metarl_ros.graph.runner import stop_on_signals
 
     results = {}
     with stop_on_signals("metarl demo") as stop:
@@ -166,9 +166,10 @@ def _run_direct(runs, model: Path, env_config: str, scenario: Scenario, duration
     """Each run on the env, its policy built as the graph's adapter_node builds it (same
     launch arguments -> same node parameters -> ``make_policy``), in lockstep."""
     from metarl_ros.demo.direct_run import run_env
-    from metarl_ros.graph import adapt_sim_graph
-    from metarl_ros.policy_factory import make_policy
-    from metarl_ros.sim.env import ArmTrackingEnv, load_env_setup
+    from metarl_ros.graph.spec import adapt_sim_graph
+    from metarl_ros.policy.factory import make_policy
+    from metarl_ros.sim.env import ArmTrackingEnv
+    from metarl_ros.sim.env_config import load_env_setup
 
     setup = load_env_setup(env_config)
     env = ArmTrackingEnv(setup)
@@ -266,7 +267,7 @@ def demo_command(args: argparse.Namespace) -> int:
         "warnings": warnings,
         "wall_s": round(time.monotonic() - start, 2),
     }
-    write_json(out / "summary.json", summary)
+    atomic_write_json(out / "summary.json", summary)
     source = "Gymnasium env (--no-ros)" if args.no_ros else "adapt_sim node graph"
     plot({name: outcome.trace for name, outcome in results.items()}, windows,
          f"scenario {scenario.config.name}: {source}", out / "tracking_error.png")

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from metarl_ros.demo.trace import Trace
-from metarl_ros.runtime import AdaptivePolicy
-from metarl_ros.scenario import Scenario
+from metarl_ros.control.policy_interface import AdaptivePolicy
+from metarl_ros.evaluation.trace import Trace
 from metarl_ros.sim.env import ArmTrackingEnv
+from metarl_ros.sim.scenario import Scenario
 
 
 def run_env(env: ArmTrackingEnv, scenario: Scenario, duration_s: float,

@@ -11,16 +11,16 @@ Metric: the mean tracking error ``||q_ref - q||`` (rad) over windows fixed by th
 from __future__ import annotations
 
 import io
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from metarl_ros.config import ConfigError
-from metarl_ros.demo.trace import Trace
-from metarl_ros.scenario import Scenario
+from metarl_ros.core.files import atomic_write_bytes
+from metarl_ros.core.schema import ConfigError
+from metarl_ros.evaluation.trace import Trace
+from metarl_ros.sim.scenario import Scenario
 
 SETTLE_S = 1.0
 RIGHT_AFTER_S = 0.5
@@ -138,22 +138,12 @@ def describe_windows(windows: PhaseWindows) -> str:
             f"{ADAPTED_S:g} s before the next event (or the end)")
 
 
-def write_json(path: Path, data: Mapping[str, Any]) -> None:
-    """Write ``data`` as JSON atomically (strict JSON: NaN/inf are refused)."""
-    from metarl_ros.learning.checkpoint import atomic_write_bytes
-
-    text = json.dumps(data, indent=2, allow_nan=False) + "\n"
-    atomic_write_bytes(path, text.encode())
-
-
 def plot(traces: Mapping[str, Trace], windows: PhaseWindows, title: str, path: Path) -> None:
     """PNG: tracking error (log scale) and the latent mean's norm over time, events marked."""
     import matplotlib
 
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt
-
-    from metarl_ros.learning.checkpoint import atomic_write_bytes
 
     with_latent = any(trace.latent_norm.size for trace in traces.values())
     fig, axes = plt.subplots(2 if with_latent else 1, 1, figsize=(9, 6.5 if with_latent else 4.5),

@@ -1,0 +1,1 @@
+"""The learning core (torch): PEARL, MAML dynamics, training, checkpoints, export, retraining."""

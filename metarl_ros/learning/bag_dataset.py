@@ -10,18 +10,18 @@ sqlite3) fall back to the ROS 2 Jazzy definitions.
 velocity and effort, as sim_node publishes it), effort commands
 (``std_msgs/Float64MultiArray``, in the model's joint order) and, optionally, true task events
 (``std_msgs/String`` JSON, sim_node's ``/sim/true_task``). Joint states and the reference are
-matched to the model's joints **by name** (:class:`~metarl_ros.control_loop.JointNameMapper`).
+matched to the model's joints **by name** (:class:`~metarl_ros.control.joint_map.JointNameMapper`).
 
 **Time.** Each bag has its own time axis: the joint states' header stamps (their log times if
 the stamps are all zero). Commands carry no stamp, so each command is attached to the control
 instant it answers by **log time** (receive time): the newest joint state on the control grid
 received before the command. The grid follows the adapter's own decimation rule
-(:class:`~metarl_ros.control_loop.AdaptiveController`): with joint states faster than the
+(:class:`~metarl_ros.control.controller.AdaptiveController`): with joint states faster than the
 control rate, only those one control period apart are control instants. The reference of an
 instant is the newest one stamped no later than it (and at most ``reference_max_age_s`` older).
 
 **Actions.** The adapter commands ``effort = clamp(effort_command(a, q, qd, ref))``, i.e. the
-env's PD feedback plus ``a * action_scale`` (:func:`~metarl_ros.sim.env.effort_command`). The
+env's PD feedback plus ``a * action_scale`` (:func:`~metarl_ros.control.law.effort_command`). The
 normalized action is recovered exactly by inverting it with the same function::
 
     a = (effort - effort_command(0, q, qd, ref)) / action_scale
@@ -32,9 +32,9 @@ by a residual policy: a safe action, another controller). Recording the action i
 need a topic the adapter does not publish; inverting keeps bags from any effort controller
 that uses the env's PD feedback usable.
 
-**Transitions** are rebuilt exactly as :class:`~metarl_ros.control_loop.AdaptiveController`
-builds them online, with the shared :func:`~metarl_ros.sim.env.build_observation` and
-:func:`~metarl_ros.sim.env.tracking_reward`: ``s`` at control instant ``k`` with the previous
+**Transitions** are rebuilt exactly as :class:`~metarl_ros.control.controller.AdaptiveController`
+builds them online, with the shared :func:`~metarl_ros.control.law.build_observation` and
+:func:`~metarl_ros.control.law.tracking_reward`: ``s`` at control instant ``k`` with the previous
 instant's action in its last block (zero after a non-policy command, as the adapter does),
 ``a`` from instant ``k``'s command, ``s'`` at instant ``k + 1``, ``r`` from the measured
 tracking error at ``k + 1``. Instants further apart than 1.5 control periods do not form a
@@ -64,7 +64,10 @@ from typing import Any
 import numpy as np
 from pydantic import Field, NonNegativeFloat, PositiveFloat, PositiveInt
 
-from metarl_ros.bag import (
+from metarl_ros.control.joint_map import JointNameMapper, RejectedInput
+from metarl_ros.control.law import build_observation, effort_command, tracking_reward
+from metarl_ros.core.schema import StrictModel
+from metarl_ros.recording.bag import (
     FLOAT64_ARRAY,
     JOINT_STATE,
     STRING,
@@ -76,9 +79,7 @@ from metarl_ros.bag import (
     bag_is_complete,
     jazzy_typestore,
 )
-from metarl_ros.config import StrictModel
-from metarl_ros.control_loop import JointNameMapper, RejectedInput
-from metarl_ros.sim.env import EnvSetup, build_observation, effort_command, tracking_reward
+from metarl_ros.sim.env_config import EnvSetup
 from metarl_ros.sim.tasks import TaskParams
 
 
@@ -237,7 +238,7 @@ def _check_topics(path: Path, reader, topics: BagTopics) -> dict[str, Any]:
 
 class _JointStream:
     """JointState messages of one topic: log times and the bytes, decoded column-wise later
-    (:class:`~metarl_ros.bag.JointStateColumns`)."""
+    (:class:`~metarl_ros.recording.bag.JointStateColumns`)."""
 
     def __init__(self, reader) -> None:
         self.log: list[int] = []
@@ -516,7 +517,7 @@ def read_bag(path: str | Path, setup: EnvSetup, joint_names: Sequence[str],
     ref = (rq[ri], rqd[ri], rqdd[ri])
 
     # --- actions: invert the shared effort_command ----------------------------------------
-    feedback = effort_command(setup, np.zeros((len(tick), n)), tq, tqd, ref)
+    feedback = effort_command(setup.law, np.zeros((len(tick), n)), tq, tqd, ref)
     scale = np.asarray(setup.robot.action_scale, dtype=np.float64)
     action = (effort - feedback) / scale
     limits = np.asarray(setup.robot.effort_limits, dtype=np.float64)
@@ -544,7 +545,7 @@ def read_bag(path: str | Path, setup: EnvSetup, joint_names: Sequence[str],
     i = np.flatnonzero(pair)
     next_obs = obs[i + 1]  # built with previous = a_k, since instant k is a policy instant
     rewards = np.asarray([
-        tracking_reward(setup, float(np.linalg.norm(ref[0][k + 1] - tq[k + 1])), action[k])
+        tracking_reward(setup.law, float(np.linalg.norm(ref[0][k + 1] - tq[k + 1])), action[k])
         for k in i], dtype=np.float32)
     events = _parse_events(path, streams.events, n, dropped)
     return BagTransitions(
@@ -586,7 +587,7 @@ def _observations(setup: EnvSetup, position: np.ndarray, velocity: np.ndarray,
     k, n = position.shape
     if k == 0:
         return np.zeros((0, setup.obs_dim), np.float32)
-    stacked = build_observation(setup, position, velocity, reference, previous)
+    stacked = build_observation(setup.law, position, velocity, reference, previous)
     blocks = stacked.shape[0] // k
     return np.ascontiguousarray(stacked.reshape(blocks, k, n).transpose(1, 0, 2).reshape(k, -1))
 

@@ -25,8 +25,9 @@ from typing import Any
 
 import torch
 
-from metarl_ros.errors import MetarlError
-from metarl_ros.resources import resolve_path, share_directory
+from metarl_ros.core.errors import MetarlError
+from metarl_ros.core.files import atomic_write, atomic_write_text, remove_stale_temp_files
+from metarl_ros.core.resources import resolve_path, share_directory
 
 MODEL_FORMAT = "metarl_ros.model"
 MODEL_FORMAT_VERSION = 1
@@ -40,39 +41,9 @@ def config_hash(config: dict) -> str:
     return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _atomic_write(path: Path, mode: str, write) -> None:
-    """Write through ``write(stream)`` to a temporary file in the same folder, fsync, then
-    rename over ``path``: readers see the old file or the new one, never a partial one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, mode) as stream:
-            write(stream)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def atomic_torch_save(obj: Any, path: Path) -> None:
-    """``torch.save`` atomically (see :func:`_atomic_write`)."""
-    _atomic_write(path, "wb", lambda stream: torch.save(obj, stream))
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    _atomic_write(path, "w", lambda stream: stream.write(text))
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    _atomic_write(path, "wb", lambda stream: stream.write(data))
-
-
-def remove_stale_temp_files(folder: Path, name: str) -> None:
-    """Delete ``.<name>.*.tmp`` files that an atomic write of ``name`` killed midway left."""
-    for stale in Path(folder).glob(f".{name}.*.tmp"):
-        stale.unlink(missing_ok=True)
+    """``torch.save`` atomically (:func:`metarl_ros.core.files.atomic_write`)."""
+    atomic_write(path, "wb", lambda stream: torch.save(obj, stream))
 
 
 def build_model_payload(

@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import Field, NonNegativeInt, PositiveFloat, PositiveInt, model_validator
 
-from metarl_ros.config import StrictModel, load_yaml_model
+from metarl_ros.core.schema import StrictModel, load_yaml_model
 from metarl_ros.learning.agent import AgentSpec
 
 Method = Literal["pearl", "oracle", "robust", "nominal"]

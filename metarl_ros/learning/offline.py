@@ -48,14 +48,13 @@ to what was recorded, which is the point.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -64,7 +63,7 @@ import torch
 from pydantic import Field, NonNegativeInt, PositiveFloat, PositiveInt
 
 from metarl_ros import __version__
-from metarl_ros.config import StrictModel, load_yaml_model
+from metarl_ros.core.schema import StrictModel, load_yaml_model
 from metarl_ros.learning.agent import ConditionedSAC
 from metarl_ros.learning.bag_dataset import (
     AlignmentConfig,
@@ -84,8 +83,8 @@ from metarl_ros.learning.checkpoint import (
 from metarl_ros.learning.encoder import kl_to_standard_normal, make_transition
 from metarl_ros.learning.replay import TransitionBatch
 from metarl_ros.learning.rollout import VectorRollout
-from metarl_ros.learning.runtime import LoadedModel, load_model
-from metarl_ros.sim.env import EnvSetup, load_env_setup
+from metarl_ros.learning.saved_model import LoadedModel, load_model
+from metarl_ros.sim.env_config import EnvSetup, load_env_setup
 from metarl_ros.sim.tasks import FaultEvent, TaskParams
 
 OBJECTIVE = "TD3+BC (deterministic clipped double-Q targets, BC-regularized actor)"
@@ -400,10 +399,18 @@ def summary_lines(bags: Sequence[BagTransitions], tasks: Sequence[TaskData],
     return lines
 
 
+Exporter = Callable[[Path, Path], None]
+"""``export(model_pt, onnx_dir)``: writes the deployable ONNX files of a model file."""
+
+
 def retrain(bag_paths: Sequence[str | Path], model_path: str | Path, out: str | Path,
             config: RetrainConfig = RetrainConfig(), progress: bool = True,
-            log=print) -> dict:
-    """Everything ``metarl retrain`` does; returns the report written to ``retrain.json``."""
+            log=print, export: Exporter | None = None) -> dict:
+    """Everything ``metarl retrain`` does; returns the report written to ``retrain.json``.
+
+    ``export`` (``metarl retrain`` passes :func:`metarl_ros.policy.onnx_export.export_model`)
+    also writes ``onnx/`` beside ``model.pt``.
+    """
     out, model_path = Path(out), Path(model_path)
     _check_out(out)
     torch.set_num_threads(config.training.torch_threads)
@@ -478,24 +485,24 @@ def retrain(bag_paths: Sequence[str | Path], model_path: str | Path, out: str | 
         agent_spec=spec, train_config=loaded.payload["train_config"],
         env_config_path=loaded.payload["env_config"], contract=loaded.payload["contract"],
         extra_states=loaded.payload.get("extra", {}), metadata=metadata)
-    _write_outputs(out, payload, report, evaluation)
-    log(f"wrote {out}: model.pt, onnx/, eval.json, retrain.json")
+    _write_outputs(out, payload, report, evaluation, export)
+    log(f"wrote {out}: model.pt, {'onnx/, ' if export else ''}eval.json, retrain.json")
     return {**report, "evaluation": evaluation}
 
 
-def _write_outputs(out: Path, payload: dict, report: dict, evaluation: dict) -> None:
+def _write_outputs(out: Path, payload: dict, report: dict, evaluation: dict,
+                   export: Exporter | None) -> None:
     """Build ``out`` in a temporary sibling, then rename it into place (see the module doc)."""
-    from metarl_ros.learning.export import export_model
-
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
         atomic_torch_save(payload, staging / "model.pt")
-        export_model(staging / "model.pt", staging / "onnx")
-        export_json = staging / "onnx" / "export.json"
-        exported = json.loads(export_json.read_text())
-        exported["model"] = str(out / "model.pt")
-        export_json.write_text(json.dumps(exported, indent=2))
+        if export is not None:
+            export(staging / "model.pt", staging / "onnx")
+            export_json = staging / "onnx" / "export.json"
+            exported = json.loads(export_json.read_text())
+            exported["model"] = str(out / "model.pt")
+            export_json.write_text(json.dumps(exported, indent=2))
         (staging / "eval.json").write_text(json.dumps(evaluation, indent=2))
         (staging / "retrain.json").write_text(json.dumps(report, indent=2, default=str))
         os.chmod(staging, 0o755)  # mkdtemp makes it private
@@ -505,10 +512,3 @@ def _write_outputs(out: Path, payload: dict, report: dict, evaluation: dict) -> 
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-
-
-def retrain_command(args: argparse.Namespace) -> int:
-    """Entry point of ``metarl retrain`` (errors are :class:`MetarlError`: one line, exit 2)."""
-    config = load_retrain_config(args.config)
-    retrain(args.bag, args.model, args.out, config, progress=not args.no_progress)
-    return 0

@@ -19,8 +19,9 @@ import torch
 
 from metarl_ros.learning.agent import ConditionedSAC
 from metarl_ros.learning.encoder import BatchedWindows, make_transition
-from metarl_ros.sim.env import ArmTrackingEnv, EnvSetup
-from metarl_ros.sim.tasks import FaultEvent, TaskParams
+from metarl_ros.sim.env import ArmTrackingEnv
+from metarl_ros.sim.env_config import EnvSetup
+from metarl_ros.sim.tasks import FaultEpisode, FaultEvent, TaskParams
 
 LatentMode = Literal["mean", "sample"]
 
@@ -177,3 +178,18 @@ class VectorRollout:
             self.setup.control_dt,
             out_oracle,
         )
+
+
+def fault_steps_of(episodes: Sequence[FaultEpisode], dt: float) -> list[int]:
+    """The control step at which each episode's fault strikes."""
+    return [int(round(e.fault_time_s / dt)) for e in episodes]
+
+
+def mean_before_after(
+    values: np.ndarray, fault_steps: Sequence[int]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per episode, the mean of ``values`` (episodes, steps) before and from its fault step:
+    two arrays of shape (episodes,)."""
+    before = np.array([values[i, :s].mean() for i, s in enumerate(fault_steps)])
+    after = np.array([values[i, s:].mean() for i, s in enumerate(fault_steps)])
+    return before, after

@@ -3,10 +3,10 @@
 What ``sim_node`` + ``adapter_node`` + ``recorder_node`` produce in lockstep, in one process
 and much faster: the PyBullet arm (:class:`~metarl_ros.sim.arm_sim.ArmSimulation`, stepped
 like sim_node's lockstep mode), the adapter's own control loop
-(:class:`~metarl_ros.control_loop.AdaptiveController`) around any
-:class:`~metarl_ros.runtime.AdaptivePolicy`, and the recorder's writer
-(:class:`~metarl_ros.bag.BagWriter`) fed CDR bytes. Topics, types, stamps and the true-task
-JSON are sim_node's and adapter_node's; log times are a synthetic receive clock that keeps
+(:class:`~metarl_ros.control.controller.AdaptiveController`) around any
+:class:`~metarl_ros.control.policy_interface.AdaptivePolicy`, and the recorder's writer
+(:class:`~metarl_ros.recording.bag.BagWriter`) fed CDR bytes. Topics, types, stamps and the
+true-task JSON are sim_node's and adapter_node's; log times are a synthetic receive clock that keeps
 the nodes' causal order (task event, reference, joint state, then the command answering it).
 
 Used by the tests and ``benchmarks/bag_throughput.py``, and handy to produce offline data.
@@ -20,13 +20,13 @@ from pathlib import Path
 
 import numpy as np
 
-from metarl_ros.bag import FLOAT64_ARRAY, JOINT_STATE, STRING, BagWriter, make_qos
-from metarl_ros.control_loop import AdaptiveController, LoopConfig
-from metarl_ros.runtime import AdaptivePolicy
-from metarl_ros.scenario import task_to_json
+from metarl_ros.control.controller import AdaptiveController, LoopConfig
+from metarl_ros.control.policy_interface import AdaptivePolicy
+from metarl_ros.recording.bag import FLOAT64_ARRAY, JOINT_STATE, STRING, BagWriter, make_qos
 from metarl_ros.sim.arm_sim import ArmSimulation
-from metarl_ros.sim.env import EnvSetup
+from metarl_ros.sim.env_config import EnvSetup
 from metarl_ros.sim.reference import MultiSineReference
+from metarl_ros.sim.scenario import task_to_json
 from metarl_ros.sim.tasks import FaultEvent, TaskParams
 
 #: receive-clock origin of synthetic recordings (ns since the epoch; any value works)
@@ -117,7 +117,7 @@ def record_simulated_run(
     task = (initial_task or TaskParams()).normalized(n)
     sim.reset(q_ref, qd_ref, task=task)
     sim.schedule(sorted(faults))
-    loop = AdaptiveController(setup, policy, LoopConfig(control_rate_hz=control_rate))
+    loop = AdaptiveController(setup.law, policy, LoopConfig(control_rate_hz=control_rate))
     policy.reset()
     command_topic = f"/{controller}/commands"
     writer = BagWriter(path, storage=storage, version=version)

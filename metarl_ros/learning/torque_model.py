@@ -47,7 +47,7 @@ class PDStructure:
 
     ``kp``, ``kd``: the fixed PD gains (N*m/rad, N*m*s/rad); ``action_scale``: N*m per unit
     action; ``position_error_scale`` / ``velocity_error_scale`` / ``velocity_scale``: the
-    observation scalings (``metarl_ros.sim.env.build_observation``).
+    observation scalings (``metarl_ros.control.law.build_observation``).
     """
 
     kp: tuple[float, ...]

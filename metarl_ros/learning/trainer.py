@@ -21,7 +21,6 @@ same tasks), ``nominal`` (no context, intact robot only).
 from __future__ import annotations
 
 import copy
-
 import json
 import time
 from pathlib import Path
@@ -31,6 +30,8 @@ import torch
 from tqdm import tqdm
 
 from metarl_ros import __version__
+from metarl_ros.core.files import remove_stale_temp_files
+from metarl_ros.core.resources import resolve_path
 from metarl_ros.learning import maml
 from metarl_ros.learning.agent import ConditionedSAC
 from metarl_ros.learning.checkpoint import (
@@ -41,17 +42,14 @@ from metarl_ros.learning.checkpoint import (
     load_model_payload,
     load_state_strict,
     portable_env_path,
-    remove_stale_temp_files,
 )
 from metarl_ros.learning.config import TrainConfig, config_changes
 from metarl_ros.learning.encoder import TrailingContexts, make_transition, trailing_windows
-from metarl_ros.learning.evaluation import fault_steps_of, mean_before_after
 from metarl_ros.learning.replay import MultiTaskReplay, TransitionBatch
-from metarl_ros.learning.rollout import VectorRollout
+from metarl_ros.learning.rollout import VectorRollout, fault_steps_of, mean_before_after
 from metarl_ros.learning.torque_model import PDStructure, TorqueGainDynamics
 from metarl_ros.learning.warm_start import warm_start
-from metarl_ros.resources import resolve_path
-from metarl_ros.sim.env import EnvSetup, load_env_setup
+from metarl_ros.sim.env_config import EnvSetup, load_env_setup
 from metarl_ros.sim.tasks import (
     FaultEvent,
     TaskParams,

@@ -1,14 +1,15 @@
-"""adapter_node: the adaptive controller (an :class:`~metarl_ros.runtime.AdaptivePolicy`).
+"""adapter_node: the adaptive controller (any
+:class:`~metarl_ros.control.policy_interface.AdaptivePolicy`).
 
 The node only translates messages; the loop itself (joint mapping by name, transitions,
 watchdog, safe action, clamping, diagnostics values) is
-:class:`metarl_ros.control_loop.AdaptiveController`. :class:`AdapterNode` is also the deploy
+:class:`metarl_ros.control.controller.AdaptiveController`. :class:`AdapterNode` is also the deploy
 node: ``onnx_policy_node`` (:mod:`metarl_ros.nodes.onnx_policy_node`) is this class with the
 policy fixed to ``onnx``, so topics, parameters, safety and diagnostics are the same code.
 
 Joint names: joints are matched **by name**. With ``joint_map`` (``model_name:robot_name``
-entries, :class:`metarl_ros.joint_map.JointMap`) the robot's names are renamed to the model's
-on ``/joint_states`` and ``/reference``, and commands are written for the controller's joints
+entries, :class:`metarl_ros.control.joint_map.JointMap`) the robot's names are renamed to the
+model's on ``/joint_states`` and ``/reference``, and commands are written for the controller's joints
 (``controller_joints``, robot names; unset = the model's order).
 
 Subscribes
@@ -22,7 +23,7 @@ Subscribes
 Publishes
     ``/<controller_name>/commands`` (std_msgs/Float64MultiArray, RELIABLE; ``command_type:
     effort``, the default) -- efforts (N*m) in the controller's joint order:
-    :func:`~metarl_ros.sim.env.effort_command` (the env's PD feedback on the reference plus
+    :func:`~metarl_ros.control.law.effort_command` (the env's PD feedback on the reference plus
     ``clip(action, -1, 1) * action_scale``, exactly as in training), clamped to
     ``effort_limit_scale`` times the effort limits; the safe action when the policy cannot be
     trusted. With ``command_type: trajectory`` the same efforts go out as a one-point
@@ -39,7 +40,7 @@ Publishes
     more than 5 % late ticks.
 
 Loops
-    *control* (sensor-triggered at ``control_rate_hz``, see :mod:`metarl_ros.control_loop`):
+    *control* (sensor-triggered at ``control_rate_hz``, see :mod:`metarl_ros.control.controller`):
     ``policy.observe`` + ``policy.act`` only. *context* (``context_rate_hz``, >= 10 Hz, node
     clock, own callback group, so with ``executor_threads`` > 1 it runs beside control):
     ``policy.update_context()`` if the policy has it, then ``policy.posterior()``.
@@ -62,23 +63,18 @@ from rclpy.parameter import Parameter
 from sensor_msgs.msg import JointState
 from std_msgs.msg import Float64MultiArray, MultiArrayDimension
 
-from metarl_ros.control_loop import (
-    SAFE_MODES,
-    AdaptiveController,
-    LogThrottle,
-    LoopConfig,
-    RejectedInput,
-    TickResult,
-)
-from metarl_ros.joint_map import JointMap
-from metarl_ros.deploy import POSTERIOR_UPDATES
-from metarl_ros.policy_factory import (
+from metarl_ros.control.controller import AdaptiveController, LoopConfig, TickResult
+from metarl_ros.control.joint_map import JointMap, RejectedInput
+from metarl_ros.control.policy_interface import AdaptivePolicy
+from metarl_ros.control.safety import SAFE_MODES
+from metarl_ros.core.log import LogThrottle
+from metarl_ros.policy.factory import (
     ADAPTATION_SCHEDULES,
     POLICY_KINDS,
     feedback_gains,
     make_policy,
 )
-from metarl_ros.runtime import AdaptivePolicy
+from metarl_ros.policy.onnx_policy import POSTERIOR_UPDATES
 from metarl_ros.sim.env_config import load_env_setup
 
 from .commands import COMMAND_TYPES, CommandPublisher
@@ -144,7 +140,7 @@ class AdapterNode(Node):
         )
         if len(config.hold_kp) != n or len(config.hold_kd) != n:
             raise ValueError(f"hold_kp and hold_kd need {n} entries")
-        self.loop = AdaptiveController(self.setup, policy, config)
+        self.loop = AdaptiveController(self.setup.law, policy, config)
         self._throttle = LogThrottle(p["log_throttle_s"])
         self._was_safe = ""
 

@@ -43,7 +43,7 @@ from rclpy.node import Node
 from std_msgs.msg import Float64MultiArray, MultiArrayDimension, MultiArrayLayout
 from trajectory_msgs.msg import JointTrajectory, JointTrajectoryPoint
 
-from metarl_ros.joint_map import COMMAND_TYPES, command_topic
+from metarl_ros.control.joint_map import COMMAND_TYPES, command_topic
 
 from .common import COMMAND_QOS
 

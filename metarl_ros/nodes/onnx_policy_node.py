@@ -3,7 +3,7 @@
     ros2 run metarl_ros onnx_policy_node --ros-args -p model_path:=models/pearl/onnx
 
 This is :class:`~metarl_ros.nodes.adapter_node.AdapterNode` with the policy fixed to ``onnx``
-(:class:`metarl_ros.deploy.OnnxAdaptivePolicy`: PEARL's policy and streaming posterior,
+(:class:`metarl_ros.policy.onnx_policy.OnnxAdaptivePolicy`: PEARL's policy and streaming posterior,
 onnxruntime with one intra-op and one inter-op thread). Topics, parameters, loops, safety and
 diagnostics are adapter_node's (see its module docstring and ``docs/ROS_NODES.md``); its
 parameter file is ``config/onnx_policy_node.yaml``. ``model_path`` is a ``metarl export``
@@ -19,7 +19,7 @@ Nothing this module imports imports torch (a test checks it): robots' computers 
 
 from __future__ import annotations
 
-from metarl_ros.runtime import AdaptivePolicy
+from metarl_ros.control.policy_interface import AdaptivePolicy
 
 from .adapter_node import AdapterNode
 from .common import run_node

@@ -5,7 +5,7 @@ small ``ros2 bag record`` that also works where the ``ros2`` CLI is not installe
 
 * subscriptions are **raw** (``raw=True``): the CDR bytes go to the bag as they arrived, no
   deserialize/serialize per message;
-* a writer thread owns the bag (:class:`metarl_ros.bag.QueuedBagWriter`); callbacks only
+* a writer thread owns the bag (:class:`metarl_ros.recording.bag.QueuedBagWriter`); callbacks only
   enqueue. Disk latency never blocks the executor, a Ctrl-C landing in a callback cannot leave
   a half-written record behind, and sqlite3 gets all its calls from one thread;
 * each message is stamped with its **receive time** (the rmw's ``received_timestamp``, system
@@ -27,7 +27,7 @@ lockstep simulation starts stepping as soon as its controller answers.
 The bag is closed -- flushed, indexed, ``metadata.yaml`` written -- when the node is
 destroyed, on SIGINT and SIGTERM (a second signal during shutdown is ignored) and when its
 context shuts down. A bag whose recorder was killed has no ``metadata.yaml``; see
-:mod:`metarl_ros.bag` for how that is detected and repaired.
+:mod:`metarl_ros.recording.bag` for how that is detected and repaired.
 
 Parameters
     ``output`` (''): bag directory, must not exist; '' = ``rosbag2_<YYYY_MM_DD-HH_MM_SS>`` in
@@ -59,7 +59,7 @@ from rclpy.parameter import Parameter
 from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
 from rclpy.subscription import Subscription
 
-from metarl_ros.bag import STORAGE_FORMATS, BagError, QueuedBagWriter, make_qos
+from metarl_ros.recording.bag import STORAGE_FORMATS, BagError, QueuedBagWriter, make_qos
 
 from .common import declare, run_node
 

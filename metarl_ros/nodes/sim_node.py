@@ -33,7 +33,7 @@ Subscribes
     one, and exactly one command is applied per instant. Untagged commands are taken as the
     answer to the current instant.
     ``/sim/set_task`` (std_msgs/String) -- JSON task change applied at once, format in
-    :mod:`metarl_ros.scenario` (e.g. ``{"label": "drop", "payload_mass": 0.0}``).
+    :mod:`metarl_ros.sim.scenario` (e.g. ``{"label": "drop", "payload_mass": 0.0}``).
 
 Timing (parameter ``real_time_factor``)
     ``> 0``: physics paced against the wall clock at that factor; commands are read when due
@@ -67,13 +67,13 @@ from rosgraph_msgs.msg import Clock as ClockMsg
 from sensor_msgs.msg import JointState
 from std_msgs.msg import Float64MultiArray, String
 
-from metarl_ros.config import ConfigError
-from metarl_ros.control_loop import LogThrottle
-from metarl_ros.resources import resolve_path
-from metarl_ros.scenario import Scenario, load_scenario, parse_task_command, task_to_json
+from metarl_ros.core.log import LogThrottle
+from metarl_ros.core.resources import resolve_path
+from metarl_ros.core.schema import ConfigError
 from metarl_ros.sim.arm_sim import ArmSimulation
-from metarl_ros.sim.env import load_env_setup
+from metarl_ros.sim.env_config import load_env_setup
 from metarl_ros.sim.reference import MultiSineReference
+from metarl_ros.sim.scenario import Scenario, load_scenario, parse_task_command, task_to_json
 from metarl_ros.sim.tasks import TaskParams
 
 from .commands import command_stamp_ns

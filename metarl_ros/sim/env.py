@@ -16,18 +16,18 @@ Episodes last ``episode_s`` (4 s = 400 steps); they are truncated, never termina
 PD feedback on the reference (residual control, as in residual RL and as rsl_rl/RMA-style
 policies act through a PD loop): ``tau = Kp * (q_ref - q) + Kd * (qd_ref - qd) + a *
 action_scale``, computed from the measured state by
-:func:`metarl_ros.control_law.effort_command` (the same function the ROS nodes use); then the
+:func:`metarl_ros.control.law.effort_command` (the same function the ROS nodes use); then the
 firmware adds nominal gravity compensation and the motors limit it (see
 :mod:`metarl_ros.sim.arm_sim`). ``feedback.kp = kd = 0`` gives pure torque control. The PD
 alone is the *classical* controller: it tracks the intact robot but sags under a payload and
 loses stiffness with a weak motor; the policy's job is to win that back.
 
 **Observation** (float32, 7n = 49 entries) from the *measured* (noisy) joint state and the
-reference at the current time, laid out by :func:`metarl_ros.control_law.build_observation`:
+reference at the current time, laid out by :func:`metarl_ros.control.law.build_observation`:
 joint positions relative to the default pose, velocities, position and velocity errors, the
 reference velocity and acceleration, the previous action (scales in the env YAML).
 
-**Reward** from the *true* state, :func:`metarl_ros.control_law.tracking_reward`: the log form
+**Reward** from the *true* state, :func:`metarl_ros.control.law.tracking_reward`: the log form
 (shipped) ``-ln(1 + e / tracking_scale_rad) - effort_weight * mean(a^2)`` with the tracking
 error ``e`` saturated at ``max_error_rad``. The log form values halving the error equally at
 every scale, so the precise tracking of easy tasks is not drowned out by the large errors of
@@ -48,34 +48,15 @@ import gymnasium as gym
 import numpy as np
 
 from metarl_ros import ENV_ID
-from metarl_ros.control_law import build_observation, effort_command, tracking_reward
+from metarl_ros.control.law import build_observation, effort_command, tracking_reward
 from metarl_ros.sim.arm_sim import ArmSimulation, JointReading
 from metarl_ros.sim.env_config import (
     DEFAULT_ENV_CONFIG,
-    EnvConfig,
     EnvSetup,
-    FeedbackConfig,
-    ObservationConfig,
-    RewardConfig,
     load_env_setup,
 )
 from metarl_ros.sim.reference import MultiSineReference
 from metarl_ros.sim.tasks import FaultEvent, TaskParams
-
-# Re-exported: the env's public API predates the split into env_config and control_law.
-__all__ = [
-    "DEFAULT_ENV_CONFIG",
-    "ArmTrackingEnv",
-    "EnvConfig",
-    "EnvSetup",
-    "FeedbackConfig",
-    "ObservationConfig",
-    "RewardConfig",
-    "build_observation",
-    "effort_command",
-    "load_env_setup",
-    "tracking_reward",
-]
 
 
 class ArmTrackingEnv(gym.Env):
@@ -164,7 +145,7 @@ class ArmTrackingEnv(gym.Env):
         action = np.minimum(np.maximum(action, -1.0), 1.0)
         assert self._reference_now is not None and self._measured is not None
         effort = effort_command(
-            self.setup,
+            self.setup.law,
             action,
             self._measured.position,
             self._measured.velocity,
@@ -175,7 +156,7 @@ class ArmTrackingEnv(gym.Env):
         self._steps += 1
         self._previous_action = action
         error = self.tracking_error()
-        reward = tracking_reward(self.setup, error, action)
+        reward = tracking_reward(self.setup.law, error, action)
         truncated = self._steps >= self.setup.episode_steps
         return self._observe(), reward, False, truncated, self._info(events, error)
 
@@ -209,7 +190,7 @@ class ArmTrackingEnv(gym.Env):
         reading = self._measured = self.sim.measure()
         assert self._reference_now is not None
         return build_observation(
-            self.setup,
+            self.setup.law,
             reading.position,
             reading.velocity,
             self._reference_now,

@@ -8,41 +8,19 @@ The simulated env (:mod:`metarl_ros.sim.env`) builds on it.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
-from typing import Literal
 
-from pydantic import Field, PositiveFloat
+from pydantic import PositiveFloat
 
-from metarl_ros.config import ConfigError, StrictModel, load_yaml_model
-from metarl_ros.resources import resolve_path
+from metarl_ros.control.law import ControlLaw, FeedbackConfig, ObservationConfig, RewardConfig
+from metarl_ros.core.resources import resolve_path
+from metarl_ros.core.schema import ConfigError, StrictModel, load_yaml_model
 from metarl_ros.sim.reference import ReferenceConfig
 from metarl_ros.sim.robot import RobotSpec, load_robot_spec
 from metarl_ros.sim.tasks import TaskSuiteConfig, load_task_suite
 
 DEFAULT_ENV_CONFIG = "sim/envs/iiwa7_tracking.yaml"
-
-
-class ObservationConfig(StrictModel):
-    position_error_scale: PositiveFloat = 10.0
-    velocity_error_scale: PositiveFloat = 1.0
-    velocity_scale: PositiveFloat = 0.2
-    acceleration_scale: PositiveFloat = 0.2
-
-
-class RewardConfig(StrictModel):
-    kind: Literal["linear", "log"] = Field(
-        default="linear", description="linear: -min(e, max)/scale; log: -ln(1 + e/scale)"
-    )
-    tracking_scale_rad: PositiveFloat = 0.1
-    max_error_rad: PositiveFloat = 1.0
-    effort_weight: float = Field(default=0.05, ge=0.0)
-
-
-class FeedbackConfig(StrictModel):
-    """Fixed joint-space PD feedback the policy's torques are added to (per joint)."""
-
-    kp: list[float] = Field(description="N*m/rad")
-    kd: list[float] = Field(description="N*m*s/rad")
 
 
 class EnvConfig(StrictModel):
@@ -69,6 +47,19 @@ class EnvSetup:
     tasks: TaskSuiteConfig
     path: Path
     robot_path: Path
+
+    @cached_property
+    def law(self) -> ControlLaw:
+        """The control law's parameters (:mod:`metarl_ros.control.law`)."""
+        return ControlLaw(
+            observation=self.config.observation,
+            feedback=self.config.feedback,
+            reward=self.config.reward,
+            joint_names=tuple(self.robot.joint_names),
+            default_pose=tuple(self.robot.default_pose),
+            action_scale=tuple(self.robot.action_scale),
+            effort_limits=tuple(self.robot.effort_limits),
+        )
 
     @property
     def substeps(self) -> int:

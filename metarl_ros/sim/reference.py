@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 from pydantic import Field, PositiveFloat, PositiveInt
 
-from metarl_ros.config import StrictModel
+from metarl_ros.core.schema import StrictModel
 
 
 class ReferenceConfig(StrictModel):

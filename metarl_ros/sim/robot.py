@@ -6,7 +6,7 @@ from pathlib import Path
 
 from pydantic import Field, NonNegativeFloat, PositiveFloat, model_validator
 
-from metarl_ros.config import StrictModel, load_yaml_model
+from metarl_ros.core.schema import StrictModel, load_yaml_model
 
 
 class RobotSpec(StrictModel):

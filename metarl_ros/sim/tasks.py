@@ -23,7 +23,7 @@ from typing import Literal
 import numpy as np
 from pydantic import Field, NonNegativeInt, PositiveInt, model_validator
 
-from metarl_ros.config import ConfigError, StrictModel, load_yaml_model
+from metarl_ros.core.schema import ConfigError, StrictModel, load_yaml_model
 
 SplitName = Literal["train", "heldout", "ood"]
 SPLIT_NAMES: tuple[SplitName, ...] = ("train", "heldout", "ood")

@@ -1,8 +1,8 @@
 """The control law shared by the simulated env and the robot: observation, effort, reward.
 
-Pure numpy on an :class:`~metarl_ros.sim.env_config.EnvSetup`, so the env
-(:mod:`metarl_ros.sim.env`), the ROS control loop (:mod:`metarl_ros.control_loop`) and offline
-retraining from bags compute them with the same code, and a robot computer needs neither
+Pure numpy on a :class:`ControlLaw` (an env setup's ``law``), so the env
+(:mod:`metarl_ros.sim.env`), the ROS control loop (:mod:`metarl_ros.control.controller`) and
+offline retraining from bags compute them with the same code, and a robot computer needs neither
 PyBullet nor Gymnasium to run them (a test checks that ``onnx_policy_node`` imports neither).
 
 **Effort** (N*m), residual control: a fixed joint-space PD feedback on the reference plus the
@@ -30,14 +30,67 @@ state and the reference at the current time::
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
+from pydantic import Field, PositiveFloat
 
-from metarl_ros.sim.env_config import EnvSetup
+from metarl_ros.core.schema import StrictModel
+
+
+class ObservationConfig(StrictModel):
+    """Scales of the observation blocks (layout: module doc)."""
+
+    position_error_scale: PositiveFloat = 10.0
+    velocity_error_scale: PositiveFloat = 1.0
+    velocity_scale: PositiveFloat = 0.2
+    acceleration_scale: PositiveFloat = 0.2
+
+
+class RewardConfig(StrictModel):
+    """The tracking reward (formula: module doc)."""
+
+    kind: Literal["linear", "log"] = Field(
+        default="linear", description="linear: -min(e, max)/scale; log: -ln(1 + e/scale)"
+    )
+    tracking_scale_rad: PositiveFloat = 0.1
+    max_error_rad: PositiveFloat = 1.0
+    effort_weight: float = Field(default=0.05, ge=0.0)
+
+
+class FeedbackConfig(StrictModel):
+    """Fixed joint-space PD feedback the policy's torques are added to (per joint)."""
+
+    kp: list[float] = Field(description="N*m/rad")
+    kd: list[float] = Field(description="N*m*s/rad")
+
+
+@dataclass(frozen=True)
+class ControlLaw:
+    """Everything the law and the control loop read of a setup: the env config's sections and
+    the robot's joints.
+
+    Per-joint tuples have one entry per joint, in ``joint_names`` order: ``default_pose``
+    (rad), ``action_scale`` (N*m per unit of action), ``effort_limits`` (N*m). Built by
+    :attr:`metarl_ros.sim.env_config.EnvSetup.law`.
+    """
+
+    observation: ObservationConfig
+    feedback: FeedbackConfig
+    reward: RewardConfig
+    joint_names: tuple[str, ...]
+    default_pose: tuple[float, ...]
+    action_scale: tuple[float, ...]
+    effort_limits: tuple[float, ...]
+
+    @property
+    def num_joints(self) -> int:
+        return len(self.joint_names)
 
 
 def build_observation(
-    setup: EnvSetup,
+    law: ControlLaw,
     position: np.ndarray,
     velocity: np.ndarray,
     reference: tuple[np.ndarray, np.ndarray, np.ndarray],
@@ -47,11 +100,11 @@ def build_observation(
 
     Shared by the env and the ROS nodes, so the two cannot disagree. All inputs shape (n,).
     """
-    obs_cfg = setup.config.observation
+    obs_cfg = law.observation
     q_ref, qd_ref, qdd_ref = reference
     return np.concatenate(
         [
-            position - np.asarray(setup.robot.default_pose),
+            position - np.asarray(law.default_pose),
             velocity * obs_cfg.velocity_scale,
             (q_ref - position) * obs_cfg.position_error_scale,
             (qd_ref - velocity) * obs_cfg.velocity_error_scale,
@@ -63,7 +116,7 @@ def build_observation(
 
 
 def effort_command(
-    setup: EnvSetup,
+    law: ControlLaw,
     action: np.ndarray,
     position: np.ndarray,
     velocity: np.ndarray,
@@ -74,18 +127,18 @@ def effort_command(
     Shared by the env and the ROS nodes. Not clipped: the motors (or the node's safety clamp)
     limit it.
     """
-    feedback = setup.config.feedback
+    feedback = law.feedback
     q_ref, qd_ref, _ = reference
     return (
         np.asarray(feedback.kp) * (q_ref - position)
         + np.asarray(feedback.kd) * (qd_ref - velocity)
-        + action * np.asarray(setup.robot.action_scale)
+        + action * np.asarray(law.action_scale)
     )
 
 
-def tracking_reward(setup: EnvSetup, tracking_error: float, action: np.ndarray) -> float:
+def tracking_reward(law: ControlLaw, tracking_error: float, action: np.ndarray) -> float:
     """Reward of one control step (formula: module doc)."""
-    reward_cfg = setup.config.reward
+    reward_cfg = law.reward
     effort = float(np.dot(action, action)) / action.shape[0]
     error = min(tracking_error, reward_cfg.max_error_rad)
     if reward_cfg.kind == "log":

@@ -18,16 +18,17 @@ Also here, ROS-free for the launch graphs: the command types and their topics
 :mod:`metarl_ros.nodes.commands`).
 
 Pure Python (no ROS), so it is tested without DDS. Errors are
-:class:`~metarl_ros.config.ConfigError` naming the offending entry.
+:class:`~metarl_ros.core.schema.ConfigError` naming the offending entry.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
 
-from metarl_ros.config import ConfigError
+from metarl_ros.core.schema import ConfigError
 
 _UNMAPPED = " (not in joint_map)"
 
@@ -111,3 +112,102 @@ class JointMap:
                 + (f"; unknown: {unknown}" if unknown else "")
                 + (f"; missing: {missing}" if missing else ""))
         return names, np.array([where[n] for n in names], dtype=np.int64)
+
+
+class RejectedInput(ValueError):
+    """An input message was not used. ``reason`` is a short machine-readable key."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass(frozen=True)
+class JointSample:
+    """One reading mapped to the contract's joint order; each array shape (n,)."""
+
+    position: np.ndarray
+    velocity: np.ndarray
+    effort: np.ndarray | None = None
+
+
+class JointNameMapper:
+    """Map ``sensor_msgs/JointState``-like data onto a fixed joint order, by name.
+
+    Args:
+        joint_names: the order the policy expects (the contract's ``joint_names``).
+        allow_unnamed: accept a message without names if its arrays have exactly ``n``
+            entries, taken in contract order (used for the simulator's ``/reference``).
+    """
+
+    def __init__(self, joint_names: Sequence[str], allow_unnamed: bool = False) -> None:
+        if len(set(joint_names)) != len(joint_names) or not joint_names:
+            raise ValueError(f"joint_names must be non-empty and unique, got {joint_names}")
+        self.joint_names = tuple(joint_names)
+        self.allow_unnamed = allow_unnamed
+        self._cache_key: tuple[str, ...] | None = None
+        self._cache_index: np.ndarray | None = None
+
+    @property
+    def num_joints(self) -> int:
+        return len(self.joint_names)
+
+    def _index(self, names: Sequence[str]) -> np.ndarray:
+        key = tuple(names)
+        if key == self._cache_key and self._cache_index is not None:
+            return self._cache_index
+        if len(set(key)) != len(key):
+            raise RejectedInput("duplicate_names", f"joint names repeat: {list(key)}")
+        where = {name: i for i, name in enumerate(key)}
+        missing = [name for name in self.joint_names if name not in where]
+        if missing:
+            raise RejectedInput("missing_joints", f"message lacks joints {missing}")
+        index = np.array([where[name] for name in self.joint_names], dtype=np.int64)
+        self._cache_key, self._cache_index = key, index
+        return index
+
+    def map(
+        self,
+        names: Sequence[str],
+        position: Sequence[float],
+        velocity: Sequence[float],
+        effort: Sequence[float] | None = None,
+        require_effort: bool = False,
+    ) -> JointSample:
+        """Return the contract joints' values; raise :class:`RejectedInput` if unusable.
+
+        ``position`` and ``velocity`` must have one entry per name; ``effort`` may be empty
+        (it is then ``None`` in the result) unless ``require_effort``. Only the contract's
+        joints are checked for finiteness: a NaN on an ignored extra joint does not matter.
+        """
+        n_names = len(names)
+        if n_names == 0:
+            if not self.allow_unnamed:
+                raise RejectedInput("no_names", "message has no joint names")
+            n_names = self.num_joints
+            index = np.arange(self.num_joints)
+        else:
+            index = self._index(names)
+        if len(position) != n_names:
+            raise RejectedInput(
+                "length_mismatch", f"{n_names} names but {len(position)} positions"
+            )
+        if len(velocity) != n_names:
+            raise RejectedInput(
+                "length_mismatch", f"{n_names} names but {len(velocity)} velocities"
+            )
+        has_effort = effort is not None and len(effort) > 0
+        if has_effort and len(effort) != n_names:
+            raise RejectedInput("length_mismatch", f"{n_names} names but {len(effort)} efforts")
+        if require_effort and not has_effort:
+            raise RejectedInput("length_mismatch", "message has no effort entries")
+        pos = np.asarray(position, dtype=np.float64)[index]
+        vel = np.asarray(velocity, dtype=np.float64)[index]
+        eff = np.asarray(effort, dtype=np.float64)[index] if has_effort else None
+        finite = np.isfinite(pos).all() and np.isfinite(vel).all()
+        if eff is not None:
+            finite = finite and bool(np.isfinite(eff).all())
+        if not finite:
+            raise RejectedInput("non_finite", "non-finite value on a controlled joint")
+        return JointSample(pos, vel, eff)

@@ -30,7 +30,7 @@ from typing import Literal, Sequence, Union
 
 from pydantic import Field, NonNegativeFloat, NonNegativeInt, PositiveFloat, model_validator
 
-from metarl_ros.config import ConfigError, StrictModel, load_yaml_model, validate_model
+from metarl_ros.core.schema import ConfigError, StrictModel, load_yaml_model, validate_model
 from metarl_ros.sim.tasks import FaultEvent, TaskParams
 
 PerJoint = Union[list[NonNegativeFloat], dict[str, NonNegativeFloat]]

@@ -1,9 +1,9 @@
 """Run an exported model with onnxruntime, without torch: the robot-side
-:class:`~metarl_ros.runtime.AdaptivePolicy`.
+:class:`~metarl_ros.control.policy_interface.AdaptivePolicy`.
 
 This module must never import torch (a test checks it): robots' computers often lack it.
 onnxruntime runs with one intra-op and one inter-op thread so inference does not compete with
-the control loop. Graph formats: :mod:`metarl_ros.learning.export`.
+the control loop. Graph formats: :mod:`metarl_ros.policy.onnx_export`.
 
 Per control tick (``observe`` then ``act``) one onnxruntime call runs: ``observe`` only stores
 the transition; ``act`` runs ``step.onnx`` (the new transition's factor, the product over the
@@ -28,8 +28,8 @@ from typing import Any, Callable, Literal
 
 import numpy as np
 
-from metarl_ros.errors import MetarlError
-from metarl_ros.runtime import PolicyContract, PosteriorSummary
+from metarl_ros.control.policy_interface import PolicyContract, PosteriorSummary
+from metarl_ros.core.errors import MetarlError
 
 REQUIRED_KEYS = (
     "joint_names",

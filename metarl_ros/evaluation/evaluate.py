@@ -33,10 +33,8 @@ Metrics per method (mean and std over episodes where it says so):
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,10 +42,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from metarl_ros.core.files import atomic_write_json
 from metarl_ros.learning.checkpoint import CheckpointError, model_env_config
-from metarl_ros.learning.rollout import RolloutResult, VectorRollout
-from metarl_ros.learning.runtime import DynamicsAdaptation, LoadedModel, dynamics_for, load_model
-from metarl_ros.sim.env import EnvSetup, load_env_setup
+from metarl_ros.learning.rollout import (
+    RolloutResult,
+    VectorRollout,
+    fault_steps_of,
+    mean_before_after,
+)
+from metarl_ros.learning.saved_model import LoadedModel, load_model
+from metarl_ros.policy.dynamics_adaptation import DynamicsAdaptation, dynamics_for
+from metarl_ros.sim.env_config import EnvSetup, load_env_setup
 from metarl_ros.sim.tasks import FaultEpisode, fault_episodes, make_split, nominal_task
 
 METHODS = ("oracle", "robust", "nominal", "pearl", "maml", "pearl_maml")
@@ -225,21 +230,6 @@ def recovery_times(
     return np.asarray(times), np.asarray(recovered)
 
 
-def fault_steps_of(episodes: Sequence[FaultEpisode], dt: float) -> list[int]:
-    """The control step at which each episode's fault strikes."""
-    return [int(round(e.fault_time_s / dt)) for e in episodes]
-
-
-def mean_before_after(
-    values: np.ndarray, fault_steps: Sequence[int]
-) -> tuple[np.ndarray, np.ndarray]:
-    """Per episode, the mean of ``values`` (episodes, steps) before and from its fault step:
-    two arrays of shape (episodes,)."""
-    before = np.array([values[i, :s].mean() for i, s in enumerate(fault_steps)])
-    after = np.array([values[i, s:].mean() for i, s in enumerate(fault_steps)])
-    return before, after
-
-
 def bootstrap_normalized_return(
     method: np.ndarray,
     oracle: np.ndarray,
@@ -396,14 +386,6 @@ def evaluate(
     return summary, runs, plan, setup
 
 
-def _write_json_atomic(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as stream:
-        json.dump(data, stream, indent=2)
-    os.replace(tmp, path)
-
-
 def print_table(summary: dict) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -444,7 +426,7 @@ def evaluate_command(args: argparse.Namespace) -> int:
         model_root, args.split, args.episodes, args.seed, methods
     )
     print_table(summary)
-    _write_json_atomic(
+    atomic_write_json(
         Path(args.json),
         {
             **summary,
@@ -459,6 +441,7 @@ def evaluate_command(args: argparse.Namespace) -> int:
                 "recovery_floor_rad": RECOVERY_FLOOR_RAD,
             },
         },
+        allow_nan=True,
     )
     print(f"wrote {args.json}")
     if args.plot:

@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from metarl_ros.errors import MetarlError
+from metarl_ros.core.errors import MetarlError
 
 ModelT = TypeVar("ModelT", bound=BaseModel)
 

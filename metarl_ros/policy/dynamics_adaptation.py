@@ -1,11 +1,9 @@
-"""Load trained models and run them online: the torch implementation of
-:class:`metarl_ros.runtime.AdaptivePolicy`.
+"""MAML online adaptation and action correction for one stream of transitions.
 
-:class:`TorchAdaptivePolicy` keeps a streaming posterior over the last ``window_size``
-transitions (PEARL), acts with the latent-conditioned actor, and -- with adaptation on and a
-MAML dynamics model in the file -- runs :class:`~metarl_ros.learning.maml.OnlineAdapter` on the
-recent transitions (in a background thread on the robot, inline in evaluation) and corrects the
-actor's action with the adapted model.
+:class:`DynamicsAdaptation` adapts a meta-trained dynamics model
+(:mod:`metarl_ros.learning.maml`) on the recent transitions and corrects the actor's action
+with it; :class:`~metarl_ros.policy.torch_policy.TorchAdaptivePolicy` runs it on the robot and
+:mod:`metarl_ros.evaluation` in evaluation.
 """
 
 from __future__ import annotations
@@ -13,11 +11,8 @@ from __future__ import annotations
 import copy
 import logging
 import threading
-import time
 from collections import deque
 from collections.abc import Mapping
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Literal
 
 import numpy as np
@@ -25,71 +20,11 @@ import torch
 from torch.func import functional_call
 
 from metarl_ros.learning import maml
-from metarl_ros.learning.agent import AgentSpec, ConditionedSAC
-from metarl_ros.learning.checkpoint import CheckpointError, load_model_payload, load_state_strict
-from metarl_ros.learning.encoder import StreamingPosterior, make_transition
-from metarl_ros.learning.torque_model import PDStructure, TorqueGainDynamics, head_at
-from metarl_ros.runtime import PolicyContract, PosteriorSummary
+from metarl_ros.learning.checkpoint import CheckpointError
+from metarl_ros.learning.saved_model import AnyDynamics, LoadedModel
+from metarl_ros.learning.torque_model import TorqueGainDynamics, head_at
 
 _LOG = logging.getLogger(__name__)
-
-
-@dataclass
-class LoadedModel:
-    """A model file turned back into networks."""
-
-    agent: ConditionedSAC
-    payload: dict
-    dynamics: dict[str, maml.DynamicsModel | TorqueGainDynamics]
-    maml_config: maml.MAMLConfig | None
-    path: Path
-
-    @property
-    def method(self) -> str:
-        return self.payload["metadata"].get("method", "unknown")
-
-    @property
-    def contract(self) -> PolicyContract:
-        c = self.payload["contract"]
-        return PolicyContract.from_dict(c)
-
-
-def load_model(path: str | Path) -> LoadedModel:
-    """Load ``model.pt`` (or a directory holding one); errors name the file and the problem."""
-    path = Path(path)
-    payload = load_model_payload(path)
-    source = path / "model.pt" if path.is_dir() else path
-    try:
-        spec = AgentSpec(
-            **{
-                **payload["agent_spec"],
-                **{k: tuple(v) for k, v in payload["agent_spec"].items() if isinstance(v, list)},
-            }
-        )
-    except TypeError as exc:
-        raise CheckpointError(f"{source}: agent spec does not match this version: {exc}") from None
-    agent = ConditionedSAC(spec)
-    load_state_strict(agent, payload["agent"], "agent", source)
-    agent.eval()
-    dynamics: dict[str, maml.DynamicsModel | TorqueGainDynamics] = {}
-    specs = payload["metadata"].get("dynamics_specs", {})
-    for name, state in payload.get("extra", {}).items():
-        if name not in specs:
-            raise CheckpointError(f"{source}: dynamics model {name!r} has no spec")
-        model = build_dynamics(specs[name])
-        load_state_strict(model, state, name, source)
-        dynamics[name] = model
-    maml_cfg = payload["metadata"].get("maml_config") or None
-    return LoadedModel(
-        agent=agent,
-        payload=payload,
-        dynamics=dynamics,
-        maml_config=maml.MAMLConfig.from_dict(maml_cfg) if maml_cfg else None,
-        path=source,
-    )
-
-
-AnyDynamics = maml.DynamicsModel | TorqueGainDynamics
 
 MLP_DEFAULTS = {"min_improvement": 0.6, "max_correction": 0.1}
 """Deployment settings of the correction with the plain MLP model (as shipped before)."""
@@ -107,25 +42,6 @@ def per_joint_error(
     """Mean squared normalised prediction error of each joint, (n,), at ``params``."""
     pred = functional_call(model, dict(params), (batch.obs, batch.action, batch.latent))
     return (pred - model.normalized_target(batch)).pow(2).mean(0).numpy()
-
-
-def build_dynamics(spec: Mapping) -> AnyDynamics:
-    """A dynamics model from its ``spec()`` (``kind`` absent: the plain MLP)."""
-    if spec.get("kind", "mlp") == TorqueGainDynamics.kind:
-        return TorqueGainDynamics(
-            spec["obs_dim"],
-            spec["act_dim"],
-            spec["latent_dim"],
-            tuple(spec["hidden_sizes"]),
-            PDStructure.from_dict(spec["pd"]),
-        )
-    return maml.DynamicsModel(
-        spec["obs_dim"],
-        spec["act_dim"],
-        spec["target_dim"],
-        latent_dim=spec["latent_dim"],
-        hidden_sizes=tuple(spec["hidden_sizes"]),
-    )
 
 
 class DynamicsAdaptation:
@@ -444,126 +360,3 @@ def dynamics_for(loaded: LoadedModel, with_latent: bool) -> AnyDynamics:
     return loaded.dynamics[name]
 
 
-class TorchAdaptivePolicy:
-    """PEARL (+ optional MAML correction) as an :class:`~metarl_ros.runtime.AdaptivePolicy`.
-
-    Args:
-        loaded: a loaded model (any method; non-latent methods have an empty posterior).
-        latent_mode: ``mean`` (default, deterministic) or ``sample`` from the posterior.
-        adaptation: run MAML online adaptation and action correction (needs a PEARL file).
-        background: run adaptation in a background thread every ``adapt_period_s`` (the robot);
-            otherwise inline every ``adapt_every`` transitions (deterministic evaluation).
-    """
-
-    def __init__(
-        self,
-        loaded: LoadedModel,
-        latent_mode: Literal["mean", "sample"] = "mean",
-        adaptation: bool = False,
-        background: bool = False,
-        adapt_period_s: float = 0.1,
-        dynamics_model: AnyDynamics | None = None,
-        seed: int = 0,
-    ) -> None:
-        self.loaded = loaded
-        self.contract = loaded.contract
-        self.agent = loaded.agent
-        spec = self.agent.spec
-        if spec.conditioning == "oracle":
-            raise CheckpointError(
-                f"{loaded.path}: the oracle needs the true task and cannot run on a robot"
-            )
-        self.latent_mode = latent_mode
-        self._generator = torch.Generator().manual_seed(seed)
-        self.stream = (
-            StreamingPosterior(self.agent.encoder, self.contract.window_size)
-            if spec.conditioning == "latent"
-            else None
-        )
-        self._noise = torch.zeros(spec.latent_dim)
-        self.adaptation: DynamicsAdaptation | None = None
-        if adaptation:
-            model = dynamics_model or dynamics_for(loaded, with_latent=self.stream is not None)
-            assert loaded.maml_config is not None
-            self.adaptation = DynamicsAdaptation(model, loaded.maml_config)
-        self.background = background
-        self.adapt_period_s = adapt_period_s
-        self.inference_time_s = 0.0
-        self.reset()
-
-    # --------------------------------------------------------------- AdaptivePolicy
-
-    def reset(self) -> None:
-        if self.stream is not None:
-            self.stream.reset()
-            self._noise = torch.randn(self.agent.spec.latent_dim, generator=self._generator)
-        if self.adaptation is not None:
-            self.adaptation.reset()
-            if self.background:
-                self.adaptation.start_background(self.adapt_period_s)
-
-    def close(self) -> None:
-        if self.adaptation is not None:
-            self.adaptation.stop()
-
-    def _latent(self) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.stream is None:
-            return torch.zeros(0), torch.zeros(0)
-        mu, var = self.stream.posterior()
-        return mu, var.sqrt()
-
-    def observe(self, obs, action, reward, next_obs) -> None:
-        latent_before = self._latent()[0].numpy()
-        if self.stream is not None:
-            transition = make_transition(
-                torch.as_tensor(obs, dtype=torch.float32),
-                torch.as_tensor(action, dtype=torch.float32),
-                torch.tensor([float(reward)]),
-                torch.as_tensor(next_obs, dtype=torch.float32),
-            )
-            self.stream.push(transition)
-        if self.adaptation is not None:
-            self.adaptation.record(
-                np.asarray(obs, np.float32),
-                np.asarray(action, np.float32),
-                np.asarray(next_obs, np.float32),
-                latent_before,
-            )
-            if not self.background:
-                self.adaptation.maybe_step()
-
-    @torch.no_grad()
-    def act(self, obs: np.ndarray) -> np.ndarray:
-        start = time.perf_counter()
-        mu, std = self._latent()
-        condition = (
-            mu if self.latent_mode == "mean" or self.stream is None else mu + std * self._noise
-        )
-        action = self.agent.act(
-            torch.as_tensor(obs, dtype=torch.float32)[None], condition[None], deterministic=True
-        )[0].numpy()
-        if self.adaptation is not None:
-            action = self.adaptation.apply(
-                np.asarray(obs, np.float32),
-                action,
-                mu.numpy() if self.stream is not None else None,
-            )
-        self.inference_time_s = time.perf_counter() - start
-        return action
-
-    def posterior(self) -> PosteriorSummary:
-        mu, std = self._latent()
-        return PosteriorSummary(
-            mu.numpy(), std.numpy(), 0 if self.stream is None else len(self.stream)
-        )
-
-
-def load_adaptive_policy(
-    model_path: str | Path, adaptation: bool = False, background: bool = True
-) -> TorchAdaptivePolicy:
-    """Entry point for the ROS adapter node (one torch thread: the control loop's inference
-    must not fan out over the cores the rest of the robot needs)."""
-    torch.set_num_threads(1)
-    return TorchAdaptivePolicy(
-        load_model(model_path), adaptation=adaptation, background=background
-    )

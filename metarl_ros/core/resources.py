@@ -40,7 +40,7 @@ def share_directory() -> Path:
     """
     searched = []
     for lookup in (
-        lambda: Path(__file__).resolve().parent.parent,
+        lambda: Path(__file__).resolve().parents[2],
         _ament_share,
         lambda: Path(sys.prefix) / "share" / PACKAGE_NAME,
     ):

@@ -9,15 +9,15 @@ is testable without DDS:
 * :class:`Watchdog` -- age of the latest accepted message.
 * :class:`EffortClamp` -- checks the policy's action (shape, finite) and clips it to
   [-1, 1]; clamps efforts to the effort limits; never emits a non-finite value. The efforts
-  themselves come from :func:`~metarl_ros.sim.env.effort_command` (the env's fixed PD feedback
+  themselves come from :func:`~metarl_ros.control.law.effort_command` (the env's fixed PD feedback
   on the reference plus ``action * action_scale``), as in training.
 * :class:`SafeAction` -- what is commanded when the policy cannot be trusted: ``zero`` effort
   (the robot's own gravity compensation keeps running) or ``hold``, a PD to the position
   latched when safe mode began.
 * :class:`AdaptiveController` -- ties them together around an
-  :class:`~metarl_ros.runtime.AdaptivePolicy`: builds the observation with
-  :func:`~metarl_ros.sim.env.build_observation` and the (s, a, r, s') transitions with
-  :func:`~metarl_ros.sim.env.tracking_reward` (never re-implemented here), decides when a
+  :class:`~metarl_ros.control.policy_interface.AdaptivePolicy`: builds the observation with
+  :func:`~metarl_ros.control.law.build_observation` and the (s, a, r, s') transitions with
+  :func:`~metarl_ros.control.law.tracking_reward` (never re-implemented here), decides when a
   control tick is due, catches every policy failure, and keeps the diagnostics.
 * :class:`LogThrottle` -- at most one log line per key and period, counting what it swallowed.
 
@@ -45,309 +45,17 @@ from __future__ import annotations
 import math
 import threading
 import time
-from collections import deque
-from dataclasses import dataclass, field
-from typing import Any, Callable, Literal, Sequence
+from dataclasses import dataclass
+from typing import Any, Sequence
 
 import numpy as np
 
-from metarl_ros.runtime import AdaptivePolicy
-from metarl_ros.control_law import build_observation, effort_command, tracking_reward
-from metarl_ros.sim.env_config import EnvSetup
-
-SafeMode = Literal["zero", "hold"]
-SAFE_MODES: tuple[str, ...] = ("zero", "hold")
-
-
-class RejectedInput(ValueError):
-    """An input message was not used. ``reason`` is a short machine-readable key."""
-
-    def __init__(self, reason: str, detail: str) -> None:
-        super().__init__(f"{reason}: {detail}")
-        self.reason = reason
-        self.detail = detail
-
-
-# ------------------------------------------------------------------------------------------
-# Joint mapping
-
-
-@dataclass(frozen=True)
-class JointSample:
-    """One reading mapped to the contract's joint order; each array shape (n,)."""
-
-    position: np.ndarray
-    velocity: np.ndarray
-    effort: np.ndarray | None = None
-
-
-class JointNameMapper:
-    """Map ``sensor_msgs/JointState``-like data onto a fixed joint order, by name.
-
-    Args:
-        joint_names: the order the policy expects (the contract's ``joint_names``).
-        allow_unnamed: accept a message without names if its arrays have exactly ``n``
-            entries, taken in contract order (used for the simulator's ``/reference``).
-    """
-
-    def __init__(self, joint_names: Sequence[str], allow_unnamed: bool = False) -> None:
-        if len(set(joint_names)) != len(joint_names) or not joint_names:
-            raise ValueError(f"joint_names must be non-empty and unique, got {joint_names}")
-        self.joint_names = tuple(joint_names)
-        self.allow_unnamed = allow_unnamed
-        self._cache_key: tuple[str, ...] | None = None
-        self._cache_index: np.ndarray | None = None
-
-    @property
-    def num_joints(self) -> int:
-        return len(self.joint_names)
-
-    def _index(self, names: Sequence[str]) -> np.ndarray:
-        key = tuple(names)
-        if key == self._cache_key and self._cache_index is not None:
-            return self._cache_index
-        if len(set(key)) != len(key):
-            raise RejectedInput("duplicate_names", f"joint names repeat: {list(key)}")
-        where = {name: i for i, name in enumerate(key)}
-        missing = [name for name in self.joint_names if name not in where]
-        if missing:
-            raise RejectedInput("missing_joints", f"message lacks joints {missing}")
-        index = np.array([where[name] for name in self.joint_names], dtype=np.int64)
-        self._cache_key, self._cache_index = key, index
-        return index
-
-    def map(
-        self,
-        names: Sequence[str],
-        position: Sequence[float],
-        velocity: Sequence[float],
-        effort: Sequence[float] | None = None,
-        require_effort: bool = False,
-    ) -> JointSample:
-        """Return the contract joints' values; raise :class:`RejectedInput` if unusable.
-
-        ``position`` and ``velocity`` must have one entry per name; ``effort`` may be empty
-        (it is then ``None`` in the result) unless ``require_effort``. Only the contract's
-        joints are checked for finiteness: a NaN on an ignored extra joint does not matter.
-        """
-        n_names = len(names)
-        if n_names == 0:
-            if not self.allow_unnamed:
-                raise RejectedInput("no_names", "message has no joint names")
-            n_names = self.num_joints
-            index = np.arange(self.num_joints)
-        else:
-            index = self._index(names)
-        if len(position) != n_names:
-            raise RejectedInput(
-                "length_mismatch", f"{n_names} names but {len(position)} positions"
-            )
-        if len(velocity) != n_names:
-            raise RejectedInput(
-                "length_mismatch", f"{n_names} names but {len(velocity)} velocities"
-            )
-        has_effort = effort is not None and len(effort) > 0
-        if has_effort and len(effort) != n_names:
-            raise RejectedInput("length_mismatch", f"{n_names} names but {len(effort)} efforts")
-        if require_effort and not has_effort:
-            raise RejectedInput("length_mismatch", "message has no effort entries")
-        pos = np.asarray(position, dtype=np.float64)[index]
-        vel = np.asarray(velocity, dtype=np.float64)[index]
-        eff = np.asarray(effort, dtype=np.float64)[index] if has_effort else None
-        finite = np.isfinite(pos).all() and np.isfinite(vel).all()
-        if eff is not None:
-            finite = finite and bool(np.isfinite(eff).all())
-        if not finite:
-            raise RejectedInput("non_finite", "non-finite value on a controlled joint")
-        return JointSample(pos, vel, eff)
-
-
-# ------------------------------------------------------------------------------------------
-# Watchdog, clamp, safe action, log throttle
-
-
-class Watchdog:
-    """Tracks the age of the latest accepted input. Stale when older than ``timeout_s``.
-
-    An input that never arrived has no age (``inf``) until the watchdog is :meth:`arm`-ed;
-    from then on it counts from the arming time, so "never arrived" becomes stale only after
-    the timeout, like "stopped arriving".
-    """
-
-    def __init__(self, timeout_s: float) -> None:
-        if not timeout_s > 0:
-            raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
-        self.timeout_s = float(timeout_s)
-        self.last_s: float | None = None
-        self.armed_s: float | None = None
-
-    def feed(self, now_s: float) -> None:
-        self.last_s = float(now_s)
-
-    def arm(self, now_s: float) -> None:
-        """Start expecting input now (no effect once armed or fed)."""
-        if self.armed_s is None and self.last_s is None:
-            self.armed_s = float(now_s)
-
-    def age(self, now_s: float) -> float:
-        """Seconds since the last input (or since arming, if none arrived); else ``inf``."""
-        since = self.last_s if self.last_s is not None else self.armed_s
-        if since is None:
-            return math.inf
-        return max(0.0, float(now_s) - since)
-
-    def stale(self, now_s: float) -> bool:
-        return self.age(now_s) > self.timeout_s
-
-
-class EffortClamp:
-    """Normalized action -> joint efforts (N*m), always finite and inside the limits."""
-
-    def __init__(self, action_scale: Sequence[float], effort_limits: Sequence[float]) -> None:
-        self.scale = np.asarray(action_scale, dtype=np.float64)
-        self.limits = np.asarray(effort_limits, dtype=np.float64)
-        if self.scale.shape != self.limits.shape:
-            raise ValueError("action_scale and effort_limits must have the same length")
-        if (self.limits <= 0).any() or (self.scale <= 0).any():
-            raise ValueError("action_scale and effort_limits must be > 0")
-
-    def check_action(self, action: np.ndarray) -> np.ndarray:
-        """Return the action clipped to [-1, 1] (float64, shape (n,)).
-
-        Raises ``ValueError`` on a wrong shape or a non-finite entry (the caller treats that
-        as a policy failure).
-        """
-        action = np.asarray(action, dtype=np.float64).reshape(-1)
-        if action.shape != self.scale.shape:
-            raise ValueError(f"action has shape {action.shape}, expected {self.scale.shape}")
-        if not np.isfinite(action).all():
-            raise ValueError("action contains non-finite values")
-        return np.clip(action, -1.0, 1.0)
-
-    def clamp(self, efforts: np.ndarray) -> np.ndarray:
-        """Clamp efforts to the limits; a non-finite entry becomes 0."""
-        efforts = np.asarray(efforts, dtype=np.float64)
-        efforts = np.where(np.isfinite(efforts), efforts, 0.0)
-        return np.clip(efforts, -self.limits, self.limits)
-
-
-
-class SafeAction:
-    """The command used when the policy cannot be trusted (stale inputs, policy failure).
-
-    ``zero``: zero effort (the robot's firmware keeps compensating gravity).
-    ``hold``: ``kp * (q_hold - q) - kd * qd`` towards the position latched when safe mode
-    began, from the latest reading. With stale sensors that reading is frozen too, so the
-    command is the last one computed, not a feedback law.
-    """
-
-    def __init__(self, mode: str, kp: Sequence[float], kd: Sequence[float],
-                 clamp: EffortClamp) -> None:
-        if mode not in SAFE_MODES:
-            raise ValueError(f"safe_mode must be one of {SAFE_MODES}, got {mode!r}")
-        self.mode = mode
-        self.kp = np.asarray(kp, dtype=np.float64)
-        self.kd = np.asarray(kd, dtype=np.float64)
-        n = clamp.scale.shape[0]
-        if mode == "hold" and (self.kp.shape != (n,) or self.kd.shape != (n,)):
-            raise ValueError(f"hold_kp and hold_kd need {n} entries")
-        self._clamp = clamp
-        self._n = n
-        self.hold_position: np.ndarray | None = None
-
-    def latch(self, position: np.ndarray | None) -> None:
-        """Remember where to hold (call when safe mode begins)."""
-        self.hold_position = None if position is None else np.asarray(position, float).copy()
-
-    def release(self) -> None:
-        self.hold_position = None
-
-    def efforts(self, sample: JointSample | None) -> np.ndarray:
-        if self.mode == "zero" or sample is None:
-            return np.zeros(self._n)
-        if self.hold_position is None:
-            self.latch(sample.position)
-        assert self.hold_position is not None
-        raw = self.kp * (self.hold_position - sample.position) - self.kd * sample.velocity
-        return self._clamp.clamp(raw)
-
-
-class LogThrottle:
-    """Allow one message per ``key`` every ``period_s`` (wall clock by default).
-
-    :meth:`ready` returns ``None`` when the message should be dropped, else the number of
-    messages for that key that were dropped since the last one let through.
-    """
-
-    def __init__(self, period_s: float = 1.0,
-                 clock: Callable[[], float] = time.monotonic) -> None:
-        self.period_s = float(period_s)
-        self._clock = clock
-        self._last: dict[str, float] = {}
-        self._dropped: dict[str, int] = {}
-        self._lock = threading.Lock()
-
-    def ready(self, key: str) -> int | None:
-        now = self._clock()
-        with self._lock:
-            last = self._last.get(key)
-            if last is not None and now - last < self.period_s:
-                self._dropped[key] = self._dropped.get(key, 0) + 1
-                return None
-            self._last[key] = now
-            return self._dropped.pop(key, 0)
-
-
-# ------------------------------------------------------------------------------------------
-# Diagnostics values
-
-
-class LatencyWindow:
-    """Sliding window of durations (s) with percentiles in milliseconds."""
-
-    def __init__(self, size: int = 1000) -> None:
-        self._values: deque[float] = deque(maxlen=size)
-
-    def add(self, seconds: float) -> None:
-        self._values.append(float(seconds))
-
-    def __len__(self) -> int:
-        return len(self._values)
-
-    def percentile_ms(self, q: float) -> float:
-        if not self._values:
-            return float("nan")
-        return float(np.percentile(np.fromiter(self._values, float), q) * 1e3)
-
-    def max_ms(self) -> float:
-        return max(self._values) * 1e3 if self._values else float("nan")
-
-
-@dataclass
-class LoopStats:
-    """Counters shown on ``/diagnostics``. All counts are since start."""
-
-    ticks: int = 0
-    """control ticks (policy or safe)."""
-    policy_ticks: int = 0
-    safe_ticks: int = 0
-    """ticks (and watchdog periods) that commanded the safe action."""
-    late_ticks: int = 0
-    """ticks computed over budget, or more than 1.5 control periods after the previous one."""
-    transitions: int = 0
-    """transitions handed to ``policy.observe``."""
-    policy_errors: int = 0
-    """exceptions in act/observe, and actions of wrong shape or non-finite."""
-    context_errors: int = 0
-    rejected_joint_states: int = 0
-    rejected_references: int = 0
-    stale_events: int = 0
-    """times the loop entered safe mode because inputs went stale."""
-    adaptation_events: int = 0
-    last_policy_error: str = ""
-    last_rejection: str = ""
-    last_adaptation_s: float = float("nan")
-    rejections_by_reason: dict[str, int] = field(default_factory=dict)
+from metarl_ros.control.diagnostics import DiagnosticsReport, LatencyWindow, LoopStats
+from metarl_ros.control.joint_map import JointNameMapper, JointSample, RejectedInput
+from metarl_ros.control.law import ControlLaw, build_observation, effort_command, tracking_reward
+from metarl_ros.control.policy_interface import AdaptivePolicy
+from metarl_ros.control.safety import EffortClamp, SafeAction
+from metarl_ros.control.watchdog import Watchdog
 
 
 @dataclass(frozen=True)
@@ -378,13 +86,6 @@ class LatentUpdate:
     """the mean moved more than the threshold, in posterior std units, from the reference."""
 
 
-@dataclass(frozen=True)
-class DiagnosticsReport:
-    level: Literal["ok", "warn", "error"]
-    message: str
-    values: dict[str, str]
-
-
 # ------------------------------------------------------------------------------------------
 # The controller
 
@@ -410,7 +111,7 @@ class LoopConfig:
 
 
 class AdaptiveController:
-    """The control loop around an :class:`~metarl_ros.runtime.AdaptivePolicy`.
+    """The control loop around an :class:`~metarl_ros.control.policy_interface.AdaptivePolicy`.
 
     Thread-safety: the control-path methods (``on_joint_state``, ``on_reference``, ``tick``,
     ``watchdog``) must be called from one thread at a time; ``update_context`` and
@@ -420,22 +121,22 @@ class AdaptiveController:
     therefore be cheap; heavy adaptation belongs in the policy's own background thread.
 
     Args:
-        setup: the env setup whose observation and reward the policy was trained with.
+        law: the control law (observation, reward, efforts) the policy was trained with: an
+            env setup's ``law``.
         policy: the controller.
         config: loop settings.
-        joint_names: joint order of the policy (default: the setup's robot).
+        joint_names: joint order of the policy (default: the law's).
     """
 
-    def __init__(self, setup: EnvSetup, policy: AdaptivePolicy, config: LoopConfig,
+    def __init__(self, law: ControlLaw, policy: AdaptivePolicy, config: LoopConfig,
                  joint_names: Sequence[str] | None = None) -> None:
-        robot = setup.robot
-        self.setup = setup
+        self.law = law
         self.policy = policy
         self.config = config
-        names = tuple(joint_names) if joint_names is not None else tuple(robot.joint_names)
+        names = tuple(joint_names) if joint_names is not None else law.joint_names
         self.n = len(names)
-        if self.n != setup.act_dim:
-            raise ValueError(f"{self.n} joint names, but the setup has {setup.act_dim} joints")
+        if self.n != law.num_joints:
+            raise ValueError(f"{self.n} joint names, but the law has {law.num_joints} joints")
         if not config.control_rate_hz > 0:
             raise ValueError("control_rate_hz must be > 0")
         self.period_s = 1.0 / config.control_rate_hz
@@ -444,8 +145,8 @@ class AdaptiveController:
         if not 0.0 < config.effort_limit_scale <= 1.0:
             raise ValueError("effort_limit_scale must be in (0, 1], got "
                              f"{config.effort_limit_scale}")
-        self.clamp = EffortClamp(robot.action_scale,
-                                 np.asarray(robot.effort_limits) * config.effort_limit_scale)
+        self.clamp = EffortClamp(law.action_scale,
+                                 np.asarray(law.effort_limits) * config.effort_limit_scale)
         self.safe = SafeAction(config.safe_mode, config.hold_kp or (0.0,) * self.n,
                                config.hold_kd or (0.0,) * self.n, self.clamp)
         self.joint_watchdog = Watchdog(config.watchdog_timeout_s)
@@ -598,16 +299,16 @@ class AdaptiveController:
         start = time.perf_counter()
         try:
             with self._policy_lock:
-                obs = build_observation(self.setup, sample.position, sample.velocity,
+                obs = build_observation(self.law, sample.position, sample.velocity,
                                         reference, self._last_action.astype(np.float32))
                 if self._previous is not None:
                     prev_obs, prev_action = self._previous
                     error = float(np.linalg.norm(reference[0] - sample.position))
-                    reward = tracking_reward(self.setup, error, prev_action)
+                    reward = tracking_reward(self.law, error, prev_action)
                     self.policy.observe(prev_obs, prev_action.astype(np.float32), reward, obs)
                     self.stats.transitions += 1
                 applied = self.clamp.check_action(self.policy.act(obs))
-            efforts = self.clamp.clamp(effort_command(self.setup, applied, sample.position,
+            efforts = self.clamp.clamp(effort_command(self.law, applied, sample.position,
                                                       sample.velocity, reference))
         except Exception as exc:  # noqa: BLE001 - the loop must survive any policy failure
             compute = time.perf_counter() - start

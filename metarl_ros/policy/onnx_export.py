@@ -62,7 +62,7 @@ from torch.nn import functional as F
 from metarl_ros.learning.checkpoint import CheckpointError, model_env_config
 from metarl_ros.learning.encoder import ContextEncoder, product_of_gaussians
 from metarl_ros.learning.networks import TanhGaussianActor
-from metarl_ros.learning.runtime import LoadedModel, load_model
+from metarl_ros.learning.saved_model import LoadedModel, load_model
 from metarl_ros.sim.env_config import load_env_setup
 
 OPSET = 17
@@ -218,7 +218,7 @@ def _session(path: Path):
 
 def _recorded_inputs(loaded: LoadedModel, steps: int = 60) -> list[dict[str, np.ndarray]]:
     """Real transitions from a short simulated episode (with a payload) for the parity check."""
-    from metarl_ros.learning.runtime import TorchAdaptivePolicy
+    from metarl_ros.policy.torch_policy import TorchAdaptivePolicy
     from metarl_ros.sim.env import ArmTrackingEnv
     from metarl_ros.sim.tasks import TaskParams
 
@@ -286,6 +286,9 @@ def _parity_cases(loaded: LoadedModel, samples: int, rng: np.random.Generator) -
     records = _recorded_inputs(loaded)
     transitions = np.stack([np.concatenate([r["obs"], r["action"], [r["reward"]], r["next_obs"]])
                             for r in records]).astype(np.float32)
+    if loaded.agent.encoder is None:  # context-free model: only the observations matter
+        empty = np.zeros((rows, latent)), np.ones((rows, latent)), np.zeros(rows)
+        return cases + [_Case(t, r["next_obs"], *empty) for t, r in zip(transitions, records)]
     with torch.no_grad():
         mu, var = (t.numpy() for t in loaded.agent.encoder.factors(torch.from_numpy(transitions)))
     held = loaded.contract.window_size - 1

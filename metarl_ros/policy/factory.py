@@ -1,21 +1,21 @@
-"""Build the :class:`~metarl_ros.runtime.AdaptivePolicy` a node runs, by kind.
+"""Build the :class:`~metarl_ros.control.policy_interface.AdaptivePolicy` a node runs, by kind.
 
 ``pd``    -- the classical controller: the env's fixed PD feedback (``feedback.kp/kd`` in the
-             env YAML, applied by :func:`~metarl_ros.sim.env.effort_command`) with no learned
-             residual, i.e. :class:`~metarl_ros.runtime.PDPolicy` with zero gains. Optional
+             env YAML, applied by :func:`~metarl_ros.control.law.effort_command`) with no learned
+             residual, i.e. :class:`~metarl_ros.policy.pd.PDPolicy` with zero gains. Optional
              ``pd_kp``/``pd_kd`` make PDPolicy add an extra PD on top. Needs no model.
-``pearl`` -- the trained PEARL(+MAML) runtime, ``metarl_ros.learning.runtime.
+``pearl`` -- the trained PEARL(+MAML) runtime, ``metarl_ros.policy.torch_policy.
              load_adaptive_policy``, imported only when asked for so the nodes start without
              torch when running ``pd``.
 ``onnx``  -- an exported model (``metarl export``) in onnxruntime:
-             :class:`metarl_ros.deploy.OnnxAdaptivePolicy`, PEARL's policy and streaming
-             posterior without torch (MAML adaptation needs gradients and stays in ``pearl``).
+             :class:`metarl_ros.policy.onnx_policy.OnnxAdaptivePolicy`, PEARL's policy and
+             streaming posterior without torch (MAML adaptation needs gradients and stays in ``pearl``).
              ``model_path`` is the export directory, its ``policy.onnx``, or a folder holding
              it as ``onnx/``.
 
 Online adaptation: ``adaptation=False`` wraps a learned policy in
-:class:`~metarl_ros.runtime.FrozenContext` (it never sees a transition, its latent stays at the
-prior, no MAML): the trained controller before any adaptation. With ``adaptation=True`` the
+:class:`~metarl_ros.policy.frozen_context.FrozenContext` (it never sees a transition, its
+latent stays at the prior, no MAML): the trained controller before any adaptation. With ``adaptation=True`` the
 streaming posterior runs, and for ``pearl`` with ``maml=True`` the MAML dynamics correction too,
 adapted in a background thread every 0.1 s of wall time (``adaptation_schedule="background"``,
 a robot) or inline every ``adapt_every`` transitions (``"inline"``: deterministic, for a
@@ -34,10 +34,12 @@ from typing import Sequence
 
 import numpy as np
 
-from metarl_ros.config import ConfigError
-from metarl_ros.deploy import POSTERIOR_UPDATES, check_expected_contract
-from metarl_ros.resources import resolve_path
-from metarl_ros.runtime import AdaptivePolicy, FrozenContext, PDPolicy, PolicyContract
+from metarl_ros.control.policy_interface import AdaptivePolicy, PolicyContract
+from metarl_ros.core.resources import resolve_path
+from metarl_ros.core.schema import ConfigError
+from metarl_ros.policy.frozen_context import FrozenContext
+from metarl_ros.policy.onnx_policy import POSTERIOR_UPDATES, check_expected_contract
+from metarl_ros.policy.pd import PDPolicy
 from metarl_ros.sim.env_config import EnvSetup
 
 POLICY_KINDS: tuple[str, ...] = ("pd", "pearl", "onnx")
@@ -125,8 +127,8 @@ def make_policy(
     """Return a ready policy of ``kind`` (one of :data:`POLICY_KINDS`) for ``setup``.
 
     ``expected_*`` (``None`` = not checked) are what the node is configured for; a model
-    whose contract differs raises :class:`~metarl_ros.deploy.ModelContractError`. ``pd``
-    has no model and ignores them, and the adaptation arguments (module docstring).
+    whose contract differs raises
+    :class:`~metarl_ros.policy.onnx_policy.ModelContractError`. ``pd`` has no model and ignores them, and the adaptation arguments (module docstring).
     """
     if adaptation_schedule not in ADAPTATION_SCHEDULES:
         raise ConfigError(f"adaptation_schedule {adaptation_schedule!r}: expected one of "
@@ -152,7 +154,7 @@ def make_policy(
         path = resolve_path(model_path)
         if not path.exists():
             raise ConfigError(f"{path}: model not found")
-        from metarl_ros.learning.runtime import load_adaptive_policy  # torch: import lazily
+        from metarl_ros.policy.torch_policy import load_adaptive_policy  # torch: import lazily
 
         policy = load_adaptive_policy(path, adaptation=adaptation and maml,
                                       background=adaptation_schedule == "background")
@@ -164,7 +166,7 @@ def make_policy(
         if not str(model_path):
             raise ConfigError("policy 'onnx' needs an exported model (parameter model_path: "
                               "a `metarl export` directory)")
-        from metarl_ros.deploy import OnnxAdaptivePolicy, find_model_dir
+        from metarl_ros.policy.onnx_policy import OnnxAdaptivePolicy, find_model_dir
 
         model_dir = find_model_dir(resolve_path(model_path))
         policy = OnnxAdaptivePolicy(

@@ -1,4 +1,4 @@
-"""Turn a graph description (:mod:`metarl_ros.graph`) into a ROS 2 ``LaunchDescription``.
+"""Turn a graph description (:mod:`metarl_ros.graph.spec`) into a ROS 2 ``LaunchDescription``.
 
 The launch files in ``launch/`` are one call to :func:`graph_launch_description`, so that
 ``ros2 launch`` and ``metarl launch`` (which runs the same description without the launch
@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from metarl_ros.graph import Graph, LaunchArgument, parameter_file_path
+from metarl_ros.graph.spec import Graph, LaunchArgument, parameter_file_path
 
 GraphBuilder = Callable[[Mapping[str, str]], Graph]
 
@@ -25,8 +25,9 @@ def graph_launch_description(arguments: tuple[LaunchArgument, ...], build_graph:
     The graph is resolved in an ``OpaqueFunction`` once the launch arguments have values, so
     argument validation (ranges, choices, clashing topics) is the graph's own.
     """
-    from launch import LaunchDescription
     from launch.actions import DeclareLaunchArgument, OpaqueFunction
+
+    from launch import LaunchDescription
 
     declared = [
         DeclareLaunchArgument(arg.name, default_value=arg.default,

@@ -6,7 +6,7 @@ files (package-relative), typed parameter overrides and remappings. Two front en
 
 * ``launch/<graph>.launch.py`` (``ros2 launch metarl_ros adapt_sim.launch.py``) turns each
   :class:`NodeSpec` into a ``launch_ros.actions.Node`` at launch time;
-* ``metarl launch <graph>`` (:mod:`metarl_ros.cli.launch`) runs the same nodes in one
+* ``metarl launch <graph>`` (:mod:`metarl_ros.graph.runner`) runs the same nodes in one
   process without the launch library.
 
 Graphs: ``adapt_sim`` (simulator + controller, :func:`adapt_sim_graph`) and ``deploy`` (the
@@ -21,11 +21,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from metarl_ros.control_loop import SAFE_MODES
-from metarl_ros.deploy import POSTERIOR_UPDATES
-from metarl_ros.joint_map import COMMAND_TYPES, command_topic
-from metarl_ros.policy_factory import POLICY_KINDS
-from metarl_ros.resources import PACKAGE_NAME, resolve_path
+from metarl_ros.control.joint_map import COMMAND_TYPES, command_topic
+from metarl_ros.control.safety import SAFE_MODES
+from metarl_ros.core.resources import PACKAGE_NAME, resolve_path
+from metarl_ros.policy.factory import POLICY_KINDS
+from metarl_ros.policy.onnx_policy import POSTERIOR_UPDATES
 
 _BOOLS = ("true", "false")
 

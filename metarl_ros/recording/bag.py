@@ -52,7 +52,7 @@ from rosbags.rosbag2 import StoragePlugin, Writer
 from rosbags.typesys import Stores, get_typestore
 from rosbags.typesys.store import Typestore
 
-from metarl_ros.errors import MetarlError
+from metarl_ros.core.errors import MetarlError
 
 StorageFormat = Literal["mcap", "sqlite3"]
 STORAGE_FORMATS: tuple[str, ...] = ("mcap", "sqlite3")

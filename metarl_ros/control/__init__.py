@@ -1,0 +1,1 @@
+"""The ROS-free control loop: control law, joint mapping, watchdog, safety, controller."""

@@ -1,0 +1,1 @@
+"""Foundations every other subpackage may import: errors, schema, paths, files, logging."""

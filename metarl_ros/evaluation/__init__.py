@@ -1,0 +1,1 @@
+"""Measuring controllers on fault episodes: rollouts, metrics, statistics, tables, plots."""

@@ -1,0 +1,91 @@
+"""A trained model file turned back into networks: the agent and its MAML dynamics models."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from metarl_ros.control.policy_interface import PolicyContract
+from metarl_ros.learning import maml
+from metarl_ros.learning.agent import AgentSpec, ConditionedSAC
+from metarl_ros.learning.checkpoint import CheckpointError, load_model_payload, load_state_strict
+from metarl_ros.learning.torque_model import PDStructure, TorqueGainDynamics
+
+AnyDynamics = maml.DynamicsModel | TorqueGainDynamics
+
+
+@dataclass
+class LoadedModel:
+    """A model file turned back into networks."""
+
+    agent: ConditionedSAC
+    payload: dict
+    dynamics: dict[str, maml.DynamicsModel | TorqueGainDynamics]
+    maml_config: maml.MAMLConfig | None
+    path: Path
+
+    @property
+    def method(self) -> str:
+        return self.payload["metadata"].get("method", "unknown")
+
+    @property
+    def contract(self) -> PolicyContract:
+        c = self.payload["contract"]
+        return PolicyContract.from_dict(c)
+
+
+def load_model(path: str | Path) -> LoadedModel:
+    """Load ``model.pt`` (or a directory holding one); errors name the file and the problem."""
+    path = Path(path)
+    payload = load_model_payload(path)
+    source = path / "model.pt" if path.is_dir() else path
+    try:
+        spec = AgentSpec(
+            **{
+                **payload["agent_spec"],
+                **{k: tuple(v) for k, v in payload["agent_spec"].items() if isinstance(v, list)},
+            }
+        )
+    except TypeError as exc:
+        raise CheckpointError(f"{source}: agent spec does not match this version: {exc}") from None
+    agent = ConditionedSAC(spec)
+    load_state_strict(agent, payload["agent"], "agent", source)
+    agent.eval()
+    dynamics: dict[str, maml.DynamicsModel | TorqueGainDynamics] = {}
+    specs = payload["metadata"].get("dynamics_specs", {})
+    for name, state in payload.get("extra", {}).items():
+        if name not in specs:
+            raise CheckpointError(f"{source}: dynamics model {name!r} has no spec")
+        model = build_dynamics(specs[name])
+        load_state_strict(model, state, name, source)
+        dynamics[name] = model
+    maml_cfg = payload["metadata"].get("maml_config") or None
+    return LoadedModel(
+        agent=agent,
+        payload=payload,
+        dynamics=dynamics,
+        maml_config=maml.MAMLConfig.from_dict(maml_cfg) if maml_cfg else None,
+        path=source,
+    )
+
+
+def build_dynamics(spec: Mapping) -> AnyDynamics:
+    """A dynamics model from its ``spec()`` (``kind`` absent: the plain MLP)."""
+    if spec.get("kind", "mlp") == TorqueGainDynamics.kind:
+        return TorqueGainDynamics(
+            spec["obs_dim"],
+            spec["act_dim"],
+            spec["latent_dim"],
+            tuple(spec["hidden_sizes"]),
+            PDStructure.from_dict(spec["pd"]),
+        )
+    return maml.DynamicsModel(
+        spec["obs_dim"],
+        spec["act_dim"],
+        spec["target_dim"],
+        latent_dim=spec["latent_dim"],
+        hidden_sizes=tuple(spec["hidden_sizes"]),
+    )
+
+

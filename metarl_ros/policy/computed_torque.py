@@ -1,0 +1,367 @@
+"""Computed-torque control with the true faulted model: the physical ceiling.
+
+:class:`ComputedTorqueController` is told the task (:class:`~metarl_ros.sim.tasks.TaskParams`,
+privileged like the project's oracle) and inverts the *true* dynamics (payload included)::
+
+    a     = qdd_ref + Kp e + Kd ed                      e = q_ref - q, ed = qd_ref - qd
+    tau_m = M(q) a + C(q, qd) qd + g(q) + d qd + c tanh(qd_ref / v_c)      (motor torque)
+
+with the gains in acceleration space (default ``Kp = 400 s^-2, Kd = 40 s^-1``: a critically
+damped 20 rad/s loop, which keeps >40 deg of phase margin at 100 Hz with the worst 8 ms
+actuator delay), or in torque space (``FeedbackGains.torque``: ``tau_m = M qdd_ref + C qd + g +
+Kp e + Kd ed``, the closed loop's stiffness is then exactly ``Kp`` N*m/rad, e.g. the env PD's,
+for comparisons at equal compliance).
+
+The task enters as the simulator applies it (:mod:`metarl_ros.sim.arm_sim`): motor strength
+``s`` (``tau_m`` is saturated at ``s * limit`` and divided by ``s``), Coulomb friction ``c`` and
+viscous damping ``d`` (compensated as known), locked joints (a braked joint does not move: the
+others are computed with its velocity and acceleration zero; its command is irrelevant), and
+actuator delay (state and reference are predicted forward by the delay with the last commanded
+acceleration, so that the command fits the moment it reaches the motors). Sensor noise is
+not modelled. The output is the *effort command* the env/robot takes: the firmware adds the
+nominal arm's gravity ``g_nom(q)`` itself (``firmware_gravity``), so ``tau_m / s - g_nom``.
+
+The module also holds what the three classical controllers share: :class:`FeedbackGains`,
+:func:`motor_command`, :class:`ObservationCodec` and the :class:`TorqueControllerPolicy`
+adapter (``AdaptivePolicy`` protocol) that runs a torque controller in the env's residual
+action space ``a = clip((tau - PD) / action_scale, -1, 1)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable, Literal, Protocol
+
+import numpy as np
+
+from metarl_ros.control.policy_interface import PolicyContract, PosteriorSummary
+from metarl_ros.control.rigid_body import RigidBodyModel
+
+if TYPE_CHECKING:
+    from metarl_ros.sim.tasks import TaskParams
+
+PAYLOAD_RADIUS_M = 0.03
+"""The simulator gives its payload the inertia of a solid sphere of this radius."""
+
+
+@dataclass(frozen=True)
+class FeedbackGains:
+    """Joint-space feedback on ``e = q_ref - q``, ``ed = qd_ref - qd``; each gain shape (n,).
+
+    ``space="acceleration"``: ``M(q) (Kp e + Kd ed)`` (``Kp`` s^-2, ``Kd`` s^-1; stiffness
+    ``M(q) Kp`` varies with the pose). ``space="torque"``: ``Kp e + Kd ed`` (N*m/rad,
+    N*m*s/rad; stiffness ``Kp``, the compliance of a PD with the same gains).
+    """
+
+    kp: np.ndarray
+    kd: np.ndarray
+    space: Literal["acceleration", "torque"] = "acceleration"
+
+    @classmethod
+    def critically_damped(cls, omega: float, num_joints: int) -> "FeedbackGains":
+        """Acceleration-space gains of a critically damped loop of ``omega`` rad/s."""
+        return cls(np.full(num_joints, omega**2), np.full(num_joints, 2.0 * omega))
+
+    @classmethod
+    def torque(cls, kp, kd) -> "FeedbackGains":
+        """Torque-space gains (N*m/rad, N*m*s/rad): a given compliance."""
+        return cls(np.asarray(kp, float), np.asarray(kd, float), "torque")
+
+    def torque_of(self, mass: np.ndarray, e: np.ndarray, ed: np.ndarray) -> np.ndarray:
+        """The feedback torque (N*m, shape (n,)) for mass matrix ``mass`` (n, n)."""
+        raw = self.kp * e + self.kd * ed
+        return mass @ raw if self.space == "acceleration" else raw
+
+
+DEFAULT_OMEGA = 20.0
+"""rad/s, bandwidth of the ceiling's default acceleration-space gains."""
+
+
+def motor_command(
+    tau_motor: np.ndarray,
+    strength: np.ndarray,
+    effort_limits: np.ndarray,
+    gravity_nominal: np.ndarray | None,
+) -> np.ndarray:
+    """The effort command (N*m, shape (n,)) that makes the motors deliver ``tau_motor``.
+
+    The simulated motors deliver ``s * clip(command + g_nom, +-limit)``; ``gravity_nominal``
+    is ``g_nom`` when the firmware adds it (``None`` otherwise). Dead motors (s ~ 0) get 0.
+    """
+    alive = strength > 1e-6
+    wanted = np.where(alive, tau_motor / np.where(alive, strength, 1.0), 0.0)
+    total = np.clip(wanted, -effort_limits, effort_limits)
+    return total if gravity_nominal is None else total - gravity_nominal
+
+
+class ComputedTorqueController:
+    """The ceiling's numpy core (control law: module doc).
+
+    Args:
+        model: the intact arm (:meth:`RigidBodyModel.from_robot`).
+        effort_limits: N*m, shape (n,).
+        gains: feedback gains (default: critically damped at :data:`DEFAULT_OMEGA`).
+        task: the true task (default: intact); change it with :meth:`set_task`.
+        firmware_gravity: the robot adds ``g_nom(q)`` to every command (env default: yes).
+        physics_dt: s, the simulator's step; the delay is rounded to it as the simulator does.
+        friction_velocity: rad/s, ``v_c`` of the smooth Coulomb compensation.
+    """
+
+    def __init__(
+        self,
+        model: RigidBodyModel,
+        effort_limits,
+        gains: FeedbackGains | None = None,
+        task: "TaskParams | None" = None,
+        firmware_gravity: bool = True,
+        physics_dt: float | None = None,
+        friction_velocity: float = 0.01,
+    ) -> None:
+        n = model.num_joints
+        self.nominal = model
+        self.effort_limits = np.asarray(effort_limits, dtype=np.float64)
+        self.gains = gains or FeedbackGains.critically_damped(DEFAULT_OMEGA, n)
+        self.firmware_gravity = firmware_gravity
+        self.physics_dt = physics_dt
+        self.friction_velocity = friction_velocity
+        self._task: "TaskParams | None" = None
+        self.set_task(task)
+        self.reset()
+
+    def set_task(self, task: "TaskParams | None") -> None:
+        """Switch to the physical parameters in force now (``None``: the intact arm)."""
+        n = self.nominal.num_joints
+        if task is not None and task == self._task:
+            return
+        self._task = task
+        mass = task.payload_mass if task is not None else 0.0
+        self.model = (
+            self.nominal.with_payload(mass, task.payload_offset, PAYLOAD_RADIUS_M)
+            if task is not None and mass > 0 else self.nominal
+        )
+        self.strength = _per_joint(task.motor_strength if task else (), n, 1.0)
+        self.coulomb = _per_joint(task.coulomb_friction if task else (), n, 0.0)
+        self.damping = _per_joint(task.viscous_damping if task else (), n, 0.0)
+        self.locked_joints = tuple(sorted(task.locked_joints)) if task else ()
+        self.free = np.ones(n, dtype=bool)
+        self.free[list(self.locked_joints)] = False
+        delay = task.actuator_delay_s if task else 0.0
+        if self.physics_dt:
+            delay = round(delay / self.physics_dt) * self.physics_dt
+        self.delay_s = delay
+
+    def reset(self) -> None:
+        """Forget the last commanded acceleration (start of an episode)."""
+        self._last_acceleration = np.zeros(self.nominal.num_joints)
+
+    def motor_torque(self, q, qd, q_ref, qd_ref, qdd_ref) -> np.ndarray:
+        """Desired motor torque ``tau_m`` (N*m, shape (n,)) before saturation; no delay."""
+        free = self.free
+        qd = np.where(free, qd, 0.0)
+        e, ed = np.where(free, q_ref - q, 0.0), np.where(free, qd_ref - qd, 0.0)
+        mass = self.model.mass_matrix(q)
+        if self.gains.space == "acceleration":
+            accel = np.where(free, qdd_ref + self.gains.kp * e + self.gains.kd * ed, 0.0)
+            tau = self.model.inverse_dynamics(q, qd, accel)
+        else:
+            feedback = np.where(free, self.gains.torque_of(mass, e, ed), 0.0)
+            tau = self.model.inverse_dynamics(q, qd, np.where(free, qdd_ref, 0.0)) + feedback
+            accel = np.zeros_like(q)
+            accel[free] = np.linalg.solve(
+                mass[np.ix_(free, free)], (tau - self.model.inverse_dynamics(q, qd, accel))[free]
+            )
+        self._last_acceleration = accel
+        friction = self.damping * qd + self.coulomb * np.tanh(qd_ref / self.friction_velocity)
+        return np.where(free, tau + friction, 0.0)
+
+    def torque(self, q, qd, q_ref, qd_ref, qdd_ref, dt: float) -> np.ndarray:
+        """Effort command (N*m, shape (n,)) for the measured state and the reference (rad,
+        rad/s, rad/s^2; each shape (n,)). ``dt`` (s, the control period) is unused."""
+        q, qd = np.asarray(q, float), np.asarray(qd, float)
+        gravity_nominal = self.nominal.gravity(q) if self.firmware_gravity else None
+        if self.delay_s > 0.0:
+            h, a = self.delay_s, self._last_acceleration
+            q, qd = q + qd * h + 0.5 * a * h * h, qd + a * h
+            q_ref = q_ref + qd_ref * h + 0.5 * qdd_ref * h * h
+            qd_ref = qd_ref + qdd_ref * h
+        tau_motor = self.motor_torque(q, qd, q_ref, qd_ref, qdd_ref)
+        return motor_command(tau_motor, self.strength, self.effort_limits, gravity_nominal)
+
+
+def _per_joint(values, n: int, default: float) -> np.ndarray:
+    return np.asarray(values, dtype=np.float64) if len(values) else np.full(n, default)
+
+
+# -------------------------------------------------------------------- env adapter
+
+
+@dataclass(frozen=True)
+class ObservationCodec:
+    """Reads the env observation and writes the residual action (layout:
+    :mod:`metarl_ros.control.law`). Per-joint arrays have shape (n,)."""
+
+    default_pose: np.ndarray
+    kp: np.ndarray
+    """N*m/rad, the env's fixed PD feedback."""
+    kd: np.ndarray
+    """N*m*s/rad."""
+    action_scale: np.ndarray
+    """N*m per unit of action."""
+    position_error_scale: float
+    velocity_error_scale: float
+    velocity_scale: float
+    acceleration_scale: float
+
+    @classmethod
+    def from_law(cls, law) -> "ObservationCodec":
+        """From a :class:`~metarl_ros.control.law.ControlLaw` (an env setup's ``law``)."""
+        obs = law.observation
+        return cls(
+            np.asarray(law.default_pose, float),
+            np.asarray(law.feedback.kp, float),
+            np.asarray(law.feedback.kd, float),
+            np.asarray(law.action_scale, float),
+            float(obs.position_error_scale),
+            float(obs.velocity_error_scale),
+            float(obs.velocity_scale),
+            float(obs.acceleration_scale),
+        )
+
+    def decode(self, obs: np.ndarray) -> tuple[np.ndarray, ...]:
+        """``(q, qd, q_ref, qd_ref, qdd_ref)`` from an observation (7n,)."""
+        n = self.default_pose.shape[0]
+        block = [np.asarray(obs[i * n : (i + 1) * n], dtype=np.float64) for i in range(6)]
+        q = block[0] + self.default_pose
+        qd = block[1] / self.velocity_scale
+        q_ref = q + block[2] / self.position_error_scale
+        qd_ref = block[4] / self.velocity_scale
+        return q, qd, q_ref, qd_ref, block[5] / self.acceleration_scale
+
+    def pd_feedback(self, obs: np.ndarray) -> np.ndarray:
+        """The env's PD feedback torque (N*m, shape (n,)) for this observation."""
+        n = self.default_pose.shape[0]
+        e = np.asarray(obs[2 * n : 3 * n], float) / self.position_error_scale
+        ed = np.asarray(obs[3 * n : 4 * n], float) / self.velocity_error_scale
+        return self.kp * e + self.kd * ed
+
+    def action(self, command: np.ndarray, obs: np.ndarray) -> np.ndarray:
+        """Normalized action (float32, (n,)) making the env's effort ``command`` (N*m)."""
+        residual = (command - self.pd_feedback(obs)) / self.action_scale
+        return np.clip(residual, -1.0, 1.0).astype(np.float32)
+
+    def effort(self, action: np.ndarray, obs: np.ndarray) -> np.ndarray:
+        """The effort command (N*m, (n,)) the env applied for ``action`` after ``obs``."""
+        applied = np.clip(np.asarray(action, float), -1.0, 1.0)
+        return self.pd_feedback(obs) + applied * self.action_scale
+
+
+class TorqueController(Protocol):
+    """What :class:`TorqueControllerPolicy` drives. Optional: ``record_applied(command)``
+    (the effort actually sent, N*m (n,)) and ``estimate() -> np.ndarray`` (its belief)."""
+
+    def reset(self) -> None: ...
+
+    def torque(self, q, qd, q_ref, qd_ref, qdd_ref, dt: float) -> np.ndarray: ...
+
+
+class TorqueControllerPolicy:
+    """A torque controller as an ``AdaptivePolicy`` in the env's residual action space.
+
+    ``act`` decodes the observation, asks the controller for its effort command and returns
+    ``clip((command - PD) / action_scale, -1, 1)``. ``observe`` reconstructs the effort the env
+    applied (``PD + action * action_scale``) and hands it to the controller. ``posterior``
+    reports the controller's ``estimate()`` (e.g. a disturbance or parameter estimate).
+    """
+
+    def __init__(
+        self, controller: TorqueController, codec: ObservationCodec, contract: PolicyContract
+    ) -> None:
+        self.controller = controller
+        self.codec = codec
+        self.contract = contract
+        self.dt = 1.0 / contract.control_rate_hz
+
+    @classmethod
+    def from_setup(cls, setup, controller: TorqueController) -> "TorqueControllerPolicy":
+        """For an env setup (:class:`~metarl_ros.sim.env_config.EnvSetup`)."""
+        robot = setup.robot
+        estimate = getattr(controller, "estimate", None)
+        contract = PolicyContract(
+            joint_names=tuple(robot.joint_names),
+            control_rate_hz=float(setup.config.control_rate_hz),
+            window_size=0,
+            latent_dim=0 if estimate is None else int(np.size(estimate())),
+            obs_dim=setup.obs_dim,
+            act_dim=setup.act_dim,
+            action_scale=tuple(float(v) for v in robot.action_scale),
+            effort_limits=tuple(float(v) for v in robot.effort_limits),
+        )
+        return cls(controller, ObservationCodec.from_law(setup.law), contract)
+
+    def reset(self) -> None:
+        self.controller.reset()
+
+    def observe(
+        self, obs: np.ndarray, action: np.ndarray, reward: float, next_obs: np.ndarray
+    ) -> None:
+        record = getattr(self.controller, "record_applied", None)
+        if record is not None:
+            record(self.codec.effort(action, obs))
+
+    def act(self, obs: np.ndarray) -> np.ndarray:
+        command = self.controller.torque(*self.codec.decode(obs), self.dt)
+        return self.codec.action(command, obs)
+
+    def posterior(self) -> PosteriorSummary:
+        estimate = getattr(self.controller, "estimate", None)
+        mean = np.zeros(0) if estimate is None else np.asarray(estimate(), dtype=np.float64)
+        return PosteriorSummary(mean, np.zeros_like(mean), 0)
+
+
+class ComputedTorquePolicy(TorqueControllerPolicy):
+    """The ceiling as a policy. It must be told the true task: :meth:`set_task`, or a
+    ``task_source`` (e.g. ``lambda: env.true_task``) polled before every action. Locked
+    joints get a zero action (the brake ignores them)."""
+
+    controller: ComputedTorqueController
+
+    def __init__(
+        self,
+        controller: ComputedTorqueController,
+        codec: ObservationCodec,
+        contract: PolicyContract,
+        task_source: "Callable[[], TaskParams] | None" = None,
+    ) -> None:
+        super().__init__(controller, codec, contract)
+        self.task_source = task_source
+
+    def set_task(self, task: "TaskParams | None") -> None:
+        self.controller.set_task(task)
+
+    def act(self, obs: np.ndarray) -> np.ndarray:
+        if self.task_source is not None:
+            self.controller.set_task(self.task_source())
+        action = super().act(obs)
+        action[list(self.controller.locked_joints)] = 0.0
+        return action
+
+
+def computed_torque_policy(
+    setup,
+    task_source: "Callable[[], TaskParams] | None" = None,
+    gains: FeedbackGains | None = None,
+    model: RigidBodyModel | None = None,
+) -> ComputedTorquePolicy:
+    """The ceiling for an env setup (:class:`~metarl_ros.sim.env_config.EnvSetup`); default
+    gains: critically damped at :data:`DEFAULT_OMEGA`."""
+    model = model or RigidBodyModel.from_robot(setup.robot, setup.robot_path)
+    controller = ComputedTorqueController(
+        model,
+        setup.robot.effort_limits,
+        gains,
+        firmware_gravity=setup.config.gravity_compensation,
+        physics_dt=1.0 / setup.config.sim_rate_hz,
+    )
+    policy = ComputedTorquePolicy.from_setup(setup, controller)
+    policy.task_source = task_source
+    return policy

@@ -1,0 +1,153 @@
+"""Load trained models and run them online: the torch implementation of
+:class:`metarl_ros.control.policy_interface.AdaptivePolicy`.
+
+:class:`TorchAdaptivePolicy` keeps a streaming posterior over the last ``window_size``
+transitions (PEARL), acts with the latent-conditioned actor, and -- with adaptation on and a
+MAML dynamics model in the file -- runs :class:`~metarl_ros.learning.maml.OnlineAdapter` on the
+recent transitions (in a background thread on the robot, inline in evaluation) and corrects the
+actor's action with the adapted model.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+
+from metarl_ros.control.policy_interface import PosteriorSummary
+from metarl_ros.learning.checkpoint import CheckpointError
+from metarl_ros.learning.encoder import StreamingPosterior, make_transition
+from metarl_ros.learning.saved_model import AnyDynamics, LoadedModel, load_model
+from metarl_ros.policy.dynamics_adaptation import DynamicsAdaptation, dynamics_for
+
+_LOG = logging.getLogger(__name__)
+
+
+class TorchAdaptivePolicy:
+    """PEARL (+ optional MAML correction) as an
+    :class:`~metarl_ros.control.policy_interface.AdaptivePolicy`.
+
+    Args:
+        loaded: a loaded model (any method; non-latent methods have an empty posterior).
+        latent_mode: ``mean`` (default, deterministic) or ``sample`` from the posterior.
+        adaptation: run MAML online adaptation and action correction (needs a PEARL file).
+        background: run adaptation in a background thread every ``adapt_period_s`` (the robot);
+            otherwise inline every ``adapt_every`` transitions (deterministic evaluation).
+    """
+
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        latent_mode: Literal["mean", "sample"] = "mean",
+        adaptation: bool = False,
+        background: bool = False,
+        adapt_period_s: float = 0.1,
+        dynamics_model: AnyDynamics | None = None,
+        seed: int = 0,
+    ) -> None:
+        self.loaded = loaded
+        self.contract = loaded.contract
+        self.agent = loaded.agent
+        spec = self.agent.spec
+        if spec.conditioning == "oracle":
+            raise CheckpointError(
+                f"{loaded.path}: the oracle needs the true task and cannot run on a robot"
+            )
+        self.latent_mode = latent_mode
+        self._generator = torch.Generator().manual_seed(seed)
+        self.stream = (
+            StreamingPosterior(self.agent.encoder, self.contract.window_size)
+            if spec.conditioning == "latent"
+            else None
+        )
+        self._noise = torch.zeros(spec.latent_dim)
+        self.adaptation: DynamicsAdaptation | None = None
+        if adaptation:
+            model = dynamics_model or dynamics_for(loaded, with_latent=self.stream is not None)
+            assert loaded.maml_config is not None
+            self.adaptation = DynamicsAdaptation(model, loaded.maml_config)
+        self.background = background
+        self.adapt_period_s = adapt_period_s
+        self.inference_time_s = 0.0
+        self.reset()
+
+    # --------------------------------------------------------------- AdaptivePolicy
+
+    def reset(self) -> None:
+        if self.stream is not None:
+            self.stream.reset()
+            self._noise = torch.randn(self.agent.spec.latent_dim, generator=self._generator)
+        if self.adaptation is not None:
+            self.adaptation.reset()
+            if self.background:
+                self.adaptation.start_background(self.adapt_period_s)
+
+    def close(self) -> None:
+        if self.adaptation is not None:
+            self.adaptation.stop()
+
+    def _latent(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.stream is None:
+            return torch.zeros(0), torch.zeros(0)
+        mu, var = self.stream.posterior()
+        return mu, var.sqrt()
+
+    def observe(self, obs, action, reward, next_obs) -> None:
+        latent_before = self._latent()[0].numpy()
+        if self.stream is not None:
+            transition = make_transition(
+                torch.as_tensor(obs, dtype=torch.float32),
+                torch.as_tensor(action, dtype=torch.float32),
+                torch.tensor([float(reward)]),
+                torch.as_tensor(next_obs, dtype=torch.float32),
+            )
+            self.stream.push(transition)
+        if self.adaptation is not None:
+            self.adaptation.record(
+                np.asarray(obs, np.float32),
+                np.asarray(action, np.float32),
+                np.asarray(next_obs, np.float32),
+                latent_before,
+            )
+            if not self.background:
+                self.adaptation.maybe_step()
+
+    @torch.no_grad()
+    def act(self, obs: np.ndarray) -> np.ndarray:
+        start = time.perf_counter()
+        mu, std = self._latent()
+        condition = (
+            mu if self.latent_mode == "mean" or self.stream is None else mu + std * self._noise
+        )
+        action = self.agent.act(
+            torch.as_tensor(obs, dtype=torch.float32)[None], condition[None], deterministic=True
+        )[0].numpy()
+        if self.adaptation is not None:
+            action = self.adaptation.apply(
+                np.asarray(obs, np.float32),
+                action,
+                mu.numpy() if self.stream is not None else None,
+            )
+        self.inference_time_s = time.perf_counter() - start
+        return action
+
+    def posterior(self) -> PosteriorSummary:
+        mu, std = self._latent()
+        return PosteriorSummary(
+            mu.numpy(), std.numpy(), 0 if self.stream is None else len(self.stream)
+        )
+
+
+def load_adaptive_policy(
+    model_path: str | Path, adaptation: bool = False, background: bool = True
+) -> TorchAdaptivePolicy:
+    """Entry point for the ROS adapter node (one torch thread: the control loop's inference
+    must not fan out over the cores the rest of the robot needs)."""
+    torch.set_num_threads(1)
+    return TorchAdaptivePolicy(
+        load_model(model_path), adaptation=adaptation, background=background
+    )
