@@ -6,8 +6,8 @@ like sim_node's lockstep mode), the adapter's own control loop
 (:class:`~metarl_ros.control.controller.AdaptiveController`) around any
 :class:`~metarl_ros.control.policy_interface.AdaptivePolicy`, and the recorder's writer
 (:class:`~metarl_ros.recording.bag.BagWriter`) fed CDR bytes. Topics, types, stamps and the
-true-task JSON are sim_node's and adapter_node's; log times are a synthetic receive clock that keeps
-the nodes' causal order (task event, reference, joint state, then the command answering it).
+true-task JSON are sim_node's and adapter_node's; log times are a synthetic receive clock that
+keeps the nodes' causal order (task event, reference, joint state, then the command answering it).
 
 Used by the tests and ``benchmarks/bag_throughput.py``, and handy to produce offline data.
 """

@@ -9,8 +9,8 @@ policy fixed to ``onnx``, so topics, parameters, safety and diagnostics are the 
 
 Joint names: joints are matched **by name**. With ``joint_map`` (``model_name:robot_name``
 entries, :class:`metarl_ros.control.joint_map.JointMap`) the robot's names are renamed to the
-model's on ``/joint_states`` and ``/reference``, and commands are written for the controller's joints
-(``controller_joints``, robot names; unset = the model's order).
+model's on ``/joint_states`` and ``/reference``, and commands are written for the controller's
+joints (``controller_joints``, robot names; unset = the model's order).
 
 Subscribes
     ``/joint_states`` (sensor_msgs/JointState; RELIABLE, or BEST_EFFORT with

@@ -9,14 +9,15 @@
              torch when running ``pd``.
 ``onnx``  -- an exported model (``metarl export``) in onnxruntime:
              :class:`metarl_ros.policy.onnx_policy.OnnxAdaptivePolicy`, PEARL's policy and
-             streaming posterior without torch (MAML adaptation needs gradients and stays in ``pearl``).
+             streaming posterior without torch (MAML adaptation needs gradients and stays in
+             ``pearl``).
              ``model_path`` is the export directory, its ``policy.onnx``, or a folder holding
              it as ``onnx/``.
 
 Online adaptation: ``adaptation=False`` wraps a learned policy in
 :class:`~metarl_ros.policy.frozen_context.FrozenContext` (it never sees a transition, its
-latent stays at the prior, no MAML): the trained controller before any adaptation. With ``adaptation=True`` the
-streaming posterior runs, and for ``pearl`` with ``maml=True`` the MAML dynamics correction too,
+latent stays at the prior, no MAML): the trained controller before any adaptation. With
+``adaptation=True`` the streaming posterior runs, and for ``pearl`` with ``maml=True`` the MAML dynamics correction too,
 adapted in a background thread every 0.1 s of wall time (``adaptation_schedule="background"``,
 a robot) or inline every ``adapt_every`` transitions (``"inline"``: deterministic, for a
 simulator in lockstep, whose time is not the wall clock's).
@@ -128,7 +129,8 @@ def make_policy(
 
     ``expected_*`` (``None`` = not checked) are what the node is configured for; a model
     whose contract differs raises
-    :class:`~metarl_ros.policy.onnx_policy.ModelContractError`. ``pd`` has no model and ignores them, and the adaptation arguments (module docstring).
+    :class:`~metarl_ros.policy.onnx_policy.ModelContractError`. ``pd`` has no model and
+    ignores them, and the adaptation arguments (module docstring).
     """
     if adaptation_schedule not in ADAPTATION_SCHEDULES:
         raise ConfigError(f"adaptation_schedule {adaptation_schedule!r}: expected one of "
