@@ -17,7 +17,8 @@
 Online adaptation: ``adaptation=False`` wraps a learned policy in
 :class:`~metarl_ros.policy.frozen_context.FrozenContext` (it never sees a transition, its
 latent stays at the prior, no MAML): the trained controller before any adaptation. With
-``adaptation=True`` the streaming posterior runs, and for ``pearl`` with ``maml=True`` the MAML dynamics correction too,
+``adaptation=True`` the streaming posterior runs, and for ``pearl`` with ``maml=True`` the MAML
+dynamics correction too,
 adapted in a background thread every 0.1 s of wall time (``adaptation_schedule="background"``,
 a robot) or inline every ``adapt_every`` transitions (``"inline"``: deterministic, for a
 simulator in lockstep, whose time is not the wall clock's).
