@@ -97,6 +97,7 @@ class ArmSimulation:
         self._delay_queue: collections.deque[np.ndarray] = collections.deque()
         self._delay_steps = 0
         self._last_command = np.zeros(self.num_joints)
+        self._push: tuple[np.ndarray, float, float] | None = None
         self.time_s = 0.0
         self.step_count = 0
         self._last_motor_effort = np.zeros(self.num_joints)
@@ -312,6 +313,7 @@ class ArmSimulation:
         self._position, self._velocity = position.copy(), velocity.copy()
         self._pending.clear()
         self._delay_queue.clear()
+        self._push = None
         self._last_command = np.zeros(self.num_joints)
         self.time_s = 0.0
         self.step_count = 0
@@ -377,11 +379,30 @@ class ArmSimulation:
                 forces=forces,
                 physicsClientId=client,
             )
+            if self._push is not None:
+                self._apply_push()
             pybullet.stepSimulation(physicsClientId=client)
             self.step_count += 1
             self.time_s = self.step_count * self.dt
         self._read_joints()
         return applied
+
+    def push(self, force_n: np.ndarray, start_s: float, duration_s: float) -> None:
+        """Push the flange with ``force_n`` (N, world frame, shape (3,)) from ``start_s`` for
+        ``duration_s`` of simulated time (a person or an obstacle; the compliance test)."""
+        force = np.asarray(force_n, dtype=np.float64).reshape(3)
+        if not np.isfinite(force).all() or not duration_s > 0:
+            raise ValueError("push needs a finite force and a positive duration")
+        self._push = (force, float(start_s), float(start_s) + float(duration_s))
+
+    def _apply_push(self) -> None:
+        assert self._push is not None
+        force, start, end = self._push
+        if start - 0.5 * self.dt <= self.time_s < end - 0.5 * self.dt:
+            pybullet.applyExternalForce(
+                self._body, self._flange_id, force.tolist(), self.flange_position().tolist(),
+                pybullet.WORLD_FRAME, physicsClientId=self._client,
+            )
 
     def _motor_forces(self, torque: np.ndarray) -> list[float]:
         """What the motors deliver for a desired torque; remembers it as the measured effort."""
