@@ -14,11 +14,12 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "metarl_ros"
 
-LAYERS = ("core", "control", "sim", "recording", "learning", "policy", "evaluation", "nodes",
-          "graph", "demo", "cli")
+LAYERS = ("core", "control", "sim", "recording", "learning", "policy", "evaluation",
+          "distributed", "nodes", "graph", "demo", "cli")
 """Bottom to top."""
 
-ROS_FREE = ("core", "control", "sim", "recording", "learning", "policy", "evaluation")
+ROS_FREE = ("core", "control", "sim", "recording", "learning", "policy", "evaluation",
+            "distributed")
 """Subpackages that must run without ROS 2 (no rclpy, launch or message packages)."""
 
 ROS_MODULES = ("rclpy", "launch", "launch_ros", "builtin_interfaces",
