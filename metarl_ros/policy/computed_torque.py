@@ -7,7 +7,7 @@ privileged like the project's oracle) and inverts the *true* dynamics (payload i
     tau_m = M(q) a + C(q, qd) qd + g(q) + d qd + c tanh(qd_ref / v_c)      (motor torque)
 
 with the gains in acceleration space (default ``Kp = 400 s^-2, Kd = 40 s^-1``: a critically
-damped 20 rad/s loop, which keeps >40 deg of phase margin at 100 Hz with the worst 8 ms
+damped 20 rad/s loop, which keeps an estimated ~40 deg of phase margin at 100 Hz with 8 ms
 actuator delay), or in torque space (``FeedbackGains.torque``: ``tau_m = M qdd_ref + C qd + g +
 Kp e + Kd ed``, the closed loop's stiffness is then exactly ``Kp`` N*m/rad, e.g. the env PD's,
 for comparisons at equal compliance).
@@ -17,9 +17,12 @@ The task enters as the simulator applies it (:mod:`metarl_ros.sim.arm_sim`): mot
 viscous damping ``d`` (compensated as known), locked joints (a braked joint does not move: the
 others are computed with its velocity and acceleration zero; its command is irrelevant), and
 actuator delay (state and reference are predicted forward by the delay with the last commanded
-acceleration, so that the command fits the moment it reaches the motors). Sensor noise is
-not modelled. The output is the *effort command* the env/robot takes: the firmware adds the
-nominal arm's gravity ``g_nom(q)`` itself (``firmware_gravity``), so ``tau_m / s - g_nom``.
+acceleration, so that the command fits the moment it reaches the motors; measured effect on the
+ceiling is within +-0.05 mrad for delays <= 8 ms, i.e. the delay is not what limits it). The
+Coulomb term uses the reference velocity's sign: the measured velocity's was 4-10x worse
+against PyBullet's stick-slip friction motor. Sensor noise is not modelled. The output is the
+*effort command* the env/robot takes: the firmware adds the nominal arm's gravity ``g_nom(q)``
+itself (``firmware_gravity``), so ``tau_m / s - g_nom``.
 
 The module also holds what the three classical controllers share: :class:`FeedbackGains`,
 :func:`motor_command`, :class:`ObservationCodec` and the :class:`TorqueControllerPolicy`
@@ -67,10 +70,15 @@ class FeedbackGains:
         """Torque-space gains (N*m/rad, N*m*s/rad): a given compliance."""
         return cls(np.asarray(kp, float), np.asarray(kd, float), "torque")
 
-    def torque_of(self, mass: np.ndarray, e: np.ndarray, ed: np.ndarray) -> np.ndarray:
-        """The feedback torque (N*m, shape (n,)) for mass matrix ``mass`` (n, n)."""
+    def torque_of(self, mass: np.ndarray | None, e: np.ndarray, ed: np.ndarray) -> np.ndarray:
+        """The feedback torque (N*m, shape (n,)); ``mass`` (n, n) is needed in acceleration
+        space only."""
         raw = self.kp * e + self.kd * ed
-        return mass @ raw if self.space == "acceleration" else raw
+        if self.space == "torque":
+            return raw
+        if mass is None:
+            raise ValueError("acceleration-space gains need the mass matrix")
+        return mass @ raw
 
 
 DEFAULT_OMEGA = 20.0
@@ -165,11 +173,9 @@ class ComputedTorqueController:
             tau = self.model.inverse_dynamics(q, qd, accel)
         else:
             feedback = np.where(free, self.gains.torque_of(mass, e, ed), 0.0)
-            tau = self.model.inverse_dynamics(q, qd, np.where(free, qdd_ref, 0.0)) + feedback
-            accel = np.zeros_like(q)
-            accel[free] = np.linalg.solve(
-                mass[np.ix_(free, free)], (tau - self.model.inverse_dynamics(q, qd, accel))[free]
-            )
+            accel = np.where(free, qdd_ref, 0.0)
+            tau = self.model.inverse_dynamics(q, qd, accel) + feedback
+            accel[free] += np.linalg.solve(mass[np.ix_(free, free)], feedback[free])
         self._last_acceleration = accel
         friction = self.damping * qd + self.coulomb * np.tanh(qd_ref / self.friction_velocity)
         return np.where(free, tau + friction, 0.0)
