@@ -77,6 +77,9 @@ setup(
     ],
     extras_require={
         "learn": ["torch>=2.2", "tensorboard"],
+        # Rigid-body dynamics for the physical ceiling and the classical controllers
+        # (on a ROS 2 install: the distro's pinocchio, rosdep key ``pinocchio``).
+        "control": ["pin>=3"],
         "ros": [
             "ros-rclpy",
             "ros-std-msgs",
