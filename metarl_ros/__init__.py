@@ -16,9 +16,9 @@ Subpackages, bottom to top (each imports only the ones listed before it; a test 
 * :mod:`~metarl_ros.evaluation` -- measuring methods on fault episodes: metrics and tables.
 * :mod:`~metarl_ros.distributed` -- Ray: training sweeps over seeds and variants, parallel
   evaluation, on this machine or a cluster (optional extra ``[distributed]``).
+* :mod:`~metarl_ros.nodes` -- the rclpy nodes; they only translate between ROS and the core.
 * :mod:`~metarl_ros.graph` -- the ROS node graphs, described once, for ``ros2 launch`` and
   ``metarl launch``.
-* :mod:`~metarl_ros.nodes` -- the rclpy nodes; they only translate between ROS and the core.
 * :mod:`~metarl_ros.demo` -- ``metarl demo``: the shipped models through a fault scenario.
 * :mod:`~metarl_ros.cli` -- the ``metarl`` command.
 

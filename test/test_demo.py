@@ -36,7 +36,7 @@ events:
     label: payload
     change: {payload_mass: 2.5, payload_offset: [0.0, 0.05, 0.05]}
 """
-RUNS = ("pd", "adaptation_off", "pearl", "pearl_maml")
+RUNS = ("pd", "dob", "adaptive_ct", "adaptation_off", "pearl", "pearl_maml")
 
 
 def _model_or_skip() -> None:
@@ -118,9 +118,10 @@ def test_adaptation_on_and_off_are_different_runs(ros_demo):
     adaptation steps it did."""
     _, summary, _ = ros_demo
     nodes = {name: run["nodes"]["adapter_node"] for name, run in summary["runs"].items()}
-    assert [nodes[name]["policy"] for name in RUNS] == ["pd", "pearl", "pearl", "pearl"]
-    assert [nodes[name]["adaptation"] for name in RUNS[1:]] == [False, True, True]
-    assert [nodes[name]["maml"] for name in RUNS[1:]] == [False, False, True]
+    assert [nodes[name]["policy"] for name in RUNS] == ["pd", "dob", "adaptive_ct", "pearl",
+                                                        "pearl", "pearl"]
+    assert [nodes[name]["adaptation"] for name in RUNS[3:]] == [False, True, True]
+    assert [nodes[name]["maml"] for name in RUNS[3:]] == [False, False, True]
     # lockstep: MAML steps follow the transitions (every adapt_every), not the wall clock
     assert nodes["pearl_maml"]["adaptation_schedule"] == "inline"
     assert nodes["adaptation_off"]["maml_adaptations"] == 0

@@ -68,10 +68,14 @@ class RunOutcome:
         }
 
 
-#: The demo's runs: adapt_sim with these launch arguments (``--no-ros``: the same four
+#: The demo's runs: adapt_sim with these launch arguments (``--no-ros``: the same
 #: controllers on the env directly).
 DEMO_RUNS = (
     DemoRun("pd", "PD feedback alone (policy:=pd, no learned policy)", {"policy": "pd"}),
+    DemoRun("dob", "momentum disturbance observer on computed torque, at the PD's compliance "
+            "(policy:=dob)", {"policy": "dob"}),
+    DemoRun("adaptive_ct", "Slotine-Li adaptive computed torque, payload and motor strengths, "
+            "at the PD's compliance (policy:=adaptive_ct)", {"policy": "adaptive_ct"}),
     DemoRun("adaptation_off",
             "PEARL, adaptation:=false (latent held at the prior: the un-adapted policy)",
             {"policy": "pearl", "adaptation": "false", "maml": "false"}),
@@ -179,7 +183,9 @@ def _run_direct(runs, model: Path, env_config: str, scenario: Scenario, duration
             print(f"running {run.name}: {run.description} ...", flush=True)
             start = time.monotonic()
             policy = None  # pd: the env's PD feedback alone (zero action)
-            if run.arguments["policy"] != "pd":
+            if run.arguments["policy"] in ("dob", "adaptive_ct"):
+                policy = make_policy(run.arguments["policy"], setup)
+            elif run.arguments["policy"] != "pd":
                 graph = adapt_sim_graph({**run.arguments, "model": str(model),
                                          "real_time_factor": "0.0"})
                 p = graph.node("adapter_node").parameters

@@ -358,13 +358,18 @@ def computed_torque_policy(
     gains: FeedbackGains | None = None,
     model: RigidBodyModel | None = None,
 ) -> ComputedTorquePolicy:
-    """The ceiling for an env setup (:class:`~metarl_ros.sim.env_config.EnvSetup`); default
-    gains: critically damped at :data:`DEFAULT_OMEGA`."""
+    """The ceiling for an env setup (:class:`~metarl_ros.sim.env_config.EnvSetup`).
+
+    Default gains: the env PD's ``kp``/``kd`` in torque space, so the ceiling has the same
+    compliance as every other controller it is compared with and only its feed-forward (the
+    true model's) differs; pass ``FeedbackGains.critically_damped(DEFAULT_OMEGA, n)`` for a
+    stiff computed-torque loop.
+    """
     model = model or RigidBodyModel.from_robot(setup.robot, setup.robot_path)
     controller = ComputedTorqueController(
         model,
         setup.robot.effort_limits,
-        gains,
+        gains or FeedbackGains.torque(setup.law.feedback.kp, setup.law.feedback.kd),
         firmware_gravity=setup.config.gravity_compensation,
         physics_dt=1.0 / setup.config.sim_rate_hz,
     )

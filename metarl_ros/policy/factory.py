@@ -13,6 +13,13 @@
              ``pearl``).
              ``model_path`` is the export directory, its ``policy.onnx``, or a folder holding
              it as ``onnx/``.
+``dob``   -- the classical competitor a control engineer deploys first: a generalized-momentum
+             disturbance observer whose torque estimate is fed forward on a computed-torque
+             nominal controller at the PD's compliance
+             (:mod:`metarl_ros.policy.momentum_observer`). Needs no model, no torch.
+``adaptive_ct`` -- Slotine-Li adaptive computed torque, adapting the payload's inertial
+             parameters and a per-joint motor strength at the PD's compliance
+             (:mod:`metarl_ros.policy.adaptive_computed_torque`). Needs no model, no torch.
 
 Online adaptation: ``adaptation=False`` wraps a learned policy in
 :class:`~metarl_ros.policy.frozen_context.FrozenContext` (it never sees a transition, its
@@ -44,7 +51,7 @@ from metarl_ros.policy.onnx_policy import POSTERIOR_UPDATES, check_expected_cont
 from metarl_ros.policy.pd import PDPolicy
 from metarl_ros.sim.env_config import EnvSetup
 
-POLICY_KINDS: tuple[str, ...] = ("pd", "pearl", "onnx")
+POLICY_KINDS: tuple[str, ...] = ("pd", "pearl", "onnx", "dob", "adaptive_ct")
 ADAPTATION_SCHEDULES: tuple[str, ...] = ("background", "inline")
 
 
@@ -179,4 +186,12 @@ def make_policy(
             posterior_update=posterior_update)
         check_contract(policy.contract, setup, str(model_dir / "policy.onnx"))
         return policy if adaptation else FrozenContext(policy)
+    if kind == "dob":
+        from metarl_ros.policy.momentum_observer import momentum_observer_policy  # pinocchio
+
+        return momentum_observer_policy(setup)
+    if kind == "adaptive_ct":
+        from metarl_ros.policy.adaptive_computed_torque import slotine_li_policy  # pinocchio
+
+        return slotine_li_policy(setup)
     raise ConfigError(f"unknown policy {kind!r}; choose one of {', '.join(POLICY_KINDS)}")
