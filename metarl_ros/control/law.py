@@ -146,3 +146,30 @@ def tracking_reward(law: ControlLaw, tracking_error: float, action: np.ndarray) 
             -math.log1p(error / reward_cfg.tracking_scale_rad) - reward_cfg.effort_weight * effort
         )
     return -error / reward_cfg.tracking_scale_rad - reward_cfg.effort_weight * effort
+
+
+def reference_view_matrix(law: ControlLaw) -> np.ndarray:
+    """The linear map, shape (7n, 7n), from an observation to the observation the robot would
+    have if it were exactly on its reference: ``q := q_ref``, ``qd := qd_ref``, so the error
+    blocks are zero and the reference blocks and the previous action are kept.
+
+    A controller that acts on this view is pure feed-forward: it cannot react to the
+    instantaneous tracking error, so the loop's stiffness is the PD feedback's alone and a
+    fault can only be compensated through what the controller has *inferred* (adaptation), not
+    by stiffening. Layout of the blocks: module doc.
+    """
+    n = len(law.joint_names)
+    obs = law.observation
+    eye = np.eye(n)
+    view = np.zeros((7 * n, 7 * n))
+
+    def block(row: int, col: int, value: np.ndarray) -> None:
+        view[row * n:(row + 1) * n, col * n:(col + 1) * n] = value
+
+    block(0, 0, eye)  # q_ref - default = (q - default) + (q_ref - q)
+    block(0, 2, eye / obs.position_error_scale)
+    block(1, 4, eye)  # qd_ref * velocity_scale
+    block(4, 4, eye)
+    block(5, 5, eye)
+    block(6, 6, eye)
+    return view
