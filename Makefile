@@ -41,7 +41,7 @@ $(PY):
 $(STAMP): setup.py setup.cfg package.xml | $(PY)
 	$(PIP) install --quiet 'pip>=25.3'
 	$(PIP) install '$(TORCH)'
-	$(PIP) install -e '.[learn,ros,dev,control]'
+	$(PIP) install -e '.[learn,ros,dev,control,distributed]'
 	@touch $@
 
 venv: $(STAMP)

@@ -77,6 +77,8 @@ setup(
     ],
     extras_require={
         "learn": ["torch>=2.2", "tensorboard"],
+        # metarl sweep, metarl eval --backend ray / --address (metarl_ros.distributed)
+        "distributed": ["ray[tune]>=2.60"],
         # Rigid-body dynamics for the physical ceiling and the classical controllers
         # (on a ROS 2 install: the distro's pinocchio, rosdep key ``pinocchio``).
         "control": ["pin>=3"],

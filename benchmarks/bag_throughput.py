@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/bag_throughput.py [--bag-seconds 60] [--record-seconds 60]
                                                   [--rate 500] [--skip-read] [--skip-record]
+                                                  [--kill-trials N] [--storage mcap]
 
 **Bag -> transitions.** A simulated run (PD controller through the adapter's control loop,
 joint states and reference at 500 Hz, commands at 100 Hz, a payload fault halfway) is written
@@ -24,6 +25,15 @@ published - recorded (and which sequence numbers are missing); the recorder's CP
 from ``/proc/<pid>/stat`` over the publishing window. ``--baseline`` measures a bare rclpy
 subscriber (raw, counting only) the same way: the share of the CPU that is rclpy itself.
 
+**Writer.** ``--write-messages N``: N JointStates (7 joints) through the recorder's
+:class:`~metarl_ros.recording.bag.BagWriter` in this process, no ROS: messages and MB per
+second of the writer alone (best of ``--repeats``), flushes included.
+
+**SIGKILL (issue #20).** ``--kill-trials N``: N times, the recorder gets SIGKILL at a random
+moment 1.5-4 s into the publishing; ``metarl bag repair`` rebuilds the bag and the data lost
+is the time between the kill and the publication of the newest recovered message (and any
+gap before it would count as a failure).
+
 DDS stays on loopback on a domain of this run (ROS_* variables are set here and for the child).
 """
 
@@ -34,6 +44,7 @@ import json
 import os
 import platform
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -242,6 +253,112 @@ def record_benchmark(folder: Path, seconds: float, rate: float, bare: bool = Fal
     return result
 
 
+def write_benchmark(folder: Path, messages: int, repeats: int, storage: str) -> dict:
+    """The bag writer alone: ``messages`` JointState CDR messages, best of ``repeats``."""
+    from metarl_ros.learning.sim_recording import CdrMessages
+    from metarl_ros.recording.bag import BagWriter, jazzy_typestore
+
+    cdr = CdrMessages(jazzy_typestore())
+    raw = [cdr.joint_state(i, JOINTS, [0.1 * i] * 7, [0.0] * 7, [0.0] * 7) for i in range(1000)]
+    best, size, flushes = float("inf"), 0, (0, 0.0)
+    for repeat in range(repeats):
+        bag = folder / f"write_{repeat}"
+        start = time.perf_counter()
+        with BagWriter(bag, storage=storage) as writer:
+            writer.add_topic("/joint_states", "sensor_msgs/msg/JointState")
+            for i in range(messages):
+                writer.write("/joint_states", 1_000_000 * i, raw[i % 1000])
+            flushed = (getattr(writer, "flushes", 0), getattr(writer, "flush_seconds", 0.0))
+        elapsed = time.perf_counter() - start
+        if elapsed < best:
+            best, flushes = elapsed, flushed
+        size = sum(p.stat().st_size for p in bag.iterdir())
+        shutil.rmtree(bag)
+    print(f"writer ({storage}): {messages} messages in {best:.3f} s = "
+          f"{messages / best:10.0f} msg/s, {size / best / 1e6:.1f} MB/s; {flushes[0]} flushes "
+          f"took {flushes[1]:.3f} s", flush=True)
+    return {"storage": storage, "messages": messages, "seconds": best,
+            "messages_per_s": messages / best, "mb_per_s": size / best / 1e6,
+            "flushes": flushes[0], "flush_seconds": flushes[1]}
+
+
+def kill_benchmark(folder: Path, trials: int, rate: float, storage: str) -> dict:
+    """SIGKILL the recorder at random moments; repair; measure what was lost."""
+    import random
+
+    env = loopback_ros_env()
+    os.environ.update({k: env[k] for k in ("ROS_DOMAIN_ID", "ROS_AUTOMATIC_DISCOVERY_RANGE",
+                                           "ROS_LOCALHOST_ONLY")})
+    import rclpy
+    from rclpy.node import Node
+    from rclpy.qos import QoSProfile, ReliabilityPolicy
+    from rosbags.highlevel import AnyReader
+    from sensor_msgs.msg import JointState
+
+    from metarl_ros.recording.bag import JointStateDecoder, repair_bag
+
+    rclpy.init()
+    node = Node("bag_kill_publisher")
+    qos = QoSProfile(depth=1000, reliability=ReliabilityPolicy.RELIABLE)  # no drops under load
+    msg = JointState(name=JOINTS, position=[0.1] * 7, velocity=[0.0] * 7, effort=[0.0] * 7)
+    rng = random.Random(20)
+    runs = []
+    try:
+        for trial in range(trials):
+            bag = folder / f"killed_{trial}"
+            # a topic per trial: a killed recorder stays matched until its DDS lease expires
+            topic = f"/joint_states_kill_{trial}"
+            publisher = node.create_publisher(JointState, topic, qos)
+            recorder = subprocess.Popen(
+                [sys.executable, "-m", "metarl_ros.nodes.recorder_node", "--ros-args",
+                 "-p", f"output:={bag}", "-p", f"topics:=['{topic}']", "-p",
+                 "types:=['sensor_msgs/msg/JointState']", "-p", f"storage:={storage}"],
+                env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            deadline = time.monotonic() + 30.0
+            while publisher.get_subscription_count() == 0 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            time.sleep(0.5)
+            kill_after = rng.uniform(1.5, 4.0)
+            sent: list[float] = []
+            start = time.monotonic()
+            while time.monotonic() - start < kill_after:
+                msg.header.stamp.sec, msg.header.stamp.nanosec = 0, len(sent)
+                publisher.publish(msg)
+                sent.append(time.monotonic())
+                delay = start + len(sent) / rate - time.monotonic()
+                if delay > 0:
+                    time.sleep(delay)
+            recorder.send_signal(signal.SIGKILL)
+            killed = time.monotonic()
+            recorder.wait(timeout=30.0)
+            node.destroy_publisher(publisher)
+            repair_bag(bag)
+            decoder = JointStateDecoder()
+            with AnyReader([bag]) as reader:
+                got = [decoder(raw).stamp_ns for _, _, raw in reader.messages()]
+            missing = sorted(set(range(max(got, default=-1) + 1)) - set(got))
+            # (the order may differ: the rmw's receive stamps are not always monotonic)
+            run = {"kill_after_s": kill_after, "sent": len(sent), "recovered": len(got),
+                   "complete_prefix": sorted(got) == list(range(len(got))),
+                   "missing": missing[:20],
+                   "lost_s": killed - (sent[max(got)] if got else start)}
+            runs.append(run)
+            print(f"kill {trial}: after {kill_after:.2f} s, sent {len(sent)}, recovered "
+                  f"{len(got)} (prefix {run['complete_prefix']}, missing before the last "
+                  f"{len(missing)}), lost {run['lost_s']:.3f} s",
+                  flush=True)
+            shutil.rmtree(bag, ignore_errors=True)
+            shutil.rmtree(folder / f"{bag.name}.orig", ignore_errors=True)
+    finally:
+        node.destroy_node()
+        rclpy.try_shutdown()
+    lost = [r["lost_s"] for r in runs]
+    print(f"SIGKILL ({storage}, {rate:g} Hz): data lost {min(lost):.3f}-{max(lost):.3f} s, "
+          f"mean {sum(lost) / len(lost):.3f} s over {len(runs)} kills", flush=True)
+    return {"storage": storage, "rate_hz": rate, "runs": runs, "lost_s_max": max(lost),
+            "lost_s_mean": sum(lost) / len(lost)}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--bag-seconds", type=float, default=60.0,
@@ -254,6 +371,12 @@ def main() -> int:
     parser.add_argument("--skip-record", action="store_true")
     parser.add_argument("--baseline", action="store_true",
                         help="also measure a bare counting rclpy subscriber the same way")
+    parser.add_argument("--write-messages", type=int, default=0,
+                        help="also time the bag writer alone on this many messages")
+    parser.add_argument("--kill-trials", type=int, default=0,
+                        help="SIGKILL the recorder this many times and measure the loss")
+    parser.add_argument("--storage", choices=["mcap", "sqlite3"], default="mcap",
+                        help="storage of the --write-messages and --kill-trials bags")
     parser.add_argument("--json", help="write the results here")
     parser.add_argument("--bare-subscriber", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -273,6 +396,11 @@ def main() -> int:
             if args.baseline:
                 report["bare_subscriber"] = record_benchmark(folder, args.record_seconds,
                                                              args.rate, bare=True)
+        if args.write_messages:
+            report["write"] = write_benchmark(folder, args.write_messages, args.repeats,
+                                              args.storage)
+        if args.kill_trials:
+            report["kill"] = kill_benchmark(folder, args.kill_trials, args.rate, args.storage)
     report["machine"]["load_average_end"] = os.getloadavg()
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))

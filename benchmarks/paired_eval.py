@@ -15,8 +15,8 @@ between close variants, and a paired difference removes that variance.
         --correction 0.6,0.1,off --correction 0.6,0.1,0.005
 
 Prints, per method, the mean paired difference of post-fault and of pre-fault return per
-episode with its standard error, the normalized return of each side and the tracking error
-before the fault.
+episode with its standard error, the post-fault RMS tracking error of each side and the
+tracking error before the fault.
 Settings chosen with it should be reported on another seed (`metarl eval` uses seed 0).
 """
 
@@ -65,8 +65,8 @@ def compare_models(old: Path, new: Path, split: str, episodes: int, seed: int,
         before = "tracking_error_before_mean"
         print(f"{split} seed {seed} {method}: {new} - {old} post-fault return "
               f"{_paired(new_returns[method], old_returns[method])}; pre-fault return "
-              f"{_paired(new_pre[method], old_pre[method])}; normalized "
-              f"{a['normalized_return']:.3f} -> {b['normalized_return']:.3f}; error before "
+              f"{_paired(new_pre[method], old_pre[method])}; post-fault RMS error "
+              f"{a['post_rms_mrad']:.2f} -> {b['post_rms_mrad']:.2f} mrad; error before "
               f"{a[before]:.4f} -> {b[before]:.4f} rad", flush=True)
 
 

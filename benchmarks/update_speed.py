@@ -21,7 +21,7 @@ import torch
 
 from metarl_ros.learning.agent import AgentSpec, ConditionedSAC
 from metarl_ros.learning.encoder import TrailingContexts, trailing_windows
-from metarl_ros.learning.replay import TransitionBatch
+from metarl_ros.learning.transitions import TransitionBatch
 
 OBS, ACT = 49, 7
 SIZES = {
@@ -43,10 +43,10 @@ def time_update(size: dict, repeats: int) -> float:
     agent = ConditionedSAC(spec)
     t, b = size["tasks"], size["batch"]
     batch = TransitionBatch(
-        torch.randn(t, b, OBS),
-        torch.rand(t, b, ACT) * 2 - 1,
-        torch.randn(t, b),
-        torch.randn(t, b, OBS),
+        obs=torch.randn(t, b, OBS),
+        action=torch.rand(t, b, ACT) * 2 - 1,
+        reward=torch.randn(t, b),
+        next_obs=torch.randn(t, b, OBS),
     )
     k = size["context"]
     context: torch.Tensor | TrailingContexts = torch.randn(t, k, spec.transition_dim)

@@ -176,3 +176,23 @@ def test_valid_task_params_pass_and_from_dict_rejects_unknown_keys():
     assert TaskParams.from_dict(task.to_dict()) == task
     with pytest.raises(ValueError, match="payload_mas"):
         TaskParams.from_dict({"payload_mas": 1.0})
+
+
+@pytest.mark.parametrize("command", ["train", "retrain", "demo"])
+def test_non_utf8_yaml_is_one_named_error_not_a_traceback(tmp_path, capsys, command):
+    """Training, retrain and scenario YAMLs with non-UTF-8 bytes: one line naming the file."""
+    from metarl_ros.cli.main import main
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_bytes(b"method: pearl\nname: \xff\xfe caf\xe9\n")
+    argv = {
+        "train": ["train", "--config", str(bad), "--out", str(tmp_path / "run")],
+        "retrain": ["retrain", "--bag", str(tmp_path), "--model", "models/pearl/model.pt",
+                    "--out", str(tmp_path / "out"), "--config", str(bad)],
+        "demo": ["demo", "--no-ros", "--scenario", str(bad), "--out", str(tmp_path / "demo")],
+    }[command]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"{bad}: not UTF-8 text (byte 0xff on line 2)" in err, err
+    assert "Traceback" not in err and "UnicodeDecodeError" not in err
+    assert not (tmp_path / "run").exists() and not (tmp_path / "out").exists()

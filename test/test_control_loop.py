@@ -7,7 +7,7 @@ import pytest
 
 from metarl_ros.control.controller import AdaptiveController, LoopConfig
 from metarl_ros.control.joint_map import JointNameMapper, RejectedInput
-from metarl_ros.control.law import effort_command, tracking_reward
+from metarl_ros.control.law import build_observation, effort_command, tracking_reward
 from metarl_ros.control.policy_interface import PosteriorSummary
 from metarl_ros.control.safety import EffortClamp, SafeAction
 from metarl_ros.control.watchdog import Watchdog
@@ -288,7 +288,7 @@ def test_stale_sensors_watchdog_commands_safe_action_once_per_period(setup):
     first = loop.watchdog(1.2)
     assert first is not None and first.safe and first.reason == "sensor_stale"
     np.testing.assert_allclose(first.efforts, 0.0)  # hold where it was: no error yet
-    assert loop.watchdog(1.205) is None  # once per control period
+    assert loop.watchdog(1.204) is None  # once per control period
     assert loop.watchdog(1.211) is not None
     assert loop.diagnostics(1.3).level == "error"
     assert loop.stats.stale_events == 1
@@ -405,3 +405,212 @@ def test_repeated_instant_is_answered_again_without_calling_the_policy(setup):
     again = _feed(loop, 0.0 + 1e-9, q)
     assert again is first and policy.calls == 1 and loop.stats.ticks == 1
     assert _feed(loop, 0.01, q) is not first and policy.calls == 2
+
+
+# ---------------------------------------------------------------------------- bad stamps, clocks
+
+
+def _names(setup):
+    return list(setup.robot.joint_names)
+
+
+def test_one_joint_state_stamped_in_the_future_does_not_silence_the_loop(setup):
+    """A single joint state stamped +5 s (and, within the offset limit, +0.5 s) must not move
+    the tick grid so that every good message after it is decimated in silence."""
+    policy = RecordingPolicy(setup, action=np.full(7, 0.1))
+    loop = AdaptiveController(setup.law, policy, LoopConfig())
+    q = np.asarray(setup.robot.default_pose)
+    zeros = np.zeros(7)
+    assert not _feed(loop, 1.0, q).safe
+    with pytest.raises(RejectedInput) as info:
+        loop.on_joint_state(6.01, 1.01, _names(setup), q, zeros)
+    assert info.value.reason == "stamp_offset" and "5 s ahead" in str(info.value)
+    results = [_feed(loop, 1.01 + 0.01 * k, q) for k in range(10)]
+    assert all(r is not None and not r.safe for r in results)
+    # +0.5 s is inside max_stamp_offset: accepted, yet the loop resynchronises on the next
+    # good messages instead of waiting half a second for the grid (reference_sync holds it)
+    loop.on_reference(1.11, 1.11, [], q, zeros, zeros)
+    assert not loop.on_joint_state(1.61, 1.11, _names(setup), q, zeros)  # no reference yet
+    ticks = [_feed(loop, 1.12 + 0.01 * k, q) for k in range(5)]
+    assert sum(r is not None for r in ticks) >= 4 and not any(r.safe for r in ticks if r)
+    assert loop.stats.stamp_jumps >= 1
+    assert "resynchronised" in loop.diagnostics(1.2).values["last_stamp_jump"]
+
+
+def test_stamps_that_go_back_resynchronise_the_loop(setup):
+    """A simulator reset (stamps and clock back to 0): ticks go on at once."""
+    loop = AdaptiveController(setup.law, RecordingPolicy(setup), LoopConfig())
+    q = np.asarray(setup.robot.default_pose)
+    for k in range(5):
+        _feed(loop, 5.0 + 0.01 * k, q)
+    results = [_feed(loop, 0.01 + 0.01 * k, q) for k in range(5)]
+    assert all(r is not None and not r.safe for r in results)
+    assert loop.stats.stamp_jumps == 1 and "went back" in loop.stats.last_stamp_jump
+
+
+def test_stamps_far_from_the_clock_give_the_safe_action_and_say_why(setup):
+    """All joint states stamped 100 s in the past: none is used, the watchdog commands the safe
+    action every period, and diagnostics say the stamps are the reason (not just stale)."""
+    loop = AdaptiveController(setup.law, RecordingPolicy(setup), LoopConfig())
+    q = np.asarray(setup.robot.default_pose)
+    zeros = np.zeros(7)
+    commands = []
+    for k in range(30):
+        now = 200.0 + 0.01 * k
+        loop.on_reference(now, now, [], q, zeros, zeros)
+        with pytest.raises(RejectedInput):
+            loop.on_joint_state(now - 100.0, now, _names(setup), q, zeros)
+        commands.append(loop.watchdog(now))
+    safe = [c for c in commands if c is not None]
+    assert safe and all(c.safe and c.reason == "stamp_offset" for c in safe)
+    assert len(safe) >= 19  # from the watchdog timeout on, every control period
+    assert "100 s behind" in safe[-1].detail
+    report = loop.diagnostics(200.3)
+    assert report.level == "error" and report.values["state"] == "stamp_offset"
+    assert "stamp" in report.message and "100 s behind" in report.message
+
+
+@pytest.mark.parametrize("stamp,now,hint", [
+    (12.0, 1.8e9, "start it with use_sim_time:=true"),
+    (1.8e9, 12.0, "runs on simulated time (use_sim_time:=true)"),
+    (1.8e9, 0.0, "no /clock has arrived"),
+])
+def test_a_use_sim_time_mismatch_is_named(setup, stamp, now, hint):
+    loop = AdaptiveController(setup.law, RecordingPolicy(setup), LoopConfig())
+    q = np.asarray(setup.robot.default_pose)
+    with pytest.raises(RejectedInput) as info:
+        loop.on_joint_state(stamp, now, _names(setup), q, np.zeros(7))
+    assert hint in str(info.value)
+    result = loop.watchdog(now + 0.2)
+    assert result is not None and result.safe and hint in result.detail
+
+
+def test_a_reference_stamped_behind_does_not_hold_the_tick_forever(setup):
+    """reference_sync waits for a reference stamped no earlier than the joint state; one that
+    lags by 0.5 s never comes: after the watchdog timeout the safe action goes out, named."""
+    loop = AdaptiveController(setup.law, RecordingPolicy(setup), LoopConfig())
+    q = np.asarray(setup.robot.default_pose)
+    zeros = np.zeros(7)
+    results = []
+    for k in range(30):
+        now = 2.0 + 0.01 * k
+        loop.on_reference(now - 0.5, now, [], q, zeros, zeros)
+        assert not loop.on_joint_state(now, now, _names(setup), q, zeros)
+        results.append(loop.watchdog(now))
+    safe = [r for r in results if r is not None]
+    assert safe and all(r.reason == "reference_behind" for r in safe)
+    assert "0.500 s behind" in safe[0].detail
+
+
+def test_a_paused_clock_is_reported_idle_not_policy_in_control(setup):
+    wall = [0.0]
+    loop = AdaptiveController(setup.law, RecordingPolicy(setup), LoopConfig(idle_after_s=1.0),
+                              wall_clock=lambda: wall[0])
+    q = np.asarray(setup.robot.default_pose)
+    for k in range(5):
+        wall[0] += 0.01
+        _feed(loop, 1.0 + 0.01 * k, q)
+    assert loop.diagnostics(1.04).message == "policy in control"
+    wall[0] += 5.0  # the simulation pauses: its clock, and the inputs, stand still
+    assert loop.watchdog(1.04) is None  # nothing is stale on a clock that does not move
+    report = loop.diagnostics(1.04)
+    assert report.values["state"] == "idle" and report.level == "warn"
+    assert "paused" in report.message and "policy in control" not in report.message
+    wall[0] += 0.01
+    assert not _feed(loop, 1.05, q).safe  # it resumes
+    assert loop.diagnostics(1.05).message == "policy in control"
+
+
+def test_before_any_input_diagnostics_say_waiting(setup):
+    wall = [0.0]
+    loop = AdaptiveController(setup.law, RecordingPolicy(setup), LoopConfig(),
+                              wall_clock=lambda: wall[0])
+    wall[0] = 3.0
+    report = loop.diagnostics(3.0)
+    assert report.values["state"] == "idle" and "waiting for joint states" in report.message
+
+
+def test_stale_watchdog_publishes_at_the_control_rate_despite_timer_jitter(setup):
+    """A timer polling once per period, each poll a little early or late: one safe command per
+    poll (the control rate), not every other poll."""
+    loop = AdaptiveController(setup.law, RecordingPolicy(setup), LoopConfig(control_rate_hz=100.0))
+    q = np.asarray(setup.robot.default_pose)
+    _feed(loop, 1.0, q)
+    jitter = [0.002, -0.002, 0.001, -0.0015, 0.0024, -0.0024]
+    polls = [1.2 + 0.01 * k + jitter[k % len(jitter)] for k in range(100)]
+    sent = [loop.watchdog(t) for t in polls]
+    assert sum(r is not None for r in sent) == len(polls)
+    assert loop.watchdog(polls[-1] + 0.004) is None  # yet never twice in half a period
+
+
+def test_a_huge_joint_state_is_rejected_before_any_per_joint_work(setup):
+    """1e6 joints: refused on its length alone (iterating it would block the loop)."""
+
+    class Huge:
+        def __len__(self):
+            return 1_000_000
+
+        def __iter__(self):
+            raise AssertionError("iterated a huge message")
+
+        __getitem__ = __iter__
+        __array__ = __iter__
+
+    loop = AdaptiveController(setup.law, RecordingPolicy(setup), LoopConfig())
+    for call in (lambda: loop.on_joint_state(1.0, 1.0, Huge(), Huge(), Huge()),
+                 lambda: loop.on_reference(1.0, 1.0, Huge(), Huge(), Huge(), Huge())):
+        with pytest.raises(RejectedInput) as info:
+            call()
+        assert info.value.reason == "too_many_entries" and "1000000 entries" in str(info.value)
+
+
+def test_adaptation_event_reports_the_compared_quantity(setup):
+    policy = RecordingPolicy(setup, latent=(np.zeros(4), np.full(4, 0.1)))
+    loop = AdaptiveController(setup.law, policy, LoopConfig(adaptation_event_threshold=1.0))
+    loop.update_context(0.1)
+    policy.latent = (np.full(4, 0.3), np.full(4, 0.1))
+    update = loop.update_context(0.2)
+    assert update.adaptation_event
+    assert update.moved == pytest.approx(3.0)  # RMS of (mean - reference) / std: compared
+    assert update.shift == pytest.approx(0.6)  # the Euclidean step in latent units: not
+    assert loop.diagnostics(0.2).values["latent_moved_std"] == "3.000"
+
+
+def test_effort_limit_scale_and_safe_mode_change_live(setup):
+    policy = RecordingPolicy(setup, action=np.full(7, 1.0))
+    loop = AdaptiveController(setup.law, policy, LoopConfig(hold_kp=(100.0,) * 7,
+                                                            hold_kd=(0.0,) * 7))
+    q = np.asarray(setup.robot.default_pose)
+    full = _feed(loop, 1.0, q).efforts
+    loop.set_effort_limit_scale(0.1)
+    limited = _feed(loop, 1.01, q).efforts
+    np.testing.assert_allclose(np.abs(limited),
+                               np.minimum(np.abs(full), 0.1 * np.asarray(setup.law.effort_limits)))
+    assert loop.diagnostics(1.01).values["safe_mode"] == "zero"
+    with pytest.raises(ValueError):
+        loop.set_effort_limit_scale(1.5)
+    with pytest.raises(ValueError):
+        loop.set_safe_mode("bogus")
+    assert loop.config.effort_limit_scale == 0.1 and loop.config.safe_mode == "zero"
+    loop.set_safe_mode("hold")
+    stale = loop.watchdog(1.2)
+    assert stale.safe and loop.safe.mode == "hold"
+    assert loop.diagnostics(1.2).values["safe_mode"] == "hold"
+
+
+def test_reference_view_is_the_observation_on_the_reference():
+    """The feed-forward view of an observation equals the observation built with the robot
+    exactly on its reference (q = q_ref, qd = qd_ref)."""
+    from metarl_ros.control.law import reference_view_matrix
+
+    setup = load_env_setup()
+    law = setup.law
+    rng = np.random.default_rng(0)
+    q, qd = rng.normal(size=7), rng.normal(size=7)
+    ref = (rng.normal(size=7), rng.normal(size=7), rng.normal(size=7))
+    previous = rng.uniform(-1, 1, 7).astype(np.float32)
+    measured = build_observation(law, q, qd, ref, previous)
+    on_reference = build_observation(law, ref[0], ref[1], ref, previous)
+    view = reference_view_matrix(law)
+    np.testing.assert_allclose(view @ measured, on_reference, atol=1e-5)
+    assert not np.allclose(measured, on_reference)

@@ -9,6 +9,8 @@ import os
 import signal
 import subprocess
 import sys
+import textwrap
+import threading
 import time
 import types
 from pathlib import Path
@@ -485,3 +487,92 @@ def test_metarl_launch_deploy_record_writes_a_closed_bag_of_the_robot_run(tmp_pa
     assert counts["/effort_controller/commands"] > 20, (counts, out)
     assert counts["/diagnostics"] > 0 and counts["/onnx_policy_node/latent"] > 0, counts
     assert "Traceback" not in out
+
+
+# ------------------------------------------------------------------------------ required nodes
+
+
+@pytest.mark.parametrize("name,count", [("adapt_sim", 3), ("deploy", 2)])
+def test_a_required_node_exit_ends_either_launch_file_with_an_error(monkeypatch, name, count):
+    """Each node's on_exit raises while the launch runs (ros2 launch then shuts the others
+    down and exits 1) and stays quiet once the launch is shutting down (Ctrl-C)."""
+    from metarl_ros.graph.launch_description import RequiredNodeError
+    from metarl_ros.graph.spec import GRAPHS
+
+    declared, _ = GRAPHS[name]
+    values = {arg.name: arg.default for arg in declared}
+    values.update(record="true", bag="/data/run3")
+    description = stand_in_launch_description(monkeypatch, name, values)
+    opaque = [a for a in description if type(a).__name__ == "OpaqueFunction"][0]
+    nodes = [a for a in opaque.kwargs["function"](values) if type(a).__name__ == "Node"]
+    assert len(nodes) == count  # recorder_node included: record:=true must not run unrecorded
+    for node in nodes:
+        on_exit = node.kwargs["on_exit"]
+        running = types.SimpleNamespace(is_shutdown=False)
+        with pytest.raises(RequiredNodeError,
+                           match=f"required node {node.kwargs['name']} exited with code 1"):
+            on_exit(types.SimpleNamespace(returncode=1), running)
+        with pytest.raises(RequiredNodeError, match="code 0"):
+            on_exit(types.SimpleNamespace(returncode=0), running)  # an exit is a failure too
+        assert on_exit(types.SimpleNamespace(returncode=-2),
+                       types.SimpleNamespace(is_shutdown=True)) is None
+
+
+def _failing_physics(monkeypatch, after: int) -> None:
+    from metarl_ros.sim import arm_sim
+
+    step, calls = arm_sim.ArmSimulation.step, [0]
+
+    def failing(self, *args, **kwargs):
+        calls[0] += 1
+        if calls[0] > after:
+            raise RuntimeError("physics exploded")
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(arm_sim.ArmSimulation, "step", failing)
+
+
+def test_metarl_launch_ends_with_an_error_when_a_required_node_fails(monkeypatch, capsys):
+    """sim_node's simulation thread dies mid-run: the graph ends at once with status 1,
+    naming the node, instead of running on (or waiting for a duration never reached)."""
+    from metarl_ros.graph.runner import run_graph
+
+    monkeypatch.setenv("ROS_DOMAIN_ID", str(_domain()))
+    _failing_physics(monkeypatch, after=30)
+    stop = threading.Event()  # a bound for this test only: the graph must not need it
+    timer = threading.Timer(30.0, stop.set)
+    timer.start()
+    try:
+        report = run_graph(adapt_sim_graph({"real_time_factor": "0.0"}), duration_s=60.0,
+                           stop=stop)
+    finally:
+        timer.cancel()
+    assert report.code == 1 and not stop.is_set()
+    err = capsys.readouterr().err
+    assert "required node sim_node failed: simulation loop crashed: RuntimeError: physics " \
+           "exploded" in err
+    assert "Traceback" not in err
+
+
+def test_a_node_process_whose_simulation_fails_exits_1():
+    """As its own process (ros2 run, ros2 launch) the failed sim_node exits 1, which is what
+    the launch files' on_exit handlers see."""
+    code = textwrap.dedent("""
+        import sys
+        from metarl_ros.sim import arm_sim
+        step, calls = arm_sim.ArmSimulation.step, [0]
+        def failing(self, *args, **kwargs):
+            calls[0] += 1
+            if calls[0] > 30:
+                raise RuntimeError("physics exploded")
+            return step(self, *args, **kwargs)
+        arm_sim.ArmSimulation.step = failing
+        from metarl_ros.nodes.sim_node import main
+        sys.exit(main(["--ros-args", "-p", "real_time_factor:=100.0",
+                       "-p", "wait_for_controller:=false"]))
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], env=_env(), capture_output=True,
+                          text=True, timeout=60, cwd=REPO)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 1, out
+    assert "simulation loop crashed: RuntimeError: physics exploded" in out

@@ -1,4 +1,6 @@
-"""Tests for metarl_ros.learning.maml (GrBAL-style MAML dynamics adaptation)."""
+"""Tests of the GrBAL-style MAML dynamics adaptation: the functional core
+(learning/maml_core.py), the models (learning/dynamics_models.py, learning/torque_model.py),
+the online adapter and the action correction."""
 
 from __future__ import annotations
 
@@ -16,23 +18,20 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from metarl_ros.learning.maml import (
-    DynamicsModel,
-    MAMLConfig,
+from metarl_ros.learning.action_correction import correct_action
+from metarl_ros.learning.dynamics_config import MAMLConfig
+from metarl_ros.learning.dynamics_models import DynamicsModel, load_checkpoint, make_checkpoint
+from metarl_ros.learning.maml_core import (
     MAMLTrainer,
-    OnlineAdapter,
-    ParamsSnapshot,
-    TransitionBatch,
     adapted_names,
-    correct_action,
     dynamics_loss,
     inner_adapt,
-    load_checkpoint,
-    make_checkpoint,
     maml_loss,
     params_of,
 )
+from metarl_ros.learning.online_adapter import OnlineAdapter, ParamsSnapshot
 from metarl_ros.learning.torque_model import PDStructure, TorqueGainDynamics, head_at
+from metarl_ros.learning.transitions import TransitionBatch
 from metarl_ros.policy.dynamics_adaptation import (
     LAG_HORIZON_TICKS,
     STRUCTURED_DEFAULTS,
@@ -63,7 +62,7 @@ def linear_window(
     g = torch.Generator().manual_seed(seed)
     obs = torch.randn(n, 1, generator=g, dtype=dtype)
     action = torch.rand(n, 1, generator=g, dtype=dtype) * 2 - 1
-    return TransitionBatch(obs, action, obs + gain * action + offset)
+    return TransitionBatch(obs=obs, action=action, next_obs=obs + gain * action + offset)
 
 
 def zero_linear_model(dtype: torch.dtype = torch.float64) -> DynamicsModel:
@@ -155,9 +154,9 @@ def test_bounded_step_has_exactly_the_bound_norm() -> None:
     g = torch.Generator().manual_seed(2)
     obs = torch.randn(16, 3, generator=g, dtype=torch.float64)
     batch = TransitionBatch(
-        obs,
-        torch.randn(16, 2, generator=g, dtype=torch.float64),
-        obs + 3 * torch.randn(16, 3, generator=g, dtype=torch.float64),
+        obs=obs,
+        action=torch.randn(16, 2, generator=g, dtype=torch.float64),
+        next_obs=obs + 3 * torch.randn(16, 3, generator=g, dtype=torch.float64),
     )
     bound, lr = 1e-3, 0.5
     current = params_of(model)
@@ -267,7 +266,7 @@ def _conflicting_window(n: int = 16) -> TransitionBatch:
     n_adapt = n - n // 4
     delta = w.next_obs - w.obs
     delta[:n_adapt] *= -1
-    return TransitionBatch(w.obs, w.action, w.obs + delta)
+    return TransitionBatch(obs=w.obs, action=w.action, next_obs=w.obs + delta)
 
 
 def test_online_adapt_accepts_then_rolls_back_exactly() -> None:
@@ -304,7 +303,8 @@ def test_online_adapt_rolls_back_from_meta_init_and_on_nan() -> None:
     assert result.rolled_back and adapter.snapshot() is before
 
     bad = linear_window(16, 0.7, seed=4)
-    nan_window = TransitionBatch(bad.obs, bad.action, bad.next_obs * float("nan"))
+    nan_window = TransitionBatch(obs=bad.obs, action=bad.action,
+                                 next_obs=bad.next_obs * float("nan"))
     result = adapter.adapt(nan_window)
     assert result.rolled_back and result.reason == "non-finite"
     assert adapter.snapshot() is before
@@ -418,9 +418,9 @@ def test_background_errors_are_counted_and_thread_survives(
     adapter = OnlineAdapter(zero_linear_model(), _adapter_config())
     good = linear_window(16, 0.7, 0.3, seed=3)
     malformed = TransitionBatch(
-        torch.zeros(16, 3, dtype=torch.float64),
-        torch.zeros(16, 1, dtype=torch.float64),
-        torch.zeros(16, 3, dtype=torch.float64),
+        obs=torch.zeros(16, 3, dtype=torch.float64),
+        action=torch.zeros(16, 1, dtype=torch.float64),
+        next_obs=torch.zeros(16, 3, dtype=torch.float64),
     )
     calls = {"n": 0}
 
@@ -434,7 +434,7 @@ def test_background_errors_are_counted_and_thread_survives(
             return None  # skipped, not an error
         return good
 
-    with caplog.at_level(logging.ERROR, logger="metarl_ros.learning.maml"):
+    with caplog.at_level(logging.ERROR, logger="metarl_ros.learning.online_adapter"):
         adapter.start_background(get_window, period_s=0.002)
         try:
             assert _wait_for(lambda: adapter.adapt_count >= 2)
@@ -548,6 +548,28 @@ def test_config_validation_names_the_field(field: str, value: object) -> None:
         MAMLConfig(**{field: value})
 
 
+def test_transition_batch_checks_shapes_and_carries_optional_fields() -> None:
+    obs, action = torch.zeros(3, 4, 5), torch.zeros(3, 4, 2)
+    batch = TransitionBatch(obs=obs, action=action, next_obs=obs, reward=torch.zeros(3, 4))
+    flat = batch.flatten()
+    assert flat.obs.shape == (12, 5) and flat.reward.shape == (12,) and flat.latent is None
+    assert len(flat) == 12 and flat[-1].obs.shape == (1, 5) and len(flat[2:5]) == 3
+    both = TransitionBatch.cat([flat, flat.to(torch.float64)[:2].to(torch.float32)])
+    assert len(both) == 14 and both.reward.shape == (14,)
+    with pytest.raises(ValueError, match="mixing batches with and without reward"):
+        TransitionBatch.cat([flat, TransitionBatch(obs=flat.obs, action=flat.action,
+                                                   next_obs=flat.next_obs)])
+    for bad, message in (
+        (dict(next_obs=torch.zeros(3, 4, 6)), "next_obs must have the shape of obs"),
+        (dict(action=torch.zeros(3, 5, 2)), "differ in batch shape"),
+        (dict(reward=torch.zeros(3)), "reward must have shape"),
+        (dict(latent=torch.zeros(4, 3, 1)), "latent must be"),
+        (dict(obs=torch.zeros(5), next_obs=torch.zeros(5)), "batch dim"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            TransitionBatch(**{"obs": obs, "action": action, "next_obs": obs, **bad})
+
+
 def test_normalizer_and_checkpoint_round_trip() -> None:
     torch.manual_seed(0)
     cfg = MAMLConfig(hidden_sizes=(16, 8), inner_lr=0.05, max_step_norm=None)
@@ -560,7 +582,8 @@ def test_normalizer_and_checkpoint_round_trip() -> None:
         + torch.randn(64, 4, generator=g) * torch.tensor([3.0, 0.1, 1.0, 1.0])
     )
     batch = TransitionBatch(
-        obs, torch.randn(64, 2, generator=g), next_obs, torch.randn(64, 3, generator=g)
+        obs=obs, action=torch.randn(64, 2, generator=g), next_obs=next_obs,
+        latent=torch.randn(64, 3, generator=g),
     )
     model.fit_normalizer(next_obs - obs)
     target = model.normalized_target(batch)
@@ -610,7 +633,7 @@ def _joint_window(
     action = torch.rand(n, 2, generator=g, dtype=torch.float64) * 2 - 1
     next_obs = obs.clone()
     next_obs[:, 2:4] += torch.tensor(strength) * action + torch.tensor(bias)
-    return TransitionBatch(obs, action, next_obs)
+    return TransitionBatch(obs=obs, action=action, next_obs=next_obs)
 
 
 def test_torque_model_adapts_only_the_head_and_recovers_gain_and_bias() -> None:
@@ -647,10 +670,10 @@ def test_torque_model_meta_gradient_reaches_the_frozen_trunk() -> None:
     g = torch.Generator().manual_seed(0)
     obs = torch.randn(12, 10, generator=g, dtype=torch.float64)
     batch = TransitionBatch(
-        obs,
-        torch.randn(12, 2, generator=g, dtype=torch.float64),
-        obs + 0.1 * torch.randn(12, 10, generator=g, dtype=torch.float64),
-        torch.randn(12, 3, generator=g, dtype=torch.float64),
+        obs=obs,
+        action=torch.randn(12, 2, generator=g, dtype=torch.float64),
+        next_obs=obs + 0.1 * torch.randn(12, 10, generator=g, dtype=torch.float64),
+        latent=torch.randn(12, 3, generator=g, dtype=torch.float64),
     )
     names = adapted_names(model)
     trunk_grads = {}

@@ -522,7 +522,8 @@ class FakeRobot:
                          durability=DurabilityPolicy.VOLATILE)  # as ros2_control subscribes
         node.create_subscription(command_type, topic, self.commands, qos)
         self.topic = topic
-        self.t_ns = 1_000_000_000
+        # stamped like a robot's driver: on the wall clock, as the node's own clock
+        self.t_ns = node.get_clock().now().nanoseconds
 
     def connected(self) -> bool:
         return (self.states.get_subscription_count() > 0
@@ -716,3 +717,48 @@ def test_metarl_launch_deploy_runs_and_stops(model):
     assert "onnx_policy_node: ticks 0" in out  # no robot on this domain: nothing to control
     assert "Traceback" not in out
     assert time.monotonic() - start < 45
+
+
+# ------------------------------------------------------------------------------ context-free
+
+
+@pytest.fixture(scope="module")
+def robust_model(tmp_path_factory) -> Path:
+    """A tiny model without context encoder (method robust), untrained."""
+    from metarl_ros.learning.config import AgentConfig, DynamicsConfig, TrainConfig
+    from metarl_ros.learning.trainer import Trainer
+
+    root = tmp_path_factory.mktemp("robust_model")
+    config = TrainConfig(
+        method="robust", env=str(SETUP.path), seed=5, total_iterations=1, envs_per_iteration=1,
+        updates_per_iteration=1, meta_batch_tasks=1, batch_size=8, eval_tasks=1,
+        eval_every_iterations=100, replay_capacity_per_task=100, initial_episodes_per_task=1,
+        torch_threads=1, agent=AgentConfig(actor_hidden=[32, 32], critic_hidden=[32, 32]),
+        dynamics=DynamicsConfig(enabled=False))
+    return Trainer(config, root / "run", progress=False).write_final_model()
+
+
+def test_a_context_free_model_exports_and_runs_without_a_latent(robust_model, tmp_path):
+    """`metarl export` on a robust/nominal model used to crash on its missing encoder."""
+    from metarl_ros.policy.onnx_export import export_model
+
+    summary = export_model(robust_model, tmp_path / "onnx")
+    assert summary["method"] == "robust"
+    assert sorted(p.name for p in (tmp_path / "onnx").iterdir()) == ["export.json",
+                                                                       "policy.onnx"]
+    assert summary["max_scaled_diff"] <= 1e-5
+    policy = OnnxAdaptivePolicy(tmp_path / "onnx")
+    obs = np.zeros(policy.contract.obs_dim, np.float32)
+    action = policy.act(obs)
+    assert action.shape == (N,) and np.isfinite(action).all()
+    policy.observe(obs, action, 0.0, obs)
+    assert policy.posterior().mean.size == 0
+
+
+def test_policy_pearl_refuses_a_context_free_model(robust_model):
+    """policy:=pearl maml:=false on a robust model ran and called itself PEARL."""
+    from metarl_ros.policy.factory import make_policy
+
+    for maml in (False, True):
+        with pytest.raises(ConfigError, match="a 'robust' model, without the context encoder"):
+            make_policy("pearl", SETUP, model_path=robust_model, maml=maml)

@@ -10,7 +10,6 @@ import copy
 import dataclasses
 import math
 
-import numpy as np
 import pytest
 import torch
 from torch.distributions import Normal, TanhTransform, TransformedDistribution, kl_divergence
@@ -29,7 +28,7 @@ from metarl_ros.learning.encoder import (
     windowed_posterior,
 )
 from metarl_ros.learning.networks import EnsembleMLP, TanhGaussianActor, TwinCritic
-from metarl_ros.learning.replay import TransitionBatch
+from metarl_ros.learning.transitions import TransitionBatch
 
 torch.set_num_threads(1)
 
@@ -265,64 +264,6 @@ def test_make_transition_layout():
     torch.testing.assert_close(make_transition(obs, action, reward[:, None], next_obs), t)
 
 
-def delta_encoder() -> ContextEncoder:
-    torch.manual_seed(0)
-    return ContextEncoder(9, 2, hidden=[16], input_features="normalized_delta", obs_dim=3)
-
-
-def test_normalized_delta_features_are_the_standardized_change_of_state():
-    encoder = delta_encoder()
-    obs, action, next_obs = torch.randn(50, 3), torch.randn(50, 2), torch.randn(50, 3) * 0.01
-    next_obs = obs + next_obs
-    reward = torch.randn(50)
-    transitions = make_transition(obs, action, reward, next_obs)
-    encoder.fit_input_normalizer(transitions)
-    by_hand = torch.cat([obs, action, reward[:, None], next_obs - obs], -1)
-    expected = (by_hand - by_hand.mean(0)) / by_hand.std(0)
-    torch.testing.assert_close(encoder.features(transitions), expected)
-    # standardized: the tiny change of state now has unit spread like everything else
-    torch.testing.assert_close(encoder.features(transitions).std(0), torch.ones(9))
-
-
-def test_normalized_delta_features_are_clipped_and_saved_with_the_weights():
-    encoder = delta_encoder()
-    encoder.fit_input_normalizer(torch.randn(20, 9))
-    outlier = torch.full((1, 9), 1e6)
-    assert encoder.features(outlier).abs().max() == pytest.approx(10.0)
-    assert torch.isfinite(encoder.factors(outlier)[0]).all()
-    restored = ContextEncoder(9, 2, hidden=[16], input_features="normalized_delta", obs_dim=3)
-    restored.load_state_dict(encoder.state_dict())
-    x = torch.randn(5, 9)
-    torch.testing.assert_close(restored.factors(x), encoder.factors(x))
-
-
-def test_raw_encoder_feeds_the_transition_unchanged_and_has_no_statistics():
-    encoder = tiny_encoder()
-    x = torch.randn(4, 6)
-    assert torch.equal(encoder.features(x), x)
-    assert set(encoder.state_dict()) == {k for k in encoder.state_dict() if k.startswith("net.")}
-    with pytest.raises(ValueError, match="raw transitions"):
-        encoder.fit_input_normalizer(x)
-
-
-@pytest.mark.parametrize(
-    ("kwargs", "message"),
-    [
-        ({"input_features": "whitened"}, "input_features must be"),
-        ({"input_features": "normalized_delta"}, "needs obs_dim"),
-        ({"input_features": "normalized_delta", "obs_dim": 5}, "needs obs_dim"),
-    ],
-)
-def test_encoder_input_options_are_validated(kwargs, message):
-    with pytest.raises(ValueError, match=message):
-        ContextEncoder(9, 2, hidden=[16], **kwargs)
-
-
-def test_fit_input_normalizer_rejects_too_few_transitions():
-    with pytest.raises(ValueError, match="N >= 2"):
-        delta_encoder().fit_input_normalizer(torch.randn(1, 9))
-
-
 # ------------------------------------------------------------------------------------------
 # actor and critic
 # ------------------------------------------------------------------------------------------
@@ -556,61 +497,6 @@ def test_update_kl_gradient_reaches_encoder():
         torch.testing.assert_close(p.grad, g, rtol=1e-5, atol=1e-7)
 
 
-def _task_transitions(gain: float, n: int, g: torch.Generator) -> torch.Tensor:
-    """(n, transition_dim) of a task whose state moves by gain * action."""
-    obs = torch.randn(n, OBS, generator=g)
-    action = torch.rand(n, ACT, generator=g) * 2 - 1
-    next_obs = obs + gain * action.repeat(1, OBS // ACT)
-    return make_transition(obs, action, torch.randn(n, generator=g), next_obs)
-
-
-def test_reconstruction_loss_teaches_the_encoder_each_tasks_dynamics():
-    """Tasks differ only in how the state responds to the action. With the decoder's loss
-    the posterior over a task's context predicts that task's transitions, and predicts them
-    better than another task's posterior does: z has learned the dynamics."""
-    torch.manual_seed(3)
-    spec = AgentSpec(obs_dim=OBS, act_dim=ACT, conditioning="latent", latent_dim=LATENT,
-                     encoder_hidden=(32,), actor_hidden=(16,), critic_hidden=(16,),
-                     kl_weight=0.01, encoder_input="normalized_delta",
-                     reconstruction_weight=1.0, decoder_hidden=(32,), encoder_lr=3e-3)
-    agent = ConditionedSAC(spec)
-    gains = torch.tensor([-1.0, -0.3, 0.4, 1.0])
-    g = torch.Generator().manual_seed(0)
-    agent.encoder.fit_input_normalizer(torch.cat([_task_transitions(k, 50, g) for k in gains]))
-
-    def meta_batch(context_tasks):
-        rl = torch.stack([_task_transitions(k, PER_TASK, g) for k in gains])
-        context = torch.stack([_task_transitions(gains[i], CONTEXT, g) for i in context_tasks])
-        batch = TransitionBatch(rl[..., :OBS], rl[..., OBS:OBS + ACT], rl[..., OBS + ACT],
-                                rl[..., -OBS:])
-        return batch, context
-
-    def decoder_error(context_tasks) -> float:
-        batch, context = meta_batch(context_tasks)
-        with torch.no_grad():
-            mu, _ = agent.encoder.posterior(context)
-            cond = mu.unsqueeze(1).expand(-1, PER_TASK, -1).flatten(0, 1)
-            return agent._reconstruction_loss(batch.flatten(), cond).item()
-
-    own, swapped = [0, 1, 2, 3], [3, 2, 1, 0]
-    losses = [agent.update(*meta_batch(own))["reconstruction_loss"] for _ in range(400)]
-    assert np.mean(losses[-40:]) < 0.2 * np.mean(losses[:10])
-    own_error = np.mean([decoder_error(own) for _ in range(10)])
-    swapped_error = np.mean([decoder_error(swapped) for _ in range(10)])
-    assert own_error < 0.25 * swapped_error, (own_error, swapped_error)
-
-
-def test_reconstruction_needs_a_latent_normalized_delta_encoder():
-    spec = AgentSpec(obs_dim=OBS, act_dim=ACT, latent_dim=LATENT, reconstruction_weight=1.0)
-    with pytest.raises(ValueError, match="normalized_delta"):
-        ConditionedSAC(spec)
-    with pytest.raises(ValueError, match="latent conditioning"):
-        ConditionedSAC(dataclasses.replace(spec, conditioning="none",
-                                           encoder_input="normalized_delta"))
-    plain = ConditionedSAC(dataclasses.replace(spec, reconstruction_weight=0.0))
-    assert plain.decoder is None
-
-
 def test_update_polyak_target():
     tau = 0.3
     agent = tiny_agent(tau=tau)
@@ -667,8 +553,8 @@ def test_update_with_trailing_contexts_conditions_each_transition_on_its_own_pos
     windows, next_windows = trailing_windows(episode_step, window)
     contexts = TrailingContexts(sequence, windows, next_windows)
     tail = slice(window, None)
-    batch = TransitionBatch(*(x[:, :, tail].flatten(1, 2) for x in (obs, action, reward,
-                                                                      next_obs)))
+    batch = TransitionBatch(**{name: x[:, :, tail].flatten(1, 2) for name, x in (
+        ("obs", obs), ("action", action), ("reward", reward), ("next_obs", next_obs))})
 
     reference = copy.deepcopy(agent)
     torch.manual_seed(7)

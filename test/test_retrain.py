@@ -393,3 +393,67 @@ def test_out_must_be_new_or_empty(model, pd_bag, tmp_path, capsys):
                         "--no-progress"])
     assert code == 2 and "not empty" in capsys.readouterr().err
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
+
+
+# ------------------------------------------------------------------------------------------
+# context-free models, strict JSON, leftovers of killed runs, permissions
+
+
+def _robust_model(env: Path, run_dir: Path) -> Path:
+    from metarl_ros.learning.config import AgentConfig, DynamicsConfig, TrainConfig
+    from metarl_ros.learning.trainer import Trainer
+
+    config = TrainConfig(
+        method="robust", env=str(env), seed=3, envs_per_iteration=2, eval_tasks=2,
+        replay_capacity_per_task=1000, torch_threads=1,
+        agent=AgentConfig(actor_hidden=[32, 32], critic_hidden=[32, 32]),
+        dynamics=DynamicsConfig(enabled=False))
+    trainer = Trainer(config, run_dir, progress=False)
+    path = trainer.write_final_model()
+    trainer.rollout.close()
+    trainer.eval_rollout.close()
+    return path
+
+
+def test_retrain_a_context_free_model_writes_strict_json_and_cleans_up(env, pd_bag, tmp_path,
+                                                                        capsys):
+    """A robust model (no encoder) retrains and exports (export crashed on the missing
+    encoder); retrain.json is strict JSON although the actor's loss is not computed during the
+    critic warm-up (it held a bare NaN); staging folders a killed retrain left are removed,
+    another running retrain's are not; --out honours the umask."""
+    import os
+    import subprocess
+    import sys
+
+    model = _robust_model(env, tmp_path / "run")
+    out = tmp_path / "robust_v2"
+    killed = [tmp_path / ".robust_v2.999999999-dead.tmp", tmp_path / ".robust_v2.oldname.tmp"]
+    for folder in killed:
+        (folder / "onnx").mkdir(parents=True)
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    running = tmp_path / f".robust_v2.{sleeper.pid}-live.tmp"
+    running.mkdir()
+    config = tmp_path / "retrain.yaml"
+    config.write_text(yaml.safe_dump({"training": {"updates": 20, "batch_size": 16},
+                                      "evaluation": {"enabled": False}}))
+    old_umask = os.umask(0o027)
+    try:
+        code = metarl_main(["retrain", "--bag", str(pd_bag), "--model", str(model), "--out",
+                            str(out), "--config", str(config), "--no-progress"])
+    finally:
+        os.umask(old_umask)
+        sleeper.kill()
+        sleeper.wait()
+    printed = capsys.readouterr()
+    assert code == 0, printed.err
+    assert sorted(p.name for p in (out / "onnx").iterdir()) == ["export.json", "policy.onnx"]
+    text = (out / "retrain.json").read_text()
+    report = json.loads(text, parse_constant=lambda name: pytest.fail(f"bare {name} in JSON"))
+    assert report["training"]["final/actor_loss"] is None  # 20 updates: all in the warm-up
+    json.loads((out / "eval.json").read_text(),
+               parse_constant=lambda name: pytest.fail(f"bare {name} in JSON"))
+    assert not any(folder.exists() for folder in killed)
+    assert running.exists()
+    assert "left by a retrain that was killed" in printed.out
+    assert (out.stat().st_mode & 0o777) == 0o750
+    assert (out / "model.pt").stat().st_mode & 0o777 == 0o640

@@ -256,7 +256,8 @@ class FakeRobot:
                                  self.commands, COMMAND_QOS)
         self.diagnostics = Collector()
         node.create_subscription(DiagnosticArray, "/diagnostics", self.diagnostics, STATE_QOS)
-        self.t_ns = 1_000_000_000
+        # stamped like a robot's driver: on the wall clock, as the node's own clock
+        self.t_ns = node.get_clock().now().nanoseconds
 
     def connected(self) -> bool:
         return (self.states.get_subscription_count() > 0
@@ -422,3 +423,79 @@ def test_loop_config_defaults_match_the_node_yaml():
     for key, value in node.items():
         if isinstance(value, float):
             assert isinstance(value, float), key
+
+
+# ------------------------------------------------------------------------------ parameters
+
+
+def _set(node, **values):
+    from rclpy.parameter import Parameter
+
+    return node.set_parameters([Parameter(k, value=v) for k, v in values.items()])[0]
+
+
+def test_adapter_parameters_apply_live_or_are_refused_with_the_reason(ros):
+    """ros2 param set: the safe ones apply at once, the rest are refused as read-only (they
+    used to succeed while nothing changed), and choices are checked."""
+    node = _adapter(ros)
+    try:
+        result = _set(node, effort_limit_scale=0.25)
+        assert result.successful
+        assert node.loop.config.effort_limit_scale == 0.25
+        np.testing.assert_allclose(node.loop.clamp.limits,
+                                   0.25 * np.asarray(SETUP.robot.effort_limits))
+        result = _set(node, safe_mode="bogus")
+        assert not result.successful and "zero, hold" in result.reason
+        assert node.loop.config.safe_mode == "zero"
+        assert _set(node, safe_mode="hold").successful and node.loop.safe.mode == "hold"
+        assert node.loop.diagnostics(0.0).values["safe_mode"] == "hold"
+        for name, value in (("env_config", "other.yaml"), ("control_rate_hz", 50.0),
+                            ("policy", "pearl"), ("watchdog_timeout", 0.5)):
+            result = _set(node, **{name: value})
+            assert not result.successful, name
+            assert "read-only" in result.reason and "restart" in result.reason, result.reason
+            assert node.get_parameter(name).value != value
+        result = _set(node, effort_limit_scale=5.0)  # the descriptor's range still applies
+        assert not result.successful and node.loop.config.effort_limit_scale == 0.25
+        assert _set(node, use_sim_time=True).successful  # ROS's own parameters are left alone
+    finally:
+        ros.remove_all()
+
+
+def test_sim_real_time_factor_applies_live_between_real_time_factors(ros):
+    sim = _sim(ros, real_time_factor=1.0)
+    try:
+        assert _set(sim, real_time_factor=4.0).successful and sim.real_time_factor == 4.0
+        result = _set(sim, real_time_factor=0.0)
+        assert not result.successful and "restart" in result.reason
+        assert sim.real_time_factor == 4.0
+        result = _set(sim, scenario="config/scenarios/default.yaml")
+        assert not result.successful and "read-only" in result.reason
+    finally:
+        ros.remove_all()
+    lockstep = _sim(ros)
+    try:
+        result = _set(lockstep, real_time_factor=1.0)
+        assert not result.successful and "lockstep" in result.reason
+        assert lockstep.lockstep and lockstep.real_time_factor == 0.0
+    finally:
+        ros.remove_all()
+
+
+def test_gui_without_a_display_exits_with_a_fatal_line(tmp_path):
+    """PyBullet's GUI exits the process from C when there is no display: ask first, and fail
+    with one FATAL line naming the problem."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("DISPLAY", "WAYLAND_DISPLAY")}
+    env["ROS_DOMAIN_ID"] = str(domain_id(offset=29))
+    proc = subprocess.run(
+        [sys.executable, "-c", "import sys; from metarl_ros.nodes.sim_node import main; "
+         "sys.exit(main(['--ros-args', '-p', 'gui:=true']))"],
+        env=env, capture_output=True, text=True, timeout=60)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 1, out
+    assert "[FATAL]" in out and "DISPLAY is not set" in out and "gui:=false" in out, out
+    assert "Traceback" not in out

@@ -25,18 +25,17 @@ from bag_helpers import write_tiny_env
 
 from metarl_ros.cli.main import main as metarl_main
 from metarl_ros.core.resources import share_directory
+from metarl_ros.core.schema import ConfigError
 from metarl_ros.evaluation.evaluate import (
-    RECOVERY_FLOOR_RAD,
     action_oscillation,
-    bootstrap_normalized_return,
     context_window,
     load_method_models,
-    recovery_times,
     rolling_mean,
 )
 from metarl_ros.learning.checkpoint import (
     MODEL_FORMAT,
     MODEL_FORMAT_VERSION,
+    CheckpointDirectory,
     CheckpointError,
     load_model_payload,
     model_env_config,
@@ -46,6 +45,7 @@ from metarl_ros.learning.config import (
     AgentConfig,
     DynamicsConfig,
     TrainConfig,
+    apply_overrides,
     config_changes,
     load_train_config,
 )
@@ -75,6 +75,8 @@ def tiny_env(tmp_path_factory) -> Path:
 
 
 def tiny_config(env: Path, method: str = "pearl", **overrides) -> TrainConfig:
+    """The shipped recipe's settings (nominal: without fault episodes or smoothness, as its
+    recipe says) on the tiny env, with few, small networks and updates."""
     agent = overrides.pop("agent", {})
     fields = dict(
         method=method, env=str(env), seed=3, total_iterations=4, envs_per_iteration=2,
@@ -86,6 +88,8 @@ def tiny_config(env: Path, method: str = "pearl", **overrides) -> TrainConfig:
         dynamics=DynamicsConfig(meta_steps_per_iteration=1, tasks_per_meta_step=2,
                                 hidden_sizes=[16], support_size=10, query_size=10),
     )
+    if method == "nominal":
+        fields.update(fault_episode_fraction=0.0, smoothness_weight=0.0)
     fields.update(overrides)
     return TrainConfig(**fields)
 
@@ -293,19 +297,116 @@ def test_metarl_train_refuses_existing_run_and_config_mismatch(trained_run, tmp_
     assert sorted(str(p.relative_to(out)) for p in out.rglob("*")) == listing  # nothing written
 
 
-def test_config_changes_ignore_fields_added_since_at_their_defaults(tiny_env):
+def test_config_changes_read_stored_configs_of_older_versions(tiny_env):
     config = tiny_config(tiny_env, method="pearl")
     stored = config.model_dump(mode="json")
     assert config_changes(stored, config) == []
-    # a run written before two options existed: the same run under their defaults
-    del stored["init_critic_condition"], stored["agent"]["task_inference_weight"]
+    # a run written before an option existed: the same run under the option's default ...
+    del stored["init_critic_condition"]
     assert config_changes(stored, config) == []
+    # ... or, where the default has changed since, under what the run did without it
+    del stored["smoothness_weight"]
+    assert config_changes(stored, config) == ["smoothness_weight: 0.0 -> 1.0"]
+    stored["smoothness_weight"] = 1.0
+    # removed options: at the value that did nothing they are no change, else no such run
+    retired = {**stored, "intact_fraction": 0.0, "critic_warmup_updates": 0,
+               "agent": {**stored["agent"], "encoder_input": "raw", "reconstruction_weight": 0.0,
+                         "decoder_hidden": [64], "task_inference_weight": 0.0}}
+    assert config_changes(retired, config) == []
+    for key, value in (("intact_fraction", 0.1), ("critic_warmup_updates", 600)):
+        (change,) = config_changes({**retired, key: value}, config)
+        assert change.startswith("stored config no longer valid") and key in change, change
+    (change,) = config_changes(
+        {**retired, "agent": {**retired["agent"], "encoder_input": "normalized_delta"}}, config)
+    assert "agent.encoder_input" in change and "removed" in change
     stored["agent"]["kl_weight"] = config.agent.kl_weight * 2
     assert config_changes(stored, config) == [
         f"agent.kl_weight: {config.agent.kl_weight * 2!r} -> {config.agent.kl_weight!r}"]
     stored["no_such_option"] = 1
     (change,) = config_changes(stored, config)
     assert change.startswith("stored config no longer valid") and "no_such_option" in change
+
+
+def test_config_changes_compare_only_what_the_method_uses(tiny_env):
+    """No context, encoder or dynamics models outside pearl: their fields are no change."""
+    config = tiny_config(tiny_env, method="robust")
+    stored = config.model_dump(mode="json")
+    stored.update(context_sampling="task", min_context=3)
+    stored["agent"] = {**stored["agent"], "kl_weight": 0.1, "latent_dim": 16}
+    stored["dynamics"] = {**stored["dynamics"], "enabled": False, "model": "mlp"}
+    assert config_changes(stored, config) == []
+    stored["agent"]["gamma"] = 0.9
+    assert config_changes(stored, config) == [f"agent.gamma: 0.9 -> {config.agent.gamma!r}"]
+    pearl = tiny_config(tiny_env, method="pearl")
+    stored = {**pearl.model_dump(mode="json"), "min_context": 3}
+    assert config_changes(stored, pearl) == ["min_context: 3 -> 1"]
+
+
+def test_shipped_models_were_trained_with_their_recipes():
+    """Each shipped model file's stored config, read as today's schema, is its recipe."""
+    for method in ("nominal", "oracle", "robust", "pearl"):
+        path = share_directory() / "models" / method / "model.pt"
+        if not path.is_file():
+            pytest.skip("no shipped models")
+        stored = load_model_payload(path)["train_config"]
+        recipe = load_train_config(share_directory() / "config" / f"train_{method}.yaml")
+        assert config_changes(stored, recipe) == [], method
+
+
+# ------------------------------------------------------------------------------------------
+# overrides: metarl train --seed / --set
+# ------------------------------------------------------------------------------------------
+
+
+def test_apply_overrides_sets_dotted_keys_as_yaml_values():
+    config = {"seed": 1, "agent": {"kl_weight": 0.1, "gamma": 0.95}}
+    result = apply_overrides(config, ["agent.kl_weight=1e-3", "seed=7",
+                                      "agent.actor_hidden=[64, 64]", "init_from=null",
+                                      "dynamics.first_order=true", "seed=8"])
+    assert result == {"seed": 8, "init_from": None, "dynamics": {"first_order": True},
+                      "agent": {"kl_weight": "1e-3", "gamma": 0.95, "actor_hidden": [64, 64]}}
+    assert config == {"seed": 1, "agent": {"kl_weight": 0.1, "gamma": 0.95}}  # untouched
+    for bad in ("seed", "=3", "agent..gamma=1", "seed.x=1"):
+        with pytest.raises(ValueError, match=re.escape(repr(bad))):
+            apply_overrides(config, [bad])
+
+
+def test_overrides_are_validated_by_the_schema_naming_the_key(tmp_path):
+    recipe = share_directory() / "config" / "train_pearl.yaml"
+    config = load_train_config(recipe, ["agent.kl_weight=1e-2", "dynamics.inner_steps=3"])
+    base = load_train_config(recipe)
+    assert config == base.model_copy(update={
+        "agent": base.agent.model_copy(update={"kl_weight": 0.01}),
+        "dynamics": base.dynamics.model_copy(update={"inner_steps": 3})})
+    for item, fragment in (("agent.no_such_field=1", "agent.no_such_field"),
+                           ("agent.kl_weight=much", "agent.kl_weight"),
+                           ("dynamics.inner_steps=0", "dynamics.inner_steps"),
+                           ("seed.deeper=1", "seed")):
+        with pytest.raises(ConfigError) as info:
+            load_train_config(recipe, [item])
+        message = str(info.value)
+        assert str(recipe) in message and fragment in message and item in message, message
+
+
+def test_metarl_train_seed_and_set_are_recorded_in_the_run(tiny_env, tmp_path, capsys):
+    config = tiny_config(tiny_env, method="robust", updates_per_iteration=2, total_iterations=1)
+    config_path = write_config(config, tmp_path / "train.yaml")
+    out = tmp_path / "run"
+    args = ["train", "--config", str(config_path), "--out", str(out), "--no-progress"]
+    assert metarl_main([*args, "--seed", "5", "--set", "agent.gamma=0.9"]) == 0
+    stored = load_model_payload(out / "model.pt")["train_config"]
+    assert stored["seed"] == 5 and stored["agent"]["gamma"] == 0.9
+    expected = config.model_copy(update={"seed": 5, "agent": config.agent.model_copy(
+        update={"gamma": 0.9})})
+    assert load_train_config(out / "config.yaml") == expected
+    # --resume compares against what the run was started with, overrides included
+    assert metarl_main([*args, "--resume", "--seed", "6", "--set", "agent.gamma=0.9"]) == 2
+    assert "seed: 5 -> 6" in capsys.readouterr().err
+    assert metarl_main([*args, "--resume", "--seed", "5", "--set", "agent.gamma=0.9",
+                        "--set", "total_iterations=2"]) == 2
+    assert "total_iterations: 1 -> 2" in capsys.readouterr().err
+    assert metarl_main([*args, "--set", "agent.gama=0.9"]) == 2
+    assert "agent.gama" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------------------
@@ -353,6 +454,9 @@ def test_corrupt_and_foreign_model_files_raise_checkpoint_error(model_dir, tmp_p
     noise = tmp_path / "noise.pt"
     noise.write_bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes())
     expect_checkpoint_error(noise, "not a readable model file")
+    with pytest.raises(CheckpointError) as info:  # torch's advice is not for untrusted files
+        load_model(noise)
+    assert "weights_only" not in str(info.value) and "\n" not in str(info.value)
 
     empty = tmp_path / "empty.pt"
     empty.write_bytes(b"")
@@ -400,6 +504,21 @@ def test_corrupt_and_foreign_model_files_raise_checkpoint_error(model_dir, tmp_p
     assert torch.load(good, weights_only=True)["format"] == MODEL_FORMAT  # untouched
 
 
+def test_model_files_with_removed_agent_options(model_dir, tmp_path):
+    """Files written while the agent had options since removed: at the value that did nothing
+    they load as they are; at another value the file names the option."""
+    payload = torch.load(model_dir / "pearl" / "model.pt", weights_only=True)
+    neutral = {"encoder_input": "raw", "reconstruction_weight": 0.0, "decoder_hidden": (128,),
+               "task_inference_weight": 0.0}
+    old = tmp_path / "old.pt"
+    torch.save({**payload, "agent_spec": {**payload["agent_spec"], **neutral}}, old)
+    assert load_model(old).agent.spec == load_model(model_dir / "pearl").agent.spec
+    for key, value in (("reconstruction_weight", 5.0), ("encoder_input", "normalized_delta")):
+        torch.save({**payload, "agent_spec": {**payload["agent_spec"], **neutral, key: value}},
+                   old)
+        expect_checkpoint_error(old, "agent spec does not match this version", key, "removed")
+
+
 def test_model_env_config_is_found_from_another_checkout(tmp_path):
     shipped_env = share_directory() / "sim" / "envs" / "iiwa7_tracking.yaml"
     # trained inside the package: stored relative to it, so any checkout or install finds it
@@ -420,23 +539,83 @@ def test_model_env_config_is_found_from_another_checkout(tmp_path):
         assert missing in str(info.value) or "names no env config" in str(info.value)
 
 
-def test_checkpoint_dir_with_dangling_latest_pointer(trained_run, tmp_path):
+def test_checkpoint_dir_with_dangling_latest_pointer(trained_run, tmp_path, capsys):
+    """``latest`` names a folder that is not there: resume says so and takes the newest
+    complete checkpoint; with none left, it fails naming every problem."""
     run, _, config = trained_run
     out = tmp_path / "run"
     shutil.copytree(run, out)
     (out / "checkpoints" / "latest").write_text("step_000000777\n")
     trainer = Trainer(config, out, progress=False)
-    with pytest.raises(CheckpointError, match="incomplete checkpoint"):
-        trainer.resume()
+    assert trainer.resume() and trainer.iteration == 2
+    printed = capsys.readouterr().out
+    assert "step_000000777: incomplete checkpoint" in printed
+    assert "resuming from step_000000002 instead" in printed
+    for step in (out / "checkpoints").glob("step_*"):
+        shutil.rmtree(step)
+    with pytest.raises(CheckpointError, match="no readable checkpoint to resume from"):
+        Trainer(config, out, progress=False).resume()
+
+
+@pytest.fixture(scope="module")
+def two_checkpoints(tiny_env, tmp_path_factory) -> tuple[Path, Path]:
+    """A run checkpointed after iteration 1 and, resumed, after iteration 2; its config."""
+    root = tmp_path_factory.mktemp("two_checkpoints")
+    config = tiny_config(tiny_env)
+    config_path = write_config(config, root / "train.yaml")
+    Trainer(config, root / "run", config_path=config_path, progress=False).run(max_iterations=1)
+    trainer = Trainer(config, root / "run", config_path=config_path, progress=False)
+    assert trainer.resume()
+    trainer.run(max_iterations=1)
+    return root / "run", config_path
+
+
+@pytest.mark.parametrize("damage", ["train_state.pt", "replay.npz", "model.pt"])
+def test_resume_falls_back_past_a_damaged_checkpoint_and_says_so(two_checkpoints, tmp_path,
+                                                                 capsys, damage):
+    """A truncated train_state.pt or replay.npz (RuntimeError / BadZipFile before), or a
+    model.pt of random bytes, in the newest checkpoint: resume from the previous one."""
+    run, config_path = two_checkpoints
+    out = tmp_path / "run"
+    shutil.copytree(run, out)
+    newest = out / "checkpoints" / "step_000000002"
+    assert (out / "checkpoints" / "step_000000001").is_dir() and (newest / damage).is_file()
+    data = (newest / damage).read_bytes()
+    if damage == "model.pt":
+        damaged = np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes()
+    else:
+        damaged = data[: len(data) // 2]
+    (newest / damage).write_bytes(damaged)
+    code = metarl_main(["train", "--config", str(config_path), "--out", str(out), "--resume",
+                        "--iterations", "0", "--no-progress"])
+    printed = capsys.readouterr()
+    assert code == 0, printed.err
+    assert f"skipping a damaged checkpoint: {newest / damage}: " in printed.out
+    assert "truncated or corrupt" in printed.out or "not a PyTorch checkpoint" in printed.out
+    assert "resuming from step_000000001 instead, the previous complete checkpoint" in printed.out
+    assert "resumed" in printed.out and "at iteration 1" in printed.out
+    assert "weights_only" not in printed.out + printed.err
+    assert "Traceback" not in printed.err
+
+
+def test_checkpoint_folders_honour_the_umask(tmp_path):
+    import os
+
+    old = os.umask(0o027)
+    try:
+        folder = CheckpointDirectory(tmp_path).save(1, {"a.pt": {"x": torch.zeros(2)}})
+    finally:
+        os.umask(old)
+    assert folder.stat().st_mode & 0o777 == 0o750  # mkdtemp alone gave 0o700
+    assert (folder / "a.pt").stat().st_mode & 0o777 == 0o640
 
 
 # ------------------------------------------------------------------------------------------
 # evaluation
 # ------------------------------------------------------------------------------------------
 
-METHOD_KEYS = ("normalized_return", "recover_time_s_mean", "recover_time_s_std",
-               "recovered_fraction", "tracking_error_before_mean", "tracking_error_before_std",
-               "tracking_error_after_mean", "tracking_error_after_std", "action_oscillation")
+METRIC_KEYS = ("post_rms_mrad", "peak_mrad", "pre_rms_mrad", "effort_rms_nm", "oscillation_nm",
+               "action_oscillation")
 
 
 def test_eval_runs_pearl_with_its_own_context_window(model_dir, tiny_env, tmp_path):
@@ -452,36 +631,33 @@ def test_eval_runs_pearl_with_its_own_context_window(model_dir, tiny_env, tmp_pa
     assert context_window(load_method_models(tmp_path, ("robust",))) == 1
 
 
-@pytest.mark.filterwarnings("ignore:No artists with labels")  # 1 s episodes: no window to plot
-def test_metarl_eval_writes_documented_json_and_plot(model_dir, tmp_path, capsys):
+def test_metarl_eval_on_a_split_writes_documented_json_and_plot(model_dir, tmp_path, capsys):
     out_json, out_png = tmp_path / "eval" / "out.json", tmp_path / "eval" / "out.png"
     code = metarl_main(["eval", "--model", str(model_dir), "--split", "heldout", "--episodes", "2",
                         "--json", str(out_json), "--plot", str(out_png)])
     assert code == 0, capsys.readouterr().err
     result = json.loads(out_json.read_text())
-    assert set(result) == {"oracle", "robust", "nominal", "pearl", "maml", "pearl_maml",
-                           "protocol"}
-    for method in ("oracle", "robust", "nominal", "pearl", "maml", "pearl_maml"):
-        metrics = result[method]
-        for key in METHOD_KEYS:
-            assert isinstance(metrics[key], float) and np.isfinite(metrics[key]), (method, key)
-        assert 0.0 <= metrics["recovered_fraction"] <= 1.0
-        assert metrics["recover_time_s_mean"] >= 0.0 and metrics["tracking_error_after_mean"] > 0.0
-    assert result["oracle"]["normalized_return"] == 1.0
-    assert result["nominal"]["normalized_return"] == 0.0
-    assert result["oracle"]["normalized_return_ci95"] == [1.0, 1.0]
-    assert result["nominal"]["normalized_return_ci95"] == [0.0, 0.0]
-    assert result["oracle"]["recover_time_s_mean"] == 0.0  # the oracle is its own reference
-    assert result["oracle"]["recovered_fraction"] == 1.0
-    # what the MAML correction adds, paired with the same policy without it
+    assert set(result) == {"protocol", "results", "compliance"}
+    methods = ("oracle", "robust", "nominal", "pearl", "maml", "pearl_maml")
+    condition = result["results"]["seed0"]["split_heldout"]["conditions"]["in_range"]
+    assert condition["scope"] == "in_range" and condition["episodes"] == 2
+    assert set(condition["methods"]) == set(methods)
+    for method in methods:
+        metrics = condition["methods"][method]
+        for key in METRIC_KEYS:
+            mean, (low, high) = metrics[key]["mean"], metrics[key]["ci95"]
+            assert np.isfinite(mean) and low <= mean + 1e-12 and mean <= high + 1e-12, (method,
+                                                                                          key)
+        assert metrics["post_rms_mrad"]["mean"] > 0.0
+        assert 0.0 <= metrics["recovery"]["recovered_fraction"]["mean"] <= 1.0
+        assert metrics["gap_closed"]["reason"] == "no ceiling run"
+    # what the MAML correction adds, paired with the same policy without it, per episode
+    paired = {(p["a"], p["b"]): p for p in condition["paired"]}
     for method, base in (("maml", "robust"), ("pearl_maml", "pearl")):
-        gain = result[method]["post_fault_gain_vs_base"]
-        assert gain["base"] == base and gain["sem"] >= 0.0
-        expected = (
-            result[method]["post_fault_return_sum"] - result[base]["post_fault_return_sum"]
-        ) / 2
-        assert gain["mean"] == pytest.approx(expected, rel=1e-4, abs=1e-3)
-    assert "post_fault_gain_vs_base" not in result["pearl"]
+        diff = paired[(method, base)]["post_rms_mrad_diff"]["mean"]
+        expected = (condition["methods"][method]["post_rms_mrad"]["mean"]
+                    - condition["methods"][base]["post_rms_mrad"]["mean"])
+        assert diff == pytest.approx(expected, rel=1e-9, abs=1e-12)
     protocol = result["protocol"]
     assert protocol["split"] == "heldout" and protocol["episodes"] == 2
     assert protocol["control_dt"] == pytest.approx(0.01)
@@ -511,13 +687,13 @@ def test_metarl_eval_reports_missing_or_mislabelled_models(model_dir, tmp_path, 
 
 def test_the_maml_method_alone_loads_the_pearl_run_that_owns_its_dynamics(model_dir, tmp_path):
     models = load_method_models(model_dir, ["maml"])
-    assert set(models) == {"oracle", "nominal", "robust", "pearl"}
+    assert set(models) == {"nominal", "robust", "pearl"}
     partial = tmp_path / "partial"
     shutil.copytree(model_dir, partial)
     shutil.rmtree(partial / "pearl")
     with pytest.raises(CheckpointError, match=r"pearl/model.pt: missing; method\(s\) \['maml'\]"):
         load_method_models(partial, ["oracle", "maml"])
-    assert set(load_method_models(partial, ["robust"])) == {"oracle", "nominal", "robust"}
+    assert set(load_method_models(partial, ["robust"])) == {"nominal", "robust"}
 
 
 # ------------------------------------------------------------------------------------------
@@ -557,85 +733,9 @@ def test_rolling_mean_simple_values():
     np.testing.assert_array_equal(rolling_mean(x, 1), x)
 
 
-def test_bootstrap_interval_of_the_normalized_return():
-    rng = np.random.default_rng(0)
-    nominal = rng.normal(-100.0, 30.0, 400)
-    oracle = nominal + rng.normal(10.0, 5.0, 400)  # the gap varies per episode
-    halfway = nominal + 0.5 * (oracle - nominal)
-    low, high = bootstrap_normalized_return(halfway, oracle, nominal)
-    assert low == pytest.approx(0.5) and high == pytest.approx(0.5)  # exact in every resample
-    noisy = halfway + rng.normal(0.0, 10.0, 400)
-    low, high = bootstrap_normalized_return(noisy, oracle, nominal)
-    point = (noisy - nominal).sum() / (oracle - nominal).sum()
-    assert low < point < high and low < 0.5 < high
-    few_low, few_high = bootstrap_normalized_return(
-        noisy[:50], oracle[:50], nominal[:50]
-    )
-    assert few_high - few_low > 2 * (high - low)  # ~sqrt(8) wider with 8x fewer episodes
-
-
-def test_recovery_times_without_rolling():
-    dt = 0.25  # the 0.25 s rolling window is a single step: raw errors are compared
-    steps, fault = 20, 5
-    oracle = np.full((5, steps), 0.1)
-    error = oracle.copy()            # row 0: identical to the oracle -> 0 s
-    error[1, fault:fault + 3] = 1.0  # row 1: recovers after 3 steps -> 0.75 s
-    error[2, fault:] = 1.0           # row 2: never recovers -> remaining time, not recovered
-    error[3, :fault] = 5.0           # row 3: bad only before the fault: irrelevant -> 0 s
-    error[3, fault:] = 0.1 * 1.10 + RECOVERY_FLOOR_RAD - 1e-9  # within bounds
-    error[4, fault + 1] = error[4, fault + 6] = 0.5  # row 4: relapses; last bad step counts
-    times, recovered = recovery_times(error, oracle, [fault] * 5, dt)
-    np.testing.assert_allclose(times, [0.0, 3 * dt, (steps - fault) * dt, 0.0, 7 * dt])
-    assert recovered.tolist() == [True, True, False, True, True]
-    # per-episode fault steps
-    times, recovered = recovery_times(error[1:3], oracle[1:3], [fault, 15], dt)
-    np.testing.assert_allclose(times, [3 * dt, (steps - 15) * dt])
-    assert recovered.tolist() == [True, False]
-
-
-def test_recovery_times_with_rolling_window():
-    dt = 0.01  # 0.25 s = 25 steps of rolling mean
-    steps, fault, k = 200, 50, 30
-    oracle = np.full((1, steps), 0.05)
-    error = oracle.copy()
-    error[0, fault:fault + k] = 2.0  # bad for k steps after the fault, then like the oracle
-    times, recovered = recovery_times(error, oracle, [fault], dt)
-    # the trailing mean still holds a bad step until 24 steps after the last one
-    assert times[0] == pytest.approx((k + 24) * dt)
-    assert recovered.tolist() == [True]
-
-
 # ------------------------------------------------------------------------------------------
-# intact-robot share, critic warm-up, structured MAML dynamics
+# structured MAML dynamics, warm start, trust region, smoothness, trailing contexts
 # ------------------------------------------------------------------------------------------
-
-
-def test_intact_fraction_replaces_task_slots_by_the_intact_robot(tiny_env, tmp_path):
-    config = tiny_config(tiny_env, method="robust", intact_fraction=0.5)
-    trainer = Trainer(config, tmp_path / "run", progress=False)
-    intact = trainer.intact_task
-    joints = trainer.setup.robot.num_joints
-    assert intact is not None and trainer.tasks[intact].key() == nominal_task(joints).key()
-    ids = [i for _ in range(400) for i in trainer.sample_task_ids(2)]
-    share = ids.count(intact) / len(ids)
-    uniform = 1 / len(trainer.tasks)  # what the intact robot gets without the option
-    expected = 0.5 + 0.5 * uniform
-    assert abs(share - expected) < 0.05, share
-    plain = Trainer(tiny_config(tiny_env, method="robust"), tmp_path / "plain", progress=False)
-    ids = [i for _ in range(400) for i in plain.sample_task_ids(2)]
-    assert abs(ids.count(intact) / len(ids) - uniform) < 0.05
-
-
-def test_critic_warmup_keeps_the_actor_for_its_updates(tiny_env, tmp_path):
-    config = tiny_config(tiny_env, method="robust", critic_warmup_updates=15)
-    trainer = Trainer(config, tmp_path / "run", progress=False)
-    trainer.collect_initial()
-    actor = {k: v.clone() for k, v in trainer.agent.actor.state_dict().items()}
-    for _ in range(15):
-        trainer.update()
-    assert all(torch.equal(trainer.agent.actor.state_dict()[k], v) for k, v in actor.items())
-    trainer.update()
-    assert any(not torch.equal(trainer.agent.actor.state_dict()[k], v) for k, v in actor.items())
 
 
 def test_torque_gain_dynamics_train_save_load_and_correct(tiny_env, tmp_path):
@@ -710,7 +810,8 @@ def test_init_critic_condition_reaches_the_warm_start(tiny_env, tmp_path):
 def test_smoothness_weight_reaches_the_actor_update(tiny_env, tmp_path):
     with pytest.raises(ValueError, match="smoothness_weight"):
         tiny_config(tiny_env, method="robust", smoothness_weight=-1.0)
-    off = Trainer(tiny_config(tiny_env, method="robust"), tmp_path / "off", progress=False)
+    off = Trainer(tiny_config(tiny_env, method="robust", smoothness_weight=0.0),
+                  tmp_path / "off", progress=False)
     on = Trainer(tiny_config(tiny_env, method="robust", smoothness_weight=1.0), tmp_path / "on",
                  progress=False)
     for trainer in (off, on):
@@ -744,8 +845,7 @@ def test_trailing_contexts_and_fault_episodes_in_training(tiny_env, tmp_path):
     assert all(0.3 <= f[0].time_s <= 0.6 for f in scheduled)
 
     window, per_segment = config.context_window, config.batch_size // config.context_segments
-    batch, contexts, task_vectors = trainer.sample_trailing([0, 1])
-    assert task_vectors is None  # stored only for the oracle or task inference
+    batch, contexts = trainer.sampler.trailing([0, 1])
     assert batch.reward.shape == (2, config.batch_size)
     assert contexts.transitions.shape[:3] == (2, config.context_segments, window + per_segment)
     # the batch's transitions are the last per_segment ones of each segment's sequence
@@ -759,8 +859,8 @@ def test_trailing_contexts_and_fault_episodes_in_training(tiny_env, tmp_path):
     trainer.collect([0])
     assert trainer.replay.tasks[0].episode_step[100:200].tolist() == list(range(100))
     crossing = np.arange(100 - window, 100 + per_segment)
-    trainer._consecutive_index = lambda task_id, length: crossing
-    _, contexts, _ = trainer.sample_trailing([0])
+    trainer.sampler.consecutive_index = lambda task_id, length: crossing
+    _, contexts = trainer.sampler.trailing([0])
     fill = contexts.windows[0, 0].sum(-1)
     assert fill.tolist() == [min(m, window) for m in range(per_segment)]
     assert contexts.windows[0, 0, :, :window].sum() == 0  # nothing before the reset
@@ -774,17 +874,16 @@ def test_trailing_contexts_and_fault_episodes_in_training(tiny_env, tmp_path):
 
 
 def test_trailing_and_fault_episode_options_are_validated(tiny_env):
-    with pytest.raises(ValueError, match="for method pearl"):
-        tiny_config(tiny_env, method="robust", context_sampling="trailing")
     with pytest.raises(ValueError, match="must divide by context_segments"):
         tiny_config(tiny_env, context_sampling="trailing", context_segments=5)
     with pytest.raises(ValueError, match="needs context_sampling trailing"):
-        tiny_config(tiny_env, fault_episode_fraction=0.5)
+        tiny_config(tiny_env, context_sampling="task", fault_episode_fraction=0.5)
+    assert tiny_config(tiny_env, context_sampling="task", fault_episode_fraction=0.0)
     with pytest.raises(ValueError, match="nominal"):
         tiny_config(tiny_env, method="nominal", fault_episode_fraction=0.5)
     assert tiny_config(tiny_env, method="robust", fault_episode_fraction=0.5)
-    with pytest.raises(ValueError, match="task_inference_weight > 0 is for method pearl"):
-        tiny_config(tiny_env, agent={"task_inference_weight": 1.0})
+    # the other methods have no context: its settings change nothing there
+    assert tiny_config(tiny_env, method="robust", context_sampling="trailing")
 
 
 def test_oracle_fault_episodes_keep_the_task_vector_each_transition_was_acted_on(
@@ -831,67 +930,3 @@ def test_resume_from_a_replay_without_episode_steps_names_the_problem(trained_ru
         np.savez(stream, **old)
     with pytest.raises(CheckpointError, match="no episode_step"):
         Trainer(config, copy_dir, config_path=config_path, progress=False).resume()
-
-
-def test_normalized_delta_encoder_is_fitted_on_the_initial_episodes_and_exported(
-        tiny_env, tmp_path):
-    """encoder_input normalized_delta: the feature statistics come from the initial episodes
-    (one 100-step episode per task, the first 100 rows of each buffer), travel with the
-    model file, and the exported ONNX graphs pass the parity check with them."""
-    from metarl_ros.policy.onnx_export import export_model
-
-    config = tiny_config(tiny_env, agent={"encoder_input": "normalized_delta"})
-    trainer = Trainer(config, tmp_path / "run", progress=False)
-    trainer.run(max_iterations=1)
-    encoder = trainer.agent.encoder
-    initial = torch.cat([
-        make_transition(*(torch.from_numpy(getattr(buffer, field)[:100])
-                          for field in ("obs", "action", "reward", "next_obs")))
-        for buffer in trainer.replay.tasks])
-    obs_dim = trainer.setup.obs_dim
-    features = torch.cat([initial[:, :-obs_dim], initial[:, -obs_dim:] - initial[:, :obs_dim]], -1)
-    torch.testing.assert_close(encoder.input_mean, features.mean(0))
-    torch.testing.assert_close(encoder.input_std, features.std(0).clamp_min(1e-5))
-
-    loaded = load_model(tmp_path / "run" / "model.pt")
-    assert loaded.agent.spec.encoder_input == "normalized_delta"
-    assert torch.equal(loaded.agent.encoder.input_std, encoder.input_std)
-    summary = export_model(tmp_path / "run" / "model.pt", tmp_path / "onnx")
-    assert (tmp_path / "onnx" / "step.onnx").is_file(), summary
-
-
-def test_task_inference_regresses_each_transitions_own_task_vector(tiny_env, tmp_path):
-    """task_inference_weight: PEARL's replay keeps the true task vector of every transition
-    (intact before a mid-episode fault), each RL transition of a trailing meta-batch carries
-    its own, and the head learns to read them off the posterior."""
-    config = tiny_config(tiny_env, agent={"task_inference_weight": 1.0, "gamma": 0.9,
-                                          "encoder_lr": 3e-3},
-                         context_sampling="trailing", context_segments=4,
-                         fault_episode_fraction=1.0)
-    trainer = Trainer(config, tmp_path / "run", progress=False)
-    trainer.collect_initial()
-    joints = trainer.setup.robot.num_joints
-    intact = nominal_task(joints).oracle_vector(joints)
-    buffer, task = trainer.replay.tasks[1], trainer.tasks[1]
-    assert not np.array_equal(task.oracle_vector(joints), intact)
-    rows = buffer.condition[: buffer.size]
-    assert np.array_equal(rows[0], intact) and np.array_equal(rows[-1], task.oracle_vector(joints))
-
-    batch, _, task_vectors = trainer.sample_trailing([0, 1])
-    assert task_vectors.shape == (2, config.batch_size, intact.size)
-    # the vectors belong to the batch's own transitions: look each one up in its buffer
-    for t, task_id in enumerate((0, 1)):
-        stored = trainer.replay.tasks[task_id]
-        for j in (0, config.batch_size - 1):
-            row = np.flatnonzero(np.all(stored.obs[: stored.size] == batch.obs[t, j].numpy(), 1))
-            np.testing.assert_array_equal(stored.condition[row[0]], task_vectors[t, j].numpy())
-
-    # better than the best constant guess (what a head that ignores z reaches): the
-    # spread of the targets about their mean, over every stored transition
-    stored = np.concatenate([b.condition[: b.size] for b in trainer.replay.tasks])
-    constant = float(((stored - stored.mean(0)) ** 2).mean())
-    losses = [trainer.update()["task_inference_loss"] for _ in range(1500)]
-    assert all(np.isfinite(losses)) and losses[0] > constant
-    assert np.mean(losses[-50:]) < 0.75 * constant, (constant, losses[-50:])
-    path = trainer.write_final_model()
-    assert load_model(path).agent.task_head is not None

@@ -7,7 +7,7 @@ import torch
 
 from metarl_ros.learning.agent import AgentSpec, ConditionedSAC
 from metarl_ros.learning.checkpoint import CheckpointError
-from metarl_ros.learning.replay import TransitionBatch
+from metarl_ros.learning.transitions import TransitionBatch
 from metarl_ros.learning.warm_start import warm_start
 
 OBS, ACT = 6, 2
@@ -134,28 +134,6 @@ def test_mismatched_networks_are_refused(source):
     target = ConditionedSAC(_spec("latent"))
     with pytest.raises(CheckpointError, match="unconditioned"):
         warm_start(target, conditioned.state_dict(), vars(conditioned.spec), "oracle.pt")
-
-
-def test_critic_warmup_update_leaves_actor_and_temperature_untouched(source):
-    """``train_actor=False`` (the critic warm-up after a warm start) moves only the critic."""
-    agent = ConditionedSAC(_spec("oracle"))
-    warm_start(agent, source.state_dict(), vars(source.spec), "source")
-    g = torch.Generator().manual_seed(0)
-    batch = TransitionBatch(
-        obs=torch.randn(2, 16, OBS, generator=g),
-        action=torch.rand(2, 16, ACT, generator=g) * 2 - 1,
-        reward=torch.randn(2, 16, generator=g),
-        next_obs=torch.randn(2, 16, OBS, generator=g),
-    )
-    oracle = torch.randn(2, 5, generator=g)
-    actor = {k: v.clone() for k, v in agent.actor.state_dict().items()}
-    critic = {k: v.clone() for k, v in agent.critic.state_dict().items()}
-    agent.update(batch, task_condition=oracle, train_actor=False)
-    assert all(torch.equal(agent.actor.state_dict()[k], v) for k, v in actor.items())
-    assert float(agent.log_alpha) == -3.0
-    assert any(not torch.equal(agent.critic.state_dict()[k], v) for k, v in critic.items())
-    agent.update(batch, task_condition=oracle)  # and the normal update moves the actor
-    assert any(not torch.equal(agent.actor.state_dict()[k], v) for k, v in actor.items())
 
 
 def _random_batch(seed: int) -> tuple[TransitionBatch, torch.Tensor]:

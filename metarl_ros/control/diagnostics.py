@@ -51,9 +51,12 @@ class LoopStats:
     stale_events: int = 0
     """times the loop entered safe mode because inputs went stale."""
     adaptation_events: int = 0
+    stamp_jumps: int = 0
+    """times the tick grid was reset because stamps went back or stopped fitting it."""
     last_policy_error: str = ""
     last_rejection: str = ""
     last_adaptation_s: float = float("nan")
+    last_stamp_jump: str = ""
     rejections_by_reason: dict[str, int] = field(default_factory=dict)
 
 

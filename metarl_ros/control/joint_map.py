@@ -139,13 +139,18 @@ class JointNameMapper:
         joint_names: the order the policy expects (the contract's ``joint_names``).
         allow_unnamed: accept a message without names if its arrays have exactly ``n``
             entries, taken in contract order (used for the simulator's ``/reference``).
+        max_entries: messages with more names or values than this are rejected
+            (``too_many_entries``) before any per-entry work, so one huge message cannot stall
+            the control loop.
     """
 
-    def __init__(self, joint_names: Sequence[str], allow_unnamed: bool = False) -> None:
+    def __init__(self, joint_names: Sequence[str], allow_unnamed: bool = False,
+                 max_entries: int = 1024) -> None:
         if len(set(joint_names)) != len(joint_names) or not joint_names:
             raise ValueError(f"joint_names must be non-empty and unique, got {joint_names}")
         self.joint_names = tuple(joint_names)
         self.allow_unnamed = allow_unnamed
+        self.max_entries = max(int(max_entries), len(self.joint_names))
         self._cache_key: tuple[str, ...] | None = None
         self._cache_index: np.ndarray | None = None
 
@@ -182,6 +187,11 @@ class JointNameMapper:
         joints are checked for finiteness: a NaN on an ignored extra joint does not matter.
         """
         n_names = len(names)
+        longest = max(n_names, len(position), len(velocity),
+                      0 if effort is None else len(effort))
+        if longest > self.max_entries:
+            raise RejectedInput("too_many_entries", f"{longest} entries, more than the "
+                                f"{self.max_entries} accepted per message")
         if n_names == 0:
             if not self.allow_unnamed:
                 raise RejectedInput("no_names", "message has no joint names")

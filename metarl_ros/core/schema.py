@@ -9,6 +9,7 @@ range) raises :class:`ConfigError` whose message names the file and the offendin
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -30,6 +31,38 @@ class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+ANY_VALUE = object()
+"""A retired option's value in :func:`drop_retired` when any value did nothing (the option
+only mattered together with another retired one)."""
+
+
+def drop_retired(data: Mapping[str, Any], retired: Mapping[str, Any]) -> dict[str, Any]:
+    """``data`` (nested mappings, e.g. a stored config) without the removed options of
+    ``retired``: dotted key (``agent.kl_weight``) -> the value with which the option did
+    nothing, i.e. what the code does now, or :data:`ANY_VALUE`. Data that holds an option at
+    another value describes something this version cannot do: ``ValueError`` naming it.
+    ``data`` is not modified."""
+    result = dict(data)
+    for dotted, neutral in retired.items():
+        *parents, leaf = dotted.split(".")
+        node = result
+        for part in parents:
+            child = node.get(part)
+            if not isinstance(child, Mapping):
+                break
+            node[part] = dict(child)
+            node = node[part]
+        else:
+            if leaf in node:
+                value = node.pop(leaf)
+                if neutral is not ANY_VALUE and value != neutral:
+                    raise ValueError(
+                        f"{dotted}: {value!r}: this option was removed (it only remains "
+                        f"as {neutral!r}, what the code does now)"
+                    )
+    return result
+
+
 def format_validation_error(source: str, error: ValidationError) -> str:
     """Render a pydantic error as ``source: field.path: message`` lines."""
     lines = []
@@ -45,8 +78,17 @@ def read_yaml(path: str | Path) -> Any:
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
     try:
-        with path.open("r", encoding="utf-8") as stream:
-            return yaml.safe_load(stream)
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise ConfigError(f"{path}: not UTF-8 text (byte 0x{data[exc.start]:02x} on line "
+                          f"{line}); a YAML config must be UTF-8") from None
+    try:
+        return yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
 

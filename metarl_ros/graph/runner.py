@@ -85,7 +85,8 @@ class GraphReport:
     """How a run of a graph ended: exit code and each graph node's counters."""
 
     code: int
-    """0: stopped as asked (duration reached, stop event); 1: the executor failed."""
+    """0: stopped as asked (duration reached, stop event); 1: a required node failed or the
+    executor did."""
     nodes: dict[str, dict[str, Any]]
     """node name -> counters (:func:`node_counters`); nodes without counters are left out."""
 
@@ -154,6 +155,13 @@ def run_graph(graph: Graph, duration_s: float | None = None, threads: int = 1,
         wall_end = (time.monotonic() + duration_s if sim is None and duration_s is not None
                     else None)
         while not stop.is_set():
+            failed = failed_nodes(nodes, graph.nodes)
+            if failed:
+                for name, why in failed:
+                    print(f"[metarl launch] required node {name} failed: {why}; ending the "
+                          "graph", file=sys.stderr, flush=True)
+                code = 1
+                break
             if sim is not None and sim.finished.is_set():
                 break
             if wall_end is not None and time.monotonic() >= wall_end:
@@ -162,10 +170,13 @@ def run_graph(graph: Graph, duration_s: float | None = None, threads: int = 1,
                 code = 1
                 break
             stop.wait(0.05)
-        for node in nodes:
-            values = node_counters(node)
+        for node, spec in zip(nodes, graph.nodes):
+            try:
+                values = node_counters(node)
+            except Exception:  # noqa: BLE001 - a failed node's context may be gone already
+                values = None
             if values is not None:
-                counters[node.get_name()] = values
+                counters[spec.name] = values
     finally:
         stopping.set()
         if executor is not None:
@@ -179,10 +190,21 @@ def run_graph(graph: Graph, duration_s: float | None = None, threads: int = 1,
     return GraphReport(code, counters)
 
 
+def failed_nodes(nodes: Sequence[Any], specs: Sequence[NodeSpec]) -> list[tuple[str, str]]:
+    """``(name, why)`` of each required node that has failed while running: its ``failure``
+    attribute is set (sim_node's simulation thread sets it when it crashes)."""
+    return [(spec.name, str(node.failure)) for node, spec in zip(nodes, specs)
+            if spec.required and getattr(node, "failure", None)]
+
+
 def _spin(executor, stopping: threading.Event) -> None:
     """Spin until shutdown; a failure while running is reported, one while stopping is not."""
+    from rclpy.executors import ExternalShutdownException
+
     try:
         executor.spin()
+    except ExternalShutdownException:
+        return  # a node shut the context down (a failed node: the run loop reports it)
     except Exception as exc:  # noqa: BLE001
         if not stopping.is_set():
             print(f"[metarl launch] executor failed: {type(exc).__name__}: {exc}",

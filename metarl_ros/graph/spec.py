@@ -78,6 +78,11 @@ class NodeSpec:
     """package-relative YAML files (``config/<node>.yaml``), applied in order."""
     parameters: Mapping[str, Any] = field(default_factory=dict)
     remappings: tuple[tuple[str, str], ...] = ()
+    required: bool = True
+    """the graph cannot do its job without it: if it exits (or, in ``metarl launch``,
+    fails) while the graph runs, the whole graph ends with a non-zero status. A simulator
+    without controller, a controller without its simulator, and a ``record:=true`` run that
+    records nothing are all failures, so every node of the shipped graphs is required."""
 
 
 @dataclass(frozen=True)

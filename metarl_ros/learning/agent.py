@@ -6,15 +6,7 @@ differs:
 * ``latent`` -- PEARL: ``z ~ q(z | context)`` from
   :class:`~metarl_ros.learning.encoder.ContextEncoder`,
   trained by the critic's Bellman loss plus ``kl_weight * KL(q(z|c) || N(0, I))``; the actor
-  sees ``z`` detached (Rakelly et al., 2019, Sec. 4). Optionally
-  (``reconstruction_weight > 0``) the encoder also learns from a decoder that predicts each
-  RL transition's change of state from ``(s, a, z)``, ``z`` inferred from the transitions
-  before it (a variBAD-style model loss, Zintgraf et al., 2020): a self-supervised signal
-  that needs no task labels (``metarl retrain``'s offline objective does not use it). Or
-  (``task_inference_weight > 0``) a linear head regresses the true task vector from the
-  posterior mean: task inference supervised by the simulator's task parameters in training
-  only (Humplik et al., 2019, "Meta reinforcement learning as task inference"); the deployed
-  policy still sees nothing but its context.
+  sees ``z`` detached (Rakelly et al., 2019, Sec. 4).
 * ``oracle`` -- the true task parameters (:meth:`TaskParams.oracle_vector`), an upper bound.
 * ``none`` -- no task information: the *robust* baseline when trained on the task
   distribution, the *nominal* baseline when trained on the intact robot only.
@@ -27,23 +19,28 @@ only ever truncated (never terminated), so targets always bootstrap.
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
-from typing import Literal
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from typing import Any, Literal
 
 import torch
 from torch import nn
 
-from metarl_ros.learning.encoder import (
-    ContextEncoder,
-    TrailingContexts,
-    kl_to_standard_normal,
-    make_transition,
-)
-from metarl_ros.learning.networks import TanhGaussianActor, TwinCritic, mlp
-from metarl_ros.learning.replay import TransitionBatch
+from metarl_ros.core.schema import ANY_VALUE, drop_retired
+from metarl_ros.learning.encoder import ContextEncoder, TrailingContexts, kl_to_standard_normal
+from metarl_ros.learning.networks import TanhGaussianActor, TwinCritic
+from metarl_ros.learning.transitions import TransitionBatch
 
 Conditioning = Literal["latent", "oracle", "none"]
-EncoderInput = Literal["raw", "normalized_delta"]
+
+RETIRED_SPEC_FIELDS: dict[str, Any] = {
+    "encoder_input": "raw",
+    "reconstruction_weight": 0.0,
+    "decoder_hidden": ANY_VALUE,
+    "task_inference_weight": 0.0,
+}
+"""Options removed after models were saved with them, each with the value that made it do
+nothing (what the agent does now): model files that hold them at that value still load."""
 
 
 @dataclass(frozen=True)
@@ -56,7 +53,6 @@ class AgentSpec:
     latent_dim: int = 8
     oracle_dim: int = 0
     encoder_hidden: tuple[int, ...] = (128, 128)
-    encoder_input: EncoderInput = "raw"
     actor_hidden: tuple[int, ...] = (256, 256)
     critic_hidden: tuple[int, ...] = (256, 256)
     gamma: float = 0.99
@@ -67,9 +63,15 @@ class AgentSpec:
     alpha_lr: float = 3e-4
     init_alpha: float = 0.1
     kl_weight: float = 0.1
-    reconstruction_weight: float = 0.0
-    decoder_hidden: tuple[int, ...] = (128, 128)
-    task_inference_weight: float = 0.0
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> AgentSpec:
+        """The spec a model file stores (``dataclasses.asdict``, tuples possibly as lists);
+        raises ``ValueError`` naming the field for a removed option set to anything but the
+        value that made it do nothing, ``TypeError`` for unknown or missing fields."""
+        values = drop_retired(data, RETIRED_SPEC_FIELDS)
+        tuples = {f.name for f in fields(cls) if f.type.startswith("tuple")}
+        return cls(**{k: tuple(v) if k in tuples else v for k, v in values.items()})
 
     @property
     def cond_dim(self) -> int:
@@ -91,33 +93,10 @@ class ConditionedSAC(nn.Module):
         self.spec = spec
         in_dim = spec.obs_dim + spec.cond_dim
         self.encoder = (
-            ContextEncoder(
-                spec.transition_dim,
-                spec.latent_dim,
-                spec.encoder_hidden,
-                input_features=spec.encoder_input,
-                obs_dim=spec.obs_dim,
-            )
+            ContextEncoder(spec.transition_dim, spec.latent_dim, spec.encoder_hidden)
             if spec.conditioning == "latent"
             else None
         )
-        self.decoder = None
-        if spec.reconstruction_weight > 0:
-            if self.encoder is None or spec.encoder_input != "normalized_delta":
-                raise ValueError(
-                    "reconstruction_weight > 0 needs latent conditioning and encoder_input "
-                    "'normalized_delta' (the decoder predicts the standardized change of state)"
-                )
-            self.decoder = mlp(spec.obs_dim + spec.act_dim + spec.latent_dim,
-                               spec.decoder_hidden, spec.obs_dim)
-        self.task_head = None
-        if spec.task_inference_weight > 0:
-            if self.encoder is None or spec.oracle_dim <= 0:
-                raise ValueError(
-                    "task_inference_weight > 0 needs latent conditioning and oracle_dim > 0 "
-                    "(the size of the task vector the head regresses)"
-                )
-            self.task_head = nn.Linear(spec.latent_dim, spec.oracle_dim)
         self.actor = TanhGaussianActor(in_dim, spec.actor_hidden, spec.act_dim)
         self.critic = TwinCritic(in_dim + spec.act_dim, spec.critic_hidden)
         self.critic_target = copy.deepcopy(self.critic).requires_grad_(False)
@@ -125,11 +104,9 @@ class ConditionedSAC(nn.Module):
         self.target_entropy = -float(spec.act_dim)
         critic_params = list(self.critic.parameters())
         if self.encoder is not None:
-            encoder_params = list(self.encoder.parameters())
-            for head in (self.decoder, self.task_head):
-                if head is not None:
-                    encoder_params += list(head.parameters())
-            self.encoder_optimizer = torch.optim.Adam(encoder_params, spec.encoder_lr)
+            self.encoder_optimizer = torch.optim.Adam(
+                list(self.encoder.parameters()), spec.encoder_lr
+            )
         self.critic_optimizer = torch.optim.Adam(critic_params, spec.critic_lr)
         self.actor_optimizer = torch.optim.Adam(self.actor.parameters(), spec.actor_lr)
         self.alpha_optimizer = torch.optim.Adam([self.log_alpha], spec.alpha_lr)
@@ -162,7 +139,6 @@ class ConditionedSAC(nn.Module):
         context: torch.Tensor | TrailingContexts | None = None,
         context_mask: torch.Tensor | None = None,
         task_condition: torch.Tensor | None = None,
-        train_actor: bool = True,
         anchor: TanhGaussianActor | None = None,
         anchor_weight: float = 0.0,
         smoothness_weight: float = 0.0,
@@ -178,11 +154,7 @@ class ConditionedSAC(nn.Module):
                 and the next state's for the Bellman target.
             context_mask: (T, N), 1 for valid context entries (variable context sizes).
             task_condition: (T, oracle_dim) or, one per transition, (T, B, oracle_dim), for
-                ``oracle`` conditioning; for ``latent`` conditioning with
-                ``task_inference_weight > 0``, the true task vector of each RL transition
-                (T, B, oracle_dim), the task head's target (trailing contexts only).
-            train_actor: False updates only the critics (and the encoder): the critic warm-up
-                after a warm start, whose copied critic is not yet right for the new tasks.
+                ``oracle`` conditioning.
             anchor: a frozen actor with this agent's input layout (the warm-start policy).
                 With ``anchor_weight > 0`` the actor loss gains
                 ``anchor_weight * mean_B ||tanh(mean(x)) - anchor(x)||^2``: a trust region
@@ -197,7 +169,6 @@ class ConditionedSAC(nn.Module):
         spec = self.spec
         num_tasks, per_task = batch.reward.shape
         kl = torch.zeros(())
-        task_loss = torch.zeros(())
         next_cond = None
         if spec.conditioning == "latent":
             assert self.encoder is not None and context is not None
@@ -210,11 +181,6 @@ class ConditionedSAC(nn.Module):
                 mu, var = self.encoder.posterior(context, context_mask)
                 z = mu + var.sqrt() * torch.randn_like(mu)  # (T, L)
             kl = kl_to_standard_normal(mu, var).mean()
-            if self.task_head is not None:
-                if task_condition is None or not isinstance(context, TrailingContexts):
-                    raise ValueError("task_inference_weight > 0 needs trailing contexts and "
-                                     "each RL transition's task vector (task_condition)")
-                task_loss = (self.task_head(mu) - task_condition).pow(2).mean()
             task_cond = z
         elif spec.conditioning == "oracle":
             assert task_condition is not None
@@ -236,16 +202,10 @@ class ConditionedSAC(nn.Module):
             target = flat.reward + spec.gamma * (next_q - alpha * next_log_prob)
         q = self.critic(x, flat.action)  # (2, TB)
         critic_loss = (q - target).pow(2).mean(-1).sum()
-        reconstruction_loss = self._reconstruction_loss(flat, cond)
         self.critic_optimizer.zero_grad(set_to_none=True)
         if self.encoder is not None:
             self.encoder_optimizer.zero_grad(set_to_none=True)
-        (
-            critic_loss
-            + spec.kl_weight * kl
-            + spec.reconstruction_weight * reconstruction_loss
-            + spec.task_inference_weight * task_loss
-        ).backward()
+        (critic_loss + spec.kl_weight * kl).backward()
         self.critic_optimizer.step()
         if self.encoder is not None:
             self.encoder_optimizer.step()
@@ -271,17 +231,15 @@ class ConditionedSAC(nn.Module):
             next_same = torch.cat([flat.next_obs, cond.detach()], dim=-1)
             smoothness_loss = (mean_action - self.actor(next_same)).pow(2).sum(-1).mean()
             actor_loss = actor_loss + smoothness_weight * smoothness_loss
-        if train_actor:
-            self.actor_optimizer.zero_grad(set_to_none=True)
-            actor_loss.backward()
-            self.actor_optimizer.step()
+        self.actor_optimizer.zero_grad(set_to_none=True)
+        actor_loss.backward()
+        self.actor_optimizer.step()
         self.critic.requires_grad_(True)
 
-        if train_actor:
-            alpha_loss = -(self.log_alpha * (log_prob.detach() + self.target_entropy)).mean()
-            self.alpha_optimizer.zero_grad(set_to_none=True)
-            alpha_loss.backward()
-            self.alpha_optimizer.step()
+        alpha_loss = -(self.log_alpha * (log_prob.detach() + self.target_entropy)).mean()
+        self.alpha_optimizer.zero_grad(set_to_none=True)
+        alpha_loss.backward()
+        self.alpha_optimizer.step()
 
         with torch.no_grad():
             online = list(self.critic.parameters())
@@ -294,26 +252,7 @@ class ConditionedSAC(nn.Module):
             "anchor_loss": anchor_loss.item(),
             "smoothness_loss": smoothness_loss.item(),
             "kl": kl.item(),
-            "reconstruction_loss": reconstruction_loss.item(),
-            "task_inference_loss": task_loss.item(),
             "alpha": alpha.item(),
             "q_mean": q.mean().item(),
             "entropy": -log_prob.mean().item(),
         }
-
-    def _reconstruction_loss(self, flat: TransitionBatch, cond: torch.Tensor) -> torch.Tensor:
-        """Mean squared error of the decoder's standardized change of state (0 without one).
-
-        flat: RL transitions (N, ...); cond: the z each was acted on with (N, latent_dim),
-        carrying the encoder's gradient.
-        """
-        if self.decoder is None:
-            return torch.zeros(())
-        assert self.encoder is not None
-        with torch.no_grad():
-            features = self.encoder.features(
-                make_transition(flat.obs, flat.action, flat.reward, flat.next_obs)
-            )
-            target = features[:, -self.spec.obs_dim :]
-        predicted = self.decoder(torch.cat([flat.obs, flat.action, cond], dim=-1))
-        return (predicted - target).pow(2).mean()

@@ -46,10 +46,14 @@ bags are merged. Without events, a change in the encoder's posterior marks a new
 (:func:`posterior_change_points`).
 
 **Checks** (:class:`BagError`, naming the bag and the problem; nothing is written): missing
-topic, unexpected or undefined message type, bag without ``metadata.yaml`` (recorder never
-closed it) or with unreadable data, empty bag, no commands, joint names not matching the
+topic, unexpected or undefined message type, empty bag folder, bag without ``metadata.yaml``
+(recorder never closed it: ``metarl bag repair`` recovers it) or with unreadable data, empty
+bag, no commands, joint names not matching the
 model, command length not matching, clock jumps (joint-state stamps going backwards, or a gap
 over ``max_gap_s``).
+
+Reading is in :mod:`~metarl_ros.learning.bag_streams`, the containers and the task
+grouping in :mod:`~metarl_ros.learning.bag_tasks`; this module aligns the streams.
 """
 
 from __future__ import annotations
@@ -57,40 +61,39 @@ from __future__ import annotations
 import json
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
-from pydantic import Field, NonNegativeFloat, PositiveFloat, PositiveInt
+from pydantic import Field, NonNegativeFloat, PositiveFloat
 
-from metarl_ros.control.joint_map import JointNameMapper, RejectedInput
 from metarl_ros.control.law import build_observation, effort_command, tracking_reward
 from metarl_ros.core.schema import StrictModel
-from metarl_ros.recording.bag import (
-    FLOAT64_ARRAY,
-    JOINT_STATE,
-    STRING,
-    BagError,
-    CdrLayoutError,
-    Float64ArrayDecoder,
-    JointStateColumns,
-    JointStateLayout,
-    bag_is_complete,
-    jazzy_typestore,
+from metarl_ros.learning.bag_streams import (
+    BagTopics,
+    check_topics,
+    map_joint_states,
+    open_reader,
+    read_streams,
 )
+from metarl_ros.learning.bag_tasks import (
+    BagTransitions,
+    SegmentationConfig,
+    TaskData,
+    TaskEvent,
+    build_tasks,
+    posterior_change_points,
+    split_by_events,
+    streaming_posterior,
+)
+from metarl_ros.recording.bag import BagError
 from metarl_ros.sim.env_config import EnvSetup
 from metarl_ros.sim.tasks import TaskParams
 
-
-class BagTopics(StrictModel):
-    """Topic names in the bags (``''`` = not recorded / not used)."""
-
-    joint_states: str = "/joint_states"
-    commands: str = "/effort_controller/commands"
-    reference: str = "/reference"
-    task_events: str = Field(default="/sim/true_task",
-                             description="true task changes (sim_node); '' = none")
+__all__ = [
+    "AlignmentConfig", "BagTopics", "BagTransitions", "SegmentationConfig", "TaskData",
+    "TaskEvent", "build_tasks", "posterior_change_points", "read_bag", "split_by_events",
+    "streaming_posterior",
+]
 
 
 class AlignmentConfig(StrictModel):
@@ -104,275 +107,6 @@ class AlignmentConfig(StrictModel):
     action_tolerance: NonNegativeFloat = Field(
         default=1e-3, description="|a| up to 1 + this counts as a policy action (numerics)")
 
-
-class SegmentationConfig(StrictModel):
-    """Task splitting when a bag has no fault events (posterior change points)."""
-
-    jump_ratio: PositiveFloat = Field(
-        default=4.0, description="a change point needs a window-to-window posterior shift this "
-        "many times the bag's median shift")
-    min_shift: NonNegativeFloat = Field(
-        default=1.0, description="... and at least this shift, in posterior std (RMS)")
-    min_segment_steps: PositiveInt = Field(default=50,
-                                           description="shortest task segment, transitions")
-
-
-# ------------------------------------------------------------------------------------------
-# Data
-
-
-@dataclass
-class TaskEvent:
-    """A recorded true task change (sim time, s)."""
-
-    time_s: float
-    task: TaskParams
-    label: str
-
-
-@dataclass
-class BagTransitions:
-    """Transitions rebuilt from one bag, in time order.
-
-    obs/next_obs (M, obs_dim) float32, action (M, act_dim) float32, reward (M,) float32,
-    time_s (M,) float64: the control instant of ``s`` on the bag's time axis.
-    """
-
-    path: Path
-    obs: np.ndarray
-    action: np.ndarray
-    reward: np.ndarray
-    next_obs: np.ndarray
-    time_s: np.ndarray
-    step_end_s: np.ndarray
-    """(M,) the instant of ``s'`` (a fault striking before it belongs to this step)."""
-    events: list[TaskEvent]
-    control_instants: int
-    start_s: float
-    end_s: float
-    topics: dict[str, tuple[str, int]]
-    """every topic in the bag: (type, messages)."""
-    read_messages: int
-    dropped: Counter = field(default_factory=Counter)
-    """reason -> count (messages, commands, control instants or transitions, as named)."""
-
-    @property
-    def duration_s(self) -> float:
-        return self.end_s - self.start_s
-
-    def __len__(self) -> int:
-        return len(self.reward)
-
-
-@dataclass
-class TaskData:
-    """Transitions of one task (possibly from several bags); arrays as in BagTransitions."""
-
-    name: str
-    task: TaskParams | None
-    obs: np.ndarray
-    action: np.ndarray
-    reward: np.ndarray
-    next_obs: np.ndarray
-    sources: list[str]
-
-    def __len__(self) -> int:
-        return len(self.reward)
-
-
-# ------------------------------------------------------------------------------------------
-# Reading
-
-
-_EXPECTED = {"joint_states": JOINT_STATE, "reference": JOINT_STATE, "commands": FLOAT64_ARRAY,
-             "task_events": STRING}
-
-
-def _open_reader(path: Path):
-    from rosbags.highlevel import AnyReader, AnyReaderError
-
-    if not path.exists():
-        raise BagError(f"{path}: bag not found")
-    if not path.is_dir():
-        raise BagError(f"{path}: not a rosbag2 directory")
-    if not bag_is_complete(path):
-        raise BagError(f"{path}: truncated bag: no metadata.yaml (the recorder did not close "
-                       "it); `ros2 bag reindex` can rebuild the metadata of what was written")
-    reader = AnyReader([path], default_typestore=jazzy_typestore())
-    try:
-        reader.open()
-    except AnyReaderError as exc:
-        raise BagError(f"{path}: truncated or unreadable bag: {exc}") from None
-    except Exception as exc:  # noqa: BLE001 - storage layers raise many types on corrupt files
-        raise BagError(f"{path}: truncated or unreadable bag: {type(exc).__name__}: "
-                       f"{exc}") from None
-    return reader
-
-
-def _check_topics(path: Path, reader, topics: BagTopics) -> dict[str, Any]:
-    """Connections per role; raises BagError for missing/unknown topics and types."""
-    available = reader.topics
-    summary = ", ".join(f"{t} ({i.msgtype})" for t, i in sorted(available.items()))
-    if reader.message_count == 0:
-        raise BagError(f"{path}: empty bag (no messages; topics: {summary or 'none'})")
-    roles: dict[str, Any] = {}
-    for role, expected in _EXPECTED.items():
-        topic = getattr(topics, role)
-        if not topic:
-            continue
-        info = available.get(topic)
-        if info is None:
-            if role == "task_events":
-                continue  # optional: no events recorded (e.g. from a real robot)
-            raise BagError(f"{path}: missing topic {topic} ({role}; bag has: "
-                           f"{summary or 'nothing'}); map topic names with --config")
-        if info.msgtype != expected:
-            raise BagError(f"{path}: unknown message type {info.msgtype!r} on {topic} "
-                           f"({role} must be {expected})")
-        if info.msgtype not in reader.typestore.fielddefs:
-            raise BagError(f"{path}: unknown message type {info.msgtype!r} on {topic}: the bag "
-                           "has no definition for it")
-        roles[role] = info.connections
-    return roles
-
-
-class _JointStream:
-    """JointState messages of one topic: log times and the bytes, decoded column-wise later
-    (:class:`~metarl_ros.recording.bag.JointStateColumns`)."""
-
-    def __init__(self, reader) -> None:
-        self.log: list[int] = []
-        self.columns = JointStateColumns(fallback=lambda raw: _generic_joint_state(reader, raw))
-
-    def __len__(self) -> int:
-        return len(self.log)
-
-
-@dataclass
-class _Streams:
-    """Raw per-topic columns read from one bag (before alignment)."""
-
-    states: _JointStream
-    references: _JointStream
-    cmd_log: list[int] = field(default_factory=list)
-    cmd_values: list[tuple] = field(default_factory=list)
-    events: list[tuple[int, str]] = field(default_factory=list)
-    read: int = 0
-
-
-def _read_streams(path: Path, reader, roles: dict[str, Any], progress: bool,
-                  dropped: Counter) -> _Streams:
-    from tqdm import tqdm
-
-    streams = _Streams(_JointStream(reader), _JointStream(reader))
-    role_of = {c.id: role for role, conns in roles.items() for c in conns}
-    wanted = [c for conns in roles.values() for c in conns]
-    total = sum(c.msgcount for c in wanted)
-    command_decoder = Float64ArrayDecoder()
-    # bound methods: this loop runs once per message
-    add_state, log_state = streams.states.columns.add, streams.states.log.append
-    add_reference, log_reference = (streams.references.columns.add,
-                                    streams.references.log.append)
-    bar = tqdm(total=total, disable=not progress, desc=f"read {path.name}", unit="msg",
-               unit_scale=True, dynamic_ncols=True, mininterval=0.5)
-    count = 0
-    try:
-        for connection, log_time, raw in reader.messages(connections=wanted):
-            count += 1
-            if not count & 4095:
-                bar.update(4096)
-            role = role_of[connection.id]
-            try:
-                if role == "joint_states":
-                    add_state(raw)
-                    log_state(log_time)
-                elif role == "reference":
-                    add_reference(raw)
-                    log_reference(log_time)
-                elif role == "commands":
-                    try:
-                        values = command_decoder(raw)
-                    except CdrLayoutError:
-                        values = tuple(reader.deserialize(raw, FLOAT64_ARRAY).data)
-                    streams.cmd_log.append(log_time)
-                    streams.cmd_values.append(values)
-                else:
-                    streams.events.append((log_time, reader.deserialize(raw, STRING).data))
-            except Exception as exc:  # noqa: BLE001 - an undecodable message is counted
-                dropped[f"{connection.topic}: undecodable message ({type(exc).__name__})"] += 1
-    except Exception as exc:  # noqa: BLE001 - storage errors mid-file: truncated/corrupt
-        raise BagError(f"{path}: truncated or corrupt bag: reading stopped after {count} "
-                       f"messages: {type(exc).__name__}: {exc}") from None
-    finally:
-        bar.update(count & 4095)
-        bar.close()
-    streams.read = count
-    if count < total:
-        raise BagError(f"{path}: truncated bag: metadata lists {total} messages on the used "
-                       f"topics, only {count} could be read")
-    return streams
-
-
-def _generic_joint_state(reader, raw) -> tuple[int, JointStateLayout, tuple]:
-    """rosbags' deserializer, for what the fast decoder does not take (same record form)."""
-    msg = reader.deserialize(raw, JOINT_STATE)
-    stamp = int(msg.header.stamp.sec) * 1_000_000_000 + int(msg.header.stamp.nanosec)
-    layout = JointStateLayout(tuple(msg.name), len(msg.position), len(msg.velocity),
-                              len(msg.effort))
-    record = [float(len(msg.position)), *msg.position, float(len(msg.velocity)),
-              *msg.velocity, float(len(msg.effort)), *msg.effort]
-    return stamp, layout, tuple(record)
-
-
-def _map_joint_states(path: Path, topic: str, stream: _JointStream,
-                      joint_names: Sequence[str], unnamed_ok: bool, need_effort: bool,
-                      dropped: Counter) -> tuple[np.ndarray, ...]:
-    """Stamps (M,) and position, velocity, effort (M, n) in the model's joint order, plus a
-    valid mask (M,).
-
-    Each message layout (names, array sizes) is checked once with the control loop's
-    :class:`JointNameMapper`, then all its messages are converted together. Raises BagError
-    when the names lack model joints (recorded on another robot, or for another model).
-    """
-    n = len(joint_names)
-    m = len(stream)
-    stamp = np.zeros(m, dtype=np.int64)
-    position = np.zeros((m, n))
-    velocity = np.zeros((m, n))
-    effort = np.zeros((m, n))
-    valid = np.zeros(m, dtype=bool)
-    mapper = JointNameMapper(joint_names, allow_unnamed=unnamed_ok)
-    row = 0
-    for layout, stamps, pos, vel, eff in stream.columns.runs():
-        rows = slice(row, row + len(stamps))
-        row += len(stamps)
-        stamp[rows] = stamps
-        # the mapper maps a probe whose values are the source positions 0..size-1
-        probe = np.arange(layout.n_position, dtype=np.float64)
-        try:
-            mapped = mapper.map(layout.names, probe, np.zeros(layout.n_velocity),
-                                np.zeros(layout.n_effort) if layout.n_effort else None,
-                                require_effort=need_effort)
-        except RejectedInput as exc:
-            if exc.reason in ("missing_joints", "no_names"):
-                raise BagError(
-                    f"{path}: joint names on {topic} do not match the model: {exc.detail} "
-                    f"(message has {list(layout.names)}, model expects {list(joint_names)})"
-                ) from None
-            dropped[f"{topic}: {exc.reason.replace('_', ' ')}"] += len(stamps)
-            continue
-        index = mapped.position.astype(np.int64)
-        position[rows] = pos[:, index]
-        velocity[rows] = vel[:, index]
-        if layout.n_effort:
-            effort[rows] = eff[:, index]
-        ok = np.isfinite(position[rows]).all(1) & np.isfinite(velocity[rows]).all(1)
-        if need_effort:
-            ok &= np.isfinite(effort[rows]).all(1)
-        valid[rows] = ok
-        if (~ok).any():
-            dropped[f"{topic}: non-finite value on a model joint"] += int((~ok).sum())
-    return stamp, position, velocity, effort, valid
 
 
 def _parse_events(path: Path, raw_events: list[tuple[int, str]], n: int,
@@ -426,21 +160,21 @@ def read_bag(path: str | Path, setup: EnvSetup, joint_names: Sequence[str],
     if n != setup.act_dim:
         raise BagError(f"model has {n} joints but its env {setup.path} has {setup.act_dim}")
     dropped: Counter = Counter()
-    reader = _open_reader(path)
+    reader = open_reader(path)
     try:
-        roles = _check_topics(path, reader, topics)
+        roles = check_topics(path, reader, topics)
         all_topics = {t: (i.msgtype or "?", i.msgcount) for t, i in reader.topics.items()}
         if not sum(c.msgcount for c in roles["commands"]):
             raise BagError(f"{path}: bag has no commands on {topics.commands} (nothing to learn "
                            "actions from)")
         if not sum(c.msgcount for c in roles["joint_states"]):
             raise BagError(f"{path}: bag has no joint states on {topics.joint_states}")
-        streams = _read_streams(path, reader, roles, progress, dropped)
+        streams = read_streams(path, reader, roles, progress, dropped)
     finally:
         reader.close()
 
     # --- joint states: arrays in model order, time axis, clock checks ------------------
-    stamp, q, qd, _, state_ok = _map_joint_states(path, topics.joint_states, streams.states,
+    stamp, q, qd, _, state_ok = map_joint_states(path, topics.joint_states, streams.states,
                                                   joint_names, False, False, dropped)
     log = np.asarray(streams.states.log, dtype=np.int64)
     if stamp.size and not stamp.any():
@@ -455,7 +189,7 @@ def read_bag(path: str | Path, setup: EnvSetup, joint_names: Sequence[str],
     # --- reference ----------------------------------------------------------------------
     if not len(streams.references):
         raise BagError(f"{path}: no reference messages on {topics.reference}")
-    ref_stamp, rq, rqd, rqdd, ref_ok = _map_joint_states(
+    ref_stamp, rq, rqd, rqdd, ref_ok = map_joint_states(
         path, topics.reference, streams.references, joint_names, True, True, dropped)
     if not ref_ok.any():
         raise BagError(f"{path}: no usable reference messages on {topics.reference} (see the "
@@ -590,137 +324,3 @@ def _observations(setup: EnvSetup, position: np.ndarray, velocity: np.ndarray,
     stacked = build_observation(setup.law, position, velocity, reference, previous)
     blocks = stacked.shape[0] // k
     return np.ascontiguousarray(stacked.reshape(blocks, k, n).transpose(1, 0, 2).reshape(k, -1))
-
-
-# ------------------------------------------------------------------------------------------
-# Tasks
-
-
-def split_by_events(bag: BagTransitions) -> list[tuple[TaskParams, str, np.ndarray]]:
-    """``(task, label, transition indices)`` per recorded task (needs ``bag.events``).
-
-    A transition belongs to the task in force at the end of its step: a fault that strikes
-    during the step (at ``time < step end``) already shaped ``s'``.
-    """
-    if not bag.events:
-        return []
-    times = np.asarray([e.time_s for e in bag.events])
-    which = np.searchsorted(times, bag.step_end_s - 1e-9, side="left") - 1
-    out = []
-    for e_index in np.unique(which):
-        rows = np.flatnonzero(which == e_index)
-        if e_index < 0:  # before the first event: the task is unknown
-            continue
-        event = bag.events[int(e_index)]
-        out.append((event.task, event.label or f"event {e_index}", rows))
-    return out
-
-
-def posterior_change_points(mean: np.ndarray, std: np.ndarray, window: int,
-                            config: SegmentationConfig = SegmentationConfig()) -> list[int]:
-    """Indices where a new task starts, from a streaming posterior (mean, std: (M, L)).
-
-    Two-window test: the posterior over the window ending at step t (transitions
-    ``t-K+1 .. t``) is compared with the one over the window before it (ending at ``t - K``):
-    ``d_t = RMS((mu_t - mu_{t-K}) / std_t)``. A task change makes ``d`` peak when the newer
-    window holds only the new task and the older one only the old task, i.e. the change is at
-    ``t - K + 1``; a peak above ``jump_ratio`` times the median ``d`` (and above
-    ``min_shift``) starts a task there. Change points are at least ``min_segment_steps`` apart.
-    """
-    m = len(mean)
-    k = window
-    if m < 2 * k + 1:
-        return []
-    d = np.zeros(m)
-    scale = np.maximum(std[k:], 1e-6)
-    d[k:] = np.sqrt((((mean[k:] - mean[:-k]) / scale) ** 2).mean(1))
-    d[: 2 * k] = 0.0  # the first window is still filling
-    threshold = max(config.jump_ratio * float(np.median(d[2 * k:])), config.min_shift)
-    points: list[int] = []
-    candidates = np.argsort(-d)
-    for t in candidates:
-        if d[t] <= threshold:
-            break
-        start = int(t) - k + 1
-        if start < config.min_segment_steps or m - start < config.min_segment_steps:
-            continue
-        if all(abs(start - p) >= config.min_segment_steps for p in points):
-            points.append(start)
-    return sorted(points)
-
-
-def streaming_posterior(encoder, bag: BagTransitions,
-                        window: int) -> tuple[np.ndarray, np.ndarray]:
-    """The deployed posterior over each bag position: mean, std (M, L).
-
-    Equal to :class:`~metarl_ros.learning.encoder.StreamingPosterior` fed the transitions in
-    order (product of the last ``window`` factors), computed with cumulative sums.
-    """
-    import torch
-
-    from metarl_ros.learning.encoder import make_transition
-
-    with torch.no_grad():
-        transitions = make_transition(torch.from_numpy(bag.obs), torch.from_numpy(bag.action),
-                                      torch.from_numpy(bag.reward), torch.from_numpy(bag.next_obs))
-        mu, var = encoder.factors(transitions)
-    precision = (1.0 / var).double().numpy()
-    weighted = (mu.double() / var.double()).numpy()
-    cp = np.vstack([np.zeros((1, precision.shape[1])), np.cumsum(precision, 0)])
-    cw = np.vstack([np.zeros((1, weighted.shape[1])), np.cumsum(weighted, 0)])
-    end = np.arange(1, len(precision) + 1)
-    start = np.maximum(end - window, 0)
-    p = cp[end] - cp[start]
-    w = cw[end] - cw[start]
-    return w / p, np.sqrt(1.0 / p)
-
-
-def build_tasks(bags: Sequence[BagTransitions], encoder=None, window: int = 25,
-                segmentation: SegmentationConfig = SegmentationConfig()
-                ) -> tuple[list[TaskData], dict[str, str]]:
-    """Group transitions into tasks; returns the tasks and, per bag, how it was split.
-
-    Bags with fault events are split at them, equal tasks merged across bags. Other bags are
-    split at posterior change points when an ``encoder`` is given, else kept whole.
-    """
-    by_key: dict[str, TaskData] = {}
-    order: list[str] = []
-    how: dict[str, str] = {}
-
-    def add(key: str, name: str, task: TaskParams | None, bag: BagTransitions,
-            rows: np.ndarray) -> None:
-        if key not in by_key:
-            by_key[key] = TaskData(name, task, bag.obs[rows], bag.action[rows], bag.reward[rows],
-                                   bag.next_obs[rows], [str(bag.path)])
-            order.append(key)
-            return
-        data = by_key[key]
-        data.obs = np.concatenate([data.obs, bag.obs[rows]])
-        data.action = np.concatenate([data.action, bag.action[rows]])
-        data.reward = np.concatenate([data.reward, bag.reward[rows]])
-        data.next_obs = np.concatenate([data.next_obs, bag.next_obs[rows]])
-        if str(bag.path) not in data.sources:
-            data.sources.append(str(bag.path))
-
-    for b, bag in enumerate(bags):
-        if not len(bag):
-            how[str(bag.path)] = "no transitions"
-            continue
-        parts = split_by_events(bag)
-        if parts:
-            how[str(bag.path)] = f"fault events ({len(parts)} tasks)"
-            for task, label, rows in parts:
-                add(task.key(), label, task, bag, rows)
-            continue
-        points: list[int] = []
-        if encoder is not None:
-            mean, std = streaming_posterior(encoder, bag, window)
-            points = posterior_change_points(mean, std, window, segmentation)
-            how[str(bag.path)] = f"posterior change points ({len(points) + 1} segments)"
-        else:
-            how[str(bag.path)] = "no events, no encoder: one task"
-        bounds = [0, *points, len(bag)]
-        for s, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])):
-            add(f"bag{b}:segment{s}", f"{bag.path.name} segment {s}", None, bag,
-                np.arange(lo, hi))
-    return [by_key[k] for k in order], how

@@ -1,14 +1,28 @@
-"""Training configuration (``config/train_*.yaml``), validated with pydantic."""
+"""Training configuration (``config/train_*.yaml``), validated with pydantic.
+
+The defaults are the shipped recipe (``config/train_pearl.yaml``); each recipe file says only
+what differs for its method. ``metarl train --set key=value`` and a sweep change fields
+through :func:`apply_overrides`, validated by the same schema.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
+import yaml
 from pydantic import Field, NonNegativeInt, PositiveFloat, PositiveInt, model_validator
 
-from metarl_ros.core.schema import StrictModel, load_yaml_model
-from metarl_ros.learning.agent import AgentSpec
+from metarl_ros.core.schema import (
+    ConfigError,
+    StrictModel,
+    drop_retired,
+    read_yaml,
+    validate_model,
+)
+from metarl_ros.learning.agent import RETIRED_SPEC_FIELDS, AgentSpec
+from metarl_ros.learning.dynamics_config import DynamicsConfig
 
 Method = Literal["pearl", "oracle", "robust", "nominal"]
 _CONDITIONING = {"pearl": "latent", "oracle": "oracle", "robust": "none", "nominal": "none"}
@@ -19,67 +33,22 @@ class AgentConfig(StrictModel):
 
     latent_dim: PositiveInt = 8
     encoder_hidden: list[PositiveInt] = [128, 128]
-    encoder_input: Literal["raw", "normalized_delta"] = Field(
-        default="raw",
-        description="raw: the encoder sees (s, a, r, s') as it is (PEARL); normalized_delta: "
-        "(s, a, r, s' - s), standardized by statistics of the initial episodes "
-        "(learning/encoder.py)",
-    )
     actor_hidden: list[PositiveInt] = [128, 128]
-    critic_hidden: list[PositiveInt] = [256, 256]
-    gamma: float = Field(default=0.99, gt=0.0, lt=1.0)
+    critic_hidden: list[PositiveInt] = [128, 128]
+    gamma: float = Field(default=0.95, gt=0.0, lt=1.0)
     tau: float = Field(default=0.005, gt=0.0, le=1.0)
     actor_lr: PositiveFloat = 3e-4
     critic_lr: PositiveFloat = 3e-4
     encoder_lr: PositiveFloat = 3e-4
     alpha_lr: PositiveFloat = 3e-4
     init_alpha: PositiveFloat = 0.1
-    kl_weight: float = Field(default=0.1, ge=0.0)
-    reconstruction_weight: float = Field(
-        default=0.0,
+    kl_weight: float = Field(
+        default=0.001,
         ge=0.0,
-        description="pearl: weight of a decoder's prediction of each transition's "
-        "standardized change of state from (s, a, z), trained with the encoder "
-        "(needs encoder_input: normalized_delta; learning/agent.py)",
+        description="pearl: weight of KL(q(z|c) || N(0, I)) in the encoder's loss; 0.001, not "
+        "PEARL's 0.1: at 0.1 the KL term is as large as the critic loss and 7 of the 8 latent "
+        "dimensions collapse to the prior, at 0.001 all 8 carry the task (docs/LEARNING.md)",
     )
-    decoder_hidden: list[PositiveInt] = [128, 128]
-    task_inference_weight: float = Field(
-        default=0.0,
-        ge=0.0,
-        description="pearl: weight of a linear head's regression of the true task vector from "
-        "the posterior mean, trained with the encoder (the simulator's task parameters in "
-        "training only; needs context_sampling: trailing; learning/agent.py)",
-    )
-
-
-class DynamicsConfig(StrictModel):
-    """The MAML-trained dynamics model used by the online adapter (see learning/maml.py)."""
-
-    enabled: bool = True
-    model: Literal["mlp", "torque_gain"] = Field(
-        default="mlp",
-        description="mlp: f(obs, action, z), every weight adapted; torque_gain: "
-        "drift(obs, z) + exp(g) b(obs, z) u + beta with only the per-joint head (g, beta) "
-        "adapted (learning/torque_model.py)",
-    )
-    head_init_step: PositiveFloat = Field(
-        default=1.0, description="torque_gain: initial per-joint step-size multiplier of the head"
-    )
-    hidden_sizes: list[PositiveInt] = [128, 128]
-    target_blocks: PositiveInt = Field(
-        default=2,
-        description="predict the change of the first k observation blocks "
-        "(block 0: joint positions, block 1: joint velocities)",
-    )
-    inner_steps: PositiveInt = 2
-    inner_lr: PositiveFloat = 0.05
-    first_order: bool = False
-    max_step_norm: PositiveFloat = 1.0
-    meta_lr: PositiveFloat = 1e-3
-    meta_steps_per_iteration: NonNegativeInt = 20
-    tasks_per_meta_step: PositiveInt = 8
-    support_size: PositiveInt = 40
-    query_size: PositiveInt = 20
 
 
 class TrainConfig(StrictModel):
@@ -88,28 +57,31 @@ class TrainConfig(StrictModel):
 
     method: Method
     env: str = "sim/envs/iiwa7_tracking.yaml"
-    seed: NonNegativeInt = 0
-    total_iterations: PositiveInt = 200
+    seed: NonNegativeInt = 1
+    total_iterations: PositiveInt = Field(
+        default=200, description="at 100, PEARL and the oracle were still improving"
+    )
     envs_per_iteration: PositiveInt = Field(
         default=8,
         description="episodes collected per iteration, one per sampled task, in lockstep",
     )
     initial_episodes_per_task: NonNegativeInt = 1
-    updates_per_iteration: PositiveInt = 400
-    meta_batch_tasks: PositiveInt = 16
+    updates_per_iteration: PositiveInt = 300
+    meta_batch_tasks: PositiveInt = 8
     batch_size: PositiveInt = 128
     context_window: PositiveInt = Field(default=25, description="transitions, streaming posterior")
     min_context: PositiveInt = Field(
         default=1, description="context_sampling task: smallest random fill of the window"
     )
     context_sampling: Literal["task", "trailing"] = Field(
-        default="task",
-        description="pearl: 'task' conditions a task's whole meta-batch row on one posterior "
-        "over a window of consecutive transitions of that task (Rakelly et al., 2019); "
-        "'trailing' conditions every RL transition on the posterior over the context_window "
-        "transitions before it in its own episode, exactly as deployed (the prior at a reset, "
-        "windows that straddle a mid-episode fault), and its next state on the window that "
-        "includes it (learning/encoder.py: TrailingContexts)",
+        default="trailing",
+        description="pearl (the other methods have no context): 'trailing' conditions every "
+        "RL transition on the posterior over the context_window transitions before it in its "
+        "own episode, exactly as deployed (the prior at a reset, windows that straddle a "
+        "mid-episode fault), and its next state on the window that includes it "
+        "(learning/encoder.py: TrailingContexts); 'task' conditions a task's whole meta-batch "
+        "row on one posterior over a window of consecutive transitions of that task "
+        "(Rakelly et al., 2019)",
     )
     context_segments: PositiveInt = Field(
         default=8,
@@ -118,20 +90,20 @@ class TrainConfig(StrictModel):
         "share their encoded factors",
     )
     fault_episode_fraction: float = Field(
-        default=0.0,
+        default=0.5,
         ge=0.0,
         le=1.0,
         description="share of collected training episodes that start on the intact robot and "
         "switch to their task at a time drawn from the suite's fault_time_s, as every "
         "evaluation episode does; the whole episode goes to that task's buffer (pearl needs "
         "context_sampling trailing for it; the oracle's transitions keep the task vector they "
-        "were acted on)",
+        "were acted on; nominal, which trains on the intact robot only, needs 0)",
     )
     replay_capacity_per_task: PositiveInt = 20000
     eval_every_iterations: PositiveInt = 10
     eval_tasks: PositiveInt = 8
     checkpoint_every_minutes: PositiveFloat = 5.0
-    torch_threads: PositiveInt = 2
+    torch_threads: PositiveInt = 1
     save_replay: bool = Field(default=True, description="store replay buffers for exact resume")
     init_from: str | None = Field(
         default=None,
@@ -146,20 +118,6 @@ class TrainConfig(StrictModel):
         "(the actor's stay zero, so the start policy is still the source), which gives PEARL's "
         "encoder a Bellman gradient from the first update (learning/warm_start.py)",
     )
-    intact_fraction: float = Field(
-        default=0.0,
-        ge=0.0,
-        lt=1.0,
-        description="share of collected episodes and of meta-batch task slots given to the "
-        "intact robot (the train split's nominal task); every evaluation and deployment "
-        "episode starts intact, and with 1 of 60 tasks its precision is lost in fine-tuning",
-    )
-    critic_warmup_updates: NonNegativeInt = Field(
-        default=0,
-        description="first updates that train only the critics (and encoder), actor and "
-        "temperature frozen: after init_from the copied critic is right only for the source "
-        "task, and actor steps on it would wreck the copied policy",
-    )
     anchor_weight: float = Field(
         default=0.0,
         ge=0.0,
@@ -169,7 +127,7 @@ class TrainConfig(StrictModel):
         "and keeps the source's precision elsewhere; needs init_from",
     )
     smoothness_weight: float = Field(
-        default=0.0,
+        default=1.0,
         ge=0.0,
         description="temporal action smoothness (CAPS): adds smoothness_weight * "
         "||a(s, c) - a(s', c)||^2 over consecutive states (deterministic actions) to the actor "
@@ -188,26 +146,16 @@ class TrainConfig(StrictModel):
         if self.init_critic_condition != "zero" and not self.init_from:
             raise ValueError("init_critic_condition 'random' needs init_from (without it every "
                              "column starts random anyway)")
-        if self.agent.task_inference_weight > 0 and (
-            self.method != "pearl" or self.context_sampling != "trailing"
-        ):
+        if self.context_sampling == "trailing" and self.batch_size % self.context_segments:
             raise ValueError(
-                "agent.task_inference_weight > 0 is for method pearl with context_sampling "
-                "trailing (each RL transition's own task vector is the target)"
+                f"batch_size {self.batch_size} must divide by context_segments "
+                f"{self.context_segments}"
             )
-        if self.context_sampling == "trailing":
-            if self.method != "pearl":
-                raise ValueError("context_sampling trailing is for method pearl (a context)")
-            if self.batch_size % self.context_segments:
-                raise ValueError(
-                    f"batch_size {self.batch_size} must divide by context_segments "
-                    f"{self.context_segments}"
-                )
         if self.fault_episode_fraction > 0:
             if self.method == "nominal":
                 raise ValueError(
                     "fault_episode_fraction > 0 does not apply to method nominal: it trains on "
-                    "the intact robot only"
+                    "the intact robot only (set fault_episode_fraction: 0.0)"
                 )
             if self.method == "pearl" and self.context_sampling != "trailing":
                 raise ValueError(
@@ -229,7 +177,6 @@ class TrainConfig(StrictModel):
             latent_dim=a.latent_dim,
             oracle_dim=oracle_dim,
             encoder_hidden=tuple(a.encoder_hidden),
-            encoder_input=a.encoder_input,
             actor_hidden=tuple(a.actor_hidden),
             critic_hidden=tuple(a.critic_hidden),
             gamma=a.gamma,
@@ -240,14 +187,97 @@ class TrainConfig(StrictModel):
             alpha_lr=a.alpha_lr,
             init_alpha=a.init_alpha,
             kl_weight=a.kl_weight,
-            reconstruction_weight=a.reconstruction_weight,
-            decoder_hidden=tuple(a.decoder_hidden),
-            task_inference_weight=a.task_inference_weight,
         )
 
 
-def load_train_config(path: str | Path) -> TrainConfig:
-    return load_yaml_model(TrainConfig, path)
+# ------------------------------------------------------------------------------------------
+# overrides: metarl train --seed / --set, sweeps
+# ------------------------------------------------------------------------------------------
+
+
+def apply_overrides(config: Mapping[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """A copy of the config mapping ``config`` with each ``"dotted.key=value"`` of
+    ``overrides`` set, in order (``agent.kl_weight=0.001``, ``agent.actor_hidden=[64, 64]``).
+    Values are parsed as YAML (numbers, booleans, ``null``, strings, ``[lists]``); the result
+    is not validated: do that with the schema (:func:`load_train_config` does), whose errors
+    name the key. Raises ``ValueError`` naming the item for one that is no ``key=value`` or
+    whose key goes through a value that is no mapping."""
+    result: dict[str, Any] = dict(config)
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        path = key.strip().split(".")
+        if not sep or not all(path):
+            raise ValueError(f"override {item!r}: expected dotted.key=value")
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError as error:
+            raise ValueError(f"override {item!r}: value is not YAML: {error}") from None
+        node = result
+        for depth, part in enumerate(path[:-1]):
+            child = node.get(part, {})
+            if not isinstance(child, Mapping):
+                raise ValueError(
+                    f"override {item!r}: {'.'.join(path[: depth + 1])} is {child!r}, not a "
+                    "section with keys"
+                )
+            node[part] = dict(child)
+            node = node[part]
+        node[path[-1]] = value
+    return result
+
+
+def load_train_config(path: str | Path, overrides: Sequence[str] = ()) -> TrainConfig:
+    """The training config in ``path`` with ``overrides`` (:func:`apply_overrides`) applied;
+    :class:`~metarl_ros.core.schema.ConfigError` names the file, the overrides and the field."""
+    data = read_yaml(path)
+    if not overrides:
+        return validate_model(TrainConfig, data, str(path))
+    source = f"{path} with --set {' '.join(overrides)}"
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{path}: not a mapping of settings")
+    try:
+        data = apply_overrides(data, overrides)
+    except ValueError as error:
+        raise ConfigError(f"{source}: {error}") from None
+    return validate_model(TrainConfig, data, source)
+
+
+def run_config_text(path: str | Path, overrides: Sequence[str] = ()) -> str:
+    """What a run directory keeps as its ``config.yaml``: the file as it is, or with
+    ``overrides`` the settings they give, under a comment that names them."""
+    text = Path(path).read_text()
+    if not overrides:
+        return text
+    data = apply_overrides(yaml.safe_load(text), overrides)
+    header = f"# {path} with --set {' '.join(overrides)}\n"
+    return header + yaml.safe_dump(data, sort_keys=False)
+
+
+# ------------------------------------------------------------------------------------------
+# resume: is a stored config the same run?
+# ------------------------------------------------------------------------------------------
+
+RETIRED_FIELDS: dict[str, Any] = {
+    "intact_fraction": 0.0,
+    "critic_warmup_updates": 0,
+    **{f"agent.{name}": value for name, value in RETIRED_SPEC_FIELDS.items()},
+}
+"""Options removed after runs were stored with them, at the value that made them do nothing."""
+
+BEFORE_THEY_EXISTED: dict[str, Any] = {
+    "context_sampling": "task",
+    "fault_episode_fraction": 0.0,
+    "smoothness_weight": 0.0,
+    "dynamics.model": "mlp",
+    "dynamics.head_init_step": 1.0,
+}
+"""Fields added after the first stored configs whose default is no longer what a run did
+before the field existed: a stored config without one of them ran with this value."""
+
+PEARL_ONLY = ("context_sampling", "context_segments", "min_context", "agent.latent_dim",
+              "agent.encoder_hidden", "agent.encoder_lr", "agent.kl_weight", "dynamics.")
+"""Fields (or sections) that change nothing in a run of another method: no context, no
+encoder, no dynamics models."""
 
 
 def _flatten(values: dict, prefix: str = "") -> dict:
@@ -260,23 +290,38 @@ def _flatten(values: dict, prefix: str = "") -> dict:
     return flat
 
 
+def _as_stored_today(stored: Mapping[str, Any]) -> dict[str, Any]:
+    """A stored config in today's schema: removed options dropped, fields it predates set to
+    what its run did without them."""
+    data = drop_retired(stored, RETIRED_FIELDS)
+    for dotted, value in BEFORE_THEY_EXISTED.items():
+        section, _, leaf = dotted.rpartition(".")
+        node = data
+        if section:
+            data[section] = node = dict(data.get(section, {}))
+        node.setdefault(leaf, value)
+    return data
+
+
 def config_changes(stored: dict, current: TrainConfig) -> list[str]:
     """What differs between a run's stored config and ``current``, one ``"field: old -> new"``
     per dotted field; empty if they describe the same run.
 
-    ``stored`` is a dumped :class:`TrainConfig`, possibly written before fields were added:
-    it is read through the current schema, so a field added since at its default is no
-    change (a run started before an option existed resumes under the option's default,
-    which is what it trained with). A stored config the schema no longer accepts is one
+    ``stored`` is a dumped :class:`TrainConfig`, possibly written by an older version: it is
+    read through the current schema after :func:`_as_stored_today` (a removed option at the
+    value that did nothing is no change; a field added since is at the value the run had
+    before it existed), and for methods other than pearl the fields of
+    :data:`PEARL_ONLY` are not compared. A stored config the schema no longer accepts is one
     change that says why.
     """
     try:
-        before = TrainConfig.model_validate(stored).model_dump(mode="json")
+        before = TrainConfig.model_validate(_as_stored_today(stored)).model_dump(mode="json")
     except ValueError as error:
         return [f"stored config no longer valid: {error}"]
     old, new = _flatten(before), _flatten(current.model_dump(mode="json"))
+    ignored = PEARL_ONLY if before["method"] != "pearl" and current.method != "pearl" else ()
     return [
         f"{key}: {old.get(key)!r} -> {new.get(key)!r}"
         for key in sorted(old.keys() | new.keys())
-        if old.get(key) != new.get(key)
+        if old.get(key) != new.get(key) and not key.startswith(ignored)
     ]

@@ -10,12 +10,7 @@ normalized product (the factors are independent given the task)::
 It is trained through the critic's Bellman loss plus ``beta * KL(q(z|c) || N(0, I))``.
 
 ``s'`` is part of the context on purpose: our tasks differ in dynamics (payload, motors,
-friction), which only show in how the state responds to the action. With
-``input_features="normalized_delta"`` the encoder sees the same information as
-``(s, a, r, s' - s)``, each feature standardized by statistics of the first collected data
-(:meth:`ContextEncoder.fit_input_normalizer`) and clipped to ``+-INPUT_CLIP``: the response to
-the action is a change of a few thousandths between ``s`` and ``s'`` at 100 Hz, which the raw
-form leaves to the first layer to find.
+friction), which only show in how the state responds to the action.
 
 :class:`StreamingPosterior` is the deployment form: each new transition is encoded once into its
 factor, the last ``K`` factors are kept, and the product over them is exactly the batch
@@ -35,8 +30,6 @@ from torch.nn import functional as F
 from metarl_ros.learning.networks import mlp
 
 MIN_FACTOR_VAR = 1e-4
-INPUT_CLIP = 10.0  # standard deviations, for input_features="normalized_delta"
-MIN_INPUT_STD = 1e-5
 
 
 def product_of_gaussians(
@@ -157,71 +150,16 @@ class ContextEncoder(nn.Module):
         transition_dim: size of one flattened ``(s, a, r, s')`` vector.
         latent_dim: size of ``z``.
         hidden: hidden layer widths.
-        input_features: ``"raw"`` feeds the transition as it is (PEARL); ``"normalized_delta"``
-            feeds ``(s, a, r, s' - s)`` standardized per feature (module doc); it needs
-            ``obs_dim`` and :meth:`fit_input_normalizer` before training.
-        obs_dim: size of ``s`` (``"normalized_delta"`` only).
     """
 
-    def __init__(
-        self,
-        transition_dim: int,
-        latent_dim: int,
-        hidden: Sequence[int],
-        input_features: str = "raw",
-        obs_dim: int | None = None,
-    ) -> None:
+    def __init__(self, transition_dim: int, latent_dim: int, hidden: Sequence[int]) -> None:
         super().__init__()
-        if input_features not in ("raw", "normalized_delta"):
-            raise ValueError(
-                f"input_features must be 'raw' or 'normalized_delta', got {input_features!r}"
-            )
         self.latent_dim = latent_dim
-        self.input_features = input_features
         self.net = mlp(transition_dim, hidden, 2 * latent_dim)
-        if input_features == "normalized_delta":
-            if obs_dim is None or not 0 < 2 * obs_dim < transition_dim:
-                raise ValueError(
-                    f"input_features='normalized_delta' needs obs_dim with 2 * obs_dim < "
-                    f"transition_dim ({transition_dim}), got {obs_dim}"
-                )
-            self.obs_dim = obs_dim
-            self.register_buffer("input_mean", torch.zeros(transition_dim))
-            self.register_buffer("input_std", torch.ones(transition_dim))
-
-    def features(self, transitions: torch.Tensor) -> torch.Tensor:
-        """transitions (..., D) -> the network's input (..., D) (the identity for ``"raw"``)."""
-        if self.input_features == "raw":
-            return transitions
-        delta = self._delta_form(transitions)
-        return ((delta - self.input_mean) / self.input_std).clamp(-INPUT_CLIP, INPUT_CLIP)
-
-    def _delta_form(self, transitions: torch.Tensor) -> torch.Tensor:
-        """``(s, a, r, s')`` (..., D) -> ``(s, a, r, s' - s)`` (..., D)."""
-        n = self.obs_dim
-        return torch.cat([transitions[..., :-n], transitions[..., -n:] - transitions[..., :n]], -1)
-
-    @torch.no_grad()
-    def fit_input_normalizer(self, transitions: torch.Tensor) -> None:
-        """Set the feature mean and std from example transitions (N >= 2, D).
-
-        Only for ``input_features="normalized_delta"``; the statistics are buffers, so they are
-        saved, loaded and exported with the weights.
-        """
-        if self.input_features != "normalized_delta":
-            raise ValueError("fit_input_normalizer: this encoder feeds raw transitions")
-        if transitions.dim() != 2 or len(transitions) < 2:
-            raise ValueError(
-                f"fit_input_normalizer: transitions must be (N >= 2, D), "
-                f"got {tuple(transitions.shape)}"
-            )
-        delta = self._delta_form(transitions).to(self.input_mean)
-        self.input_mean.copy_(delta.mean(0))
-        self.input_std.copy_(delta.std(0).clamp_min(MIN_INPUT_STD))
 
     def factors(self, transitions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """transitions (..., D) -> factor means (..., L) and variances (..., L)."""
-        out = self.net(self.features(transitions))
+        out = self.net(transitions)
         mu, raw_var = out[..., : self.latent_dim], out[..., self.latent_dim :]
         return mu, F.softplus(raw_var) + MIN_FACTOR_VAR
 

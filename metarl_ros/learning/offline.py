@@ -15,9 +15,12 @@
 5. **Write** ``--out``: ``model.pt`` (same format, contract, dynamics models and training
    config as the input, metadata says where it came from), ``onnx/`` (``metarl export``'s
    output), ``eval.json`` (before/after) and ``retrain.json`` (what was read and dropped, the
-   tasks, training statistics). Everything is built in a temporary sibling directory and renamed
-   into place at the end, so ``--out`` either does not exist or is complete; it must not exist
-   or be empty beforehand, and the input model is never touched.
+   tasks, training statistics), both strict JSON (a value that is not a number, e.g. a loss
+   not computed during the critic warm-up, is ``null``). Everything is built in a temporary
+   sibling directory ``.<out>.<pid>-<random>.tmp`` and renamed into place at the end, so
+   ``--out`` either does not exist or is complete; it must not exist or be empty beforehand,
+   and the input model is never touched. Such folders left by a killed run are removed by the
+   next run writing next to them.
 
 **Offline objective: TD3+BC on the SAC networks** (Fujimoto & Gu, 2021, "A Minimalist
 Approach to Offline RL"), with PEARL's encoder trained as in meta-training:
@@ -49,9 +52,9 @@ to what was recorded, which is the point.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
-import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -63,6 +66,7 @@ import torch
 from pydantic import Field, NonNegativeInt, PositiveFloat, PositiveInt
 
 from metarl_ros import __version__
+from metarl_ros.core.files import make_staging_dir, remove_stale_staging_dirs
 from metarl_ros.core.schema import StrictModel, load_yaml_model
 from metarl_ros.learning.agent import ConditionedSAC
 from metarl_ros.learning.bag_dataset import (
@@ -81,7 +85,7 @@ from metarl_ros.learning.checkpoint import (
     model_env_config,
 )
 from metarl_ros.learning.encoder import kl_to_standard_normal, make_transition
-from metarl_ros.learning.replay import TransitionBatch
+from metarl_ros.learning.transitions import TransitionBatch
 from metarl_ros.learning.rollout import VectorRollout
 from metarl_ros.learning.saved_model import LoadedModel, load_model
 from metarl_ros.sim.env_config import EnvSetup, load_env_setup
@@ -485,16 +489,28 @@ def retrain(bag_paths: Sequence[str | Path], model_path: str | Path, out: str | 
         agent_spec=spec, train_config=loaded.payload["train_config"],
         env_config_path=loaded.payload["env_config"], contract=loaded.payload["contract"],
         extra_states=loaded.payload.get("extra", {}), metadata=metadata)
+    for stale in remove_stale_staging_dirs(out.parent, f".{out.name}.", ".tmp"):
+        log(f"removed {stale}, left by a retrain that was killed")
     _write_outputs(out, payload, report, evaluation, export)
     log(f"wrote {out}: model.pt, {'onnx/, ' if export else ''}eval.json, retrain.json")
     return {**report, "evaluation": evaluation}
 
 
+def strict_json(value):
+    """``value`` with every float that JSON cannot hold (NaN, inf) replaced by ``None``."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: strict_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict_json(v) for v in value]
+    return value
+
+
 def _write_outputs(out: Path, payload: dict, report: dict, evaluation: dict,
                    export: Exporter | None) -> None:
     """Build ``out`` in a temporary sibling, then rename it into place (see the module doc)."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    staging = make_staging_dir(out.parent, prefix=f".{out.name}.", suffix=".tmp")
     try:
         atomic_torch_save(payload, staging / "model.pt")
         if export is not None:
@@ -503,9 +519,11 @@ def _write_outputs(out: Path, payload: dict, report: dict, evaluation: dict,
             exported = json.loads(export_json.read_text())
             exported["model"] = str(out / "model.pt")
             export_json.write_text(json.dumps(exported, indent=2))
-        (staging / "eval.json").write_text(json.dumps(evaluation, indent=2))
-        (staging / "retrain.json").write_text(json.dumps(report, indent=2, default=str))
-        os.chmod(staging, 0o755)  # mkdtemp makes it private
+        (staging / "eval.json").write_text(
+            json.dumps(strict_json(evaluation), indent=2, allow_nan=False))
+        report = json.loads(json.dumps(report, default=str))  # paths etc. as strings
+        (staging / "retrain.json").write_text(
+            json.dumps(strict_json(report), indent=2, allow_nan=False))
         if out.exists():
             out.rmdir()  # empty (checked before anything was read)
         os.replace(staging, out)

@@ -2,36 +2,15 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from metarl_ros.learning.transitions import TransitionBatch
+
 _FIELDS = ("obs", "action", "reward", "next_obs")
 _STORED = (*_FIELDS, "episode_step")
-
-
-@dataclass
-class TransitionBatch:
-    """Transitions, leading dims (T, N) for T tasks of N samples (or (N,) for one task).
-
-    obs/next_obs (..., obs_dim), action (..., act_dim), reward (...,).
-    """
-
-    obs: torch.Tensor
-    action: torch.Tensor
-    reward: torch.Tensor
-    next_obs: torch.Tensor
-
-    def flatten(self) -> "TransitionBatch":
-        """(T, N, ...) -> (T*N, ...)."""
-        return TransitionBatch(
-            self.obs.flatten(0, 1),
-            self.action.flatten(0, 1),
-            self.reward.flatten(0, 1),
-            self.next_obs.flatten(0, 1),
-        )
 
 
 class TaskReplay:

@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 from metarl_ros.control.policy_interface import PolicyContract
-from metarl_ros.learning import maml
 from metarl_ros.learning.agent import AgentSpec, ConditionedSAC
 from metarl_ros.learning.checkpoint import CheckpointError, load_model_payload, load_state_strict
-from metarl_ros.learning.torque_model import PDStructure, TorqueGainDynamics
-
-AnyDynamics = maml.DynamicsModel | TorqueGainDynamics
+from metarl_ros.learning.dynamics_config import MAMLConfig
+from metarl_ros.learning.dynamics_models import AnyDynamics, build_dynamics
 
 
 @dataclass
@@ -21,8 +18,8 @@ class LoadedModel:
 
     agent: ConditionedSAC
     payload: dict
-    dynamics: dict[str, maml.DynamicsModel | TorqueGainDynamics]
-    maml_config: maml.MAMLConfig | None
+    dynamics: dict[str, AnyDynamics]
+    maml_config: MAMLConfig | None
     path: Path
 
     @property
@@ -41,18 +38,13 @@ def load_model(path: str | Path) -> LoadedModel:
     payload = load_model_payload(path)
     source = path / "model.pt" if path.is_dir() else path
     try:
-        spec = AgentSpec(
-            **{
-                **payload["agent_spec"],
-                **{k: tuple(v) for k, v in payload["agent_spec"].items() if isinstance(v, list)},
-            }
-        )
-    except TypeError as exc:
+        spec = AgentSpec.from_dict(payload["agent_spec"])
+    except (TypeError, ValueError) as exc:
         raise CheckpointError(f"{source}: agent spec does not match this version: {exc}") from None
     agent = ConditionedSAC(spec)
     load_state_strict(agent, payload["agent"], "agent", source)
     agent.eval()
-    dynamics: dict[str, maml.DynamicsModel | TorqueGainDynamics] = {}
+    dynamics: dict[str, AnyDynamics] = {}
     specs = payload["metadata"].get("dynamics_specs", {})
     for name, state in payload.get("extra", {}).items():
         if name not in specs:
@@ -65,27 +57,6 @@ def load_model(path: str | Path) -> LoadedModel:
         agent=agent,
         payload=payload,
         dynamics=dynamics,
-        maml_config=maml.MAMLConfig.from_dict(maml_cfg) if maml_cfg else None,
+        maml_config=MAMLConfig.from_dict(maml_cfg) if maml_cfg else None,
         path=source,
     )
-
-
-def build_dynamics(spec: Mapping) -> AnyDynamics:
-    """A dynamics model from its ``spec()`` (``kind`` absent: the plain MLP)."""
-    if spec.get("kind", "mlp") == TorqueGainDynamics.kind:
-        return TorqueGainDynamics(
-            spec["obs_dim"],
-            spec["act_dim"],
-            spec["latent_dim"],
-            tuple(spec["hidden_sizes"]),
-            PDStructure.from_dict(spec["pd"]),
-        )
-    return maml.DynamicsModel(
-        spec["obs_dim"],
-        spec["act_dim"],
-        spec["target_dim"],
-        latent_dim=spec["latent_dim"],
-        hidden_sizes=tuple(spec["hidden_sizes"]),
-    )
-
-

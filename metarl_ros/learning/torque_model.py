@@ -23,7 +23,7 @@ weaker motor (strength ``s``) shows up as ``k_i -> s``; an unmodelled load or fr
 well posed and closed form (:meth:`TorqueGainDynamics.correction`). The head is stored
 pre-scaled by per-joint meta-learned step sizes (``k = 1 + s_k * k_raw``,
 ``beta = s_b * beta_raw``: Meta-SGD by re-parameterisation), so the plain SGD inner loop of
-:mod:`metarl_ros.learning.maml` takes well-conditioned steps.
+:mod:`metarl_ros.learning.maml_core` takes well-conditioned steps.
 """
 
 from __future__ import annotations

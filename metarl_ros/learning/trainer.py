@@ -7,12 +7,10 @@ One iteration (PEARL-style, Rakelly et al. 2019, Alg. 1, with online posteriors)
    transitions (with ``z = mu + std * eps``, ``eps`` fixed per episode: posterior sampling);
    with ``fault_episode_fraction`` some episodes start intact and the task strikes mid-way;
 2. ``updates_per_iteration`` SAC updates on meta-batches of ``meta_batch_tasks`` tasks: for
-   each task ``batch_size`` RL transitions from its buffer and, by ``context_sampling``,
-   either one context of consecutive transitions for all of them (``task``, PEARL's; random
-   fill ``min_context..window``, as the window is after a reset or a fault) or each
-   transition's own trailing window in its episode (``trailing``, the deployed posterior);
-3. (PEARL runs) MAML meta-steps for the two dynamics models the online adapter uses: one
-   conditioned on the PEARL latent (``pearl_maml``), one without (``maml``).
+   each task ``batch_size`` RL transitions from its buffer with their contexts
+   (:mod:`metarl_ros.learning.replay_sampling`);
+3. (PEARL runs) MAML meta-steps for the two dynamics models the online adapter uses
+   (:mod:`metarl_ros.learning.dynamics_training`).
 
 The same loop trains the baselines: ``oracle`` (true task vector), ``robust`` (no context,
 same tasks), ``nominal`` (no context, intact robot only).
@@ -23,6 +21,7 @@ from __future__ import annotations
 import copy
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +31,6 @@ from tqdm import tqdm
 from metarl_ros import __version__
 from metarl_ros.core.files import remove_stale_temp_files
 from metarl_ros.core.resources import resolve_path
-from metarl_ros.learning import maml
 from metarl_ros.learning.agent import ConditionedSAC
 from metarl_ros.learning.checkpoint import (
     CheckpointDirectory,
@@ -44,10 +42,11 @@ from metarl_ros.learning.checkpoint import (
     portable_env_path,
 )
 from metarl_ros.learning.config import TrainConfig, config_changes
-from metarl_ros.learning.encoder import TrailingContexts, make_transition, trailing_windows
-from metarl_ros.learning.replay import MultiTaskReplay, TransitionBatch
+from metarl_ros.learning.dynamics_models import AnyDynamics
+from metarl_ros.learning.dynamics_training import DynamicsTraining
+from metarl_ros.learning.replay import MultiTaskReplay
+from metarl_ros.learning.replay_sampling import ReplaySampler
 from metarl_ros.learning.rollout import VectorRollout, fault_steps_of, mean_before_after
-from metarl_ros.learning.torque_model import PDStructure, TorqueGainDynamics
 from metarl_ros.learning.warm_start import warm_start
 from metarl_ros.sim.env_config import EnvSetup, load_env_setup
 from metarl_ros.sim.tasks import (
@@ -79,30 +78,10 @@ def policy_contract(setup: EnvSetup, config: TrainConfig) -> dict:
     }
 
 
-def pd_structure(setup: EnvSetup) -> PDStructure:
-    """The env's actuation (PD gains, action and observation scales) for the structured
-    dynamics model."""
-    feedback, observation = setup.config.feedback, setup.config.observation
-    return PDStructure(
-        kp=tuple(feedback.kp),
-        kd=tuple(feedback.kd),
-        action_scale=tuple(setup.robot.action_scale),
-        position_error_scale=observation.position_error_scale,
-        velocity_error_scale=observation.velocity_error_scale,
-        velocity_scale=observation.velocity_scale,
-    )
-
-
 def training_tasks(config: TrainConfig, setup: EnvSetup) -> list[TaskParams]:
     if config.method == "nominal":
         return [nominal_task(setup.robot.num_joints)]
     return make_split(setup.tasks, "train", setup.robot.friction_scale)
-
-
-def intact_task_index(tasks: list[TaskParams], num_joints: int) -> int | None:
-    """Index of the intact robot (:func:`nominal_task`) in ``tasks``, or None."""
-    key = nominal_task(num_joints).key()
-    return next((i for i, t in enumerate(tasks) if t.key() == key), None)
 
 
 class Trainer:
@@ -123,17 +102,10 @@ class Trainer:
             resolve_path(config.env, base=config_path.parent if config_path else None)
         )
         self.setup = load_env_setup(self.env_path)
-        n = self.setup.robot.num_joints
         self.tasks = training_tasks(config, self.setup)
         self.heldout = make_split(self.setup.tasks, "heldout", self.setup.robot.friction_scale)
-        self.intact_task = intact_task_index(self.tasks, n)
-        if config.intact_fraction > 0 and self.intact_task is None:
-            raise ValueError(
-                "intact_fraction > 0 needs the intact robot among the training tasks "
-                "(include_nominal: true in the task suite's train split)"
-            )
         self.spec = config.agent_spec(
-            self.setup.obs_dim, self.setup.act_dim, oracle_vector_size(n)
+            self.setup.obs_dim, self.setup.act_dim, oracle_vector_size(self.setup.robot.num_joints)
         )
         torch.manual_seed(config.seed)
         self.rng = np.random.default_rng(config.seed)
@@ -154,11 +126,8 @@ class Trainer:
             if config.anchor_weight > 0
             else None
         )
-        # the true task vector is stored per transition (it changes at a mid-episode fault):
-        # the oracle's condition, or the target of PEARL's task inference
-        self.records_task = (
-            self.spec.conditioning == "oracle" or self.spec.task_inference_weight > 0
-        )
+        # the oracle's condition is stored per transition (it changes at a mid-episode fault)
+        self.records_task = self.spec.conditioning == "oracle"
         self.replay = MultiTaskReplay(
             len(self.tasks),
             config.replay_capacity_per_task,
@@ -168,74 +137,22 @@ class Trainer:
         )
         self.rollout = VectorRollout(self.setup, config.envs_per_iteration)
         self.eval_rollout = VectorRollout(self.setup, config.eval_tasks)
-        self.dynamics: dict[str, maml.DynamicsModel | TorqueGainDynamics] = {}
-        self.meta_trainers: dict[str, maml.MAMLTrainer] = {}
-        if config.method == "pearl" and config.dynamics.enabled:
-            # own RNG stream: the policy's training does not depend on the dynamics model
-            with torch.random.fork_rng():
-                torch.manual_seed(config.seed + 1)
-                self._build_dynamics()
+        self.sampler = ReplaySampler(self.replay, self.rng, config)
+        self.dynamics_training = (
+            DynamicsTraining(config, self.setup, self.agent.encoder, self.sampler)
+            if config.method == "pearl" and config.dynamics.enabled
+            else None
+        )
+        self.dynamics: dict[str, AnyDynamics] = (
+            self.dynamics_training.models if self.dynamics_training else {}
+        )
         self.iteration = 0
         self.env_steps = 0
         self.updates = 0
-        self.normalizer_fitted = False
         self.checkpoints = CheckpointDirectory(self.run_dir)
         self.writer = None
 
-    # ------------------------------------------------------------------ setup
-
-    def _maml_config(self) -> maml.MAMLConfig:
-        d = self.config.dynamics
-        return maml.MAMLConfig(
-            hidden_sizes=tuple(d.hidden_sizes),
-            inner_steps=d.inner_steps,
-            inner_lr=d.inner_lr,
-            first_order=d.first_order,
-            max_step_norm=d.max_step_norm,
-        )
-
-    def _build_dynamics(self) -> None:
-        d = self.config.dynamics
-        target_dim = d.target_blocks * self.setup.robot.num_joints
-        for name, latent_dim in (("dynamics_latent", self.spec.latent_dim), ("dynamics_plain", 0)):
-            model: maml.DynamicsModel | TorqueGainDynamics
-            if d.model == "torque_gain":
-                model = TorqueGainDynamics(
-                    self.setup.obs_dim,
-                    self.setup.act_dim,
-                    latent_dim,
-                    tuple(d.hidden_sizes),
-                    pd_structure(self.setup),
-                    init_step=d.head_init_step,
-                )
-            else:
-                model = maml.DynamicsModel(
-                    self.setup.obs_dim,
-                    self.setup.act_dim,
-                    target_dim,
-                    latent_dim=latent_dim,
-                    hidden_sizes=tuple(d.hidden_sizes),
-                )
-            self.dynamics[name] = model
-            self.meta_trainers[name] = maml.MAMLTrainer(
-                model, self._maml_config(), meta_lr=d.meta_lr
-            )
-
     # ------------------------------------------------------------------ data
-
-    def sample_task_ids(self, count: int) -> list[int]:
-        """``count`` training task ids, uniform over the split (without replacement when the
-        split is large enough), each slot replaced by the intact robot with probability
-        ``intact_fraction``."""
-        ids = self.rng.choice(
-            len(self.tasks), size=count, replace=len(self.tasks) < count
-        ).tolist()
-        fraction = self.config.intact_fraction
-        if fraction > 0:
-            assert self.intact_task is not None
-            intact = self.rng.random(count) < fraction
-            ids = [self.intact_task if flag else i for i, flag in zip(ids, intact)]
-        return [int(i) for i in ids]
 
     def collect(self, task_ids: list[int], deterministic: bool = False) -> np.ndarray:
         """One episode per task id; store transitions. Returns episode returns.
@@ -274,158 +191,30 @@ class Trainer:
         self.env_steps += result.reward.size
         return result.returns
 
-    def _consecutive_index(self, task_id: int, length: int) -> np.ndarray:
-        buffer = self.replay.tasks[task_id]
-        newest_offset = int(self.rng.integers(0, max(1, buffer.size - length + 1)))
-        return (buffer.cursor - 1 - newest_offset - np.arange(length)[::-1]) % buffer.capacity
-
-    def sample_context(self, task_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Consecutive windows: context (T, K, D) and mask (T, K) with random fill."""
-        k = self.config.context_window
-        rows = []
-        for task_id in task_ids:
-            buffer = self.replay.tasks[task_id]
-            index = self._consecutive_index(task_id, k)
-            rows.append(
-                np.concatenate(
-                    [
-                        buffer.obs[index],
-                        buffer.action[index],
-                        buffer.reward[index, None],
-                        buffer.next_obs[index],
-                    ],
-                    -1,
-                )
-            )
-        context = torch.from_numpy(np.stack(rows))
-        fill = self.rng.integers(self.config.min_context, k + 1, size=len(task_ids))
-        mask = torch.from_numpy((np.arange(k)[None, :] >= (k - fill)[:, None]).astype(np.float32))
-        return context, mask
-
-    def sample_trailing(
-        self, task_ids: list[int]
-    ) -> tuple[TransitionBatch, TrailingContexts, torch.Tensor | None]:
-        """RL transitions with their deployed contexts (``context_sampling: trailing``).
-
-        Per task, ``context_segments`` runs of ``M = batch_size / context_segments``
-        consecutive transitions, each with the ``context_window`` transitions before it.
-        Returns the batch (T, batch_size) in segment order, its :class:`TrailingContexts`
-        and, if the replay stores them, the RL transitions' true task vectors
-        (T, batch_size, oracle_dim), else None.
-        """
-        c = self.config
-        segments, k = c.context_segments, c.context_window
-        length = k + c.batch_size // segments
-        index = [
-            np.stack([self._consecutive_index(task_id, length) for _ in range(segments)])
-            for task_id in task_ids
-        ]  # per task (S, W) buffer rows, oldest first
-        seq = self.replay.batch_at(task_ids, index)  # (T, S, W, ...)
-        windows, next_windows = trailing_windows(
-            self.replay.gather(task_ids, index, "episode_step"), k
-        )
-        contexts = TrailingContexts(
-            make_transition(seq.obs, seq.action, seq.reward, seq.next_obs), windows, next_windows
-        )
-        tail = slice(k, None)
-        batch = TransitionBatch(
-            seq.obs[:, :, tail].flatten(1, 2),
-            seq.action[:, :, tail].flatten(1, 2),
-            seq.reward[:, :, tail].flatten(1, 2),
-            seq.next_obs[:, :, tail].flatten(1, 2),
-        )
-        task_vectors = None
-        if self.records_task:
-            stored = self.replay.gather(task_ids, index, "condition")  # (T, S, W, C)
-            task_vectors = stored[:, :, tail].flatten(1, 2)
-        return batch, contexts, task_vectors
-
     def update(self) -> dict[str, float]:
+        """One SAC (PEARL) update on a meta-batch."""
         c = self.config
-        task_ids = self.sample_task_ids(min(c.meta_batch_tasks, len(self.tasks)))
-        context = mask = task_condition = None
-        if self.spec.conditioning == "latent" and c.context_sampling == "trailing":
-            batch, context, task_condition = self.sample_trailing(task_ids)
-        elif self.spec.conditioning == "oracle":
-            # each transition with the true task vector it was acted on (T, B, C)
-            index = self.replay.sample_index(task_ids, c.batch_size, self.rng)
-            batch = self.replay.batch_at(task_ids, index)
-            task_condition = self.replay.gather(task_ids, index, "condition")
-        else:
-            batch = self.replay.sample(task_ids, c.batch_size, self.rng)
-        if self.spec.conditioning == "latent" and c.context_sampling == "task":
-            context, mask = self.sample_context(task_ids)
-        train_actor = self.updates >= c.critic_warmup_updates
+        task_ids = self.sampler.task_ids(min(c.meta_batch_tasks, len(self.tasks)))
+        batch, context, mask, task_condition = self.sampler.meta_batch(
+            task_ids, self.spec.conditioning
+        )
         self.updates += 1
         return self.agent.update(
             batch,
             context,
             mask,
             task_condition,
-            train_actor=train_actor,
             anchor=self.anchor_actor,
             anchor_weight=c.anchor_weight,
             smoothness_weight=c.smoothness_weight,
         )
 
-    # ------------------------------------------------------------------ dynamics (MAML)
-
-    def _dynamics_window(
-        self, task_id: int, latent: bool
-    ) -> tuple[maml.TransitionBatch, maml.TransitionBatch]:
-        d = self.config.dynamics
-        index = self._consecutive_index(task_id, d.support_size + d.query_size)
-        buffer = self.replay.tasks[task_id]
-        obs = torch.from_numpy(buffer.obs[index])
-        action = torch.from_numpy(buffer.action[index])
-        next_obs = torch.from_numpy(buffer.next_obs[index])
-        z = None
-        if latent:
-            with torch.no_grad():
-                support = slice(0, d.support_size)
-                transitions = make_transition(
-                    obs[support][-self.config.context_window :],
-                    action[support][-self.config.context_window :],
-                    torch.from_numpy(
-                        buffer.reward[index][: d.support_size][-self.config.context_window :]
-                    ),
-                    next_obs[support][-self.config.context_window :],
-                )
-                mu, _ = self.agent.encoder.posterior(transitions.unsqueeze(0))
-                z = mu.expand(len(index), -1)
-        whole = maml.TransitionBatch(obs, action, next_obs, z)
-        return whole[: d.support_size], whole[d.support_size :]
-
-    def _fit_normalizers(self) -> None:
-        deltas = []
-        for buffer in self.replay.tasks:
-            if buffer.size:
-                deltas.append(buffer.next_obs[: buffer.size] - buffer.obs[: buffer.size])
-        all_deltas = torch.from_numpy(np.concatenate(deltas))
-        for model in self.dynamics.values():
-            model.fit_normalizer(all_deltas)
-        self.normalizer_fitted = True
+    @property
+    def normalizer_fitted(self) -> bool:
+        return self.dynamics_training is not None and self.dynamics_training.normalizer_fitted
 
     def meta_train_dynamics(self) -> dict[str, float]:
-        stats: dict[str, float] = {}
-        if not self.dynamics:
-            return stats
-        if not self.normalizer_fitted:
-            self._fit_normalizers()
-        d = self.config.dynamics
-        for _ in range(d.meta_steps_per_iteration):
-            task_ids = self.rng.choice(
-                len(self.tasks), size=min(d.tasks_per_meta_step, len(self.tasks)), replace=False
-            )
-            for name, trainer in self.meta_trainers.items():
-                windows = [
-                    self._dynamics_window(int(t), latent=name == "dynamics_latent")
-                    for t in task_ids
-                ]
-                result = trainer.step(windows)
-                stats[f"{name}/pre_adapt_loss"] = result.pre_adapt_loss
-                stats[f"{name}/post_adapt_loss"] = result.post_adapt_loss
-        return stats
+        return self.dynamics_training.meta_train() if self.dynamics_training else {}
 
     # ------------------------------------------------------------------ evaluation
 
@@ -455,8 +244,11 @@ class Trainer:
     # ------------------------------------------------------------------ persistence
 
     def model_payload(self) -> dict:
-        extra = {name: model.state_dict() for name, model in self.dynamics.items()}
-        maml_cfg = self._maml_config().to_dict() if self.dynamics else {}
+        extra, dynamics_metadata = (
+            self.dynamics_training.model_file_parts()
+            if self.dynamics_training
+            else ({}, {"maml_config": {}, "dynamics_specs": {}})
+        )
         return build_model_payload(
             agent_state=self._agent_weights(),
             agent_spec=self.spec,
@@ -470,8 +262,7 @@ class Trainer:
                 "env_steps": self.env_steps,
                 "updates": self.updates,
                 "metarl_ros_version": __version__,
-                "maml_config": maml_cfg,
-                "dynamics_specs": {n: m.spec() for n, m in self.dynamics.items()},
+                **dynamics_metadata,
             },
         )
 
@@ -485,9 +276,9 @@ class Trainer:
             "updates": self.updates,
             "normalizer_fitted": self.normalizer_fitted,
             "optimizers": {k: o.state_dict() for k, o in self.agent.optimizers().items()},
-            "meta_optimizers": {
-                k: t.optimizer.state_dict() for k, t in self.meta_trainers.items()
-            },
+            "meta_optimizers": (
+                self.dynamics_training.optimizer_states() if self.dynamics_training else {}
+            ),
             "numpy_rng": json.dumps(self.rng.bit_generator.state),
             "torch_rng": torch.get_rng_state(),
         }
@@ -500,13 +291,12 @@ class Trainer:
         return path
 
     def resume(self) -> bool:
-        """Restore the latest checkpoint of ``run_dir``; False if there is none."""
-        latest = self.checkpoints.latest()
-        if latest is None:
+        """Restore the latest checkpoint of ``run_dir``; False if there is none. A damaged
+        newest checkpoint is skipped for the previous complete one, saying so on stdout."""
+        point = self.checkpoints.load_resumable(log=print)
+        if point is None:
             return False
-
-        payload = load_model_payload(latest / "model.pt")
-        state = torch.load(latest / "train_state.pt", map_location="cpu", weights_only=True)
+        latest, payload, state = point.folder, point.payload, point.state
         changes = config_changes(payload["train_config"], self.config)
         if changes:
             raise CheckpointError(
@@ -518,12 +308,12 @@ class Trainer:
             load_state_strict(model, payload["extra"][name], name, latest)
         for name, optimizer in self.agent.optimizers().items():
             optimizer.load_state_dict(state["optimizers"][name])
-        for name, trainer in self.meta_trainers.items():
-            trainer.optimizer.load_state_dict(state["meta_optimizers"][name])
+        if self.dynamics_training:
+            self.dynamics_training.load_optimizer_states(state["meta_optimizers"])
+            self.dynamics_training.normalizer_fitted = state["normalizer_fitted"]
         self.iteration = state["iteration"]
         self.env_steps = state["env_steps"]
         self.updates = state["updates"]
-        self.normalizer_fitted = state["normalizer_fitted"]
         self.rng.bit_generator.state = json.loads(state["numpy_rng"])
         torch.set_rng_state(state["torch_rng"])
         replay_file = latest / "replay.npz"
@@ -544,23 +334,6 @@ class Trainer:
 
     # ------------------------------------------------------------------ loop
 
-    def _fit_encoder_input(self) -> None:
-        """Standardize a ``normalized_delta`` encoder's input on the initial episodes."""
-        encoder = self.agent.encoder
-        if encoder is None or encoder.input_features != "normalized_delta":
-            return
-        rows = [
-            make_transition(
-                *(
-                    torch.from_numpy(getattr(buffer, field)[: buffer.size])
-                    for field in ("obs", "action", "reward", "next_obs")
-                )
-            )
-            for buffer in self.replay.tasks
-            if buffer.size
-        ]
-        encoder.fit_input_normalizer(torch.cat(rows))
-
     def collect_initial(self) -> None:
         c = self.config
         ids = [i for i in range(len(self.tasks)) for _ in range(c.initial_episodes_per_task)]
@@ -568,9 +341,14 @@ class Trainer:
             self.collect(ids[start : start + c.envs_per_iteration])
 
     def run(
-        self, max_iterations: int | None = None, stop_after_seconds: float | None = None
+        self,
+        max_iterations: int | None = None,
+        stop_after_seconds: float | None = None,
+        on_iteration: Callable[[dict[str, float]], None] | None = None,
     ) -> dict:
-        """Train until ``total_iterations`` (or ``max_iterations`` more, or a time budget)."""
+        """Train until ``total_iterations`` (or ``max_iterations`` more, or a time budget).
+        ``on_iteration`` gets each iteration's statistics, as TensorBoard does (a sweep
+        reports them to Ray Tune)."""
         from torch.utils.tensorboard import SummaryWriter
 
         c = self.config
@@ -578,7 +356,6 @@ class Trainer:
         self.writer = SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=self.iteration)
         if self.iteration == 0 and len(self.replay) == 0:
             self.collect_initial()
-            self._fit_encoder_input()
         last_checkpoint = time.monotonic()
         start = time.monotonic()
         end = (
@@ -597,7 +374,7 @@ class Trainer:
         )
         try:
             while self.iteration < end:
-                task_ids = self.sample_task_ids(c.envs_per_iteration)
+                task_ids = self.sampler.task_ids(c.envs_per_iteration)
                 t0 = time.perf_counter()
                 returns = self.collect(task_ids)
                 t1 = time.perf_counter()
@@ -629,6 +406,8 @@ class Trainer:
                         )
                 for key, value in stats.items():
                     self.writer.add_scalar(key, value, self.iteration)
+                if on_iteration is not None:
+                    on_iteration(dict(stats))
                 bar.update(1)
                 bar.set_postfix(
                     ret=f"{stats['train/return']:.0f}",

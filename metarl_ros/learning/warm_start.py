@@ -4,7 +4,7 @@ Curriculum used for the shipped models: first learn precise tracking of the inta
 (``nominal``), then meta-train on the fault distribution starting from it. The actor's and
 critics' first layers gain input columns for the condition (PEARL's ``z`` or the oracle's task
 vector); those start at zero, so the warm-started agent *is* the source policy until training
-teaches it to use the condition. The encoder and its heads (if any) start fresh.
+teaches it to use the condition. The encoder starts fresh.
 
 With ``critic_condition="random"`` the critics' condition columns keep their fresh random
 initialization instead (the actor's still start at zero, so the start policy is unchanged).
@@ -72,7 +72,7 @@ def warm_start(
     first_layers = ("actor", "critic", "critic_target")
     with torch.no_grad():
         for name, value in own.items():
-            if name.startswith(("encoder.", "decoder.", "task_head.")):
+            if name.startswith("encoder."):
                 continue
             if name not in source_state:
                 raise CheckpointError(f"{source_name}: cannot warm-start: no {name!r}")

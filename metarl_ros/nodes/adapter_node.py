@@ -48,6 +48,12 @@ Loops
     reference are older than ``watchdog_timeout`` (node clock, i.e. simulated time under
     ``use_sim_time``; one not received yet counts from the first receipt of the other).
     *diagnostics* (steady clock).
+
+Parameters
+    ``effort_limit_scale``, ``safe_mode`` and ``log_throttle_s`` apply at once when set at run
+    time (``ros2 param set``); every other parameter is read at start-up, and setting it is
+    refused with that reason. ``max_stamp_offset`` bounds how far a message's stamp may be
+    from the node's clock (a ``use_sim_time`` mismatch is named in the rejection).
 """
 
 from __future__ import annotations
@@ -82,6 +88,7 @@ from .common import (
     BEST_EFFORT_QOS,
     STATE_QOS,
     declare,
+    guard_parameters,
     now_s,
     run_node,
     stamp_to_s,
@@ -137,12 +144,20 @@ class AdapterNode(Node):
             late_tick_fraction=p["late_tick_fraction"],
             adaptation_event_threshold=p["adaptation_event_threshold"],
             effort_limit_scale=p["effort_limit_scale"],
+            max_stamp_offset_s=p["max_stamp_offset"],
         )
         if len(config.hold_kp) != n or len(config.hold_kd) != n:
             raise ValueError(f"hold_kp and hold_kd need {n} entries")
         self.loop = AdaptiveController(self.setup.law, policy, config)
         self._throttle = LogThrottle(p["log_throttle_s"])
+        # adaptation events can come at the context rate: one line per 10 throttle periods
+        self._event_throttle = LogThrottle(10.0 * p["log_throttle_s"])
         self._was_safe = ""
+        guard_parameters(self, {
+            "effort_limit_scale": self.loop.set_effort_limit_scale,
+            "safe_mode": self.loop.set_safe_mode,
+            "log_throttle_s": self._set_log_throttle,
+        })
 
         control_group = MutuallyExclusiveCallbackGroup()
         context_group = MutuallyExclusiveCallbackGroup()
@@ -226,8 +241,8 @@ class AdapterNode(Node):
                                       "(0 = not checked).", low=0, high=100000)
         d["effort_limit_scale"] = declare(self, "effort_limit_scale", 1.0,
                                           "Clamp efforts to this fraction of the robot's effort "
-                                          "limits (first trials on hardware).", low=0.01,
-                                          high=1.0)
+                                          "limits (first trials on hardware); applies at once "
+                                          "when set at run time.", low=0.01, high=1.0)
         d["control_rate_hz"] = declare(self, "control_rate_hz", 0.0,
                                        "Policy rate (0 = the env's control rate).",
                                        low=0.0, high=2000.0)
@@ -239,8 +254,14 @@ class AdapterNode(Node):
             "Seconds (node clock) without joint states or reference before the safe action.",
             low=0.001, high=10.0)
         d["safe_mode"] = declare(self, "safe_mode", "zero",
-                                 "Safe action: zero effort, or hold (PD to the last position).",
+                                 "Safe action: zero effort, or hold (PD to the last position); "
+                                 "applies at once when set at run time.",
                                  choices=SAFE_MODES)
+        d["max_stamp_offset"] = declare(
+            self, "max_stamp_offset", 1.0,
+            "Seconds a joint state's or reference's stamp may differ from this node's clock "
+            "(further: rejected, e.g. a use_sim_time mismatch); 0 = not checked.",
+            low=0.0, high=1e10)
         d["hold_kp"] = declare(self, "hold_kp", None, "N*m/rad per joint for safe_mode hold "
                                "(unset = the env's feedback.kp).",
                                param_type=Parameter.Type.DOUBLE_ARRAY)
@@ -283,6 +304,17 @@ class AdapterNode(Node):
 
     # ------------------------------------------------------------------ helpers
 
+    def _set_log_throttle(self, seconds: float) -> None:
+        self._throttle = LogThrottle(seconds)
+        self._event_throttle = LogThrottle(10.0 * seconds)
+
+    def _model_names(self, names):
+        """A message's joint names as model names; an oversized list is passed on as it is,
+        for the loop to reject on its length (renaming it would cost a pass over it)."""
+        if len(names) > self.loop.config.max_message_joints:
+            return names
+        return self.joint_map.to_model(names)
+
     def _warn_throttled(self, key: str, message: str) -> None:
         dropped = self._throttle.ready(key)
         if dropped is not None:
@@ -303,8 +335,9 @@ class AdapterNode(Node):
                 self._warn_throttled("policy_error", f"policy failed ({result.error}); "
                                      f"commanding the safe action ({self.loop.config.safe_mode})")
             elif self._was_safe != result.reason:
-                self.get_logger().warning(f"{result.reason}: commanding the safe action "
-                                       f"({self.loop.config.safe_mode})")
+                detail = f" ({result.detail})" if result.detail else ""
+                self.get_logger().warning(f"{result.reason}{detail}: commanding the safe action "
+                                          f"({self.loop.config.safe_mode})")
         elif self._was_safe:
             self.get_logger().info(f"policy back in control (was: {self._was_safe})")
         self._was_safe = result.reason if result.safe else ""
@@ -316,7 +349,7 @@ class AdapterNode(Node):
         now = now_s(self)
         try:
             due = self.loop.on_joint_state(stamp_to_s(msg.header.stamp), now,
-                                           self.joint_map.to_model(msg.name), msg.position,
+                                           self._model_names(msg.name), msg.position,
                                            msg.velocity)
         except RejectedInput as exc:
             self._warn_throttled(f"joint_state:{exc.reason}", f"rejected joint state: {exc}")
@@ -329,7 +362,7 @@ class AdapterNode(Node):
         now = now_s(self)
         try:
             due = self.loop.on_reference(stamp_to_s(msg.header.stamp), now,
-                                         self.joint_map.to_model(msg.name), msg.position,
+                                         self._model_names(msg.name), msg.position,
                                          msg.velocity, msg.effort)
         except RejectedInput as exc:
             self._warn_throttled(f"reference:{exc.reason}", f"rejected reference: {exc}")
@@ -343,8 +376,8 @@ class AdapterNode(Node):
             self._send(result.efforts)
             if self._was_safe != result.reason:
                 self.get_logger().warning(
-                    f"{result.reason}: no fresh data for {self.loop.config.watchdog_timeout_s:g}"
-                    f" s, commanding the safe action ({self.loop.config.safe_mode})")
+                    f"{result.reason}: {result.detail}; commanding the safe action "
+                    f"({self.loop.config.safe_mode}) every control period")
             self._was_safe = result.reason
 
     def _on_context(self) -> None:
@@ -357,7 +390,13 @@ class AdapterNode(Node):
                           MultiArrayDimension(label="latent", size=d, stride=d)]
         self._latent_pub.publish(msg)
         if update.adaptation_event:
-            self.get_logger().info(f"adaptation event: latent moved (shift {update.shift:.3f})")
+            dropped = self._event_throttle.ready("adaptation_event")
+            if dropped is not None:
+                more = f" ({dropped} more since the last line)" if dropped else ""
+                self.get_logger().info(
+                    f"adaptation event: latent mean moved {update.moved:.2f} posterior std (RMS "
+                    f"over {update.mean.size} dims) from its last reference, threshold "
+                    f"{self.loop.config.adaptation_event_threshold:g}{more}")
 
     def _on_diagnostics(self) -> None:
         report = self.loop.diagnostics(now_s(self))

@@ -9,7 +9,12 @@ from typing import Any, Callable, Sequence
 
 import rclpy
 from builtin_interfaces.msg import Time
-from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor
+from rcl_interfaces.msg import (
+    FloatingPointRange,
+    IntegerRange,
+    ParameterDescriptor,
+    SetParametersResult,
+)
 from rclpy.executors import (
     ExternalShutdownException,
     MultiThreadedExecutor,
@@ -71,7 +76,47 @@ def declare(node: Node, name: str, default: Any, description: str, *,
                                    descriptor).value
     if choices and value not in choices:
         raise ValueError(f"parameter {name}={value!r}: must be one of {', '.join(choices)}")
+    declared = node.__dict__.setdefault("_metarl_parameters", {})
+    declared[name] = tuple(choices or ())
     return value
+
+
+def guard_parameters(node: Node, live: dict[str, Callable[[Any], None]]) -> None:
+    """Make ``ros2 param set`` tell the truth about the parameters :func:`declare` declared.
+
+    Parameters named in ``live`` are applied at once by calling ``live[name](value)``, after
+    their choices (if any) are checked; every other declared parameter is read at start-up
+    only, so setting it is refused with that reason (rather than succeeding while nothing
+    changes). ROS's own parameters (``use_sim_time``, QoS overrides...) are left alone. Call
+    after the last :func:`declare`.
+    """
+    declared: dict[str, tuple[str, ...]] = node.__dict__.get("_metarl_parameters", {})
+
+    def on_set(parameters: list[Parameter]) -> SetParametersResult:
+        for parameter in parameters:
+            name, value = parameter.name, parameter.value
+            if name not in declared:
+                continue
+            if name not in live:
+                return SetParametersResult(
+                    successful=False,
+                    reason=f"{name} is read-only: it is read at start-up only; restart the "
+                           "node with the new value")
+            choices = declared[name]
+            if choices and value not in choices:
+                return SetParametersResult(
+                    successful=False,
+                    reason=f"{name}={value!r}: must be one of {', '.join(choices)}")
+        for parameter in parameters:
+            if parameter.name in declared:
+                try:
+                    live[parameter.name](parameter.value)
+                except ValueError as exc:
+                    return SetParametersResult(successful=False, reason=f"{parameter.name}: {exc}")
+                node.get_logger().info(f"parameter {parameter.name} set to {parameter.value!r}")
+        return SetParametersResult(successful=True)
+
+    node.add_on_set_parameters_callback(on_set)
 
 
 def freeze_heap(collect: bool = True) -> int:
@@ -105,6 +150,9 @@ def run_node(factory: Callable[[], Node], args: list[str] | None = None,
 
     Catches ``KeyboardInterrupt`` and ``ExternalShutdownException``; once shutting down,
     SIGINT is ignored for the rest of the process so an interrupted launch exits cleanly (0).
+    A node that failed while running (its ``failure`` attribute set, e.g. sim_node's
+    simulation thread; it has logged why and shut the context down) exits 1, so that
+    ``ros2 launch`` sees it die.
     """
     interrupted = _watch_signals()
     rclpy.init(args=args)  # rclpy's handlers chain to ours
@@ -140,6 +188,8 @@ def run_node(factory: Callable[[], Node], args: list[str] | None = None,
         # leaves SIG_IGN alone), which would turn a clean exit into "exit code -2".
         _ignore_sigint_for_good()
         if node is not None:
+            if getattr(node, "failure", None):
+                code = 1
             node.destroy_node()
         rclpy.try_shutdown()
     return code

@@ -5,9 +5,11 @@ small ``ros2 bag record`` that also works where the ``ros2`` CLI is not installe
 
 * subscriptions are **raw** (``raw=True``): the CDR bytes go to the bag as they arrived, no
   deserialize/serialize per message;
-* a writer thread owns the bag (:class:`metarl_ros.recording.bag.QueuedBagWriter`); callbacks only
-  enqueue. Disk latency never blocks the executor, a Ctrl-C landing in a callback cannot leave
-  a half-written record behind, and sqlite3 gets all its calls from one thread;
+* a writer thread owns the bag (:class:`metarl_ros.recording.writer.QueuedBagWriter`);
+  callbacks only enqueue. Disk latency never blocks the executor, a Ctrl-C landing in a
+  callback cannot leave a half-written record behind, and sqlite3 gets all its calls from one
+  thread; that thread also **flushes** the bag to disk every ``flush_period_s`` (MCAP: the
+  chunk is closed and fsync-ed; sqlite3: a commit);
 * each message is stamped with its **receive time** (the rmw's ``received_timestamp``, system
   clock, ns) like ``ros2 bag record`` does; ``timestamps: node_clock`` uses the node's clock
   instead (simulated time with ``use_sim_time``);
@@ -26,15 +28,17 @@ lockstep simulation starts stepping as soon as its controller answers.
 
 The bag is closed -- flushed, indexed, ``metadata.yaml`` written -- when the node is
 destroyed, on SIGINT and SIGTERM (a second signal during shutdown is ignored) and when its
-context shuts down. A bag whose recorder was killed has no ``metadata.yaml``; see
-:mod:`metarl_ros.recording.bag` for how that is detected and repaired.
+context shuts down. A recorder killed with SIGKILL (or a power loss) leaves a bag without
+``metadata.yaml`` that holds everything up to the last flush; ``metarl bag repair <bag>``
+(:mod:`metarl_ros.recording.repair`) turns it into a complete bag.
 
 Parameters
     ``output`` (''): bag directory, must not exist; '' = ``rosbag2_<YYYY_MM_DD-HH_MM_SS>`` in
     the working directory. ``storage`` (mcap | sqlite3), ``version`` (0 = 9 for mcap, 8 for
     sqlite3, which Humble plays). ``topics`` (string array), ``types`` (string array, same
     length or empty; '' entries are discovered). ``queue_depth`` (subscription history depth).
-    ``timestamps`` (receive | node_clock). ``discovery_period_s``.
+    ``timestamps`` (receive | node_clock). ``discovery_period_s``. ``flush_period_s`` (0.5:
+    the most a kill can lose, s).
 
 Default topics: ``/joint_states``, ``/effort_controller/commands``, ``/reference``,
 ``/adapter_node/latent``, ``/diagnostics``, ``/sim/true_task`` -- everything ``metarl retrain``
@@ -59,7 +63,8 @@ from rclpy.parameter import Parameter
 from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
 from rclpy.subscription import Subscription
 
-from metarl_ros.recording.bag import STORAGE_FORMATS, BagError, QueuedBagWriter, make_qos
+from metarl_ros.recording.formats import STORAGE_FORMATS, BagError, make_qos
+from metarl_ros.recording.writer import QueuedBagWriter
 
 from .common import declare, run_node
 
@@ -117,7 +122,8 @@ class RecorderNode(Node):
         self.timestamp_mode = p["timestamps"]
         output = Path(p["output"] or default_bag_name())
         self.writer = QueuedBagWriter(output, storage=p["storage"],
-                                      version=p["version"] or None)
+                                      version=p["version"] or None,
+                                      flush_period_s=p["flush_period_s"])
         self.path = self.writer.path
         self._closing = threading.Event()
         self._recording: dict[str, Subscription] = {}
@@ -135,7 +141,8 @@ class RecorderNode(Node):
             clock=Clock(clock_type=ClockType.STEADY_TIME))
         self.get_logger().info(
             f"recording {len(self.wanted)} topics to {self.path} ({self.writer.storage}, "
-            f"rosbag2 version {self.writer.version}); timestamps: {self.timestamp_mode}")
+            f"rosbag2 version {self.writer.version}, flushed every "
+            f"{self.writer.flush_period_s:g} s); timestamps: {self.timestamp_mode}")
 
     # ------------------------------------------------------------------ parameters
 
@@ -164,6 +171,10 @@ class RecorderNode(Node):
         d["discovery_period_s"] = declare(self, "discovery_period_s", 0.1,
                                           "How often to look for publishers of missing topics.",
                                           low=0.01, high=60.0)
+        d["flush_period_s"] = declare(self, "flush_period_s", 0.5,
+                                      "How often the bag is flushed to disk (fsync): what a "
+                                      "killed recorder or a power loss can lose, s.",
+                                      low=0.05, high=60.0)
         return d
 
     # ------------------------------------------------------------------ discovery

@@ -48,6 +48,14 @@ Timing (parameter ``real_time_factor``)
     physics step after it arrives, as on a real robot (the firmware's gravity term is then
     also updated every physics step: slightly different dynamics from the env's).
 
+Set at run time (``ros2 param set``), ``real_time_factor`` (between real-time factors > 0;
+switching to or from lockstep needs a restart), ``command_timeout``, ``lockstep_timeout`` and
+``log_throttle_s`` apply at once; every other parameter is read at start-up and setting it is
+refused with that reason.
+
+If the simulation thread fails, the node logs one FATAL line, sets :attr:`SimNode.failure` and
+shuts its context down, so the process exits non-zero (``metarl launch`` ends the graph).
+
 With ``wait_for_controller`` (default) simulated time stays at 0 until the first command
 arrives; t = 0 is re-published every 0.1 s meanwhile, so late-starting controllers find it.
 
@@ -77,7 +85,15 @@ from metarl_ros.sim.scenario import Scenario, load_scenario, parse_task_command,
 from metarl_ros.sim.tasks import TaskParams
 
 from .commands import command_stamp_ns
-from .common import COMMAND_QOS, LATCHED_QOS, STATE_QOS, declare, ns_to_stamp, run_node
+from .common import (
+    COMMAND_QOS,
+    LATCHED_QOS,
+    STATE_QOS,
+    declare,
+    guard_parameters,
+    ns_to_stamp,
+    run_node,
+)
 
 NODE_NAME = "sim_node"
 
@@ -165,6 +181,15 @@ class SimNode(Node):
         self._wall_start: float | None = None
         self._next_wall = 0.0
         self._time_at_start = 0.0
+        self._repace = threading.Event()
+        self.failure: str | None = None
+        """why the simulation thread stopped, if it failed (None while all is well)."""
+        guard_parameters(self, {
+            "real_time_factor": self._set_real_time_factor,
+            "command_timeout": lambda v: setattr(self, "command_timeout", float(v)),
+            "lockstep_timeout": lambda v: setattr(self, "lockstep_timeout", float(v)),
+            "log_throttle_s": lambda v: setattr(self, "_throttle", LogThrottle(float(v))),
+        })
 
         self._publish_task(self.sim.task, "initial")
         self.create_timer(1.0, self._publish_diagnostics,
@@ -219,6 +244,14 @@ class SimNode(Node):
                                       "Minimum wall seconds between repeated warnings.",
                                       low=0.0, high=3600.0)
         return d
+
+    def _set_real_time_factor(self, value: float) -> None:
+        value = float(value)
+        if (value == 0.0) != self.lockstep:
+            raise ValueError("switching between lockstep (0) and real time (> 0) needs a "
+                             f"restart of {self.get_name()}")
+        self.real_time_factor = value
+        self._repace.set()  # the simulation thread restarts its wall-clock schedule
 
     # ------------------------------------------------------------------ callbacks
 
@@ -335,8 +368,11 @@ class SimNode(Node):
         except Exception as exc:
             if self._stop.is_set() or not self.context.ok():
                 return  # shutting down (e.g. SIGINT shut the context before destroy_node)
-            self.get_logger().fatal(f"simulation loop crashed: {type(exc).__name__}: {exc}")
-            raise
+            self.failure = f"simulation loop crashed: {type(exc).__name__}: {exc}"
+            self.get_logger().fatal(self.failure)
+            # no simulation, no graph: end the process (run_node exits 1 on a failure) or,
+            # in metarl launch, the graph sharing this context
+            self.context.try_shutdown()
 
     def _loop(self) -> None:
         publish_index = 0
@@ -401,6 +437,10 @@ class SimNode(Node):
         up in a burst: the achieved real-time factor drops, as in Gazebo.
         """
         events = []
+        if self._repace.is_set():
+            self._repace.clear()
+            self._wall_start = self._next_wall = time.monotonic()
+            self._time_at_start = self.sim.time_s
         step_wall = self.sim.dt / self.real_time_factor
         for _ in range(self.chunk_steps):
             events += self.sim.step(self._current_command(), substeps=1)

@@ -1,9 +1,9 @@
 """MAML online adaptation and action correction for one stream of transitions.
 
 :class:`DynamicsAdaptation` adapts a meta-trained dynamics model
-(:mod:`metarl_ros.learning.maml`) on the recent transitions and corrects the actor's action
-with it; :class:`~metarl_ros.policy.torch_policy.TorchAdaptivePolicy` runs it on the robot and
-:mod:`metarl_ros.evaluation` in evaluation.
+(:mod:`metarl_ros.learning.online_adapter`) on the recent transitions and corrects the
+actor's action with it; :class:`~metarl_ros.policy.torch_policy.TorchAdaptivePolicy` runs it on
+the robot and :mod:`metarl_ros.evaluation` in evaluation.
 """
 
 from __future__ import annotations
@@ -19,10 +19,15 @@ import numpy as np
 import torch
 from torch.func import functional_call
 
-from metarl_ros.learning import maml
+from metarl_ros.learning.action_correction import correct_action
 from metarl_ros.learning.checkpoint import CheckpointError
-from metarl_ros.learning.saved_model import AnyDynamics, LoadedModel
+from metarl_ros.learning.dynamics_config import MAMLConfig
+from metarl_ros.learning.dynamics_models import AnyDynamics
+from metarl_ros.learning.maml_core import dynamics_loss
+from metarl_ros.learning.online_adapter import AdaptationResult, OnlineAdapter
+from metarl_ros.learning.saved_model import LoadedModel
 from metarl_ros.learning.torque_model import TorqueGainDynamics, head_at
+from metarl_ros.learning.transitions import TransitionBatch
 
 _LOG = logging.getLogger(__name__)
 
@@ -37,7 +42,7 @@ LAG_HORIZON_TICKS = 25
 
 
 def per_joint_error(
-    model: TorqueGainDynamics, params: Mapping[str, torch.Tensor], batch: maml.TransitionBatch
+    model: TorqueGainDynamics, params: Mapping[str, torch.Tensor], batch: TransitionBatch
 ) -> np.ndarray:
     """Mean squared normalised prediction error of each joint, (n,), at ``params``."""
     pred = functional_call(model, dict(params), (batch.obs, batch.action, batch.latent))
@@ -48,8 +53,9 @@ class DynamicsAdaptation:
     """MAML online adaptation + action correction for one stream of transitions.
 
     The expensive work happens in :meth:`step`, at the adaptation rate (10 Hz): adapt the
-    dynamics model on the recent window (:class:`~metarl_ros.learning.maml.OnlineAdapter`:
-    from the meta-init, bounded steps, rollback on held-out data), then solve the action
+    dynamics model on the recent window
+    (:class:`~metarl_ros.learning.online_adapter.OnlineAdapter`: from the meta-init, bounded
+    steps, rollback on held-out data), then solve the action
     correction for the newest state the policy acted in and keep it as an offset. The control
     loop only adds the held offset (:meth:`apply`), so a tick costs microseconds; the offset is
     at most one adaptation period old, like the adapted weights themselves.
@@ -104,7 +110,7 @@ class DynamicsAdaptation:
     def __init__(
         self,
         model: AnyDynamics,
-        config: maml.MAMLConfig,
+        config: MAMLConfig,
         window: int = 60,
         adapt_every: int = 10,
         min_improvement: float | None = None,
@@ -112,7 +118,7 @@ class DynamicsAdaptation:
         confirmations: int = 2,
         lag_band_rad: float | None | Literal["default"] = "default",
     ) -> None:
-        self.adapter = maml.OnlineAdapter(model, config)  # type: ignore[arg-type]
+        self.adapter = OnlineAdapter(model, config)
         self.structured = isinstance(model, TorqueGainDynamics)
         self.confirmations = confirmations
         n = model.act_dim
@@ -149,7 +155,7 @@ class DynamicsAdaptation:
         self._lock = threading.Lock()
         self._query: tuple[np.ndarray, np.ndarray, np.ndarray | None] | None = None
         self._offset = np.zeros(model.act_dim, np.float32)
-        self.last_result: maml.AdaptationResult | None = None
+        self.last_result: AdaptationResult | None = None
         self.steps = 0
         self.errors = 0
         self.last_error: BaseException | None = None
@@ -208,7 +214,7 @@ class DynamicsAdaptation:
 
     # ------------------------------------------------------------ adaptation side (10 Hz)
 
-    def batch(self) -> maml.TransitionBatch | None:
+    def batch(self) -> TransitionBatch | None:
         """The recent window as a batch (oldest first), or None if it is too short."""
         with self._lock:
             items = list(self.window)
@@ -219,11 +225,11 @@ class DynamicsAdaptation:
         if self.uses_latent:
             # condition every transition on the newest belief (what the policy uses now)
             z = torch.from_numpy(np.repeat(np.asarray(latent[-1])[None], len(items), 0)).float()
-        return maml.TransitionBatch(
-            torch.from_numpy(np.stack(obs)).float(),
-            torch.from_numpy(np.stack(action)).float(),
-            torch.from_numpy(np.stack(next_obs)).float(),
-            z,
+        return TransitionBatch(
+            obs=torch.from_numpy(np.stack(obs)).float(),
+            action=torch.from_numpy(np.stack(action)).float(),
+            next_obs=torch.from_numpy(np.stack(next_obs)).float(),
+            latent=z,
         )
 
     def step(self) -> None:
@@ -248,7 +254,7 @@ class DynamicsAdaptation:
                 else None
             )
             cfg = self.adapter.config
-            corrected = maml.correct_action(
+            corrected = correct_action(
                 self._model, torch.from_numpy(obs).float(), torch.from_numpy(action).float(),
                 z, self._reference, current, cfg.correction_steps, cfg.correction_lr,
                 cfg.trust_weight,
@@ -262,7 +268,7 @@ class DynamicsAdaptation:
         self.steps += 1
 
     def _step_structured(
-        self, window: maml.TransitionBatch | None, current: Mapping[str, torch.Tensor]
+        self, window: TransitionBatch | None, current: Mapping[str, torch.Tensor]
     ) -> None:
         """Per-joint evidence, sign consistency, then the held gain ratio and bias torque."""
         query = self._query
@@ -304,14 +310,14 @@ class DynamicsAdaptation:
             np.where(active, bias, 0.0).astype(np.float32),
         )
 
-    def _evidence(self, window: maml.TransitionBatch, current) -> bool:
+    def _evidence(self, window: TransitionBatch, current) -> bool:
         """Do the weights in use explain the newest data clearly better than the reference?"""
         if self._reference is None or current is self._reference:
             return False
         holdout = window[-max(1, len(window) // 4):]
         with torch.no_grad():
-            loss_ref = float(maml.dynamics_loss(self._model, self._reference, holdout))
-            loss_now = float(maml.dynamics_loss(self._model, current, holdout))
+            loss_ref = float(dynamics_loss(self._model, self._reference, holdout))
+            loss_now = float(dynamics_loss(self._model, current, holdout))
         return bool(np.isfinite(loss_now) and loss_now < (1.0 - self.min_improvement) * loss_ref)
 
     def maybe_step(self) -> None:

@@ -164,9 +164,16 @@ def make_policy(
         path = resolve_path(model_path)
         if not path.exists():
             raise ConfigError(f"{path}: model not found")
-        from metarl_ros.policy.torch_policy import load_adaptive_policy  # torch: import lazily
+        from metarl_ros.learning.saved_model import load_model  # torch: import lazily
+        from metarl_ros.policy.torch_policy import load_adaptive_policy
 
-        policy = load_adaptive_policy(path, adaptation=adaptation and maml,
+        loaded = load_model(path)
+        if loaded.agent.spec.conditioning != "latent":
+            raise ConfigError(
+                f"{loaded.path}: a {loaded.method!r} model, without the context encoder policy "
+                "'pearl' adapts with; run PEARL models with policy 'pearl', or export this one "
+                "(`metarl export`) and run it with policy 'onnx'")
+        policy = load_adaptive_policy(loaded, adaptation=adaptation and maml,
                                       background=adaptation_schedule == "background")
         check_expected_contract(policy.contract, path, expected_joint_names, expected_rate_hz,
                                 expected_window)

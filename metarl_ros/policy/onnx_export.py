@@ -59,6 +59,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from metarl_ros.core.files import make_staging_dir
 from metarl_ros.learning.checkpoint import CheckpointError, model_env_config
 from metarl_ros.learning.encoder import ContextEncoder, product_of_gaussians
 from metarl_ros.learning.networks import TanhGaussianActor
@@ -384,8 +385,7 @@ def export_model(model_path: str | Path, out_dir: str | Path) -> dict:
                           "output); choose a new --out")
     if out_dir.exists() and not out_dir.is_dir():
         raise ExportError(f"{out_dir}: exists and is not a directory; choose a new --out")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    staging = make_staging_dir(out_dir.parent, prefix=f".{out_dir.name}.")  # umask honoured
     try:
         props = export_contract(loaded)
         latent_dim = spec.latent_dim if spec.conditioning == "latent" else 0
@@ -430,7 +430,6 @@ def export_model(model_path: str | Path, out_dir: str | Path) -> dict:
             "files": sorted(p.name for p in staging.iterdir()),
         }
         (staging / "export.json").write_text(json.dumps(summary, indent=2))
-        os.chmod(staging, 0o755)  # mkdtemp makes it private
         _publish(staging, out_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

@@ -3,9 +3,10 @@
 
 :class:`TorchAdaptivePolicy` keeps a streaming posterior over the last ``window_size``
 transitions (PEARL), acts with the latent-conditioned actor, and -- with adaptation on and a
-MAML dynamics model in the file -- runs :class:`~metarl_ros.learning.maml.OnlineAdapter` on the
-recent transitions (in a background thread on the robot, inline in evaluation) and corrects the
-actor's action with the adapted model.
+MAML dynamics model in the file -- runs
+:class:`~metarl_ros.learning.online_adapter.OnlineAdapter` on the recent transitions (in a
+background thread on the robot, inline in evaluation) and corrects the actor's action with the
+adapted model.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ import torch
 from metarl_ros.control.policy_interface import PosteriorSummary
 from metarl_ros.learning.checkpoint import CheckpointError
 from metarl_ros.learning.encoder import StreamingPosterior, make_transition
-from metarl_ros.learning.saved_model import AnyDynamics, LoadedModel, load_model
+from metarl_ros.learning.dynamics_models import AnyDynamics
+from metarl_ros.learning.saved_model import LoadedModel, load_model
 from metarl_ros.policy.dynamics_adaptation import DynamicsAdaptation, dynamics_for
 
 _LOG = logging.getLogger(__name__)
@@ -143,11 +145,11 @@ class TorchAdaptivePolicy:
 
 
 def load_adaptive_policy(
-    model_path: str | Path, adaptation: bool = False, background: bool = True
+    model_path: str | Path | LoadedModel, adaptation: bool = False, background: bool = True
 ) -> TorchAdaptivePolicy:
     """Entry point for the ROS adapter node (one torch thread: the control loop's inference
-    must not fan out over the cores the rest of the robot needs)."""
+    must not fan out over the cores the rest of the robot needs). Takes a model file or an
+    already loaded model."""
     torch.set_num_threads(1)
-    return TorchAdaptivePolicy(
-        load_model(model_path), adaptation=adaptation, background=background
-    )
+    loaded = model_path if isinstance(model_path, LoadedModel) else load_model(model_path)
+    return TorchAdaptivePolicy(loaded, adaptation=adaptation, background=background)

@@ -28,7 +28,11 @@ either immediately (:meth:`ArmSimulation.set_task`) or at a scheduled time
 from __future__ import annotations
 
 import collections
+import ctypes
+import ctypes.util
 import heapq
+import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,12 +40,41 @@ import numpy as np
 import pybullet
 import pybullet_data
 
+from metarl_ros.core.schema import ConfigError
 from metarl_ros.sim.robot import RobotSpec
 from metarl_ros.sim.tasks import FaultEvent, TaskParams
 
 _BRAKE_FORCE_FACTOR = 20.0  # brake torque as a multiple of the joint's effort limit
 _PAYLOAD_CONSTRAINT_FORCE = 1e5
 _PAYLOAD_RADIUS = 0.03  # m, for the payload's own (small) inertia
+
+
+def check_display() -> None:
+    """Raise :class:`ConfigError` unless an X display is reachable (Linux).
+
+    PyBullet's GUI client calls ``exit(1)`` from C when it cannot open its window, with no
+    exception to catch and no message a log collector keeps; so ask first, the way it would
+    connect: ``XOpenDisplay`` on ``$DISPLAY`` through libX11 (it loads the same library).
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    display = os.environ.get("DISPLAY", "")
+    if not display:
+        raise ConfigError("gui: the PyBullet GUI needs an X display and DISPLAY is not set; "
+                          "run with gui:=false (headless), or set DISPLAY")
+    library = ctypes.util.find_library("X11")
+    if library is None:
+        raise ConfigError(f"gui: the PyBullet GUI needs libX11, which is not installed "
+                          f"(DISPLAY={display}); run with gui:=false")
+    x11 = ctypes.CDLL(library)
+    x11.XOpenDisplay.restype = ctypes.c_void_p
+    x11.XOpenDisplay.argtypes = [ctypes.c_char_p]
+    x11.XCloseDisplay.argtypes = [ctypes.c_void_p]
+    handle = x11.XOpenDisplay(display.encode())
+    if not handle:
+        raise ConfigError(f"gui: cannot open the X display DISPLAY={display} for the PyBullet "
+                          "GUI; run with gui:=false, or fix DISPLAY / the X server's access")
+    x11.XCloseDisplay(handle)
 
 
 @dataclass(frozen=True)
@@ -81,6 +114,8 @@ class ArmSimulation:
         self.num_joints = robot.num_joints
         self._effort_limits = np.asarray(robot.effort_limits, dtype=np.float64)
         self._rng = np.random.default_rng(seed)
+        if gui:
+            check_display()  # PyBullet's GUI exits the whole process when it finds none
         self._client = pybullet.connect(pybullet.GUI if gui else pybullet.DIRECT)
         self._body, self._joint_ids, self._flange_id = self._load_robot(robot_file)
         self._free_joint_ids: list[int] = list(self._joint_ids)
