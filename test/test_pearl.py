@@ -10,6 +10,7 @@ import copy
 import dataclasses
 import math
 
+import numpy as np
 import pytest
 import torch
 from torch.distributions import Normal, TanhTransform, TransformedDistribution, kl_divergence
@@ -618,3 +619,40 @@ def test_smoothness_term_is_reported_and_smooths_consecutive_actions():
         changes[weight] = _step_to_step_change(agent, batch, condition)
     assert reported[0.0] == 0.0  # off: not computed
     assert changes[30.0] < 0.2 * changes[0.0], changes
+
+
+def test_a_reference_view_actor_ignores_the_tracking_error():
+    """actor_view 'reference': the actor's action does not change when only the measured
+    state moves off the reference (it is pure feed-forward), while a full-view actor's does;
+    the view travels with the weights through a model file's state dict."""
+    import torch
+
+    from metarl_ros.control.law import build_observation, reference_view_matrix
+    from metarl_ros.learning.agent import AgentSpec, ConditionedSAC
+    from metarl_ros.sim.env_config import load_env_setup
+
+    setup = load_env_setup()
+    view = torch.as_tensor(reference_view_matrix(setup.law), dtype=torch.float32)
+    spec = AgentSpec(obs_dim=setup.obs_dim, act_dim=7, conditioning="none",
+                     actor_view="reference")
+    torch.manual_seed(0)
+    agent = ConditionedSAC(spec, view)
+    full = ConditionedSAC(AgentSpec(obs_dim=setup.obs_dim, act_dim=7, conditioning="none"))
+    rng = np.random.default_rng(1)
+    ref = (rng.normal(size=7) * 0.3, rng.normal(size=7) * 0.3, rng.normal(size=7))
+    prev = np.zeros(7, np.float32)
+    on_ref = build_observation(setup.law, ref[0], ref[1], ref, prev)
+    pushed = build_observation(setup.law, ref[0] + 0.05, ref[1] - 0.2, ref, prev)
+    none = torch.zeros(1, 0)
+
+    def act(a, obs):
+        return a.act(torch.from_numpy(obs)[None], none, deterministic=True)[0].numpy()
+
+    np.testing.assert_allclose(act(agent, on_ref), act(agent, pushed), atol=1e-6)
+    assert np.abs(act(full, on_ref) - act(full, pushed)).max() > 1e-3
+    np.testing.assert_allclose(agent.actor_observation(pushed), on_ref, atol=1e-5)
+    loaded = ConditionedSAC(spec, torch.zeros_like(view))
+    loaded.load_state_dict(agent.state_dict())
+    np.testing.assert_allclose(act(loaded, pushed), act(agent, pushed), atol=0)
+    with pytest.raises(ValueError, match="obs_view"):
+        ConditionedSAC(spec)

@@ -23,6 +23,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any, Literal
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -63,6 +64,10 @@ class AgentSpec:
     alpha_lr: float = 3e-4
     init_alpha: float = 0.1
     kl_weight: float = 0.1
+    actor_view: Literal["full", "reference"] = "full"
+    """``reference``: the actor sees the observation as if the robot were on its reference
+    (:func:`metarl_ros.control.law.reference_view_matrix`): pure feed-forward, so it cannot
+    stiffen the loop; the critics always see the full observation."""
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> AgentSpec:
@@ -85,11 +90,16 @@ class AgentSpec:
 class ConditionedSAC(nn.Module):
     """SAC whose actor and critics take ``[obs, condition]``.
 
-    Shapes: obs (B, obs_dim), condition (B, cond_dim), action (B, act_dim).
+    Shapes: obs (B, obs_dim), condition (B, cond_dim), action (B, act_dim). ``obs_view``
+    (obs_dim, obs_dim) is required with ``spec.actor_view == "reference"`` (a placeholder is
+    fine when a state dict is loaded next) and refused otherwise.
     """
 
-    def __init__(self, spec: AgentSpec) -> None:
+    def __init__(self, spec: AgentSpec, obs_view: torch.Tensor | None = None) -> None:
         super().__init__()
+        if (spec.actor_view == "reference") != (obs_view is not None):
+            raise ValueError(f"actor_view {spec.actor_view!r}: obs_view must be given exactly "
+                             "when actor_view is 'reference'")
         self.spec = spec
         in_dim = spec.obs_dim + spec.cond_dim
         self.encoder = (
@@ -97,7 +107,7 @@ class ConditionedSAC(nn.Module):
             if spec.conditioning == "latent"
             else None
         )
-        self.actor = TanhGaussianActor(in_dim, spec.actor_hidden, spec.act_dim)
+        self.actor = TanhGaussianActor(in_dim, spec.actor_hidden, spec.act_dim, obs_view)
         self.critic = TwinCritic(in_dim + spec.act_dim, spec.critic_hidden)
         self.critic_target = copy.deepcopy(self.critic).requires_grad_(False)
         self.log_alpha = nn.Parameter(torch.tensor(float(spec.init_alpha)).log())
@@ -120,6 +130,17 @@ class ConditionedSAC(nn.Module):
         if deterministic:
             return self.actor(x)
         return self.actor.sample(x)[0]
+
+    def actor_observation(self, obs: np.ndarray) -> np.ndarray:
+        """What the actor sees of ``obs`` (..., obs_dim), float32: the observation itself, or
+        its reference view (``spec.actor_view``). Anything that acts for the actor (the MAML
+        action correction) must see the same, or it would add back the feedback the view
+        removes."""
+        obs = np.asarray(obs, dtype=np.float32)
+        view = self.actor.obs_view
+        if view is None:
+            return obs
+        return (obs @ view.numpy().T).astype(np.float32)
 
     # ------------------------------------------------------------------ learning
 

@@ -49,6 +49,12 @@ class AgentConfig(StrictModel):
         "PEARL's 0.1: at 0.1 the KL term is as large as the critic loss and 7 of the 8 latent "
         "dimensions collapse to the prior, at 0.001 all 8 carry the task (docs/LEARNING.md)",
     )
+    actor_view: Literal["full", "reference"] = Field(
+        default="full",
+        description="reference: the actor sees the observation on the reference (q = q_ref, "
+        "qd = qd_ref): a pure feed-forward policy that cannot stiffen the PD loop, so faults "
+        "are compensated through adaptation, not stiffness (docs/ENVIRONMENT.md)",
+    )
 
 
 class TrainConfig(StrictModel):
@@ -187,6 +193,7 @@ class TrainConfig(StrictModel):
             alpha_lr=a.alpha_lr,
             init_alpha=a.init_alpha,
             kl_weight=a.kl_weight,
+            actor_view=a.actor_view,  # type: ignore[arg-type]
         )
 
 

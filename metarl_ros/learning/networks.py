@@ -79,10 +79,25 @@ class TwinCritic(nn.Module):
 
 
 class TanhGaussianActor(nn.Module):
-    """SAC policy: a Gaussian squashed by tanh into [-1, 1]^act_dim."""
+    """SAC policy: a Gaussian squashed by tanh into [-1, 1]^act_dim.
 
-    def __init__(self, in_dim: int, hidden: Sequence[int], act_dim: int) -> None:
+    ``obs_view`` (obs_dim, obs_dim), optional: a fixed linear map applied to the observation
+    part of the input (its first ``obs_dim`` entries) before the network sees it, e.g.
+    :func:`metarl_ros.control.law.reference_view_matrix` for a pure feed-forward actor. It is
+    a buffer: saved, loaded and exported with the weights, never trained.
+    """
+
+    def __init__(self, in_dim: int, hidden: Sequence[int], act_dim: int,
+                 obs_view: torch.Tensor | None = None) -> None:
         super().__init__()
+        if obs_view is not None:
+            if obs_view.dim() != 2 or obs_view.shape[0] != obs_view.shape[1] \
+                    or obs_view.shape[0] > in_dim:
+                raise ValueError(f"obs_view must be square (obs_dim, obs_dim) with obs_dim <= "
+                                 f"{in_dim}, got {tuple(obs_view.shape)}")
+            self.register_buffer("obs_view", obs_view.detach().clone().float())
+        else:
+            self.obs_view = None
         self.trunk = mlp(in_dim, hidden[:-1], hidden[-1]) if len(hidden) > 1 else None
         last = hidden[-1] if hidden else in_dim
         if self.trunk is None:
@@ -90,9 +105,16 @@ class TanhGaussianActor(nn.Module):
         self.head = nn.Linear(last, 2 * act_dim)
         self.act_dim = act_dim
 
+    def viewed(self, x: torch.Tensor) -> torch.Tensor:
+        """The network's input: ``x`` (B, in) with ``obs_view`` applied to its observation."""
+        if self.obs_view is None:
+            return x
+        n = self.obs_view.shape[0]
+        return torch.cat([x[..., :n] @ self.obs_view.T, x[..., n:]], dim=-1)
+
     def distribution_params(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x (B, in) -> mean (B, act), log_std (B, act)."""
-        h = F.relu(self.trunk(x))
+        h = F.relu(self.trunk(self.viewed(x)))
         mean, log_std = self.head(h).chunk(2, dim=-1)
         return mean, log_std.clamp(LOG_STD_MIN, LOG_STD_MAX)
 

@@ -150,7 +150,7 @@ class VectorRollout:
             obs_t = torch.from_numpy(obs)
             action = agent.act(obs_t, condition, deterministic).numpy()
             if hook is not None:
-                action = hook.correct(obs, action, mu_np)
+                action = hook.correct(agent.actor_observation(obs), action, mu_np)
             next_obs = np.empty_like(obs)
             for i, env in enumerate(envs):
                 next_obs[i], out_reward[i, t], _, _, info = env.step(action[i])

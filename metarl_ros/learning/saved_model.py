@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from metarl_ros.control.policy_interface import PolicyContract
 from metarl_ros.learning.agent import AgentSpec, ConditionedSAC
 from metarl_ros.learning.checkpoint import CheckpointError, load_model_payload, load_state_strict
@@ -41,7 +43,9 @@ def load_model(path: str | Path) -> LoadedModel:
         spec = AgentSpec.from_dict(payload["agent_spec"])
     except (TypeError, ValueError) as exc:
         raise CheckpointError(f"{source}: agent spec does not match this version: {exc}") from None
-    agent = ConditionedSAC(spec)
+    # the actor's view is a buffer of the state dict: a placeholder until it is loaded
+    view = torch.zeros(spec.obs_dim, spec.obs_dim) if spec.actor_view == "reference" else None
+    agent = ConditionedSAC(spec, view)
     load_state_strict(agent, payload["agent"], "agent", source)
     agent.eval()
     dynamics: dict[str, AnyDynamics] = {}

@@ -29,6 +29,7 @@ import torch
 from tqdm import tqdm
 
 from metarl_ros import __version__
+from metarl_ros.control.law import reference_view_matrix
 from metarl_ros.core.files import remove_stale_temp_files
 from metarl_ros.core.resources import resolve_path
 from metarl_ros.learning.agent import ConditionedSAC
@@ -109,7 +110,9 @@ class Trainer:
         )
         torch.manual_seed(config.seed)
         self.rng = np.random.default_rng(config.seed)
-        self.agent = ConditionedSAC(self.spec)
+        view = (torch.as_tensor(reference_view_matrix(self.setup.law), dtype=torch.float32)
+                if self.spec.actor_view == "reference" else None)
+        self.agent = ConditionedSAC(self.spec, view)
         self.warm_started_from: str | None = None
         if config.init_from:
             source = resolve_path(

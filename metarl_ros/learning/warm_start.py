@@ -51,8 +51,8 @@ def warm_start(
     if critic_condition not in ("zero", "random"):
         raise ValueError(f"critic_condition must be 'zero' or 'random', got {critic_condition!r}")
     spec = agent.spec
-    for field in ("obs_dim", "act_dim", "actor_hidden", "critic_hidden"):
-        mine, theirs = getattr(spec, field), source_spec[field]
+    for field in ("obs_dim", "act_dim", "actor_hidden", "critic_hidden", "actor_view"):
+        mine, theirs = getattr(spec, field), source_spec.get(field, "full")
         if isinstance(theirs, list):
             theirs = tuple(theirs)
         if mine != theirs:

@@ -119,6 +119,7 @@ class PolicyGraph(nn.Module):
 
     def __init__(self, actor: TanhGaussianActor) -> None:
         super().__init__()
+        self.obs_view = actor.obs_view
         self.trunk = actor.trunk
         head = actor.head
         self.head = nn.Linear(head.in_features, actor.act_dim)
@@ -127,6 +128,8 @@ class PolicyGraph(nn.Module):
             self.head.bias.copy_(head.bias[: actor.act_dim])
 
     def forward(self, obs: torch.Tensor, latent: torch.Tensor | None = None) -> torch.Tensor:
+        if self.obs_view is not None:
+            obs = obs @ self.obs_view.T
         x = obs if latent is None else torch.cat([obs, latent], dim=-1)
         return torch.tanh(self.head(F.relu(self.trunk(x))))
 

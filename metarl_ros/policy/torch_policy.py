@@ -21,8 +21,8 @@ import torch
 
 from metarl_ros.control.policy_interface import PosteriorSummary
 from metarl_ros.learning.checkpoint import CheckpointError
-from metarl_ros.learning.encoder import StreamingPosterior, make_transition
 from metarl_ros.learning.dynamics_models import AnyDynamics
+from metarl_ros.learning.encoder import StreamingPosterior, make_transition
 from metarl_ros.learning.saved_model import LoadedModel, load_model
 from metarl_ros.policy.dynamics_adaptation import DynamicsAdaptation, dynamics_for
 
@@ -130,7 +130,7 @@ class TorchAdaptivePolicy:
         )[0].numpy()
         if self.adaptation is not None:
             action = self.adaptation.apply(
-                np.asarray(obs, np.float32),
+                self.agent.actor_observation(obs),
                 action,
                 mu.numpy() if self.stream is not None else None,
             )
