@@ -85,9 +85,9 @@ from metarl_ros.learning.checkpoint import (
     model_env_config,
 )
 from metarl_ros.learning.encoder import kl_to_standard_normal, make_transition
-from metarl_ros.learning.transitions import TransitionBatch
 from metarl_ros.learning.rollout import VectorRollout
 from metarl_ros.learning.saved_model import LoadedModel, load_model
+from metarl_ros.learning.transitions import TransitionBatch
 from metarl_ros.sim.env_config import EnvSetup, load_env_setup
 from metarl_ros.sim.tasks import FaultEvent, TaskParams
 
