@@ -637,13 +637,17 @@ def test_a_reference_view_actor_ignores_the_tracking_error():
                      actor_view="reference")
     torch.manual_seed(0)
     agent = ConditionedSAC(spec, view)
+    none = torch.zeros(1, 0)
+    obs0 = torch.from_numpy(np.zeros(setup.obs_dim, np.float32))[None]
+    assert agent.act(obs0, none, deterministic=True).abs().max() == 0  # starts as a zero residual
+    with torch.no_grad():  # a trained actor's head
+        torch.nn.init.normal_(agent.actor.head.weight, std=0.3)
     full = ConditionedSAC(AgentSpec(obs_dim=setup.obs_dim, act_dim=7, conditioning="none"))
     rng = np.random.default_rng(1)
     ref = (rng.normal(size=7) * 0.3, rng.normal(size=7) * 0.3, rng.normal(size=7))
     prev = np.zeros(7, np.float32)
     on_ref = build_observation(setup.law, ref[0], ref[1], ref, prev)
     pushed = build_observation(setup.law, ref[0] + 0.05, ref[1] - 0.2, ref, prev)
-    none = torch.zeros(1, 0)
 
     def act(a, obs):
         return a.act(torch.from_numpy(obs)[None], none, deterministic=True)[0].numpy()

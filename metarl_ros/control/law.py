@@ -30,7 +30,8 @@ state and the reference at the current time::
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
@@ -83,6 +84,11 @@ class ControlLaw:
     default_pose: tuple[float, ...]
     action_scale: tuple[float, ...]
     effort_limits: tuple[float, ...]
+    feed_forward: Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray] | None = field(
+        default=None, compare=False)
+    """Optional model feed-forward ``tau_ff(q_ref, qd_ref, qdd_ref)`` (N*m, (n,)) added to
+    every effort, e.g. :class:`metarl_ros.control.rigid_body.NominalFeedForward`: the
+    policy's action is then a residual on a model-based controller."""
 
     @property
     def num_joints(self) -> int:
@@ -128,12 +134,19 @@ def effort_command(
     limit it.
     """
     feedback = law.feedback
-    q_ref, qd_ref, _ = reference
-    return (
+    q_ref, qd_ref, qdd_ref = reference
+    effort = (
         np.asarray(feedback.kp) * (q_ref - position)
         + np.asarray(feedback.kd) * (qd_ref - velocity)
         + action * np.asarray(law.action_scale)
     )
+    if law.feed_forward is None:
+        return effort
+    if np.ndim(q_ref) == 1:
+        return effort + law.feed_forward(q_ref, qd_ref, qdd_ref)
+    # a batch of instants (rows): one model evaluation each
+    return effort + np.stack([law.feed_forward(*row) for row in zip(
+        np.atleast_2d(q_ref), np.atleast_2d(qd_ref), np.atleast_2d(qdd_ref))])
 
 
 def tracking_reward(law: ControlLaw, tracking_error: float, action: np.ndarray) -> float:

@@ -309,3 +309,19 @@ class RigidBodyModel:
         copy = object.__new__(RigidBodyModel)
         copy._init_from(model, self._index, body, self._flange_placement, self.joint_names)
         return copy
+
+
+class NominalFeedForward:
+    """The nominal arm's inverse dynamics along the reference, without gravity:
+    ``M(q_ref) qdd_ref + C(q_ref, qd_ref) qd_ref`` (N*m, (n,)), for a robot whose firmware
+    compensates gravity itself. Told nothing about faults: what a model-based controller that
+    does not adapt feeds forward."""
+
+    def __init__(self, model: RigidBodyModel) -> None:
+        self.model = model
+
+    def __call__(self, q_ref: np.ndarray, qd_ref: np.ndarray, qdd_ref: np.ndarray) -> np.ndarray:
+        q_ref = np.asarray(q_ref, dtype=np.float64)
+        return (self.model.inverse_dynamics(q_ref, np.asarray(qd_ref, np.float64),
+                                            np.asarray(qdd_ref, np.float64))
+                - self.model.gravity(q_ref))

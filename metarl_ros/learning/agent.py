@@ -108,6 +108,12 @@ class ConditionedSAC(nn.Module):
             else None
         )
         self.actor = TanhGaussianActor(in_dim, spec.actor_hidden, spec.act_dim, obs_view)
+        if obs_view is not None:
+            # a feed-forward residual cannot correct its own initial output from the error, so
+            # it starts at zero: exactly the controller it is added to
+            with torch.no_grad():
+                self.actor.head.weight[: spec.act_dim].zero_()
+                self.actor.head.bias[: spec.act_dim].zero_()
         self.critic = TwinCritic(in_dim + spec.act_dim, spec.critic_hidden)
         self.critic_target = copy.deepcopy(self.critic).requires_grad_(False)
         self.log_alpha = nn.Parameter(torch.tensor(float(spec.init_alpha)).log())

@@ -217,6 +217,8 @@ class ObservationCodec:
     velocity_error_scale: float
     velocity_scale: float
     acceleration_scale: float
+    feed_forward: Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray] | None = None
+    """the law's model feed-forward, which the env adds to every effort too."""
 
     @classmethod
     def from_law(cls, law) -> "ObservationCodec":
@@ -231,6 +233,7 @@ class ObservationCodec:
             float(obs.velocity_error_scale),
             float(obs.velocity_scale),
             float(obs.acceleration_scale),
+            law.feed_forward,
         )
 
     def decode(self, obs: np.ndarray) -> tuple[np.ndarray, ...]:
@@ -244,11 +247,16 @@ class ObservationCodec:
         return q, qd, q_ref, qd_ref, block[5] / self.acceleration_scale
 
     def pd_feedback(self, obs: np.ndarray) -> np.ndarray:
-        """The env's PD feedback torque (N*m, shape (n,)) for this observation."""
+        """The effort the env commands on its own for this observation (N*m, shape (n,)):
+        its PD feedback, plus the law's model feed-forward if it has one."""
         n = self.default_pose.shape[0]
         e = np.asarray(obs[2 * n : 3 * n], float) / self.position_error_scale
         ed = np.asarray(obs[3 * n : 4 * n], float) / self.velocity_error_scale
-        return self.kp * e + self.kd * ed
+        own = self.kp * e + self.kd * ed
+        if self.feed_forward is not None:
+            _, _, q_ref, qd_ref, qdd_ref = self.decode(obs)
+            own = own + self.feed_forward(q_ref, qd_ref, qdd_ref)
+        return own
 
     def action(self, command: np.ndarray, obs: np.ndarray) -> np.ndarray:
         """Normalized action (float32, (n,)) making the env's effort ``command`` (N*m)."""

@@ -10,8 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
+from typing import Literal
 
-from pydantic import PositiveFloat
+from pydantic import Field, PositiveFloat
 
 from metarl_ros.control.law import ControlLaw, FeedbackConfig, ObservationConfig, RewardConfig
 from metarl_ros.core.resources import resolve_path
@@ -32,6 +33,12 @@ class EnvConfig(StrictModel):
     control_rate_hz: PositiveFloat = 100.0
     episode_s: PositiveFloat = 4.0
     gravity_compensation: bool = True
+    feed_forward: Literal["none", "nominal_model"] = Field(
+        default="none",
+        description="nominal_model: every effort adds the nominal arm's inverse dynamics along "
+        "the reference (control.rigid_body.NominalFeedForward); policies learn a residual on "
+        "that model-based controller",
+    )
     reference: ReferenceConfig
     feedback: FeedbackConfig
     observation: ObservationConfig = ObservationConfig()
@@ -59,7 +66,15 @@ class EnvSetup:
             default_pose=tuple(self.robot.default_pose),
             action_scale=tuple(self.robot.action_scale),
             effort_limits=tuple(self.robot.effort_limits),
+            feed_forward=self._feed_forward(),
         )
+
+    def _feed_forward(self):
+        if self.config.feed_forward == "none":
+            return None
+        from metarl_ros.control.rigid_body import NominalFeedForward, RigidBodyModel  # pin
+
+        return NominalFeedForward(RigidBodyModel.from_robot(self.robot, self.robot_path))
 
     @property
     def substeps(self) -> int:
