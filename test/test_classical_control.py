@@ -17,7 +17,7 @@ import pytest
 
 from metarl_ros.control.law import build_observation, effort_command
 from metarl_ros.control.policy_interface import AdaptivePolicy
-from metarl_ros.control.rigid_body import RigidBodyModel, point_mass_parameters
+from metarl_ros.control.rigid_body import point_mass_parameters
 from metarl_ros.policy.adaptive_computed_torque import SlotineLiController, slotine_li_policy
 from metarl_ros.policy.computed_torque import (
     ComputedTorqueController,
@@ -29,21 +29,11 @@ from metarl_ros.policy.momentum_observer import (
     MomentumObserverController,
     momentum_observer_policy,
 )
-from metarl_ros.sim.env_config import load_env_setup
 from metarl_ros.sim.tasks import FaultEvent, TaskParams
 
 DT = 0.01
 PAYLOAD_MASS, PAYLOAD_OFFSET = 2.5, (0.03, -0.02, 0.06)
-
-
-@pytest.fixture(scope="module")
-def setup():
-    return load_env_setup()
-
-
-@pytest.fixture(scope="module")
-def model(setup):
-    return RigidBodyModel.from_robot(setup.robot, setup.robot_path)
+# fixtures setup and model: test/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -5,9 +5,10 @@ import math
 import numpy as np
 import pytest
 
-from metarl_ros.control.controller import AdaptiveController, LoopConfig
+from metarl_ros.control.controller import AdaptiveController
 from metarl_ros.control.joint_map import JointNameMapper, RejectedInput
 from metarl_ros.control.law import build_observation, effort_command, tracking_reward
+from metarl_ros.control.loop_types import LoopConfig
 from metarl_ros.control.policy_interface import PosteriorSummary
 from metarl_ros.control.safety import EffortClamp, SafeAction
 from metarl_ros.control.watchdog import Watchdog
@@ -17,11 +18,6 @@ from metarl_ros.sim.env import ArmTrackingEnv
 from metarl_ros.sim.env_config import load_env_setup
 
 NAMES = ["a", "b", "c"]
-
-
-@pytest.fixture(scope="module")
-def setup():
-    return load_env_setup()
 
 
 class RecordingPolicy:

@@ -30,11 +30,11 @@ from bag_helpers import (
 
 from metarl_ros.cli.main import main as metarl_main
 from metarl_ros.control.policy_interface import PosteriorSummary
-from metarl_ros.learning.bag_dataset import (
+from metarl_ros.learning.bag_dataset import read_bag
+from metarl_ros.learning.bag_tasks import (
     SegmentationConfig,
     build_tasks,
     posterior_change_points,
-    read_bag,
     split_by_events,
 )
 from metarl_ros.learning.checkpoint import load_model_payload

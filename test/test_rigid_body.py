@@ -12,31 +12,11 @@ import pybullet
 import pytest
 
 from metarl_ros.control.rigid_body import RigidBodyModel, point_mass_parameters, resolve_urdf
-from metarl_ros.sim.arm_sim import ArmSimulation
-from metarl_ros.sim.env_config import load_env_setup
 from metarl_ros.sim.tasks import TaskParams
 
 PAYLOAD = TaskParams(payload_mass=3.0, payload_offset=(0.05, -0.04, 0.05))
 PAYLOAD_RADIUS = 0.03  # the simulator's payload sphere
-
-
-@pytest.fixture(scope="module")
-def setup():
-    return load_env_setup()
-
-
-@pytest.fixture(scope="module")
-def model(setup):
-    return RigidBodyModel.from_robot(setup.robot, setup.robot_path)
-
-
-@pytest.fixture(scope="module")
-def sim(setup):
-    simulation = ArmSimulation(
-        setup.robot, sim_rate_hz=setup.config.sim_rate_hz, robot_file=setup.robot_path, seed=0
-    )
-    yield simulation
-    simulation.close()
+# fixtures setup, model and sim: test/conftest.py
 
 
 def _random_states(rng, setup, count):

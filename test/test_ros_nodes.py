@@ -18,7 +18,7 @@ from ros_harness import Collector, RosSession, domain_id, params, wait_for
 from sensor_msgs.msg import JointState
 from std_msgs.msg import Float64MultiArray, MultiArrayDimension, String
 
-from metarl_ros.control.controller import LoopConfig
+from metarl_ros.control.loop_types import LoopConfig
 from metarl_ros.control.law import build_observation, effort_command
 from metarl_ros.control.policy_interface import PosteriorSummary
 from metarl_ros.core.schema import ConfigError
@@ -238,7 +238,7 @@ def test_lockstep_applies_one_answer_per_instant(ros, probe):
     assert wait_for(lambda: sim.commands_received + sim.commands_ignored == 2, 5.0)
     assert sim.commands_received == 1 and sim.commands_ignored == 1
     assert wait_for(lambda: sim.sim.time_s > 0, 5.0)  # t = 0 stepped with the first answer
-    np.testing.assert_array_equal(sim._command, [1.0] * N)
+    np.testing.assert_array_equal(sim.commands.command, [1.0] * N)
 
 
 # ------------------------------------------------------------------------------ adapter_node I/O

@@ -18,7 +18,6 @@ from gymnasium.utils.env_checker import check_env
 import metarl_ros
 from metarl_ros.sim.arm_sim import ArmSimulation, JointReading
 from metarl_ros.sim.env import ArmTrackingEnv
-from metarl_ros.sim.env_config import load_env_setup
 from metarl_ros.sim.reference import MultiSineReference, ReferenceConfig
 from metarl_ros.sim.tasks import FaultEvent, TaskParams, make_split, nominal_task
 
@@ -26,20 +25,7 @@ N = 7  # iiwa7
 
 
 # ------------------------------------------------------------------------------------ fixtures
-
-
-@pytest.fixture(scope="module")
-def setup():
-    return load_env_setup()
-
-
-@pytest.fixture(scope="module")
-def sim(setup):
-    simulation = ArmSimulation(
-        setup.robot, sim_rate_hz=setup.config.sim_rate_hz, robot_file=setup.robot_path, seed=0
-    )
-    yield simulation
-    simulation.close()
+# (setup and sim: test/conftest.py)
 
 
 @pytest.fixture(scope="module")

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
+
+from metarl_ros.control.joint_map import RejectedInput
+from metarl_ros.control.latent import LatentUpdate
+from metarl_ros.control.loop_types import LoopConfig
 
 
 class LatencyWindow:
@@ -59,9 +63,95 @@ class LoopStats:
     last_stamp_jump: str = ""
     rejections_by_reason: dict[str, int] = field(default_factory=dict)
 
+    def count_rejection(self, kind: str, error: RejectedInput) -> None:
+        """An input of ``kind`` (``joint_state`` or ``reference``) was rejected."""
+        if kind == "joint_state":
+            self.rejected_joint_states += 1
+        else:
+            self.rejected_references += 1
+        key = f"{kind}:{error.reason}"
+        self.rejections_by_reason[key] = self.rejections_by_reason.get(key, 0) + 1
+        self.last_rejection = f"{kind}: {error}"
+
+    def copy(self) -> LoopStats:
+        return LoopStats(**{**self.__dict__,
+                            "rejections_by_reason": dict(self.rejections_by_reason)})
+
 
 @dataclass(frozen=True)
 class DiagnosticsReport:
     level: Literal["ok", "warn", "error"]
     message: str
     values: dict[str, str]
+
+
+def loop_report(s: LoopStats, latency: LatencyWindow, latent: LatentUpdate | None,
+                config: LoopConfig, safe_reason: str, safe_detail: str, idle: str,
+                joint_state_age_s: float, reference_age_s: float) -> DiagnosticsReport:
+    """The control loop's ``/diagnostics`` status from a snapshot of its state: counters
+    ``s``, ``safe_reason`` ('' while the policy is in control) and ``idle`` (why nothing has
+    been commanded for a while, or '')."""
+    late_pct = 100.0 * s.late_ticks / s.ticks if s.ticks else 0.0
+    state = safe_reason or ("idle" if idle else "policy")
+    values: dict[str, Any] = {
+        "state": state,
+        "safe_detail": safe_detail if safe_reason else idle,
+        "safe_mode": config.safe_mode,
+        "control_rate_hz": config.control_rate_hz,
+        "ticks": s.ticks,
+        "policy_ticks": s.policy_ticks,
+        "safe_ticks": s.safe_ticks,
+        "late_ticks": s.late_ticks,
+        "late_tick_pct": f"{late_pct:.2f}",
+        "inference_latency_p50_ms": f"{latency.percentile_ms(50):.3f}",
+        "inference_latency_p99_ms": f"{latency.percentile_ms(99):.3f}",
+        "inference_latency_max_ms": f"{latency.max_ms():.3f}",
+        "transitions": s.transitions,
+        "window_fill": latent.window_fill if latent else 0,
+        "latent_dim": latent.mean.size if latent else 0,
+        "latent_shift": f"{latent.shift:.4f}" if latent else "0",
+        "latent_moved_std": f"{latent.moved:.3f}" if latent else "0",
+        "adaptation_events": s.adaptation_events,
+        "last_adaptation_s": f"{s.last_adaptation_s:.3f}",
+        "policy_errors": s.policy_errors,
+        "context_errors": s.context_errors,
+        "last_policy_error": s.last_policy_error,
+        "stale_events": s.stale_events,
+        "joint_state_age_s": f"{joint_state_age_s:.3f}",
+        "reference_age_s": f"{reference_age_s:.3f}",
+        "rejected_joint_states": s.rejected_joint_states,
+        "rejected_references": s.rejected_references,
+        "last_rejection": s.last_rejection,
+        "stamp_jumps": s.stamp_jumps,
+        "last_stamp_jump": s.last_stamp_jump,
+    }
+    for key, count in sorted(s.rejections_by_reason.items()):
+        values[f"rejected.{key}"] = count
+    if safe_reason:
+        level, message = "error", f"safe action ({config.safe_mode}): {safe_reason}"
+        if safe_detail:
+            message += f": {safe_detail}"
+    elif idle:
+        level, message = "warn", idle
+    elif s.policy_errors or s.context_errors:
+        level, message = "warn", f"policy errors: {s.policy_errors + s.context_errors}"
+    elif s.ticks and late_pct > 5.0:
+        level, message = "warn", f"{late_pct:.1f}% late ticks"
+    else:
+        level, message = "ok", "policy in control"
+    return DiagnosticsReport(level, message, {k: str(v) for k, v in values.items()})
+
+
+def idle_reason(wall_s: float, idle_after_s: float, commanded: bool, now_s: float,
+                last_command_now: float | None) -> str:
+    """Why nothing has been commanded for ``wall_s`` wall seconds (since the last command if
+    ``commanded``, else since start) if that is more than ``idle_after_s``, else ''.
+    ``last_command_now``: the caller's clock at the last command (None: not known)."""
+    if wall_s <= idle_after_s:
+        return ""
+    if not commanded:
+        return f"no command yet after {wall_s:.1f} s: waiting for joint states and reference"
+    if last_command_now is not None and now_s <= last_command_now:
+        return (f"no command for {wall_s:.1f} s (wall): this node's clock stands at "
+                f"{now_s:.3f} s (simulated time paused?)")
+    return f"no command for {wall_s:.1f} s (wall)"

@@ -43,7 +43,7 @@ transition.
 **Tasks.** Transitions are split where recorded fault events (true task changes) strike --
 a transition belongs to the task in force during its step -- and equal tasks from several
 bags are merged. Without events, a change in the encoder's posterior marks a new task
-(:func:`posterior_change_points`).
+(:func:`~metarl_ros.learning.bag_tasks.posterior_change_points`).
 
 **Checks** (:class:`BagError`, naming the bag and the problem; nothing is written): missing
 topic, unexpected or undefined message type, empty bag folder, bag without ``metadata.yaml``
@@ -75,26 +75,10 @@ from metarl_ros.learning.bag_streams import (
     open_reader,
     read_streams,
 )
-from metarl_ros.learning.bag_tasks import (
-    BagTransitions,
-    SegmentationConfig,
-    TaskData,
-    TaskEvent,
-    build_tasks,
-    posterior_change_points,
-    split_by_events,
-    streaming_posterior,
-)
+from metarl_ros.learning.bag_tasks import BagTransitions, TaskEvent
 from metarl_ros.recording.bag import BagError
 from metarl_ros.sim.env_config import EnvSetup
 from metarl_ros.sim.tasks import TaskParams
-
-__all__ = [
-    "AlignmentConfig", "BagTopics", "BagTransitions", "SegmentationConfig", "TaskData",
-    "TaskEvent", "build_tasks", "posterior_change_points", "read_bag", "split_by_events",
-    "streaming_posterior",
-]
-
 
 class AlignmentConfig(StrictModel):
     """How streams are put on the control grid and what counts as broken."""

@@ -20,7 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from metarl_ros.control.controller import AdaptiveController, LoopConfig
+from metarl_ros.control.controller import AdaptiveController
+from metarl_ros.control.loop_types import LoopConfig
 from metarl_ros.control.policy_interface import AdaptivePolicy
 from metarl_ros.recording.bag import FLOAT64_ARRAY, JOINT_STATE, STRING, BagWriter, make_qos
 from metarl_ros.sim.arm_sim import ArmSimulation

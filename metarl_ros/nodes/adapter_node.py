@@ -69,8 +69,9 @@ from rclpy.parameter import Parameter
 from sensor_msgs.msg import JointState
 from std_msgs.msg import Float64MultiArray, MultiArrayDimension
 
-from metarl_ros.control.controller import AdaptiveController, LoopConfig, TickResult
+from metarl_ros.control.controller import AdaptiveController
 from metarl_ros.control.joint_map import JointMap, RejectedInput
+from metarl_ros.control.loop_types import LoopConfig, TickResult
 from metarl_ros.control.policy_interface import AdaptivePolicy
 from metarl_ros.control.safety import SAFE_MODES
 from metarl_ros.core.log import LogThrottle

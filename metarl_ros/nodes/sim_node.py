@@ -35,7 +35,7 @@ Subscribes
     ``/sim/set_task`` (std_msgs/String) -- JSON task change applied at once, format in
     :mod:`metarl_ros.sim.scenario` (e.g. ``{"label": "drop", "payload_mass": 0.0}``).
 
-Timing (parameter ``real_time_factor``)
+Timing (parameter ``real_time_factor``; the logic is :mod:`metarl_ros.sim.pacing`)
     ``> 0``: physics paced against the wall clock at that factor; commands are read when due
     (the latest valid one is held, like forward_command_controller; older than
     ``command_timeout`` simulated seconds -> zero effort).
@@ -65,7 +65,6 @@ Faults come from the ``scenario`` YAML (scheduled in simulation time) and ``/sim
 from __future__ import annotations
 
 import threading
-import time
 
 import numpy as np
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
@@ -80,6 +79,7 @@ from metarl_ros.core.resources import resolve_path
 from metarl_ros.core.schema import ConfigError
 from metarl_ros.sim.arm_sim import ArmSimulation
 from metarl_ros.sim.env_config import load_env_setup
+from metarl_ros.sim.pacing import CommandMailbox, WallClockPacer
 from metarl_ros.sim.reference import MultiSineReference
 from metarl_ros.sim.scenario import Scenario, load_scenario, parse_task_command, task_to_json
 from metarl_ros.sim.tasks import TaskParams
@@ -123,7 +123,7 @@ class SimNode(Node):
                 f"whole multiple of control_rate_hz ({control_rate})")
         self.chunk_steps = int(round(chunk))
         self.publishes_per_control = int(round(per_control))
-        self.real_time_factor = float(p["real_time_factor"])
+        self.pacer = WallClockPacer(float(p["real_time_factor"]))
         self.lockstep = self.real_time_factor == 0.0
         self.lockstep_timeout = float(p["lockstep_timeout"])
         self.command_timeout = float(p["command_timeout"])
@@ -161,27 +161,16 @@ class SimNode(Node):
         self.create_subscription(String, "/sim/set_task", self._on_set_task, STATE_QOS)
         self._throttle = LogThrottle(float(p["log_throttle_s"]))
 
-        # Shared with the simulation thread (guarded by _cond).
-        self._cond = threading.Condition()
-        self._command = np.zeros(self.n)
-        self._command_seq = 0
-        self._command_time_s = -np.inf
+        # Shared with the simulation thread.
+        self.commands = CommandMailbox(self.n, self.lockstep, lambda: self.sim.time_s)
+        self._tasks_lock = threading.Lock()
         self._pending_tasks: list[tuple[TaskParams, str]] = []
-        self.commands_received = 0
-        self.commands_rejected = 0
-        self.commands_ignored = 0
-        self._awaiting_ns: int | None = None  # lockstep: the instant being answered
         self.lockstep_timeouts = 0
-        self.overruns = 0
         self.started = threading.Event()
         """set when the simulation has started stepping."""
         self.finished = threading.Event()
         """set when ``duration_s`` of simulated time has elapsed."""
         self._stop = threading.Event()
-        self._wall_start: float | None = None
-        self._next_wall = 0.0
-        self._time_at_start = 0.0
-        self._repace = threading.Event()
         self.failure: str | None = None
         """why the simulation thread stopped, if it failed (None while all is well)."""
         guard_parameters(self, {
@@ -250,8 +239,24 @@ class SimNode(Node):
         if (value == 0.0) != self.lockstep:
             raise ValueError("switching between lockstep (0) and real time (> 0) needs a "
                              f"restart of {self.get_name()}")
-        self.real_time_factor = value
-        self._repace.set()  # the simulation thread restarts its wall-clock schedule
+        self.pacer.set_real_time_factor(value)  # the simulation thread restarts its schedule
+
+    @property
+    def real_time_factor(self) -> float:
+        return self.pacer.real_time_factor
+
+    @property
+    def commands_received(self) -> int:
+        return self.commands.received
+
+    @property
+    def commands_rejected(self) -> int:
+        return self.commands.rejected
+
+    @property
+    def commands_ignored(self) -> int:
+        """lockstep: commands tagged with an instant other than the one awaited."""
+        return self.commands.ignored
 
     # ------------------------------------------------------------------ callbacks
 
@@ -263,40 +268,22 @@ class SimNode(Node):
 
     def _on_command(self, msg: Float64MultiArray) -> None:
         values = np.asarray(msg.data, dtype=np.float64)
-        valid = values.shape == (self.n,) and bool(np.isfinite(values).all())
-        tag = command_stamp_ns(msg)
-        with self._cond:
-            if self.lockstep and tag is not None and tag != self._awaiting_ns:
-                self.commands_ignored += 1  # answers an instant already answered or stepped
-                return
-            if self.lockstep:
-                self._awaiting_ns = None  # answered: a second answer to it is ignored
-            self.commands_received += 1
-            if valid:
-                self._command = values
-            else:
-                self.commands_rejected += 1
-                self._command = np.zeros(self.n)
-            self._command_seq += 1
-            self._command_time_s = self.sim.time_s
-            self._cond.notify_all()
-        if not valid:
+        if self.commands.put(values, command_stamp_ns(msg)) is False:
             what = (f"{values.size} values, expected {self.n}" if values.shape != (self.n,)
                     else "non-finite values")
             self._warn_throttled("bad_command", f"rejected command on {self.command_topic} "
                                  f"({what}); holding zero effort")
 
     def _on_set_task(self, msg: String) -> None:
-        with self._cond:
+        with self._tasks_lock:
             current = self._pending_tasks[-1][0] if self._pending_tasks else self.sim.task
         try:
             task, label = parse_task_command(msg.data, current, self.joint_names)
         except ConfigError as exc:
             self.get_logger().error(f"ignored /sim/set_task: {exc}")
             return
-        with self._cond:
+        with self._tasks_lock:
             self._pending_tasks.append((task, label))
-            self._cond.notify_all()
 
     # ------------------------------------------------------------------ simulation loop
 
@@ -304,9 +291,7 @@ class SimNode(Node):
         """Publish clock, reference and joint state; return the command sequence number
         before publishing (an answer is a command newer than that)."""
         stamp_ns = int(round(self.sim.time_s * 1e9))
-        with self._cond:
-            self._awaiting_ns = stamp_ns
-            seq = self._command_seq
+        seq = self.commands.await_answer(stamp_ns)
         stamp = ns_to_stamp(stamp_ns)
         self._clock_pub.publish(ClockMsg(clock=stamp))
         q_ref, qd_ref, qdd_ref = self.reference.evaluate(self.sim.time_s)
@@ -328,7 +313,7 @@ class SimNode(Node):
         self._task_pub.publish(String(data=task_to_json(task, time_s, label)))
 
     def _apply_pending_tasks(self) -> None:
-        with self._cond:
+        with self._tasks_lock:
             pending, self._pending_tasks = self._pending_tasks, []
         for task, label in pending:
             self.sim.set_task(task)
@@ -342,25 +327,10 @@ class SimNode(Node):
         timeout = self.lockstep_timeout
         if not self.started.is_set():
             timeout = min(0.1, timeout)
-        deadline = time.monotonic() + timeout
-        with self._cond:
-            while self._command_seq <= seq and not self._stop.is_set():
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    break
-                self._cond.wait(remaining)
-            # this instant is answered (or given up): later answers to it are ignored
-            self._awaiting_ns = None
-            if self._command_seq > seq:
-                return self._command.copy()
-            return None
+        return self.commands.wait_newer(seq, timeout, self._stop)
 
     def _current_command(self) -> np.ndarray:
-        with self._cond:
-            age = self.sim.time_s - self._command_time_s
-            if self.command_timeout > 0 and age > self.command_timeout:
-                return np.zeros(self.n)
-            return self._command.copy()
+        return self.commands.current(self.command_timeout)
 
     def _run(self) -> None:
         try:
@@ -392,9 +362,7 @@ class SimNode(Node):
                     continue  # no controller yet: publish the same instant again
                 self._mark_started()
                 if self.lockstep:
-                    with self._cond:
-                        command = self._command.copy()
-                    events = self.sim.step(command, substeps=self.chunk_steps)
+                    events = self.sim.step(self.commands.latest(), substeps=self.chunk_steps)
                 else:
                     events = self._step_real_time()
             elif self.lockstep:
@@ -423,45 +391,17 @@ class SimNode(Node):
 
     def _mark_started(self) -> None:
         if not self.started.is_set():
-            self._wall_start = time.monotonic()
-            self._time_at_start = self.sim.time_s
-            self._next_wall = self._wall_start
+            self.pacer.start(self.sim.time_s)
             self.started.set()
 
     def _step_real_time(self) -> list:
-        """One chunk, physics step by physics step against the wall clock.
-
-        Each physics step takes the newest command, so a command counts from the physics step
-        after it arrives (as on a real robot), not from the next publication. Falling behind
-        by more than a step resets the schedule (counted as an overrun) instead of catching
-        up in a burst: the achieved real-time factor drops, as in Gazebo.
-        """
-        events = []
-        if self._repace.is_set():
-            self._repace.clear()
-            self._wall_start = self._next_wall = time.monotonic()
-            self._time_at_start = self.sim.time_s
-        step_wall = self.sim.dt / self.real_time_factor
-        for _ in range(self.chunk_steps):
-            events += self.sim.step(self._current_command(), substeps=1)
-            self._next_wall += step_wall
-            delay = self._next_wall - time.monotonic()
-            if delay > 0:
-                self._stop.wait(delay)
-            elif delay < -step_wall:
-                self.overruns += 1
-                self._next_wall = time.monotonic()
-            if self._stop.is_set():
-                break
-        return events
+        """One chunk against the wall clock (:meth:`WallClockPacer.run`)."""
+        return self.pacer.run(self.sim, self.chunk_steps, self._current_command, self._stop)
 
     # ------------------------------------------------------------------ diagnostics
 
     def achieved_real_time_factor(self) -> float:
-        if self._wall_start is None:
-            return 0.0
-        wall = time.monotonic() - self._wall_start
-        return (self.sim.time_s - self._time_at_start) / wall if wall > 0 else 0.0
+        return self.pacer.achieved(self.sim.time_s)
 
     def _publish_diagnostics(self) -> None:
         status = DiagnosticStatus(name=f"{self.get_name()}: simulation",
@@ -478,7 +418,7 @@ class SimNode(Node):
             "commands_rejected": self.commands_rejected,
             "commands_ignored": self.commands_ignored,
             "lockstep_timeouts": self.lockstep_timeouts,
-            "overruns": self.overruns,
+            "overruns": self.pacer.overruns,
             "task": self.task_label,
         }
         if self.commands_rejected or self.lockstep_timeouts:
@@ -493,8 +433,7 @@ class SimNode(Node):
         # when its context shuts down)
         if hasattr(self, "_thread"):
             self._stop.set()
-            with self._cond:
-                self._cond.notify_all()
+            self.commands.wake()
             if self._thread.is_alive() and self._thread is not threading.current_thread():
                 self._thread.join(timeout=5.0)
         if hasattr(self, "sim"):

@@ -67,6 +67,19 @@ class SalvageReport:
     def lost_bytes(self) -> int:
         return self.size - self.good_bytes
 
+    @classmethod
+    def start(cls, path: Path) -> SalvageReport:
+        """An empty report on the file ``path``; :class:`BagError` if it cannot be read or is
+        empty."""
+        try:
+            size = path.stat().st_size
+        except OSError as exc:
+            raise BagError(f"{path}: cannot read: {exc.strerror or exc}") from None
+        if size == 0:
+            raise BagError(f"{path}: empty file (0 bytes): the recorder was stopped before "
+                           "anything reached the disk; nothing to recover")
+        return cls(path, size)
+
 
 def _string(buf, pos: int) -> tuple[str, int]:
     (length,) = _U32.unpack_from(buf, pos)
@@ -110,14 +123,7 @@ class McapSalvage:
         self.topics: dict[int, Topic] = {}
         self._schemas: dict[int, tuple[str, str, str]] = {}
         self._pending_channels: dict[int, tuple] = {}
-        try:
-            size = self.path.stat().st_size
-        except OSError as exc:
-            raise BagError(f"{self.path}: cannot read: {exc.strerror or exc}") from None
-        self.report = SalvageReport(self.path, size)
-        if size == 0:
-            raise BagError(f"{self.path}: empty file (0 bytes): the recorder was stopped before "
-                           "anything reached the disk; nothing to recover")
+        self.report = SalvageReport.start(self.path)
 
     def messages(self) -> Iterator[tuple[Topic, int, bytes]]:
         try:

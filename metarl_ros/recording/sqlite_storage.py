@@ -61,14 +61,7 @@ class SqliteSalvage:
     def __init__(self, path: Path, scratch: Path) -> None:
         self.path = Path(path)
         self.topics: dict[int, Topic] = {}
-        try:
-            size = self.path.stat().st_size
-        except OSError as exc:
-            raise BagError(f"{self.path}: cannot read: {exc.strerror or exc}") from None
-        self.report = SalvageReport(self.path, size)
-        if size == 0:
-            raise BagError(f"{self.path}: empty file (0 bytes): the recorder was stopped before "
-                           "anything reached the disk; nothing to recover")
+        self.report = SalvageReport.start(self.path)
         self._copy = Path(scratch) / self.path.name
         try:
             for suffix in ("", "-wal", "-journal"):

@@ -1,1 +1,2 @@
-"""ROS-free PyBullet simulation: robot, tasks and faults, references, the Gymnasium env."""
+"""ROS-free PyBullet simulation: robot, tasks and faults, references, the Gymnasium env, and
+the pacing of a simulator stepped by an external controller (``pacing``)."""
