@@ -39,7 +39,7 @@ def test_a_failing_job_raises_in_the_caller():
 
 
 def short_suite(folder: Path) -> Path:
-    """Two conditions (payload, weak motors) x 2 tasks x 2 episodes, faults early."""
+    """Two conditions (payload, weak motors) x 2 tasks x 1 episode, faults early."""
     data = {
         "name": "short", "family": "test", "description": "a short suite",
         "fault_time_s": {"low": 0.3, "high": 0.5},
@@ -50,8 +50,8 @@ def short_suite(folder: Path) -> Path:
                       "faults": {"motor": {"joints": [1, 2], "strength": {"low": 0.4,
                                                                            "high": 0.6}}}},
         },
-        "draws": {"validation": {"seed": 1, "tasks_per_condition": 2, "episodes_per_task": 2},
-                  "report": {"seed": 2, "tasks_per_condition": 2, "episodes_per_task": 2}},
+        "draws": {"validation": {"seed": 1, "tasks_per_condition": 2, "episodes_per_task": 1},
+                  "report": {"seed": 2, "tasks_per_condition": 2, "episodes_per_task": 1}},
     }
     path = folder / "short.yaml"
     path.write_text(yaml.safe_dump(data))
@@ -64,8 +64,8 @@ def test_parallel_evaluation_equals_serial_to_the_last_digit(tmp_path, monkeypat
     env_config = share_directory() / "sim/envs/iiwa7_tracking.yaml"
     setup = load_env_setup(env_config)
     sets = evaluate.suite_sets(setup, [short_suite(tmp_path)], ["validation"])
-    # 8 episodes in chunks of 3: 9 jobs, so each worker runs several, after different ones
-    monkeypatch.setattr(runner, "CHUNK", 3)
+    # 4 episodes in chunks of 2: 6 jobs, so each worker runs several, after different ones
+    monkeypatch.setattr(runner, "CHUNK", 2)
     names = ["nominal", "pearl_maml", "pd"]
     documents = []
     for workers in (1, 2):
@@ -80,5 +80,5 @@ def test_parallel_evaluation_equals_serial_to_the_last_digit(tmp_path, monkeypat
             assert np.array_equal(getattr(serial[key], field), getattr(parallel[key], field))
     assert serial_json == parallel_json
     condition = json.loads(serial_json)["validation"]["short"]["conditions"]["payload"]
-    assert condition["tasks"] == 2 and condition["episodes"] == 4
+    assert condition["tasks"] == 2 and condition["episodes"] == 2
     assert set(condition["methods"]) == set(names)

@@ -160,3 +160,35 @@ def test_summary_reports_never_and_the_fraction_recovered():
     assert recovery["median_s"] == "never"  # the upper middle of (0, t, never, never)
     assert recovery["mean_s_of_recovered"] == pytest.approx(per_episode["recovery_time_s"][2] / 2)
     assert "no ceiling run" in recovery["bound"]
+
+
+@pytest.mark.parametrize("env_file", ["iiwa7_tracking.yaml", "iiwa7_compliant.yaml"])
+def test_the_effort_is_the_laws_command_read_back_from_the_observation(env_file):
+    from metarl_ros.control.law import effort_command
+    from metarl_ros.core.resources import share_directory
+    from metarl_ros.evaluation.runner import commanded_effort
+    from metarl_ros.sim.env import ArmTrackingEnv
+    from metarl_ros.sim.env_config import load_env_setup
+
+    path = share_directory() / "sim/envs" / env_file
+    if not path.is_file():
+        pytest.skip(f"no {env_file}")
+    setup = load_env_setup(path)
+    env = ArmTrackingEnv(setup)
+    rng = np.random.default_rng(0)
+    try:
+        obs, _ = env.reset(seed=3)
+        observations, actions, expected = [], [], []
+        for _ in range(20):
+            action = rng.uniform(-1.2, 1.2, setup.act_dim).astype(np.float32)  # some clipped
+            reading = env._measured  # what the env computes the effort from
+            expected.append(effort_command(setup.law, np.clip(action, -1.0, 1.0),
+                                           reading.position, reading.velocity,
+                                           env._reference_now))
+            observations.append(obs)
+            actions.append(action)
+            obs, *_ = env.step(action)
+    finally:
+        env.close()
+    effort = commanded_effort(setup, np.stack(observations)[None], np.stack(actions)[None])
+    np.testing.assert_allclose(effort[0], np.stack(expected), rtol=1e-4, atol=1e-3)

@@ -174,7 +174,9 @@ def own_suite(folder: Path) -> Path:
                     reason="no shipped model")
 def test_metarl_eval_on_a_suite_file_of_ones_own(tmp_path, capsys):
     out = tmp_path / "eval.json"
-    code = metarl_main(["eval", "--model", str(share_directory() / "models"), "--tasks",
+    models = share_directory() / "models"
+    # two training runs: the model directory, and its nominal model alone (a second "seed")
+    code = metarl_main(["eval", "--model", str(models), str(models / "nominal"), "--tasks",
                         str(own_suite(tmp_path)), "--draw", "both", "--methods", "nominal,pd",
                         "--json", str(out), "--plot", str(tmp_path / "plots")])
     assert code == 0, capsys.readouterr().err
@@ -187,13 +189,18 @@ def test_metarl_eval_on_a_suite_file_of_ones_own(tmp_path, capsys):
         assert condition["headroom"] is None  # no ceiling run
         for method in ("nominal", "pd"):
             entry = condition["methods"][method]
-            assert np.isfinite(entry["post_rms_mrad"]["mean"]) and entry["runs"] == 1
+            assert np.isfinite(entry["post_rms_mrad"]["mean"])
             assert entry["gap_closed"] == {"value": None, "ci95": None,
                                            "reason": "no ceiling run"}
             assert "no ceiling run" in entry["recovery"]["bound"]
         assert {(p["a"], p["b"]) for p in condition["paired"]} == {("pd", "nominal")}
+        nominal = condition["methods"]["nominal"]
+        assert nominal["runs"] == 2 and condition["methods"]["pd"]["runs"] == 1
+        assert nominal["post_rms_mrad"]["per_run"] == [nominal["post_rms_mrad"]["mean"]] * 2
+        assert nominal["post_rms_mrad"]["run_spread"] == 0.0
     assert result["compliance"]["pd"]["status"].startswith("not measured")
     assert result["protocol"]["metrics"]["ceiling"] is None
+    assert [r["methods"] for r in result["protocol"]["model_runs"]] == [["nominal"], ["nominal"]]
     assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == [
         "report_mine.png", "summary_report.png", "summary_validation.png",
         "validation_mine.png"]

@@ -2,8 +2,8 @@
 
 Every episode starts on the intact robot; the fault strikes at step ``f``. With ``e_t`` the
 tracking error ``||q_ref - q||_2`` of the true state (rad) and ``tau_t`` the commanded joint
-effort (N*m, the env's PD plus the action, before the firmware's gravity compensation and the
-motor limits):
+effort (N*m, the control law's: PD, action and any feed-forward, before the firmware's gravity
+compensation and the motor limits):
 
 * ``post_rms_mrad`` (**primary**): ``sqrt(mean_{t >= f} e_t^2)``, mrad.
 * ``peak_mrad``: ``max_{t >= f} e_t``, mrad.

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from metarl_ros.control.law import effort_command
 from metarl_ros.evaluation.methods import LearnedMethod, MethodSpec, PolicyMethod
 from metarl_ros.evaluation.metrics import Traces, second_difference_amplitude
 from metarl_ros.sim.env_config import EnvSetup, load_env_setup
@@ -64,8 +65,11 @@ def run_job(job: EpisodeJob) -> JobResult:
     start = time.perf_counter()
     setup: EnvSetup = _cached(("setup", job.env_config), lambda: load_env_setup(job.env_config))
     from metarl_ros.learning.rollout import VectorRollout
+    from metarl_ros.sim.env import ArmTrackingEnv
 
-    rollout = _cached(("envs", job.env_config), lambda: VectorRollout(setup, CHUNK))
+    rollout = _cached(("envs", job.env_config), lambda: VectorRollout(setup, 0))
+    while len(rollout.envs) < len(job.episodes):  # as many envs as the largest job needed
+        rollout.envs.append(ArmTrackingEnv(setup))
     if isinstance(job.method, LearnedMethod):
         traces = _run_learned(job, setup, rollout)
     else:
@@ -73,17 +77,27 @@ def run_job(job: EpisodeJob) -> JobResult:
     return JobResult(traces, time.perf_counter() - start)
 
 
+def commanded_effort(setup: EnvSetup, obs: np.ndarray, action: np.ndarray) -> np.ndarray:
+    """The effort command (N*m) the env applied for ``action`` after ``obs`` (each (..., dim)):
+    the control law's (:func:`~metarl_ros.control.law.effort_command`: PD, action and any
+    feed-forward) on the state and reference the observation holds."""
+    n, law = setup.act_dim, setup.law
+    scales = law.observation
+    flat = np.asarray(obs, np.float64).reshape(-1, obs.shape[-1])
+    block = [flat[:, i * n : (i + 1) * n] for i in range(6)]
+    q = block[0] + np.asarray(law.default_pose)
+    qd = block[1] / scales.velocity_scale
+    reference = (q + block[2] / scales.position_error_scale, block[4] / scales.velocity_scale,
+                 block[5] / scales.acceleration_scale)
+    applied = np.clip(np.asarray(action, np.float64).reshape(-1, n), -1.0, 1.0)
+    effort = effort_command(law, applied, q, qd, reference)
+    return effort.reshape(action.shape)
+
+
 def _traces(setup: EnvSetup, obs, action, error) -> Traces:
     """Per-step signals from observations and actions (E, S, dim) and errors (E, S)."""
-    n, law = setup.act_dim, setup.law
-    feedback = law.feedback
+    effort = commanded_effort(setup, obs, action)
     applied = np.clip(action.astype(np.float64), -1.0, 1.0)
-    effort = (
-        np.asarray(feedback.kp) * obs[..., 2 * n : 3 * n] / law.observation.position_error_scale
-        + np.asarray(feedback.kd) * obs[..., 3 * n : 4 * n]
-        / law.observation.velocity_error_scale
-        + applied * np.asarray(law.action_scale)
-    )
     return Traces(
         error=np.asarray(error, np.float64),
         effort_sq=(effort**2).mean(-1),
