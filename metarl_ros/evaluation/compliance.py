@@ -95,3 +95,44 @@ def push_test(env: ArmTrackingEnv, make_policy: Callable[[], AdaptivePolicy | No
     return PushResult(peak_deflection_mm=peak, force_n=magnitude,
                       stiffness_n_per_mm=magnitude / peak if peak > 0 else float("inf"),
                       deflection_mm=deflection)
+
+
+def method_compliance(spec, models: dict, setup, seeds: int = 3) -> dict:
+    """The push test of one evaluation method on the intact arm (``evaluate``'s compliance
+    hook): mean peak deflection (mm) and stiffness (N/mm) over ``seeds`` references.
+
+    Learned methods run with their context posterior; the MAML correction is left out (it
+    adapts at 10 Hz, slower than the push's 0.3 s). ``spec`` is an
+    :mod:`metarl_ros.evaluation.methods` spec, ``models`` maps model names to model.pt paths.
+    """
+    from metarl_ros.evaluation.methods import PolicyMethod
+
+    if isinstance(spec, PolicyMethod):
+        def make():
+            policy = spec.build(setup)
+            if spec.privileged:
+                policy.set_task(TaskParams())
+            return policy
+    else:
+        from metarl_ros.learning.saved_model import load_model
+        from metarl_ros.policy.torch_policy import TorchAdaptivePolicy
+
+        if spec.model not in models:
+            return {"status": f"not measured (no {spec.model} model)"}
+        loaded = load_model(models[spec.model])
+        if loaded.agent.spec.conditioning == "oracle":
+            return {"status": "not measured (the oracle's condition is the true task, which "
+                              "the push test does not model)"}
+
+        def make():
+            return TorchAdaptivePolicy(loaded)
+    env = ArmTrackingEnv(setup)
+    try:
+        peaks = [push_test(env, make, seed=seed).peak_deflection_mm for seed in range(seeds)]
+    finally:
+        env.close()
+    peak = float(np.mean(peaks))
+    force = float(np.linalg.norm(DEFAULT_FORCE_N))
+    return {"peak_deflection_mm": round(peak, 3), "stiffness_n_per_mm": round(force / peak, 3),
+            "push": {"force_n": list(DEFAULT_FORCE_N), "duration_s": DEFAULT_DURATION_S,
+                     "seeds": seeds, "maml_correction": False}}

@@ -28,6 +28,7 @@ from pathlib import Path
 
 from metarl_ros.core.files import atomic_write_json
 from metarl_ros.evaluation import metrics, report, stats
+from metarl_ros.evaluation.compliance import method_compliance
 from metarl_ros.evaluation.methods import (
     METHODS,
     LearnedMethod,
@@ -63,9 +64,10 @@ from metarl_ros.sim.tasks import fault_episodes, make_split
 
 AROUND_FAULT_BEFORE_S = 0.5
 ComplianceHook = Callable[[MethodSpec, dict, EnvSetup], dict]
-COMPLIANCE_HOOK: ComplianceHook | None = None
+COMPLIANCE_HOOK: ComplianceHook | None = method_compliance
 """The push test's hook: ``hook(method spec, {model name: model.pt path} of the first run,
-setup) -> JSON-able dict`` (e.g. peak flange deflection, mm). Reported under ``compliance``
+setup) -> JSON-able dict`` (peak flange deflection, mm, and stiffness, N/mm:
+:func:`metarl_ros.evaluation.compliance.method_compliance`). Reported under ``compliance``
 per method; ``None`` reports "not measured"."""
 
 

@@ -86,16 +86,14 @@ METHODS: dict[str, MethodSpec] = {
         LearnedMethod("pearl_maml", "pearl", maml=True, description="PEARL + MAML correction"),
         PolicyMethod("pd", "metarl_ros.policy.factory:make_policy", (("kind", "pd"),),
                      default=False, description="the env's fixed PD feedback alone"),
-        # ---- registration point of the classical controllers (issue 17) -----------------
-        # Each is a PolicyMethod whose factory takes setup=EnvSetup and returns an
-        # AdaptivePolicy; privileged=True makes the evaluation call policy.set_task(task) at
-        # reset and at the fault. When they land:
-        #   PolicyMethod(CEILING, "metarl_ros.policy.computed_torque:<factory>",
-        #                privileged=True, description="computed torque, true faulted model"),
-        #   PolicyMethod("dob", "metarl_ros.policy.momentum_observer:<factory>",
-        #                description="momentum observer (De Luca) feed-forward"),
-        #   PolicyMethod("adaptive_ct", "metarl_ros.policy.adaptive_computed_torque:<factory>",
-        #                description="adaptive computed torque (Slotine-Li)"),
+        PolicyMethod(CEILING, "metarl_ros.policy.computed_torque:computed_torque_policy",
+                     privileged=True, description="computed torque with the true faulted model "
+                     "at the PD's compliance: the physical ceiling (privileged)"),
+        PolicyMethod("dob", "metarl_ros.policy.momentum_observer:momentum_observer_policy",
+                     description="momentum observer (De Luca) feed-forward on computed torque"),
+        PolicyMethod("adaptive_ct",
+                     "metarl_ros.policy.adaptive_computed_torque:slotine_li_policy",
+                     description="adaptive computed torque (Slotine-Li): payload and motors"),
     )
 }
 ALWAYS_RUN = (NOMINAL, CEILING)
