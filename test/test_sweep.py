@@ -8,6 +8,7 @@ wide).
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import signal
@@ -17,6 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from bag_helpers import write_tiny_env
 
@@ -24,7 +26,8 @@ from metarl_ros.cli.main import main as metarl_main
 from metarl_ros.core.errors import MetarlError
 from metarl_ros.distributed.sweep import SweepSpec, parse_set, run_sweep, split_values
 
-pytest.importorskip("ray.tune")
+needs_ray = pytest.mark.skipif(importlib.util.find_spec("ray") is None,
+                               reason="needs the [distributed] extra (Ray)")
 
 
 @pytest.fixture(scope="module")
@@ -100,6 +103,7 @@ def test_bad_overrides_and_a_second_sweep_fail_before_ray_starts(tiny_env, tmp_p
 # ------------------------------------------------------------------------------ sweeps
 
 
+@needs_ray
 def test_a_sweep_trains_every_trial_and_writes_its_table(tiny_env, tmp_path):
     config = tiny_config(tiny_env, tmp_path)
     out = tmp_path / "sweep"
@@ -125,6 +129,14 @@ def test_a_sweep_trains_every_trial_and_writes_its_table(tiny_env, tmp_path):
         final = json.loads((run / "final.json").read_text())
         assert final["updates"] == 2 * 4
     assert rows[0]["eval/return"] != rows[1]["eval/return"]  # the seeds differ
+    # a trial is the run metarl train makes, to the last bit
+    train = tmp_path / "train"
+    assert metarl_main(["train", "--config", str(config), "--seed", "0", "--set",
+                        "updates_per_iteration=4", "--out", str(train), "--no-progress"]) == 0
+    trained = torch.load(train / "model.pt", weights_only=True)
+    swept = torch.load(Path(rows[0]["run"]) / "model.pt", weights_only=True)
+    assert trained["agent"].keys() == swept["agent"].keys()
+    assert all(torch.equal(trained["agent"][k], swept["agent"][k]) for k in trained["agent"])
     header = (out / "results.csv").read_text().splitlines()[0]
     assert header.startswith("trial,seed,updates_per_iteration,status,iteration")
     assert "metarl sweep" in result.stdout  # the table
@@ -147,6 +159,7 @@ def descendants(pid: int) -> list[int]:
     return found
 
 
+@needs_ray
 def test_a_killed_sweep_resumes_without_redoing_finished_trials(tiny_env, tmp_path):
     # two trials side by side, a short and a long one; a checkpoint after every iteration
     config = tiny_config(tiny_env, tmp_path, checkpoint_every_minutes=1e-6)

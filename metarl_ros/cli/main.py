@@ -157,8 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
                           help="processes running episodes (results do not depend on it)")
     evaluate.add_argument("--backend", choices=["auto", "process", "ray"], default="auto",
                           help="what runs the episodes: Ray tasks (ray; the [distributed] "
-                               "extra), a process pool (process), or auto: Ray when installed "
-                               "and --workers > 1 or --address, else the pool")
+                               "extra), a process pool (process), or auto: Ray with --address, "
+                               "else the pool (as fast on one machine)")
     evaluate.add_argument("--address", help="run the episodes on this Ray cluster (auto, "
                           "host:port); --workers tasks at a time")
     evaluate.add_argument("--json", required=True, help="write results here")

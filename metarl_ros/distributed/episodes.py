@@ -89,8 +89,9 @@ def choose_backend(
     backend: str, workers: int, address: str | None
 ) -> str | Callable[..., list]:
     """What ``metarl eval --backend B --workers N [--address A]`` runs episodes on: ``ray``
-    (a function) with ``--address``, with ``ray``, or with ``auto``, more than one worker and
-    Ray installed; else ``process`` (the process pool; one worker runs inline)."""
+    (a function) with ``--address`` or ``--backend ray``; else ``process`` (the process pool;
+    one worker runs inline). ``auto`` takes the pool on one machine: measured as fast as Ray
+    or faster there, without Ray's start-up (docs/SCALING.md)."""
     if backend == "process":
         if address:
             raise MetarlError("--address runs episodes on a Ray cluster: not with --backend "
@@ -99,4 +100,4 @@ def choose_backend(
     if backend == "ray" or address:
         import_ray(FEATURE)  # one clear line if it is missing
         return ray_backend(address)
-    return ray_backend(None) if workers > 1 and ray_installed() else "process"
+    return "process"

@@ -8,8 +8,12 @@ A local instance (no address) keeps every server on 127.0.0.1. Passing
 ``_node_ip_address="127.0.0.1"`` alone does not do that on Linux: Ray replaces a loopback node
 address by the machine's outside address unless it runs in its single-machine mode
 (``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``, the default on macOS and Windows), so both are set.
-Usage statistics (``RAY_USAGE_STATS_ENABLED``) are off: nothing is sent anywhere. With an
-address, the cluster's own settings apply (``ray start``, docs/SCALING.md).
+Usage statistics (``RAY_USAGE_STATS_ENABLED``) are off: nothing is sent anywhere. The local
+instance is always a new one (``address="local"``): a plain ``ray.init()`` would join a
+cluster that ``ray start`` left on the machine (even a dead one) or one named by
+``RAY_ADDRESS``. With an address, the cluster's own settings apply; a cluster started on
+loopback (found by ``auto`` or named ``127.0.0.1:PORT``) gets the single-machine mode too
+(``ray start``, docs/SCALING.md).
 """
 
 from __future__ import annotations
@@ -73,6 +77,17 @@ def _single_machine_mode(ray: Any) -> None:
         constants.ENABLE_RAY_CLUSTER = False
 
 
+def _resolve_auto() -> str | None:
+    """The cluster ``address="auto"`` joins (``RAY_ADDRESS``, else the last ``ray start`` on
+    this machine), to tell whether it is on loopback; None if Ray cannot tell."""
+    try:
+        from ray._private.services import get_ray_address_from_environment
+
+        return get_ray_address_from_environment("auto", None)
+    except Exception:  # a private helper: if it moved or fails, ray.init reports the problem
+        return None
+
+
 @contextmanager
 def ray_session(
     feature: str, address: str | None = None, num_cpus: int | None = None
@@ -85,25 +100,29 @@ def ray_session(
     left. If Ray is already initialized in this process (a test, a notebook), it is used as
     it is and left running.
     """
-    local = address is None or is_loopback(address)
     before = {key: os.environ.get(key) for key in LOCAL_ENV}
-    if local:
-        for key, value in LOCAL_ENV.items():
-            os.environ.setdefault(key, value)
     try:
         ray = import_ray(feature)
         if ray.is_initialized():
             yield ray
             return
-        if local:
+        target = _resolve_auto() if address == "auto" else address
+        local = address is None or (target is not None and is_loopback(target))
+        if local:  # a new instance, or one started on loopback (ray start, docs/SCALING.md)
+            for key, value in LOCAL_ENV.items():
+                os.environ.setdefault(key, value)
             _single_machine_mode(ray)
         try:
-            if address is None:
-                ray.init(num_cpus=num_cpus, include_dashboard=False, _node_ip_address=LOOPBACK)
+            if address is None:  # "local": a new instance even if `ray start` ran here
+                ray.init(address="local", num_cpus=num_cpus, include_dashboard=False,
+                         _node_ip_address=LOOPBACK)
             else:
                 ray.init(address=address)
         except ConnectionError as error:
-            raise MetarlError(f"--address {address}: {error}") from None
+            hint = ("; joined by address, a cluster with token authentication (Ray's default) "
+                    "needs RAY_AUTH_MODE=token here (docs/SCALING.md)"
+                    if "RAY_AUTH_MODE" not in os.environ and address != "auto" else "")
+            raise MetarlError(f"--address {address}: {error}{hint}") from None
         try:
             yield ray
         finally:

@@ -185,9 +185,9 @@ def train_run(
 ) -> dict:
     """Train one run as ``metarl train --config config_path --set ... --out run_dir --resume``
     does and return its final record (also written to ``run_dir/final.json``): counters,
-    training seconds and the last iteration's statistics. ``report`` gets every iteration's
-    statistics with the counters. A run directory that has ``final.json`` is not trained
-    again: its record is returned."""
+    wall and CPU seconds of this (re)start's training, and the last iteration's statistics.
+    ``report`` gets every iteration's statistics with the counters. A run directory that has
+    ``final.json`` is not trained again: its record is returned."""
     final_file = run_dir / FINAL_FILE
     if final_file.is_file():
         print(f"{run_dir}: trained to the end before; not trained again", flush=True)
@@ -208,13 +208,14 @@ def train_run(
                   f"({trainer.env_steps} env steps, {trainer.updates} updates)", flush=True)
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(run_dir / "config.yaml", run_config_text(config_path, overrides))
-        start = time.monotonic()
+        start, cpu = time.monotonic(), time.process_time()
         stats = trainer.run(
             on_iteration=None if report is None else lambda s: report({**counters(), **s})
         )
         if "eval/return" not in stats:  # resumed at the end: evaluate the final agent again
             stats = {**stats, **trainer.evaluate()}
         record = {**counters(), "train_seconds": time.monotonic() - start,
+                  "train_cpu_seconds": time.process_time() - cpu,
                   "overrides": list(overrides), "metrics": stats}
     finally:
         trainer.rollout.close()
