@@ -24,7 +24,7 @@ from typing import Any, Mapping
 from metarl_ros.control.joint_map import COMMAND_TYPES, command_topic
 from metarl_ros.control.safety import SAFE_MODES
 from metarl_ros.core.resources import PACKAGE_NAME, resolve_path
-from metarl_ros.policy.factory import POLICY_KINDS
+from metarl_ros.policy.factory import DEPLOY_KINDS, POLICY_KINDS
 from metarl_ros.policy.onnx_policy import POSTERIOR_UPDATES
 
 _BOOLS = ("true", "false")
@@ -247,6 +247,10 @@ def onnx_policy_spec(parameters: Mapping[str, Any], parameter_files: tuple[str, 
 
 
 DEPLOY_ARGUMENTS: tuple[LaunchArgument, ...] = (
+    LaunchArgument("policy", "onnx",
+                   "onnx: the exported model; dob / adaptive_ct: the classical momentum "
+                   "observer / Slotine-Li controller (no model); pd: the PD feedback alone. "
+                   "None of them needs torch.", choices=DEPLOY_KINDS),
     LaunchArgument("model", DEFAULT_ONNX_MODEL, "`metarl export` directory of the model."),
     LaunchArgument("env_config", "sim/envs/iiwa7_tracking.yaml",
                    "Env YAML the model was trained with: robot, observation, PD feedback."),
@@ -333,8 +337,9 @@ def deploy_graph(values: Mapping[str, str] | None = None) -> Graph:
             remappings.append((default, target))
     node = onnx_policy_spec(
         {
+            "policy": args["policy"],
             "env_config": args["env_config"],
-            "model_path": args["model"],
+            "model_path": args["model"] if args["policy"] == "onnx" else "",
             "command_type": args["command_type"],
             "controller_name": args["controller"],
             "control_rate_hz": args["control_rate_hz"],

@@ -20,6 +20,7 @@ Nothing this module imports imports torch (a test checks it): robots' computers 
 from __future__ import annotations
 
 from metarl_ros.control.policy_interface import AdaptivePolicy
+from metarl_ros.policy.factory import DEPLOY_KINDS
 
 from .adapter_node import AdapterNode
 from .common import run_node
@@ -28,9 +29,11 @@ NODE_NAME = "onnx_policy_node"
 
 
 class OnnxPolicyNode(AdapterNode):
-    """adapter_node running an exported ONNX model (``policy`` can only be ``onnx``)."""
+    """adapter_node without torch: an exported ONNX model (``policy:=onnx``), or a classical
+    controller (``dob``, ``adaptive_ct``, ``pd``; :data:`~metarl_ros.policy.factory.
+    DEPLOY_KINDS`)."""
 
-    POLICY_CHOICES = ("onnx",)
+    POLICY_CHOICES = DEPLOY_KINDS
     DEFAULT_POLICY = "onnx"
 
     def __init__(self, node_name: str = NODE_NAME, policy: AdaptivePolicy | None = None,

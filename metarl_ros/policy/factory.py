@@ -52,6 +52,8 @@ from metarl_ros.policy.pd import PDPolicy
 from metarl_ros.sim.env_config import EnvSetup
 
 POLICY_KINDS: tuple[str, ...] = ("pd", "pearl", "onnx", "dob", "adaptive_ct")
+DEPLOY_KINDS: tuple[str, ...] = ("onnx", "dob", "adaptive_ct", "pd")
+"""The kinds that run without torch: what the deployed node (onnx_policy_node) offers."""
 ADAPTATION_SCHEDULES: tuple[str, ...] = ("background", "inline")
 
 
