@@ -172,7 +172,11 @@ def own_suite(folder: Path) -> Path:
 
 @pytest.mark.skipif(not (share_directory() / "models/nominal/model.pt").is_file(),
                     reason="no shipped model")
-def test_metarl_eval_on_a_suite_file_of_ones_own(tmp_path, capsys):
+def test_metarl_eval_on_a_suite_file_of_ones_own(tmp_path, capsys, monkeypatch):
+    from metarl_ros.evaluation import methods as registry
+
+    # without the ceiling registered, headroom, gap closed and the recovery bound say so
+    monkeypatch.delitem(registry.METHODS, "ceiling")
     out = tmp_path / "eval.json"
     models = share_directory() / "models"
     # two training runs: the model directory, and its nominal model alone (a second "seed")
@@ -198,9 +202,27 @@ def test_metarl_eval_on_a_suite_file_of_ones_own(tmp_path, capsys):
         assert nominal["runs"] == 2 and condition["methods"]["pd"]["runs"] == 1
         assert nominal["post_rms_mrad"]["per_run"] == [nominal["post_rms_mrad"]["mean"]] * 2
         assert nominal["post_rms_mrad"]["run_spread"] == 0.0
-    assert result["compliance"]["pd"]["status"].startswith("not measured")
+    assert result["compliance"]["pd"]["stiffness_n_per_mm"] < 1.0  # the PD alone is compliant
     assert result["protocol"]["metrics"]["ceiling"] is None
     assert [r["methods"] for r in result["protocol"]["model_runs"]] == [["nominal"], ["nominal"]]
     assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == [
         "report_mine.png", "summary_report.png", "summary_validation.png",
         "validation_mine.png"]
+
+
+@pytest.mark.skipif(not (share_directory() / "models/nominal/model.pt").is_file(),
+                    reason="no shipped model")
+def test_the_ceiling_always_runs_and_defines_the_gap(tmp_path, capsys):
+    out = tmp_path / "eval.json"
+    code = metarl_main(["eval", "--model", str(share_directory() / "models"), "--tasks",
+                        str(own_suite(tmp_path)), "--methods", "nominal,dob", "--json", str(out)])
+    assert code == 0, capsys.readouterr().err
+    result = json.loads(out.read_text())
+    condition = result["results"]["validation"]["mine"]["conditions"]["heavy"]
+    assert set(condition["methods"]) == {"nominal", "dob", "ceiling"}
+    assert condition["headroom"]["clear_of_noise"]  # 5 kg: the nominal policy lags
+    assert condition["methods"]["ceiling"]["gap_closed"]["value"] == pytest.approx(1.0)
+    assert condition["methods"]["nominal"]["gap_closed"]["value"] == pytest.approx(0.0)
+    ceiling = condition["methods"]["ceiling"]["post_rms_mrad"]["mean"]
+    assert ceiling < condition["methods"]["nominal"]["post_rms_mrad"]["mean"]
+    assert result["compliance"]["ceiling"]["stiffness_n_per_mm"] < 1.0  # the PD's compliance

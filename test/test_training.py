@@ -631,7 +631,12 @@ def test_eval_runs_pearl_with_its_own_context_window(model_dir, tiny_env, tmp_pa
     assert context_window(load_method_models(tmp_path, ("robust",))) == 1
 
 
-def test_metarl_eval_on_a_split_writes_documented_json_and_plot(model_dir, tmp_path, capsys):
+def test_metarl_eval_on_a_split_writes_documented_json_and_plot(model_dir, tmp_path, capsys,
+                                                                monkeypatch):
+    from metarl_ros.evaluation import methods as registry
+
+    for name in ("ceiling", "dob", "adaptive_ct"):  # the learned methods' JSON alone
+        monkeypatch.delitem(registry.METHODS, name)
     out_json, out_png = tmp_path / "eval" / "out.json", tmp_path / "eval" / "out.png"
     code = metarl_main(["eval", "--model", str(model_dir), "--split", "heldout", "--episodes", "2",
                         "--json", str(out_json), "--plot", str(out_png)])
