@@ -246,7 +246,7 @@ class ObservationCodec:
         qd_ref = block[4] / self.velocity_scale
         return q, qd, q_ref, qd_ref, block[5] / self.acceleration_scale
 
-    def pd_feedback(self, obs: np.ndarray) -> np.ndarray:
+    def env_effort(self, obs: np.ndarray) -> np.ndarray:
         """The effort the env commands on its own for this observation (N*m, shape (n,)):
         its PD feedback, plus the law's model feed-forward if it has one."""
         n = self.default_pose.shape[0]
@@ -260,13 +260,13 @@ class ObservationCodec:
 
     def action(self, command: np.ndarray, obs: np.ndarray) -> np.ndarray:
         """Normalized action (float32, (n,)) making the env's effort ``command`` (N*m)."""
-        residual = (command - self.pd_feedback(obs)) / self.action_scale
+        residual = (command - self.env_effort(obs)) / self.action_scale
         return np.clip(residual, -1.0, 1.0).astype(np.float32)
 
     def effort(self, action: np.ndarray, obs: np.ndarray) -> np.ndarray:
         """The effort command (N*m, (n,)) the env applied for ``action`` after ``obs``."""
         applied = np.clip(np.asarray(action, float), -1.0, 1.0)
-        return self.pd_feedback(obs) + applied * self.action_scale
+        return self.env_effort(obs) + applied * self.action_scale
 
 
 class TorqueController(Protocol):
