@@ -24,6 +24,7 @@ import dataclasses
 
 import numpy as np
 
+from metarl_ros.evaluation.episode import policy_steps
 from metarl_ros.policy.computed_torque import computed_torque_policy
 from metarl_ros.sim.env import ArmTrackingEnv
 from metarl_ros.sim.env_config import load_env_setup
@@ -57,16 +58,9 @@ def post_fault_rms_mrad(env: ArmTrackingEnv, policy, seed: int, task: TaskParams
     obs, _ = env.reset(seed=seed, options={"faults": [FaultEvent(FAULT_S, task, "fault")]})
     if policy is not None:
         policy.reset()
-    zero = np.zeros(env.action_space.shape, np.float32)
-    errors = []
-    for step in range(env.setup.episode_steps):
-        action = zero if policy is None else policy.act(obs)
-        next_obs, reward, _, _, info = env.step(action)
-        if policy is not None:
-            policy.observe(obs, action, reward, next_obs)
-        if (step + 1) * env.setup.control_dt > FAULT_S:
-            errors.append(info["tracking_error"])
-        obs = next_obs
+    errors = [step.info["tracking_error"]
+              for t, step in enumerate(policy_steps(env, policy, obs, env.setup.episode_steps))
+              if (t + 1) * env.setup.control_dt > FAULT_S]
     return float(np.sqrt(np.mean(np.square(errors))) * 1e3)
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from metarl_ros.control.policy_interface import AdaptivePolicy
+from metarl_ros.evaluation.episode import policy_steps
 from metarl_ros.evaluation.trace import Trace
 from metarl_ros.sim.env import ArmTrackingEnv
 from metarl_ros.sim.scenario import Scenario
@@ -32,17 +33,12 @@ def run_env(env: ArmTrackingEnv, scenario: Scenario, duration_s: float,
     errors = np.zeros(steps)
     latent = np.zeros(steps)
     events: list[tuple[float, str]] = []
-    zero = np.zeros(env.action_space.shape, np.float32)
-    for t in range(steps):
-        action = zero if policy is None else policy.act(obs)
-        next_obs, reward, _, _, info = env.step(action)
+    for t, step in enumerate(policy_steps(env, policy, obs, steps)):
         if policy is not None:
-            policy.observe(obs, action, reward, next_obs)
             latent[t] = float(np.linalg.norm(policy.posterior().mean))
-        errors[t] = info["tracking_error"]
+        errors[t] = step.info["tracking_error"]
         events += [(event.time_s, event.label) for event in scenario.events
-                   if event.label in info["faults"]]
-        obs = next_obs
+                   if event.label in step.info["faults"]]
     times = (np.arange(steps) + 1) * dt
     has_latent = policy is not None and policy.posterior().mean.size > 0
     return Trace(times, errors, times if has_latent else np.zeros(0),

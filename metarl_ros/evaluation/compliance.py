@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from metarl_ros.control.policy_interface import AdaptivePolicy
+from metarl_ros.evaluation.episode import policy_steps
 from metarl_ros.sim.env import ArmTrackingEnv
 from metarl_ros.sim.tasks import TaskParams
 
@@ -58,15 +59,9 @@ def _flange_track(env: ArmTrackingEnv, policy: AdaptivePolicy | None, seed: int,
         env.sim.push(*push)
     if policy is not None:
         policy.reset()
-    zero = np.zeros(env.action_space.shape, np.float32)
     track = np.zeros((steps, 3))
-    for t in range(steps):
-        action = zero if policy is None else policy.act(obs)
-        next_obs, reward, _, _, _ = env.step(action)
-        if policy is not None:
-            policy.observe(obs, action, reward, next_obs)
+    for t, _ in enumerate(policy_steps(env, policy, obs, steps)):
         track[t] = env.sim.flange_position()
-        obs = next_obs
     return track
 
 

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from metarl_ros.control.law import effort_command
+from metarl_ros.evaluation.episode import policy_steps
 from metarl_ros.evaluation.methods import LearnedMethod, MethodSpec, PolicyMethod
 from metarl_ros.evaluation.metrics import Traces, second_difference_amplitude
 from metarl_ros.sim.env_config import EnvSetup, load_env_setup
@@ -202,14 +203,11 @@ def _run_policy(job: EpisodeJob, setup: EnvSetup, envs) -> Traces:
         policy.reset()
         if spec.privileged:
             policy.set_task(env.true_task)
-        for t in range(steps):
-            act = np.asarray(policy.act(now), dtype=np.float32)
-            following, reward, _, _, info = env.step(act)
-            policy.observe(now, act, float(reward), following)
-            if spec.privileged and info["faults"]:
+        for t, step in enumerate(policy_steps(env, policy, now, steps)):
+            if spec.privileged and step.info["faults"]:
                 policy.set_task(env.true_task)
-            obs[i, t], action[i, t], error[i, t] = now, act, info["tracking_error"]
-            now = following
+            obs[i, t], action[i, t] = step.obs, step.action
+            error[i, t] = step.info["tracking_error"]
     return _traces(setup, obs, action, error)
 
 
