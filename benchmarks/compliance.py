@@ -3,9 +3,9 @@
     python benchmarks/compliance.py [--models models] [--env sim/envs/iiwa7_tracking.yaml]
 
 A controller that absorbs faults by stiffening shows here as a small deflection: compare
-controllers at equal compliance (metarl_ros/evaluation/compliance.py). Learned models run
-with their context posterior and without the MAML correction; ``pd`` is the env's PD alone,
-``ceiling`` the true model's feed-forward on the same PD.
+controllers at equal compliance (metarl_ros/evaluation/compliance.py). Every evaluation method
+is tested as ``metarl eval`` tests it (``method_compliance``: learned models with their context
+posterior, without the MAML correction), plus ``pd``, the env's PD alone.
 """
 
 from __future__ import annotations
@@ -13,14 +13,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import numpy as np
-
-from metarl_ros.evaluation.compliance import push_test
-from metarl_ros.learning.saved_model import load_model
-from metarl_ros.policy.computed_torque import computed_torque_policy
-from metarl_ros.policy.factory import make_policy
-from metarl_ros.policy.torch_policy import TorchAdaptivePolicy
-from metarl_ros.sim.env import ArmTrackingEnv
+from metarl_ros.evaluation.compliance import method_compliance
+from metarl_ros.evaluation.methods import METHODS
 from metarl_ros.sim.env_config import load_env_setup
 
 
@@ -31,22 +25,15 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=3, help="references (episodes) per method")
     args = parser.parse_args()
     setup = load_env_setup(args.env)
-    env = ArmTrackingEnv(setup)
-    makers = {"pd": lambda: None,
-              "dob": lambda: make_policy("dob", setup),
-              "adaptive_ct": lambda: make_policy("adaptive_ct", setup),
-              "ceiling": lambda: computed_torque_policy(setup, lambda: env.true_task)}
-    for model in sorted(Path(args.models).glob("*/model.pt")):
-        if model.parent.name == "oracle":
-            continue  # needs the true task online
-        loaded = load_model(model)
-        makers[model.parent.name] = (lambda loaded=loaded: TorchAdaptivePolicy(loaded))
+    models = {p.parent.name: p for p in sorted(Path(args.models).glob("*/model.pt"))}
     print(f"{'controller':12s} {'peak deflection [mm]':>22s} {'stiffness [N/mm]':>17s}")
-    for name, make in makers.items():
-        peaks = [push_test(env, make, seed=seed).peak_deflection_mm for seed in range(args.seeds)]
-        peak = float(np.mean(peaks))
-        print(f"{name:12s} {peak:22.2f} {20.0 / peak:17.2f}")
-    env.close()
+    for name, spec in METHODS.items():
+        result = method_compliance(spec, models, setup, seeds=args.seeds)
+        if "peak_deflection_mm" not in result:
+            print(f"{name:12s} {result['status']}")
+            continue
+        print(f"{name:12s} {result['peak_deflection_mm']:22.2f} "
+              f"{result['stiffness_n_per_mm']:17.2f}")
 
 
 if __name__ == "__main__":
