@@ -52,8 +52,8 @@ from metarl_ros.control.diagnostics import (
     loop_report,
 )
 from metarl_ros.control.joint_map import RejectedInput
-from metarl_ros.control.law import ControlLaw, build_observation, effort_command, tracking_reward
 from metarl_ros.control.latent import LatentTracker, LatentUpdate
+from metarl_ros.control.law import ControlLaw, build_observation, effort_command, tracking_reward
 from metarl_ros.control.loop_inputs import LoopInputs
 from metarl_ros.control.loop_types import STALE_REASONS, LoopConfig, TickResult
 from metarl_ros.control.policy_interface import AdaptivePolicy

@@ -80,6 +80,7 @@ from metarl_ros.recording.bag import BagError
 from metarl_ros.sim.env_config import EnvSetup
 from metarl_ros.sim.tasks import TaskParams
 
+
 class AlignmentConfig(StrictModel):
     """How streams are put on the control grid and what counts as broken."""
 
