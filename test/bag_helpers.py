@@ -41,7 +41,7 @@ def write_tiny_env(
     if fault_time_s is not None:
         tasks["fault_time_s"] = {"low": fault_time_s[0], "high": fault_time_s[1]}
     (folder / "tasks.yaml").write_text(yaml.safe_dump(tasks))
-    env = yaml.safe_load((SHARE / "sim/envs/iiwa7_tracking.yaml").read_text())
+    env = yaml.safe_load((SHARE / "sim/envs/iiwa7_compliant.yaml").read_text())
     env["robot"] = str(SHARE / "sim/robots/iiwa7.yaml")
     env["tasks"] = str(folder / "tasks.yaml")
     env["episode_s"] = 1.0

@@ -19,17 +19,13 @@ from metarl_ros.control.law import build_observation, effort_command
 from metarl_ros.control.policy_interface import AdaptivePolicy
 from metarl_ros.control.rigid_body import point_mass_parameters
 from metarl_ros.policy.adaptive_computed_torque import SlotineLiController, slotine_li_policy
-from metarl_ros.policy.computed_torque import (
-    ComputedTorqueController,
-    FeedbackGains,
-    ObservationCodec,
-    computed_torque_policy,
-)
+from metarl_ros.policy.computed_torque import ObservationCodec, computed_torque_policy
 from metarl_ros.policy.momentum_observer import (
     MomentumObserverController,
     momentum_observer_policy,
 )
 from metarl_ros.sim.tasks import FaultEvent, TaskParams
+from metarl_ros.sim.true_dynamics import ComputedTorqueController, FeedbackGains
 
 DT = 0.01
 PAYLOAD_MASS, PAYLOAD_OFFSET = 2.5, (0.03, -0.02, 0.06)

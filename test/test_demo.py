@@ -228,6 +228,6 @@ def test_table_has_a_row_per_run_and_marks_missing_windows():
                           "payload": {"right_after": 0.005, "adapted": 0.006}},
     })
     rows = {line.split()[0]: line for line in table.splitlines()[3:]}
-    assert rows["pd"].split() == ["pd", "0.0124", "|", "0.0700", "0.0900"]
+    assert rows["pd"].split() == ["pd", "12.40", "|", "70.00", "90.00"]  # mrad
     assert rows["adaptation_on"].split()[1] == "n/a"
     assert "payload" in table.splitlines()[0]

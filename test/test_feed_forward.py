@@ -15,7 +15,7 @@ from metarl_ros.sim.env_config import load_env_setup
 
 @pytest.fixture(scope="module")
 def setups():
-    plain = load_env_setup()
+    plain = load_env_setup("sim/envs/iiwa7_tracking.yaml")  # the PD alone
     config = plain.config.model_copy(update={"feed_forward": "nominal_model"})
     return plain, dataclasses.replace(plain, config=config)
 

@@ -815,10 +815,12 @@ def test_init_critic_condition_reaches_the_warm_start(tiny_env, tmp_path):
 def test_smoothness_weight_reaches_the_actor_update(tiny_env, tmp_path):
     with pytest.raises(ValueError, match="smoothness_weight"):
         tiny_config(tiny_env, method="robust", smoothness_weight=-1.0)
-    off = Trainer(tiny_config(tiny_env, method="robust", smoothness_weight=0.0),
+    # the full-view actor: a feed-forward actor starts as the zero residual, which is smooth
+    full = {"actor_view": "full"}
+    off = Trainer(tiny_config(tiny_env, method="robust", smoothness_weight=0.0, agent=full),
                   tmp_path / "off", progress=False)
-    on = Trainer(tiny_config(tiny_env, method="robust", smoothness_weight=1.0), tmp_path / "on",
-                 progress=False)
+    on = Trainer(tiny_config(tiny_env, method="robust", smoothness_weight=1.0, agent=full),
+                 tmp_path / "on", progress=False)
     for trainer in (off, on):
         trainer.collect_initial()
     assert off.update()["smoothness_loss"] == 0.0

@@ -71,7 +71,8 @@ class RunOutcome:
 #: The demo's runs: adapt_sim with these launch arguments (``--no-ros``: the same
 #: controllers on the env directly).
 DEMO_RUNS = (
-    DemoRun("pd", "PD feedback alone (policy:=pd, no learned policy)", {"policy": "pd"}),
+    DemoRun("pd", "PD + the nominal arm's feed-forward, no adaptation (policy:=pd, no learned "
+            "policy)", {"policy": "pd"}),
     DemoRun("dob", "momentum disturbance observer on computed torque, at the PD's compliance "
             "(policy:=dob)", {"policy": "dob"}),
     DemoRun("adaptive_ct", "Slotine-Li adaptive computed torque, payload and motor strengths, "

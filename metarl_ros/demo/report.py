@@ -1,6 +1,7 @@
 """The demo's metric, table, JSON summary and plot (one definition for every way of running).
 
-Metric: the mean tracking error ``||q_ref - q||`` (rad) over windows fixed by the scenario:
+Metric: the mean tracking error ``||q_ref - q||`` over windows fixed by the scenario (rad in the
+JSON summary, mrad in the printed table and the plot):
 
 * ``before_faults``: from :data:`SETTLE_S` (the start-up transient is skipped; at most half
   the time before the first event) to the first event;
@@ -128,12 +129,12 @@ def format_table(windows: PhaseWindows, rows: Mapping[str, Mapping[str, Any]]) -
 
 
 def _cell(value: float | None, width: int) -> str:
-    return f"{value:{width}.4f}" if value is not None else f"{'n/a':>{width}s}"
+    return f"{value * 1e3:{width}.2f}" if value is not None else f"{'n/a':>{width}s}"
 
 
 def describe_windows(windows: PhaseWindows) -> str:
     start, end = windows.before_faults
-    return (f"tracking error ||q_ref - q|| [rad], mean over: before faults = {start:g}-{end:g} s; "
+    return (f"tracking error ||q_ref - q|| [mrad], mean over: before faults = {start:g}-{end:g} s; "
             f"right after = the first {RIGHT_AFTER_S:g} s after the event; adapted = the last "
             f"{ADAPTED_S:g} s before the next event (or the end)")
 
@@ -150,12 +151,13 @@ def plot(traces: Mapping[str, Trace], windows: PhaseWindows, title: str, path: P
                              sharex=True, squeeze=False)
     error_ax = axes[0, 0]
     for name, trace in traces.items():
-        line, = error_ax.plot(trace.time_s, trace.tracking_error, label=name, linewidth=1.1)
+        line, = error_ax.plot(trace.time_s, np.asarray(trace.tracking_error) * 1e3, label=name,
+                              linewidth=1.1)
         if with_latent and trace.latent_norm.size:
             axes[1, 0].plot(trace.latent_time_s, trace.latent_norm, label=name, linewidth=1.1,
                             color=line.get_color())
     error_ax.set_yscale("log")
-    error_ax.set_ylabel("tracking error ||q_ref - q|| [rad]")
+    error_ax.set_ylabel("tracking error ||q_ref - q|| [mrad]")
     error_ax.set_title(title)
     error_ax.legend(fontsize=8)
     for ax in axes[:, 0]:

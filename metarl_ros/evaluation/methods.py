@@ -85,7 +85,8 @@ METHODS: dict[str, MethodSpec] = {
         LearnedMethod("maml", "robust", maml=True, description="robust + MAML correction"),
         LearnedMethod("pearl_maml", "pearl", maml=True, description="PEARL + MAML correction"),
         PolicyMethod("pd", "metarl_ros.policy.factory:make_policy", (("kind", "pd"),),
-                     default=False, description="the env's fixed PD feedback alone"),
+                     default=False, description="the env's own controller with a zero action: "
+                     "its PD, plus the nominal arm's feed-forward where the env has one"),
         PolicyMethod(CEILING, "metarl_ros.policy.computed_torque:computed_torque_policy",
                      privileged=True, description="computed torque with the true faulted model "
                      "at the PD's compliance: the physical ceiling (privileged)"),

@@ -102,7 +102,7 @@ class Graph:
 
 
 ADAPT_SIM_ARGUMENTS: tuple[LaunchArgument, ...] = (
-    LaunchArgument("env_config", "sim/envs/iiwa7_tracking.yaml",
+    LaunchArgument("env_config", "sim/envs/iiwa7_compliant.yaml",
                    "Env YAML: robot, rates, observation, reward, PD feedback."),
     LaunchArgument("policy", "pd",
                    "Controller: pd or pearl in adapter_node; onnx runs onnx_policy_node (the "
@@ -252,7 +252,7 @@ DEPLOY_ARGUMENTS: tuple[LaunchArgument, ...] = (
                    "observer / Slotine-Li controller (no model); pd: the PD feedback alone. "
                    "None of them needs torch.", choices=DEPLOY_KINDS),
     LaunchArgument("model", DEFAULT_ONNX_MODEL, "`metarl export` directory of the model."),
-    LaunchArgument("env_config", "sim/envs/iiwa7_tracking.yaml",
+    LaunchArgument("env_config", "sim/envs/iiwa7_compliant.yaml",
                    "Env YAML the model was trained with: robot, observation, PD feedback."),
     LaunchArgument("params_file", "",
                    "Extra parameter file for the robot (joint_map, controller_joints, "

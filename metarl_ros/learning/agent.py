@@ -169,6 +169,7 @@ class ConditionedSAC(nn.Module):
         anchor: TanhGaussianActor | None = None,
         anchor_weight: float = 0.0,
         smoothness_weight: float = 0.0,
+        teacher_weight: float = 0.0,
     ) -> dict[str, float]:
         """One gradient step on a meta-batch.
 
@@ -192,9 +193,18 @@ class ConditionedSAC(nn.Module):
                 over the batch's consecutive states: the temporal term of CAPS (Mysore et
                 al., 2021), against actions that flip from one control step to the next
                 (see ``TrainConfig.smoothness_weight``).
+            teacher_weight: with ``> 0`` (``batch.teacher`` required) the actor loss gains
+                ``teacher_weight * mean_B ||tanh(mean(x)) - teacher||^2``, imitation of the
+                privileged label (:mod:`metarl_ros.sim.teacher`). For ``latent`` conditioning
+                the same term, with the sampled ``z`` *not* detached, joins the encoder's loss:
+                the posterior is trained to carry what the label needs (RMA's regression of the
+                extrinsics, on PEARL's probabilistic encoder) besides the Bellman error.
         """
         spec = self.spec
         num_tasks, per_task = batch.reward.shape
+        taught = teacher_weight > 0.0
+        if taught and batch.teacher is None:
+            raise ValueError("teacher_weight > 0 needs the batch's teacher labels")
         kl = torch.zeros(())
         next_cond = None
         if spec.conditioning == "latent":
@@ -229,10 +239,14 @@ class ConditionedSAC(nn.Module):
             target = flat.reward + spec.gamma * (next_q - alpha * next_log_prob)
         q = self.critic(x, flat.action)  # (2, TB)
         critic_loss = (q - target).pow(2).mean(-1).sum()
+        encoder_teacher_loss = torch.zeros(())
+        if taught and self.encoder is not None:
+            # through z into the encoder; the actor's gradients of this pass are discarded
+            encoder_teacher_loss = (self.actor(x) - flat.teacher).pow(2).sum(-1).mean()
         self.critic_optimizer.zero_grad(set_to_none=True)
         if self.encoder is not None:
             self.encoder_optimizer.zero_grad(set_to_none=True)
-        (critic_loss + spec.kl_weight * kl).backward()
+        (critic_loss + spec.kl_weight * kl + teacher_weight * encoder_teacher_loss).backward()
         self.critic_optimizer.step()
         if self.encoder is not None:
             self.encoder_optimizer.step()
@@ -243,8 +257,13 @@ class ConditionedSAC(nn.Module):
         q_pi = self.critic(x_actor, action).min(0).values
         actor_loss = (alpha * log_prob - q_pi).mean()
         anchored = anchor is not None and anchor_weight > 0.0
-        # the deterministic actions, once for both terms that need them
-        mean_action = self.actor(x_actor) if anchored or smoothness_weight > 0.0 else None
+        # the deterministic actions, once for every term that needs them
+        mean_action = (self.actor(x_actor) if anchored or smoothness_weight > 0.0 or taught
+                       else None)
+        teacher_loss = torch.zeros(())
+        if taught:
+            teacher_loss = (mean_action - flat.teacher).pow(2).sum(-1).mean()
+            actor_loss = actor_loss + teacher_weight * teacher_loss
         anchor_loss = torch.zeros(())
         if anchored:
             with torch.no_grad():
@@ -278,6 +297,7 @@ class ConditionedSAC(nn.Module):
             "actor_loss": actor_loss.item(),
             "anchor_loss": anchor_loss.item(),
             "smoothness_loss": smoothness_loss.item(),
+            "teacher_loss": teacher_loss.item(),
             "kl": kl.item(),
             "alpha": alpha.item(),
             "q_mean": q.mean().item(),

@@ -50,7 +50,7 @@ class AgentConfig(StrictModel):
         "dimensions collapse to the prior, at 0.001 all 8 carry the task (docs/LEARNING.md)",
     )
     actor_view: Literal["full", "reference"] = Field(
-        default="full",
+        default="reference",
         description="reference: the actor sees the observation on the reference (q = q_ref, "
         "qd = qd_ref): a pure feed-forward policy that cannot stiffen the PD loop, so faults "
         "are compensated through adaptation, not stiffness (docs/ENVIRONMENT.md)",
@@ -62,7 +62,7 @@ class TrainConfig(StrictModel):
     package share directory."""
 
     method: Method
-    env: str = "sim/envs/iiwa7_tracking.yaml"
+    env: str = "sim/envs/iiwa7_compliant.yaml"
     seed: NonNegativeInt = 1
     total_iterations: PositiveInt = Field(
         default=200, description="at 100, PEARL and the oracle were still improving"
@@ -139,6 +139,15 @@ class TrainConfig(StrictModel):
         "||a(s, c) - a(s', c)||^2 over consecutive states (deterministic actions) to the actor "
         "loss, against actions that flip sign from one control step to the next (shaking on "
         "hardware)",
+    )
+    teacher_weight: float = Field(
+        default=100.0,
+        ge=0.0,
+        description="privileged teacher (sim/teacher.py): adds teacher_weight * ||a(s, c) - "
+        "a_teacher||^2 (deterministic actions) to the actor loss, a_teacher being the true "
+        "model's feed-forward on the reference as a residual action; for pearl the same term "
+        "trains the encoder (through z) besides the Bellman error. Made for agent.actor_view "
+        "reference, whose actor is feed-forward only (docs/LEARNING.md)",
     )
     agent: AgentConfig = AgentConfig()
     dynamics: DynamicsConfig = DynamicsConfig()

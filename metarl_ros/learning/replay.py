@@ -18,12 +18,17 @@ class TaskReplay:
     happened, with each transition's step index in its episode (``episode_step``: 0 at a
     reset), which tells where a window of consecutive transitions crosses into an earlier
     episode. With ``cond_dim > 0`` it also keeps the condition each transition was acted on
-    (the oracle's true task vector, which changes at a mid-episode fault)."""
+    (the oracle's true task vector, which changes at a mid-episode fault); with ``teacher``
+    each action's privileged label (``teacher``, (act_dim,))."""
 
-    def __init__(self, capacity: int, obs_dim: int, act_dim: int, cond_dim: int = 0) -> None:
+    def __init__(
+        self, capacity: int, obs_dim: int, act_dim: int, cond_dim: int = 0, teacher: bool = False
+    ) -> None:
         self.capacity = capacity
-        self.fields = _STORED + (("condition",) if cond_dim else ())
+        self.fields = (_STORED + (("condition",) if cond_dim else ())
+                       + (("teacher",) if teacher else ()))
         self.condition = np.zeros((capacity, cond_dim), np.float32)
+        self.teacher = np.zeros((capacity, act_dim if teacher else 0), np.float32)
         self.obs = np.zeros((capacity, obs_dim), np.float32)
         self.action = np.zeros((capacity, act_dim), np.float32)
         self.reward = np.zeros((capacity,), np.float32)
@@ -40,10 +45,12 @@ class TaskReplay:
         next_obs: np.ndarray,
         episode_step: np.ndarray | None = None,
         condition: np.ndarray | None = None,
+        teacher: np.ndarray | None = None,
     ) -> None:
         """Append a chunk of transitions, arrays with leading dim M. ``episode_step``
         defaults to ``0 .. M-1``: the chunk is one whole episode from its reset;
-        ``condition`` (M, cond_dim) is required when the buffer keeps conditions."""
+        ``condition`` (M, cond_dim) and ``teacher`` (M, act_dim) are required when the buffer
+        keeps them."""
         count = len(reward)
         index = (self.cursor + np.arange(count)) % self.capacity
         self.obs[index] = obs
@@ -55,6 +62,10 @@ class TaskReplay:
             if condition is None:
                 raise ValueError("this buffer keeps each transition's condition: pass it")
             self.condition[index] = condition
+        if "teacher" in self.fields:
+            if teacher is None:
+                raise ValueError("this buffer keeps each action's teacher label: pass it")
+            self.teacher[index] = teacher
         self.cursor = int((self.cursor + count) % self.capacity)
         self.size = min(self.size + count, self.capacity)
 
@@ -95,17 +106,20 @@ class MultiTaskReplay:
     """One :class:`TaskReplay` per task id, with stacked sampling across tasks."""
 
     def __init__(
-        self, num_tasks: int, capacity: int, obs_dim: int, act_dim: int, cond_dim: int = 0
+        self, num_tasks: int, capacity: int, obs_dim: int, act_dim: int, cond_dim: int = 0,
+        teacher: bool = False,
     ) -> None:
-        self.tasks = [TaskReplay(capacity, obs_dim, act_dim, cond_dim) for _ in range(num_tasks)]
+        self.tasks = [TaskReplay(capacity, obs_dim, act_dim, cond_dim, teacher)
+                      for _ in range(num_tasks)]
 
     def __len__(self) -> int:
         return sum(t.size for t in self.tasks)
 
     def add(
-        self, task_id: int, obs, action, reward, next_obs, episode_step=None, condition=None
+        self, task_id: int, obs, action, reward, next_obs, episode_step=None, condition=None,
+        teacher=None,
     ) -> None:
-        self.tasks[task_id].add(obs, action, reward, next_obs, episode_step, condition)
+        self.tasks[task_id].add(obs, action, reward, next_obs, episode_step, condition, teacher)
 
     def sample_index(
         self, task_ids: list[int], count: int, rng: np.random.Generator, recent: int | None = None
@@ -120,8 +134,10 @@ class MultiTaskReplay:
         )
 
     def batch_at(self, task_ids: list[int], index: list[np.ndarray]) -> TransitionBatch:
-        """The transitions at the rows ``index`` of each task: leading dims (T, *rows.shape)."""
-        return TransitionBatch(**{name: self.gather(task_ids, index, name) for name in _FIELDS})
+        """The transitions at the rows ``index`` of each task: leading dims (T, *rows.shape),
+        with their teacher labels if the buffers keep them."""
+        names = _FIELDS + (("teacher",) if "teacher" in self.tasks[0].fields else ())
+        return TransitionBatch(**{name: self.gather(task_ids, index, name) for name in names})
 
     def sample(
         self, task_ids: list[int], count: int, rng: np.random.Generator, recent: int | None = None

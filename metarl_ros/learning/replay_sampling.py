@@ -118,5 +118,6 @@ class ReplaySampler:
             action=seq.action[:, :, tail].flatten(1, 2),
             reward=seq.reward[:, :, tail].flatten(1, 2),
             next_obs=seq.next_obs[:, :, tail].flatten(1, 2),
+            teacher=None if seq.teacher is None else seq.teacher[:, :, tail].flatten(1, 2),
         )
         return batch, contexts

@@ -57,6 +57,8 @@ class RolloutResult:
     control_dt: float
     # (E, S, C): the true task vector; C is 0 unless oracle conditioning or record_task
     oracle_condition: np.ndarray
+    # (E, S, act_dim) with record_teacher (the privileged label of each step), else (E, S, 0)
+    teacher_action: np.ndarray
 
     @property
     def returns(self) -> np.ndarray:
@@ -89,6 +91,7 @@ class VectorRollout:
         hook: StepHook | None = None,
         steps: int | None = None,
         record_task: bool = False,
+        record_teacher: bool = False,
     ) -> RolloutResult:
         """Run one episode on each of ``len(tasks)`` envs.
 
@@ -131,6 +134,7 @@ class VectorRollout:
         out_std = np.zeros((count, steps, latent_dim), np.float32)
         oracle_dim = spec.oracle_dim if spec.conditioning == "oracle" or record_task else 0
         out_oracle = np.zeros((count, steps, oracle_dim), np.float32)
+        out_teacher = np.zeros((count, steps, spec.act_dim if record_teacher else 0), np.float32)
         for t in range(steps):
             mu_np = None
             if oracle_dim:
@@ -152,6 +156,8 @@ class VectorRollout:
             if hook is not None:
                 action = hook.correct(agent.actor_observation(obs), action, mu_np)
             next_obs = np.empty_like(obs)
+            if record_teacher:
+                out_teacher[:, t] = np.stack([env.teacher_action() for env in envs])
             for i, env in enumerate(envs):
                 next_obs[i], out_reward[i, t], _, _, info = env.step(action[i])
                 out_error[i, t] = info["tracking_error"]
@@ -177,6 +183,7 @@ class VectorRollout:
             out_std,
             self.setup.control_dt,
             out_oracle,
+            out_teacher,
         )
 
 

@@ -137,6 +137,7 @@ class Trainer:
             self.setup.obs_dim,
             self.setup.act_dim,
             cond_dim=self.spec.oracle_dim if self.records_task else 0,
+            teacher=config.teacher_weight > 0,
         )
         self.rollout = VectorRollout(self.setup, config.envs_per_iteration)
         self.eval_rollout = VectorRollout(self.setup, config.eval_tasks)
@@ -181,6 +182,7 @@ class Trainer:
             latent_mode="sample",
             window=self.config.context_window,
             record_task=self.records_task,
+            record_teacher=self.config.teacher_weight > 0,
         )
         for row, task_id in enumerate(task_ids):
             self.replay.add(
@@ -190,6 +192,7 @@ class Trainer:
                 result.reward[row],
                 result.next_obs[row],
                 condition=result.oracle_condition[row] if self.records_task else None,
+                teacher=result.teacher_action[row] if self.config.teacher_weight > 0 else None,
             )
         self.env_steps += result.reward.size
         return result.returns
@@ -210,6 +213,7 @@ class Trainer:
             anchor=self.anchor_actor,
             anchor_weight=c.anchor_weight,
             smoothness_weight=c.smoothness_weight,
+            teacher_weight=c.teacher_weight,
         )
 
     @property

@@ -15,8 +15,9 @@ from torch import Tensor
 class TransitionBatch:
     """Transitions with any leading dims ``L`` (``(T, N)`` for T tasks of N samples as the
     replay samples them, ``(B,)`` for MAML): ``obs`` and ``next_obs`` ``(*L, obs_dim)``,
-    ``action`` ``(*L, act_dim)``, optionally ``reward`` ``(*L,)`` and ``latent`` ``(*L,
-    latent_dim)`` (the task latent ``z`` a dynamics model is conditioned on).
+    ``action`` ``(*L, act_dim)``, optionally ``reward`` ``(*L,)``, ``latent`` ``(*L,
+    latent_dim)`` (the task latent ``z`` a dynamics model is conditioned on) and ``teacher``
+    ``(*L, act_dim)`` (the privileged label of the action, :mod:`metarl_ros.sim.teacher`).
 
     Indexing, ``len`` and :meth:`cat` act on the first leading dim. For
     :class:`~metarl_ros.learning.online_adapter.OnlineAdapter` the rows are in time order
@@ -28,6 +29,7 @@ class TransitionBatch:
     next_obs: Tensor
     reward: Tensor | None = None
     latent: Tensor | None = None
+    teacher: Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.obs.dim() < 2:
@@ -53,6 +55,11 @@ class TransitionBatch:
         ):
             raise ValueError("TransitionBatch: latent must be (..., latent_dim) with obs's batch "
                              "shape")
+        if self.teacher is not None and self.teacher.shape != self.action.shape:
+            raise ValueError(
+                f"TransitionBatch: teacher must have the shape of action "
+                f"{tuple(self.action.shape)}, got {tuple(self.teacher.shape)}"
+            )
 
     def _map(self, fn: Any) -> TransitionBatch:
         """The batch with ``fn`` applied to every field that is present."""

@@ -191,7 +191,7 @@ class AdapterNode(Node):
 
     def _declare_parameters(self) -> dict:
         d = {}
-        d["env_config"] = declare(self, "env_config", "sim/envs/iiwa7_tracking.yaml",
+        d["env_config"] = declare(self, "env_config", "sim/envs/iiwa7_compliant.yaml",
                                   "Env YAML defining robot, observation, reward and rates.")
         d["policy"] = declare(self, "policy", self.DEFAULT_POLICY, "Controller behind the node.",
                               choices=self.POLICY_CHOICES)

@@ -195,7 +195,7 @@ class SimNode(Node):
 
     def _declare_parameters(self) -> dict:
         d = {}
-        d["env_config"] = declare(self, "env_config", "sim/envs/iiwa7_tracking.yaml",
+        d["env_config"] = declare(self, "env_config", "sim/envs/iiwa7_compliant.yaml",
                                   "Env YAML (robot, rates, reference); relative paths resolve "
                                   "against the working directory, then the package share.")
         d["scenario"] = declare(self, "scenario", "",

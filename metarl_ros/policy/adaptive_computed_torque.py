@@ -35,7 +35,8 @@ from __future__ import annotations
 import numpy as np
 
 from metarl_ros.control.rigid_body import NUM_INERTIAL_PARAMETERS, RigidBodyModel
-from metarl_ros.policy.computed_torque import TorqueControllerPolicy, motor_command
+from metarl_ros.policy.computed_torque import TorqueControllerPolicy
+from metarl_ros.sim.true_dynamics import motor_command
 
 LENGTH_SCALE_M = 0.1
 DEFAULT_GAMMA_PAYLOAD = 1000.0

@@ -15,7 +15,7 @@ after ``k`` steps a constant disturbance is estimated to ``1 - (1 - K_O dt)^k``.
 
 :class:`MomentumObserverController` feeds ``-r`` forward on top of a nominal controller
 (``"computed_torque"``: the nominal model's computed torque, or ``"pd"``: PD plus nominal
-gravity) using the same :class:`~metarl_ros.policy.computed_torque.FeedbackGains` as that
+gravity) using the same :class:`~metarl_ros.sim.true_dynamics.FeedbackGains` as that
 controller. Default ``K_O = 50 s^-1`` (20 ms; ``K_O dt = 0.5`` at 100 Hz, half-way to the
 deadbeat 1 and well inside the sampled observer's stability limit of 2): faster rejects a
 payload sooner but passes more velocity noise into the command (noise gain ~ ``K_O M``); on
@@ -31,12 +31,8 @@ from typing import Literal
 import numpy as np
 
 from metarl_ros.control.rigid_body import RigidBodyModel
-from metarl_ros.policy.computed_torque import (
-    ComputedTorqueController,
-    FeedbackGains,
-    TorqueControllerPolicy,
-    motor_command,
-)
+from metarl_ros.policy.computed_torque import TorqueControllerPolicy
+from metarl_ros.sim.true_dynamics import ComputedTorqueController, FeedbackGains, motor_command
 
 DEFAULT_OBSERVER_GAIN = 150.0
 """K_O, 1/s. Chosen on the validation draw (lowest mean post-fault RMS over the in-range

@@ -57,6 +57,7 @@ from metarl_ros.sim.env_config import (
 )
 from metarl_ros.sim.reference import MultiSineReference
 from metarl_ros.sim.tasks import FaultEvent, TaskParams
+from metarl_ros.sim.teacher import FeedForwardTeacher
 
 
 class ArmTrackingEnv(gym.Env):
@@ -102,6 +103,7 @@ class ArmTrackingEnv(gym.Env):
         self._reference: MultiSineReference | None = None
         self._reference_now: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
         self._measured: JointReading | None = None
+        self._teacher: FeedForwardTeacher | None = None
         self._steps = 0
 
     # ------------------------------------------------------------------ gym API
@@ -176,6 +178,16 @@ class ArmTrackingEnv(gym.Env):
     def true_task(self) -> TaskParams:
         """Ground truth, for oracle baselines and diagnostics only."""
         return self.sim.task
+
+    def teacher_action(self) -> np.ndarray:
+        """The privileged label for the action about to be taken: the true model's
+        feed-forward on the current reference as a residual action, (n,) float32
+        (:class:`~metarl_ros.sim.teacher.FeedForwardTeacher`; training only)."""
+        if self._reference_now is None:
+            raise RuntimeError("call reset() before teacher_action()")
+        if self._teacher is None:
+            self._teacher = FeedForwardTeacher(self.setup)
+        return self._teacher(self.sim.task, self._reference_now)
 
     def reference_at(self, t: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         assert self._reference is not None

@@ -21,7 +21,7 @@ from metarl_ros.sim.reference import ReferenceConfig
 from metarl_ros.sim.robot import RobotSpec, load_robot_spec
 from metarl_ros.sim.tasks import TaskSuiteConfig, load_task_suite
 
-DEFAULT_ENV_CONFIG = "sim/envs/iiwa7_tracking.yaml"
+DEFAULT_ENV_CONFIG = "sim/envs/iiwa7_compliant.yaml"
 
 
 class EnvConfig(StrictModel):
