@@ -82,7 +82,7 @@ CASES = [
      ["splits is missing ['ood']"]),
     ("tasks-unknown-key", TASKS, "lock_probability: 0.15", "lock_probabilty: 0.15",
      ["distributions.in_range.lock_probabilty", "Extra inputs are not permitted"]),
-    ("tasks-wrong-type", TASKS, "num_tasks: 60", "num_tasks: many",
+    ("tasks-wrong-type", TASKS, "num_tasks: 240", "num_tasks: many",
      ["splits.train.num_tasks", "valid integer"]),
     ("tasks-joint-beyond-robot", TASKS, "lockable_joints: [0, 2, 4, 6]",
      "lockable_joints: [0, 2, 4, 9]", ["distributions.ood.lockable_joints", "[9]"]),

@@ -105,7 +105,11 @@ class TrainConfig(StrictModel):
         "context_sampling trailing for it; the oracle's transitions keep the task vector they "
         "were acted on; nominal, which trains on the intact robot only, needs 0)",
     )
-    replay_capacity_per_task: PositiveInt = 20000
+    replay_capacity_per_task: PositiveInt = Field(
+        default=2000,
+        description="transitions per training task: 240 tasks get about two 400-step episodes "
+        "each in a run (initial_episodes_per_task + 8 per iteration)",
+    )
     eval_every_iterations: PositiveInt = 10
     eval_tasks: PositiveInt = 8
     checkpoint_every_minutes: PositiveFloat = 5.0
