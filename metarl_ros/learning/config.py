@@ -145,7 +145,7 @@ class TrainConfig(StrictModel):
         "hardware)",
     )
     teacher_weight: float = Field(
-        default=100.0,
+        default=1000.0,
         ge=0.0,
         description="privileged teacher (sim/teacher.py): adds teacher_weight * ||a(s, c) - "
         "a_teacher||^2 (deterministic actions) to the actor loss, a_teacher being the true "
