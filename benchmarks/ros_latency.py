@@ -23,7 +23,9 @@ is matched to the exact state it was computed from:
 
 Latency = command receipt minus joint state publication, both on this process's monotonic
 clock. Resident memory (``VmRSS``, and its peak ``VmHWM``, from ``/proc/<pid>/status``) of
-each node process is read at the end of its measured window.
+each node process is read at the end of its measured window; ``children_vmrss_mb`` is that of
+its child processes (adapter_node with policy pearl, MAML on and ``adaptation_schedule:
+background`` runs the MAML adaptation in one: ``metarl_ros.policy.adaptation_process``).
 
 Late ticks are adapter_node's own count (``late_ticks`` / ``ticks`` on /diagnostics:
 receipt-to-publish over half a control period, or a gap of more than 1.5 periods), over the
@@ -242,7 +244,22 @@ class Driver:
 
 
 def _memory(pid: int) -> dict[str, float]:
-    """Resident memory of a process: VmRSS (now) and VmHWM (peak), in MB."""
+    """Resident memory of a process: VmRSS (now) and VmHWM (peak), in MB; and the VmRSS of
+    its children (e.g. adapter_node's MAML adaptation process), if it has any."""
+    values = _status_mb(pid)
+    children = []
+    try:
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            children += (task / "children").read_text().split()
+    except OSError:
+        pass
+    if children:
+        values["children_vmrss_mb"] = round(sum(_status_mb(int(child)).get("vmrss_mb", 0.0)
+                                                for child in children), 1)
+    return values
+
+
+def _status_mb(pid: int) -> dict[str, float]:
     values = {}
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():

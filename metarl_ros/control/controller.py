@@ -56,7 +56,7 @@ from metarl_ros.control.latent import LatentTracker, LatentUpdate
 from metarl_ros.control.law import ControlLaw, build_observation, effort_command, tracking_reward
 from metarl_ros.control.loop_inputs import LoopInputs
 from metarl_ros.control.loop_types import STALE_REASONS, LoopConfig, TickResult
-from metarl_ros.control.policy_interface import AdaptivePolicy
+from metarl_ros.control.policy_interface import AdaptivePolicy, PolicyStatus
 from metarl_ros.control.safety import EffortClamp, SafeAction
 from metarl_ros.control.tick_timing import TickTiming
 
@@ -387,7 +387,18 @@ class AdaptiveController:
         return loop_report(stats, self.latency, self._latent, self.config, self._safe_reason,
                            self._safe_detail, self._idle(now_s),
                            self.inputs.joint_watchdog.age(now_s),
-                           self.inputs.reference_watchdog.age(now_s))
+                           self.inputs.reference_watchdog.age(now_s), self.policy_status())
+
+    def policy_status(self) -> PolicyStatus | None:
+        """The policy's own status (its background work), if it offers ``status()``; a
+        failing ``status()`` is reported as a warning, never raised."""
+        status = getattr(self.policy, "status", None)
+        if not callable(status):
+            return None
+        try:
+            return status()
+        except Exception as exc:  # noqa: BLE001 - diagnostics must not fail
+            return PolicyStatus("warn", f"policy status failed: {type(exc).__name__}: {exc}")
 
     def _idle(self, now_s: float) -> str:
         """Why nothing has been commanded for ``idle_after_s`` wall seconds, or ''."""

@@ -10,7 +10,7 @@ that calls it, so that ``control`` depends on no implementation.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from typing import Literal, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -54,6 +54,21 @@ class PosteriorSummary:
     mean: np.ndarray
     std: np.ndarray
     window_fill: int
+
+
+@dataclass(frozen=True)
+class PolicyStatus:
+    """Health of a policy's own background work, for ``/diagnostics`` (optional: a policy
+    that has such work offers it as ``status() -> PolicyStatus``; the control loop adds
+    ``values`` to its report and, with ``level`` ``warn``, warns with ``message``).
+
+    ``status()`` may be called from another thread than the control loop's; it must be cheap
+    and must not raise.
+    """
+
+    level: Literal["ok", "warn"]
+    message: str
+    values: dict[str, str] = field(default_factory=dict)
 
 
 @runtime_checkable

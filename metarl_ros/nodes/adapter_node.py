@@ -47,7 +47,10 @@ Loops
     *watchdog* (steady clock, every control period): safe action while joint states or
     reference are older than ``watchdog_timeout`` (node clock, i.e. simulated time under
     ``use_sim_time``; one not received yet counts from the first receipt of the other).
-    *diagnostics* (steady clock).
+    *diagnostics* (steady clock). With one executor thread, the context update and the
+    diagnostics run right after the next tick's command is published rather than when their
+    timers fire (:mod:`metarl_ros.nodes.after_tick`), so they never delay a tick; while no
+    ticks come they run at once.
 
 Parameters
     ``effort_limit_scale``, ``safe_mode`` and ``log_throttle_s`` apply at once when set at run
@@ -72,7 +75,7 @@ from std_msgs.msg import Float64MultiArray, MultiArrayDimension
 from metarl_ros.control.controller import AdaptiveController
 from metarl_ros.control.joint_map import JointMap, RejectedInput
 from metarl_ros.control.loop_types import LoopConfig, TickResult
-from metarl_ros.control.policy_interface import AdaptivePolicy
+from metarl_ros.control.policy_interface import AdaptivePolicy, PolicyStatus
 from metarl_ros.control.safety import SAFE_MODES
 from metarl_ros.core.log import LogThrottle
 from metarl_ros.policy.factory import (
@@ -84,6 +87,7 @@ from metarl_ros.policy.factory import (
 from metarl_ros.policy.onnx_policy import POSTERIOR_UPDATES
 from metarl_ros.sim.env_config import load_env_setup
 
+from .after_tick import AfterTick
 from .commands import COMMAND_TYPES, CommandPublisher
 from .common import (
     BEST_EFFORT_QOS,
@@ -154,6 +158,10 @@ class AdapterNode(Node):
         # adaptation events can come at the context rate: one line per 10 throttle periods
         self._event_throttle = LogThrottle(10.0 * p["log_throttle_s"])
         self._was_safe = ""
+        self._policy_status = ("ok", "")
+        # low-priority timer work waits for the end of the next tick (one executor thread)
+        self._after_tick = AfterTick(2.0 * self.loop.period_s,
+                                     enabled=p["executor_threads"] == 1)
         guard_parameters(self, {
             "effort_limit_scale": self.loop.set_effort_limit_scale,
             "safe_mode": self.loop.set_safe_mode,
@@ -169,9 +177,12 @@ class AdapterNode(Node):
         self.command_topic = self.commands.topic
         self._latent_pub = self.create_publisher(Float64MultiArray, "~/latent", STATE_QOS)
         self._diag_pub = self.create_publisher(DiagnosticArray, "/diagnostics", STATE_QOS)
-        self.create_subscription(JointState, "/joint_states", self._on_joint_state, sensor_qos,
-                                 callback_group=control_group)
+        # the reference first: an executor serves ready subscriptions in creation order, so a
+        # reference and joint state that arrive together tick in the joint state's callback,
+        # one callback earlier than the other way round
         self.create_subscription(JointState, "/reference", self._on_reference, sensor_qos,
+                                 callback_group=control_group)
+        self.create_subscription(JointState, "/joint_states", self._on_joint_state, sensor_qos,
                                  callback_group=control_group)
         steady = Clock(clock_type=ClockType.STEADY_TIME)
         self.create_timer(self.loop.period_s, self._on_watchdog, callback_group=control_group,
@@ -207,9 +218,10 @@ class AdapterNode(Node):
                             "not exported, ignored).")
         d["adaptation_schedule"] = declare(
             self, "adaptation_schedule", "background",
-            "pearl MAML steps: background = a thread every 0.1 s of wall time (a robot); "
-            "inline = every adapt_every transitions in the control callback (deterministic; "
-            "a simulator in lockstep).", choices=ADAPTATION_SCHEDULES)
+            "pearl MAML steps: background = in a separate process every 0.1 s of wall time, "
+            "PEARL itself in onnxruntime, no torch in the control callback (a robot); inline = "
+            "every adapt_every transitions in the control callback, all in torch "
+            "(deterministic; a simulator in lockstep).", choices=ADAPTATION_SCHEDULES)
         d["posterior_update"] = declare(
             self, "posterior_update", "tick",
             "onnx: tick = fold each transition into the posterior before the next action "
@@ -331,6 +343,10 @@ class AdapterNode(Node):
     def _publish(self, result: TickResult, received: float) -> None:
         self._send(result.efforts, self.loop.last_tick_stamp)  # tagged with its instant
         self.loop.record_publish_latency(time.perf_counter() - received)
+        self._log_tick(result)
+        self._after_tick.tick_done()
+
+    def _log_tick(self, result: TickResult) -> None:
         if result.safe:
             if result.reason == "policy_error":
                 self._warn_throttled("policy_error", f"policy failed ({result.error}); "
@@ -372,6 +388,7 @@ class AdapterNode(Node):
             self._publish(self.loop.tick(now), received)
 
     def _on_watchdog(self) -> None:
+        self._after_tick.run_if_idle()
         result = self.loop.watchdog(now_s(self))
         if result is not None:
             self._send(result.efforts)
@@ -382,6 +399,9 @@ class AdapterNode(Node):
             self._was_safe = result.reason
 
     def _on_context(self) -> None:
+        self._after_tick.submit("context", self._update_context)
+
+    def _update_context(self) -> None:
         update = self.loop.update_context(now_s(self))
         if update is None:
             return
@@ -400,7 +420,11 @@ class AdapterNode(Node):
                     f"{self.loop.config.adaptation_event_threshold:g}{more}")
 
     def _on_diagnostics(self) -> None:
+        self._after_tick.submit("diagnostics", self._publish_diagnostics)
+
+    def _publish_diagnostics(self) -> None:
         report = self.loop.diagnostics(now_s(self))
+        self._log_policy_status(report.policy)
         status = DiagnosticStatus(name=f"{self.get_name()}: control loop",
                                   hardware_id=self.setup.robot.name, message=report.message)
         status.level = _LEVELS[report.level]
@@ -409,6 +433,15 @@ class AdapterNode(Node):
         array.header.stamp = self.get_clock().now().to_msg()
         self._diag_pub.publish(array)
 
+    def _log_policy_status(self, status: PolicyStatus | None) -> None:
+        """Log when the policy's own status (e.g. its MAML adaptation process) changes."""
+        if status is None or (status.level, status.message) == self._policy_status:
+            return
+        if status.level == "warn":
+            self.get_logger().warning(status.message)
+        elif self._policy_status[0] == "warn":
+            self.get_logger().info(f"policy status back to normal: {status.message}")
+        self._policy_status = (status.level, status.message)
 
     def destroy_node(self) -> None:
         loop = getattr(self, "loop", None)  # None if the constructor failed before making it

@@ -28,6 +28,15 @@ from metarl_ros.learning.online_adapter import AdaptationResult, OnlineAdapter
 from metarl_ros.learning.saved_model import LoadedModel
 from metarl_ros.learning.torque_model import TorqueGainDynamics, head_at
 from metarl_ros.learning.transitions import TransitionBatch
+from metarl_ros.policy.held_correction import (
+    LAG_HORIZON_TICKS,
+    CorrectionApplier,
+    CorrectionSettings,
+    HeldCorrection,
+)
+
+__all__ = ["LAG_HORIZON_TICKS", "MLP_DEFAULTS", "STRUCTURED_DEFAULTS", "DynamicsAdaptation",
+           "dynamics_for", "per_joint_error"]
 
 _LOG = logging.getLogger(__name__)
 
@@ -36,10 +45,6 @@ MLP_DEFAULTS = {"min_improvement": 0.6, "max_correction": 0.1}
 STRUCTURED_DEFAULTS = {"min_improvement": 0.1, "max_correction": 0.5, "lag_band_rad": 0.002}
 """Deployment settings of the correction with :class:`TorqueGainDynamics` (chosen on
 evaluation episodes of seed 1, docs/BENCHMARKS.md)."""
-LAG_HORIZON_TICKS = 25
-"""Time constant, in control ticks, of the per-joint mean tracking error the lag gate reads
-(0.25 s at 100 Hz: the context window's span)."""
-
 
 def per_joint_error(
     model: TorqueGainDynamics, params: Mapping[str, torch.Tensor], batch: TransitionBatch
@@ -122,15 +127,8 @@ class DynamicsAdaptation:
         self.structured = isinstance(model, TorqueGainDynamics)
         self.confirmations = confirmations
         n = model.act_dim
-        # structured: (gain ratio r, bias torque c) per joint, one immutable tuple
-        self._head_correction = (np.ones(n, np.float32), np.zeros(n, np.float32))
         self._streak = np.zeros(n, np.int64)
         self._previous: Mapping[str, torch.Tensor] | None = None
-        if self.structured:
-            self._kp_u = model.kp_u.numpy().astype(np.float32)
-            self._kd_u = model.kd_u.numpy().astype(np.float32)
-            self._position_error_scale = float(model.pd.position_error_scale)
-        self._mean_lag = np.zeros(n, np.float32)  # rad, per joint (lag gate)
         # private copy: functional calls swap tensors inside the module (not thread-safe)
         self._model = copy.deepcopy(model)
         self.uses_latent = model.latent_dim > 0
@@ -142,19 +140,16 @@ class DynamicsAdaptation:
         self.min_improvement = (
             defaults["min_improvement"] if min_improvement is None else min_improvement
         )
-        self.max_correction = (
-            defaults["max_correction"] if max_correction is None else max_correction
-        )
-        band = defaults.get("lag_band_rad") if lag_band_rad == "default" else lag_band_rad
-        if band is not None and not (np.isfinite(band) and band > 0):
-            raise ValueError(f"lag_band_rad must be a positive number or None, got {band!r}")
-        self.lag_band_rad = band if self.structured else None
+        settings = correction_settings(model, max_correction, lag_band_rad)
+        self.max_correction = settings.max_correction
+        self.lag_band_rad = settings.lag_band_rad
+        # the control loop's part: applies the held correction (one immutable object)
+        self.applier = CorrectionApplier(settings)
         self.active = False  # is a correction being applied
         self._reference: Mapping[str, torch.Tensor] | None = None
         self._since_step = 0
         self._lock = threading.Lock()
         self._query: tuple[np.ndarray, np.ndarray, np.ndarray | None] | None = None
-        self._offset = np.zeros(model.act_dim, np.float32)
         self.last_result: AdaptationResult | None = None
         self.steps = 0
         self.errors = 0
@@ -166,44 +161,52 @@ class DynamicsAdaptation:
         with self._lock:
             self.window.clear()
             self._query = None
-            self._offset = np.zeros_like(self._offset)
             self._reference = None
-            n = self._offset.shape[0]
-            self._head_correction = (np.ones(n, np.float32), np.zeros(n, np.float32))
-            self._streak = np.zeros(n, np.int64)
+            self._streak = np.zeros_like(self._streak)
             self._previous = None
-            self._mean_lag = np.zeros(n, np.float32)
+            self.applier.reset()
+            self.active = False
         self.adapter.reset()
         self._since_step = 0
 
     # ------------------------------------------------------------ control-loop side (cheap)
 
     def apply(self, obs: np.ndarray, action: np.ndarray, latent: np.ndarray | None) -> np.ndarray:
-        """Remember the query for the next :meth:`step`; return the corrected action: the
-        held offset, or (structured model) ``(r - 1) u + c`` with the held gain ratio ``r``
-        and bias torque ``c`` and the current commanded torque ``u``, through the lag gate."""
+        """Remember the query for the next :meth:`step`; return the corrected action
+        (:meth:`~metarl_ros.policy.held_correction.CorrectionApplier.apply`: the held offset,
+        or (structured model) ``(r - 1) u + c`` with the held gain ratio ``r`` and bias torque
+        ``c`` and the current commanded torque ``u``, through the lag gate)."""
+        self.set_query(obs, action, latent)
+        return self.applier.apply(obs, action)
+
+    def set_query(self, obs: np.ndarray, action: np.ndarray, latent: np.ndarray | None) -> None:
+        """The state the next :meth:`step` computes the correction for: what the actor saw,
+        its action, the latent it acted on."""
         self._query = (obs, action, latent)
-        if self.structured:
-            ratio, bias = self._head_correction
-            n = ratio.shape[0]
-            position_error = obs[2 * n : 3 * n]
-            if np.isfinite(position_error).all():  # one bad reading must not stick in the mean
-                self._mean_lag += (
-                    position_error / self._position_error_scale - self._mean_lag
-                ) / LAG_HORIZON_TICKS
-            u = action + self._kp_u * position_error + self._kd_u * obs[3 * n : 4 * n]
-            offset = np.clip((ratio - 1.0) * u + bias, -self.max_correction, self.max_correction)
-            if self.lag_band_rad is not None:
-                offset = offset * self.lag_gate(offset)
-            return np.clip(action + offset, -1.0, 1.0).astype(np.float32)
-        return np.clip(action + self._offset, -1.0, 1.0).astype(np.float32)
 
     def lag_gate(self, offset: np.ndarray) -> np.ndarray:
         """Per-joint factor in [0, 1], (n,): how far each joint lags its reference (mean
         ``q_ref - q``) in the direction ``offset`` (n,) pushes it, in units of
         ``lag_band_rad``."""
-        assert self.lag_band_rad is not None
-        return np.clip(np.sign(offset) * self._mean_lag / self.lag_band_rad, 0.0, 1.0)
+        return self.applier.lag_gate(offset)
+
+    def held(self) -> HeldCorrection:
+        """The correction the last :meth:`step` left (what :meth:`apply` adds)."""
+        held = self.applier.held
+        return HeldCorrection(held.ratio, held.bias, held.offset, self.active)
+
+    @property
+    def _head_correction(self) -> tuple[np.ndarray, np.ndarray]:
+        """Structured model: the held (gain ratio, bias torque) per joint."""
+        held = self.applier.held
+        return held.ratio, held.bias
+
+    @_head_correction.setter
+    def _head_correction(self, value: tuple[np.ndarray, np.ndarray]) -> None:
+        held = self.applier.held
+        ratio, bias = value
+        self.applier.hold(HeldCorrection(np.asarray(ratio, np.float32),
+                                         np.asarray(bias, np.float32), held.offset, self.active))
 
     def record(
         self, obs: np.ndarray, action: np.ndarray, next_obs: np.ndarray, latent: np.ndarray | None
@@ -260,11 +263,11 @@ class DynamicsAdaptation:
                 cfg.trust_weight,
             )
             offset = corrected.numpy() - action
-            self._offset = np.clip(offset, -self.max_correction, self.max_correction).astype(
-                np.float32
-            )
+            offset = np.clip(offset, -self.max_correction, self.max_correction).astype(np.float32)
         else:
-            self._offset = np.zeros_like(self._offset)
+            offset = np.zeros(self._streak.shape[0], np.float32)
+        held = self.applier.held
+        self.applier.hold(HeldCorrection(held.ratio, held.bias, offset, self.active))
         self.steps += 1
 
     def _step_structured(
@@ -305,10 +308,12 @@ class DynamicsAdaptation:
         self._streak = np.where(evidence, np.where(agrees, self._streak + 1, 1), 0)
         active = self._streak >= self.confirmations
         self.active = bool(active.any())
-        self._head_correction = (
+        self.applier.hold(HeldCorrection(
             np.where(active, ratio, 1.0).astype(np.float32),
             np.where(active, bias, 0.0).astype(np.float32),
-        )
+            self.applier.held.offset,
+            self.active,
+        ))
 
     def _evidence(self, window: TransitionBatch, current) -> bool:
         """Do the weights in use explain the newest data clearly better than the reference?"""
@@ -354,6 +359,28 @@ class DynamicsAdaptation:
     @property
     def running(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
+
+
+def correction_settings(
+    model: AnyDynamics,
+    max_correction: float | None = None,
+    lag_band_rad: float | None | Literal["default"] = "default",
+) -> CorrectionSettings:
+    """How :class:`CorrectionApplier` applies corrections adapted on ``model``
+    (:class:`DynamicsAdaptation`'s arguments; ``None`` / ``"default"``: per model kind)."""
+    structured = isinstance(model, TorqueGainDynamics)
+    defaults = STRUCTURED_DEFAULTS if structured else MLP_DEFAULTS
+    bound = defaults["max_correction"] if max_correction is None else max_correction
+    band = defaults.get("lag_band_rad") if lag_band_rad == "default" else lag_band_rad
+    if band is not None and not (np.isfinite(band) and band > 0):
+        raise ValueError(f"lag_band_rad must be a positive number or None, got {band!r}")
+    n = model.act_dim
+    if structured:
+        return CorrectionSettings(
+            True, n, model.kp_u.numpy().astype(np.float32), model.kd_u.numpy().astype(np.float32),
+            float(model.pd.position_error_scale), bound, band)
+    zeros = np.zeros(n, np.float32)
+    return CorrectionSettings(False, n, zeros, zeros, 1.0, bound, None)
 
 
 def dynamics_for(loaded: LoadedModel, with_latent: bool) -> AnyDynamics:

@@ -4,9 +4,11 @@
              env YAML, applied by :func:`~metarl_ros.control.law.effort_command`) with no learned
              residual, i.e. :class:`~metarl_ros.policy.pd.PDPolicy` with zero gains. Optional
              ``pd_kp``/``pd_kd`` make PDPolicy add an extra PD on top. Needs no model.
-``pearl`` -- the trained PEARL(+MAML) runtime, ``metarl_ros.policy.torch_policy.
-             load_adaptive_policy``, imported only when asked for so the nodes start without
-             torch when running ``pd``.
+``pearl`` -- the trained PEARL(+MAML) runtime, imported only when asked for so the nodes
+             start without torch when running ``pd``: with MAML and the ``background``
+             schedule :class:`~metarl_ros.policy.process_adapted.ProcessAdaptedPolicy` (no
+             torch in the control path, MAML in a process of its own), otherwise
+             ``metarl_ros.policy.torch_policy.load_adaptive_policy``.
 ``onnx``  -- an exported model (``metarl export``) in onnxruntime:
              :class:`metarl_ros.policy.onnx_policy.OnnxAdaptivePolicy`, PEARL's policy and
              streaming posterior without torch (MAML adaptation needs gradients and stays in
@@ -26,9 +28,10 @@ Online adaptation: ``adaptation=False`` wraps a learned policy in
 latent stays at the prior, no MAML): the trained controller before any adaptation. With
 ``adaptation=True`` the streaming posterior runs, and for ``pearl`` with ``maml=True`` the MAML
 dynamics correction too,
-adapted in a background thread every 0.1 s of wall time (``adaptation_schedule="background"``,
-a robot) or inline every ``adapt_every`` transitions (``"inline"``: deterministic, for a
-simulator in lockstep, whose time is not the wall clock's).
+adapted in a separate process every 0.1 s of wall time (``adaptation_schedule="background"``,
+a robot: :mod:`metarl_ros.policy.adaptation_process`) or inline in the control callback every
+``adapt_every`` transitions (``"inline"``: deterministic, for a simulator in lockstep, whose
+time is not the wall clock's).
 
 A model's contract must match the env setup the node runs (joint names and order, observation
 and action sizes, action scale, default pose, observation scales, PD feedback gains) and what
@@ -175,11 +178,17 @@ def make_policy(
                 f"{loaded.path}: a {loaded.method!r} model, without the context encoder policy "
                 "'pearl' adapts with; run PEARL models with policy 'pearl', or export this one "
                 "(`metarl export`) and run it with policy 'onnx'")
+        check_expected_contract(loaded.contract, path, expected_joint_names, expected_rate_hz,
+                                expected_window)
+        check_contract(loaded.contract, setup, str(path))
+        if adaptation and maml and adaptation_schedule == "background":
+            from metarl_ros.policy.dynamics_adaptation import dynamics_for
+            from metarl_ros.policy.process_adapted import load_process_adapted_policy
+
+            dynamics_for(loaded, with_latent=True)  # no MAML model: refused before any process
+            return load_process_adapted_policy(loaded)
         policy = load_adaptive_policy(loaded, adaptation=adaptation and maml,
                                       background=adaptation_schedule == "background")
-        check_expected_contract(policy.contract, path, expected_joint_names, expected_rate_hz,
-                                expected_window)
-        check_contract(policy.contract, setup, str(path))
         return policy if adaptation else FrozenContext(policy)
     if kind == "onnx":
         if not str(model_path):

@@ -276,9 +276,10 @@ class _Case:
                 "posterior_std": post_var.sqrt()[None].numpy(), "action": action.numpy()}
 
 
-def _parity_cases(loaded: LoadedModel, samples: int, rng: np.random.Generator) -> list[_Case]:
-    """Random windows (any fill, any mask) and the real windows of a recorded episode, from
-    the first transition (one factor) through full windows."""
+def _parity_cases(loaded: LoadedModel, samples: int, rng: np.random.Generator,
+                  recorded: bool = True) -> list[_Case]:
+    """Random windows (any fill, any mask) and (``recorded``) the real windows of a recorded
+    episode, from the first transition (one factor) through full windows."""
     spec = loaded.agent.spec
     rows, latent = window_rows(loaded.contract.window_size), spec.latent_dim
     cases = [
@@ -287,6 +288,8 @@ def _parity_cases(loaded: LoadedModel, samples: int, rng: np.random.Generator) -
               rng.random(rows) < rng.random())
         for _ in range(samples)
     ]
+    if not recorded:
+        return cases
     records = _recorded_inputs(loaded)
     transitions = np.stack([np.concatenate([r["obs"], r["action"], [r["reward"]], r["next_obs"]])
                             for r in records]).astype(np.float32)
@@ -307,16 +310,17 @@ def _parity_cases(loaded: LoadedModel, samples: int, rng: np.random.Generator) -
 
 
 def check_parity(
-    loaded: LoadedModel, out_dir: Path, samples: int = 20, seed: int = 0
+    loaded: LoadedModel, out_dir: Path, samples: int = 20, seed: int = 0, recorded: bool = True
 ) -> tuple[float, float]:
-    """Differences between torch and onnxruntime over random and recorded inputs, for every
-    graph in ``out_dir`` (factors as mean and variance, posteriors as mean and std).
+    """Differences between torch and onnxruntime over random and (``recorded``: from a
+    simulated episode, which needs PyBullet) recorded inputs, for every graph in ``out_dir``
+    (factors as mean and variance, posteriors as mean and std).
 
     Returns ``(max |onnx - torch|, max |onnx - torch| / (1 + |torch|))``; the second is what
     :data:`PARITY_TOLERANCE` bounds."""
     spec = loaded.agent.spec
     rng = np.random.default_rng(seed)
-    cases = _parity_cases(loaded, samples, rng)
+    cases = _parity_cases(loaded, samples, rng, recorded)
     worst = worst_scaled = 0.0
 
     def compare(expected: np.ndarray, got: np.ndarray) -> None:
@@ -364,6 +368,38 @@ def _export_graph(module: nn.Module, example: tuple, path: Path, inputs: list[st
     _add_metadata(path, props, doc)
 
 
+def write_graphs(loaded: LoadedModel, out_dir: Path) -> None:
+    """Write the graphs of ``loaded`` (module docstring) into the directory ``out_dir``, with
+    the contract, unchecked (:func:`export_model` checks parity and publishes atomically)."""
+    spec = loaded.agent.spec
+    props = export_contract(loaded)
+    latent_dim = spec.latent_dim if spec.conditioning == "latent" else 0
+    obs, latent = torch.zeros(1, spec.obs_dim), torch.zeros(1, latent_dim)
+    policy = PolicyGraph(loaded.agent.actor)
+    if not latent_dim:
+        _export_graph(policy, (obs,), out_dir / "policy.onnx", ["obs"], ["action"], props,
+                      "metarl_ros policy: obs -> action in [-1, 1]")
+        return
+    _export_graph(policy, (obs, latent), out_dir / "policy.onnx", ["obs", "latent"],
+                  ["action"], props, "metarl_ros policy: obs, latent -> action in [-1, 1]")
+    rows = window_rows(loaded.contract.window_size)
+    transition = torch.zeros(1, spec.transition_dim)
+    window = (torch.zeros(rows, latent_dim), torch.zeros(rows, latent_dim))
+    factor_outputs = ["factor_precision", "factor_weighted", "posterior_mean"]
+    _export_graph(EncoderTick(loaded.agent.encoder, rows), (transition, *window),
+                  out_dir / "encoder.onnx",
+                  ["transition", "window_precision", "window_weighted"],
+                  [*factor_outputs, "posterior_std"], props,
+                  "metarl_ros PEARL encoder tick: new factor + product of Gaussians "
+                  "(precision form)")
+    _export_graph(PolicyStep(loaded.agent.encoder, loaded.agent.actor, rows),
+                  (transition, obs, *window), out_dir / "step.onnx",
+                  ["transition", "obs", "window_precision", "window_weighted"],
+                  [*factor_outputs, "posterior_precision", "action"], props,
+                  "metarl_ros control tick: encoder tick, then the policy on the "
+                  "updated posterior mean")
+
+
 def _is_previous_export(path: Path) -> bool:
     """A directory holding only what ``metarl export`` writes (safe to replace)."""
     names = {p.name for p in path.iterdir()}
@@ -390,32 +426,7 @@ def export_model(model_path: str | Path, out_dir: str | Path) -> dict:
         raise ExportError(f"{out_dir}: exists and is not a directory; choose a new --out")
     staging = make_staging_dir(out_dir.parent, prefix=f".{out_dir.name}.")  # umask honoured
     try:
-        props = export_contract(loaded)
-        latent_dim = spec.latent_dim if spec.conditioning == "latent" else 0
-        obs, latent = torch.zeros(1, spec.obs_dim), torch.zeros(1, latent_dim)
-        policy = PolicyGraph(loaded.agent.actor)
-        if latent_dim:
-            _export_graph(policy, (obs, latent), staging / "policy.onnx", ["obs", "latent"],
-                          ["action"], props, "metarl_ros policy: obs, latent -> action in [-1, 1]")
-            rows = window_rows(loaded.contract.window_size)
-            transition = torch.zeros(1, spec.transition_dim)
-            window = (torch.zeros(rows, latent_dim), torch.zeros(rows, latent_dim))
-            factor_outputs = ["factor_precision", "factor_weighted", "posterior_mean"]
-            _export_graph(EncoderTick(loaded.agent.encoder, rows), (transition, *window),
-                          staging / "encoder.onnx",
-                          ["transition", "window_precision", "window_weighted"],
-                          [*factor_outputs, "posterior_std"], props,
-                          "metarl_ros PEARL encoder tick: new factor + product of Gaussians "
-                          "(precision form)")
-            _export_graph(PolicyStep(loaded.agent.encoder, loaded.agent.actor, rows),
-                          (transition, obs, *window), staging / "step.onnx",
-                          ["transition", "obs", "window_precision", "window_weighted"],
-                          [*factor_outputs, "posterior_precision", "action"], props,
-                          "metarl_ros control tick: encoder tick, then the policy on the "
-                          "updated posterior mean")
-        else:
-            _export_graph(policy, (obs,), staging / "policy.onnx", ["obs"], ["action"], props,
-                          "metarl_ros policy: obs -> action in [-1, 1]")
+        write_graphs(loaded, staging)
         worst, worst_scaled = check_parity(loaded, staging)
         if not worst_scaled <= PARITY_TOLERANCE:
             raise ExportError(

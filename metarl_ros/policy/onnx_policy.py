@@ -310,6 +310,11 @@ class OnnxAdaptivePolicy:
         self.inference_time_s = time.perf_counter() - start
         return action
 
+    def latent_mean(self) -> np.ndarray:
+        """The latent the last action was computed with (the posterior mean of the last
+        update), (latent_dim,) float32; a copy. Cheap: no graph runs."""
+        return self._mean[0].copy()
+
     def update_context(self) -> None:
         """Fold the transitions observed since the last update into the posterior (the
         control loop calls this at its context rate; with ``posterior_update='tick'`` there is

@@ -4,9 +4,11 @@
 :class:`TorchAdaptivePolicy` keeps a streaming posterior over the last ``window_size``
 transitions (PEARL), acts with the latent-conditioned actor, and -- with adaptation on and a
 MAML dynamics model in the file -- runs
-:class:`~metarl_ros.learning.online_adapter.OnlineAdapter` on the recent transitions (in a
-background thread on the robot, inline in evaluation) and corrects the actor's action with the
-adapted model.
+:class:`~metarl_ros.learning.online_adapter.OnlineAdapter` on the recent transitions (inline in
+evaluation and lockstep simulation, or in a background thread) and corrects the actor's action
+with the adapted model. On a robot the adapter node does not run this class with MAML: a thread
+shares the control loop's GIL, so it runs
+:class:`~metarl_ros.policy.process_adapted.ProcessAdaptedPolicy` (MAML in its own process).
 """
 
 from __future__ import annotations
@@ -136,6 +138,11 @@ class TorchAdaptivePolicy:
             )
         self.inference_time_s = time.perf_counter() - start
         return action
+
+    def latent_mean(self) -> np.ndarray:
+        """The posterior mean over the transitions observed so far, (latent_dim,) float32
+        (empty for a model without latent)."""
+        return self._latent()[0].numpy()
 
     def posterior(self) -> PosteriorSummary:
         mu, std = self._latent()

@@ -1,0 +1,142 @@
+"""The control-loop side of the MAML action correction: numpy only, no torch.
+
+MAML adaptation (:class:`~metarl_ros.policy.dynamics_adaptation.DynamicsAdaptation`) runs at
+10 Hz -- in the control process (``inline``) or in a process of its own
+(:mod:`metarl_ros.policy.adaptation_process`) -- and leaves a :class:`HeldCorrection`: with the
+structured torque-gain model, a per-joint gain ratio ``r`` and bias torque ``c``; with the
+plain MLP model, an action offset. :class:`CorrectionApplier` adds it to every action of the
+control loop, which costs microseconds and touches no torch tensor (so it never waits for the
+GIL behind adaptation work).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+LAG_HORIZON_TICKS = 25
+"""Time constant, in control ticks, of the per-joint mean tracking error the lag gate reads
+(0.25 s at 100 Hz: the context window's span)."""
+
+
+@dataclass(frozen=True)
+class HeldCorrection:
+    """What one adaptation leaves for the control loop, each array (n,) float32.
+
+    ``ratio``, ``bias``: structured model, the gain ratio and bias torque (``da = (r - 1) u +
+    c``; ones and zeros where a joint is not corrected); ``offset``: MLP model, the action
+    offset. ``active``: a correction is being applied.
+    """
+
+    ratio: np.ndarray
+    bias: np.ndarray
+    offset: np.ndarray
+    active: bool = False
+
+    @property
+    def identity(self) -> bool:
+        """Corrects nothing: gain ratio 1, bias and offset 0 on every joint."""
+        identity = self.__dict__.get("_identity")
+        if identity is None:
+            identity = bool((self.ratio == 1.0).all() and not self.bias.any()
+                            and not self.offset.any())
+            self.__dict__["_identity"] = identity  # frozen, so computed once
+        return identity
+
+    @classmethod
+    def none(cls, n: int) -> HeldCorrection:
+        """No correction (the un-adapted policy)."""
+        return cls(np.ones(n, np.float32), np.zeros(n, np.float32), np.zeros(n, np.float32))
+
+    def to_arrays(self) -> np.ndarray:
+        """(3, n) float32: ratio, bias, offset (for a pipe)."""
+        return np.stack([self.ratio, self.bias, self.offset]).astype(np.float32)
+
+    @classmethod
+    def from_arrays(cls, arrays: np.ndarray, active: bool) -> HeldCorrection:
+        ratio, bias, offset = np.asarray(arrays, np.float32)
+        return cls(ratio.copy(), bias.copy(), offset.copy(), bool(active))
+
+
+@dataclass(frozen=True)
+class CorrectionSettings:
+    """How a held correction is applied (per model kind; plain values, picklable).
+
+    ``structured``: the torque-gain model (else the MLP's offset). ``kp_u``, ``kd_u`` (n,):
+    the PD gains in action units per observation unit (``u = a + kp_u * e_q + kd_u * e_qd``);
+    ``position_error_scale``: the observation's scale of ``q_ref - q``; ``max_correction``:
+    bound per action dimension; ``lag_band_rad``: the lag gate's band (None: no gate).
+    """
+
+    structured: bool
+    act_dim: int
+    kp_u: np.ndarray
+    kd_u: np.ndarray
+    position_error_scale: float
+    max_correction: float
+    lag_band_rad: float | None
+
+
+class CorrectionApplier:
+    """Applies the latest :class:`HeldCorrection` to each action (the control loop's part).
+
+    The held correction is one immutable object, replaced whole (:meth:`hold`), so a reader
+    on another thread never sees half an update. The lag gate's per-joint mean tracking error
+    is updated at every :meth:`apply` (see
+    :class:`~metarl_ros.policy.dynamics_adaptation.DynamicsAdaptation` for what the gate does).
+    """
+
+    def __init__(self, settings: CorrectionSettings) -> None:
+        self.settings = settings
+        self._kp_u = np.asarray(settings.kp_u, np.float32)
+        self._kd_u = np.asarray(settings.kd_u, np.float32)
+        self.held = HeldCorrection.none(settings.act_dim)
+        self.mean_lag = np.zeros(settings.act_dim, np.float32)  # rad, per joint (lag gate)
+
+    def hold(self, held: HeldCorrection) -> None:
+        """Apply ``held`` from the next action on."""
+        self.held = held
+
+    def reset(self) -> None:
+        """No correction, and the lag gate's mean forgotten."""
+        n = self.settings.act_dim
+        self.held = HeldCorrection.none(n)
+        self.mean_lag = np.zeros(n, np.float32)
+
+    def apply(self, obs: np.ndarray, action: np.ndarray) -> np.ndarray:
+        """The corrected action in [-1, 1]: the held offset, or (structured model) ``(r - 1) u
+        + c`` with the held gain ratio ``r`` and bias torque ``c`` and the current commanded
+        torque ``u``, through the lag gate. ``obs`` is what the actor sees."""
+        s, held = self.settings, self.held
+        if s.structured:
+            n = held.ratio.shape[0]
+            position_error = obs[2 * n : 3 * n]
+            finite = np.isfinite(obs[2 * n : 4 * n]).all()
+            if finite or np.isfinite(position_error).all():  # one bad reading must not stick
+                self.mean_lag += (
+                    position_error / s.position_error_scale - self.mean_lag
+                ) / LAG_HORIZON_TICKS
+            if finite and held.identity:  # the common case, in a third of the time: the
+                # formula below gives exactly this (an offset of zero)
+                return _clip(action, 1.0).astype(np.float32)
+            u = action + self._kp_u * position_error + self._kd_u * obs[3 * n : 4 * n]
+            offset = _clip((held.ratio - 1.0) * u + held.bias, s.max_correction)
+            if s.lag_band_rad is not None:
+                offset = offset * self.lag_gate(offset)
+            return _clip(action + offset, 1.0).astype(np.float32)
+        return _clip(action + held.offset, 1.0).astype(np.float32)
+
+    def lag_gate(self, offset: np.ndarray) -> np.ndarray:
+        """Per-joint factor in [0, 1], (n,): how far each joint lags its reference (mean
+        ``q_ref - q``) in the direction ``offset`` (n,) pushes it, in units of
+        ``lag_band_rad``."""
+        band = self.settings.lag_band_rad
+        assert band is not None
+        return np.minimum(np.maximum(np.sign(offset) * self.mean_lag / band, 0.0), 1.0)
+
+
+def _clip(values: np.ndarray, bound: float) -> np.ndarray:
+    """``np.clip(values, -bound, bound)`` (NaN stays NaN) without np.clip's Python wrapper,
+    which costs as much as the arithmetic on a control tick."""
+    return np.minimum(np.maximum(values, -bound), bound)
