@@ -343,13 +343,15 @@ def test_config_changes_compare_only_what_the_method_uses(tiny_env):
 
 
 def test_shipped_models_were_trained_with_their_recipes():
-    """Each shipped model file's stored config, read as today's schema, is its recipe."""
+    """Each shipped model file's stored config, read as today's schema, is its recipe plus
+    ``--seed`` (the seed chosen among the trained ones)."""
     for method in ("nominal", "oracle", "robust", "pearl"):
         path = share_directory() / "models" / method / "model.pt"
         if not path.is_file():
             pytest.skip("no shipped models")
         stored = load_model_payload(path)["train_config"]
-        recipe = load_train_config(share_directory() / "config" / f"train_{method}.yaml")
+        recipe = load_train_config(share_directory() / "config" / f"train_{method}.yaml",
+                                   [f"seed={stored['seed']}"])
         assert config_changes(stored, recipe) == [], method
 
 
