@@ -263,14 +263,29 @@ def test_policy_action_is_clipped_and_efforts_clamped(setup):
     np.testing.assert_allclose(np.abs(result.efforts), setup.robot.effort_limits)
 
 
-def test_pd_policy_is_the_env_feedback_alone(setup):
-    loop = AdaptiveController(setup.law, make_policy("pd", setup), LoopConfig())
+def test_pd_policy_is_the_env_controller_with_zero_action(setup, model):
+    """``pd`` adds nothing to the env's control law: on the default (compliant) env that is
+    the PD plus the nominal arm's inverse dynamics along the reference (no gravity: the
+    firmware adds it); on the tracking env, whose law has no feed-forward, the PD alone."""
+    assert setup.config.feed_forward == "nominal_model"
     q = np.asarray(setup.robot.default_pose)
-    ref = (q + 0.01, np.full(7, 0.1), np.zeros(7))
-    result = _feed(loop, 1.0, q, ref=ref)
+    ref = (q + 0.01, np.full(7, 0.1), np.full(7, 0.5))
+    pd = (np.asarray(setup.config.feedback.kp) * 0.01
+          + np.asarray(setup.config.feedback.kd) * 0.1)
+    feed_forward = model.inverse_dynamics(*ref) - model.gravity(ref[0])
+    assert np.max(np.abs(feed_forward)) > 0.1  # N*m: the check can tell the two apart
+    result = _feed(AdaptiveController(setup.law, make_policy("pd", setup), LoopConfig()),
+                   1.0, q, ref=ref)
     assert (result.action == 0).all()
-    np.testing.assert_allclose(result.efforts, np.asarray(setup.config.feedback.kp) * 0.01
-                               + np.asarray(setup.config.feedback.kd) * 0.1)
+    np.testing.assert_allclose(result.efforts, pd + feed_forward, rtol=1e-9, atol=1e-9)
+
+    tracking = load_env_setup("sim/envs/iiwa7_tracking.yaml")
+    assert tracking.config.feed_forward == "none"
+    result = _feed(AdaptiveController(tracking.law, make_policy("pd", tracking), LoopConfig()),
+                   1.0, q, ref=ref)
+    assert (result.action == 0).all()
+    np.testing.assert_allclose(result.efforts, np.asarray(tracking.config.feedback.kp) * 0.01
+                               + np.asarray(tracking.config.feedback.kd) * 0.1)
 
 
 def test_stale_sensors_watchdog_commands_safe_action_once_per_period(setup):

@@ -104,10 +104,10 @@ def test_demo_runs_the_graph_and_writes_summary_and_plot(ros_demo):
         assert run["nodes"]["sim_node"]["sim_time_s"] == pytest.approx(4.0)
         assert run["nodes"]["adapter_node"]["policy_errors"] == 0
         assert run["nodes"]["adapter_node"]["safe_ticks"] == 0
-        # the table row printed for it carries the same numbers
+        # the table row printed for it carries the same numbers, in mrad to 2 decimals
         row = next(line for line in proc.stdout.splitlines() if line.startswith(name + " "))
         assert [float(v) for v in row.replace("|", " ").split()[1:]] == pytest.approx(
-            values, abs=5e-5)
+            [round(v * 1e3, 2) for v in values], abs=1e-9)
     assert summary["problems"] == []
     png = (out / "tracking_error.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
@@ -128,9 +128,22 @@ def test_adaptation_on_and_off_are_different_runs(ros_demo):
     assert nodes["pearl"]["maml_adaptations"] == 0
     assert nodes["pearl_maml"]["maml_adaptations"] > 0
     assert "maml_adaptations" not in nodes["pd"]
-    off = _values(summary["runs"]["adaptation_off"]["tracking_error_rad"])
-    pd = _values(summary["runs"]["pd"]["tracking_error_rad"])
-    assert pd[0] > 1.5 * off[0]  # the learned policy tracks better than PD alone (~2.5x)
+    # What the shipped models (trained on the compliant env: PEARL is a residual on the PD +
+    # nominal feed-forward) really do in this scenario, as relations with margin. Measured
+    # [before faults, payload right after, adapted], mrad: pd 0.50 / 76.2 / 95.7,
+    # adaptation_off 29.6 / 66.5 / 83.2, pearl 9.4 / 38.3 / 42.7 (docs/BENCHMARKS.md: PEARL
+    # costs accuracy on the intact arm, where the exact nominal feed-forward needs no help).
+    runs = {name: _values(summary["runs"][name]["tracking_error_rad"]) for name in RUNS}
+    pd, off, pearl = runs["pd"], runs["adaptation_off"], runs["pearl"]
+    # The feed-forward is in the graph's control law: PD + the exact model on the intact arm
+    # tracks to well under a mrad (the PD alone: ~26 mrad, docs/ENVIRONMENT.md).
+    assert pd[0] < 2e-3
+    # Adaptation on is not adaptation off: the inferred latent beats the prior's in every
+    # window (measured 1.7-3.2x).
+    assert all(on < off_ / 1.3 for on, off_ in zip(pearl, off)), (pearl, off)
+    # Once adapted to the payload, the learned residual beats the non-adapting model-based
+    # controller (measured 2.2x).
+    assert pearl[2] < pd[2] / 1.5, (pearl, pd)
 
 
 def test_graph_in_lockstep_reproduces_the_env(ros_demo, direct_demo):

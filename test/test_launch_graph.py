@@ -41,11 +41,11 @@ def test_default_graph_nodes_and_parameters():
     assert sim.parameter_files == ("config/sim_node.yaml",)
     assert adapter.parameter_files == ("config/adapter_node.yaml",)
     assert sim.parameters == {
-        "env_config": "sim/envs/iiwa7_tracking.yaml", "scenario": "config/scenarios/default.yaml",
+        "env_config": "sim/envs/iiwa7_compliant.yaml", "scenario": "config/scenarios/default.yaml",
         "real_time_factor": 1.0, "gui": False, "controller_name": "effort_controller",
         "use_sim_time": True}
     assert adapter.parameters == {
-        "env_config": "sim/envs/iiwa7_tracking.yaml", "policy": "pd", "model_path": "",
+        "env_config": "sim/envs/iiwa7_compliant.yaml", "policy": "pd", "model_path": "",
         "adaptation": True, "maml": True, "adaptation_schedule": "background",
         "controller_name": "effort_controller", "use_sim_time": True}
     assert isinstance(sim.parameters["real_time_factor"], float)

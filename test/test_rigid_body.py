@@ -11,7 +11,14 @@ import numpy as np
 import pybullet
 import pytest
 
-from metarl_ros.control.rigid_body import RigidBodyModel, point_mass_parameters, resolve_urdf
+from metarl_ros.control.rigid_body import (
+    RigidBodyModel,
+    link_inertias_file,
+    point_mass_parameters,
+    read_link_inertias,
+    resolve_urdf,
+    simulator_link_inertias,
+)
 from metarl_ros.sim.tasks import TaskParams
 
 PAYLOAD = TaskParams(payload_mass=3.0, payload_offset=(0.05, -0.04, 0.05))
@@ -39,6 +46,27 @@ def test_rnea_matches_pybullet_inverse_dynamics(setup, model, sim):
         coriolis = model.coriolis_matrix(q, qd)
         assert np.allclose(mass @ qdd + coriolis @ qd + model.gravity(q), tau, atol=1e-9)
         assert np.allclose(model.coriolis(q, qd), coriolis @ qd, atol=1e-9)
+
+
+def test_cached_link_inertias_are_what_pybullet_derives_now(setup, model):
+    # from_robot reads sim/robots/<robot>_link_inertias.yaml (so the deployed node needs no
+    # PyBullet); it must not go stale against the URDF or the installed PyBullet.
+    cached_file = link_inertias_file(setup.robot_path)
+    assert cached_file.is_file(), f"regenerate: python -m metarl_ros.control.rigid_body "\
+        f"{setup.robot_path}"
+    cached = read_link_inertias(cached_file, setup.robot.urdf)
+    derived = simulator_link_inertias(resolve_urdf(setup.robot.urdf, setup.robot_path))
+    assert sorted(cached) == sorted(derived)
+    for name, inertia in derived.items():
+        assert np.isclose(cached[name].mass, inertia.mass, rtol=1e-12, atol=0), name
+        assert np.allclose(cached[name].lever, inertia.lever, rtol=1e-12, atol=1e-15), name
+        assert np.allclose(cached[name].inertia, inertia.inertia, rtol=1e-12, atol=1e-15), name
+    # ... and the model built from the cache is the one built from PyBullet directly.
+    direct = RigidBodyModel(resolve_urdf(setup.robot.urdf, setup.robot_path),
+                            setup.robot.joint_names, setup.robot.flange_link, setup.robot.armature)
+    q = np.asarray(setup.robot.default_pose)
+    assert np.allclose(direct.mass_matrix(q), model.mass_matrix(q), rtol=1e-12, atol=1e-14)
+    assert np.allclose(direct.gravity(q), model.gravity(q), rtol=1e-12, atol=1e-12)
 
 
 def test_urdf_inertia_is_not_what_pybullet_simulates(setup, model):

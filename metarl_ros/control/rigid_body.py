@@ -12,6 +12,15 @@ Two details make it the *simulated* arm, not the URDF's:
   ignores the URDF's inertia tensors and derives rotational inertia from the collision meshes.
   ``inertia_source="simulator"`` reads those values back from PyBullet (masses and centres of
   mass are the URDF's either way); ``"urdf"`` keeps the file's tensors (a real robot's model).
+  :meth:`RigidBodyModel.from_robot` takes them from a cached file next to the robot YAML
+  (``sim/robots/<robot>_link_inertias.yaml``, :func:`link_inertias_file`) when there is one,
+  so a robot computer without PyBullet (the deployed ``onnx_policy_node``, whose control law
+  feeds the nominal model forward) builds the same model. Regenerate it after changing the
+  robot's URDF with::
+
+      python -m metarl_ros.control.rigid_body sim/robots/iiwa7.yaml
+
+  (``test/test_rigid_body.py`` checks the shipped file against PyBullet.)
 * The simulator adds each drive's armature ``J_a`` to the principal inertia of the link the
   joint moves, about all three axes (``localInertiaDiagonal += J_a``), not to the joint-space
   mass matrix diagonal as a rotor would. The model does exactly the same (``J_a * I3`` about
@@ -25,14 +34,18 @@ flange link's frame (the URDF link frame of ``RobotSpec.flange_link``) about its
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Literal, Mapping, Sequence
 
 import numpy as np
 import pinocchio as pin
+import yaml
 
 InertiaSource = Literal["simulator", "urdf"]
 NUM_INERTIAL_PARAMETERS = 10
+LINK_INERTIAS_SUFFIX = "_link_inertias.yaml"
+REGENERATE_COMMAND = "python -m metarl_ros.control.rigid_body <robot.yaml>"
 
 
 def resolve_urdf(urdf: str, robot_file: Path | None = None) -> Path:
@@ -51,9 +64,12 @@ def resolve_urdf(urdf: str, robot_file: Path | None = None) -> Path:
     raise FileNotFoundError(f"URDF {urdf!r} not found in " + ", ".join(map(str, candidates)))
 
 
-def simulator_link_inertias(urdf_path: Path, link_names: Sequence[str]) -> list[pin.Inertia]:
-    """Each named link's inertia as PyBullet derives it (mass, centre of mass, mesh-based
-    rotational inertia), in the link's URDF frame. Loads the URDF as the simulator does."""
+def simulator_link_inertias(
+    urdf_path: Path, link_names: Sequence[str] | None = None
+) -> dict[str, pin.Inertia]:
+    """Each link's inertia as PyBullet derives it (mass, centre of mass, mesh-based rotational
+    inertia), in the link's URDF frame, by link name: the named links, or all of the URDF's
+    (every joint's child link) for ``None``. Loads the URDF as the simulator does."""
     import pybullet  # only needed to mirror the simulator
 
     client = pybullet.connect(pybullet.DIRECT)
@@ -63,17 +79,70 @@ def simulator_link_inertias(urdf_path: Path, link_names: Sequence[str]) -> list[
             pybullet.getJointInfo(body, i, physicsClientId=client)[12].decode(): i
             for i in range(pybullet.getNumJoints(body, physicsClientId=client))
         }
-        inertias = []
-        for name in link_names:
+        inertias = {}
+        for name in index if link_names is None else link_names:
             mass, _, diagonal, position, orientation = pybullet.getDynamicsInfo(
                 body, index[name], physicsClientId=client
             )[:5]
             rotation = np.asarray(pybullet.getMatrixFromQuaternion(orientation)).reshape(3, 3)
             rotational = rotation @ np.diag(diagonal) @ rotation.T
-            inertias.append(pin.Inertia(float(mass), np.asarray(position, float), rotational))
+            inertias[name] = pin.Inertia(float(mass), np.asarray(position, float), rotational)
         return inertias
     finally:
         pybullet.disconnect(client)
+
+
+def link_inertias_file(robot_file: Path) -> Path:
+    """The cached simulator link inertias of the robot YAML ``robot_file``:
+    ``<folder>/<stem>_link_inertias.yaml``."""
+    robot_file = Path(robot_file)
+    return robot_file.with_name(robot_file.stem + LINK_INERTIAS_SUFFIX)
+
+
+def write_link_inertias(path: Path, urdf: str, urdf_path: Path) -> None:
+    """Write every link's :func:`simulator_link_inertias` of ``urdf_path`` (the robot YAML's
+    ``urdf`` entry, resolved) to ``path``: per link ``mass`` (kg), ``com`` (m, shape (3,))
+    and ``inertia`` (kg*m^2, 3x3, about the centre of mass), in the link's URDF frame."""
+    links = {
+        name: {
+            "mass": float(inertia.mass),
+            "com": np.asarray(inertia.lever, float).tolist(),
+            "inertia": np.asarray(inertia.inertia, float).tolist(),
+        }
+        for name, inertia in simulator_link_inertias(urdf_path).items()
+    }
+    path = Path(path)
+    robot_name = str(path.parent / path.name.removesuffix(LINK_INERTIAS_SUFFIX)) + ".yaml"
+    header = (
+        "# Link inertias as PyBullet derives them from the URDF (rotational inertia from the\n"
+        "# collision meshes), for the nominal model without PyBullet\n"
+        "# (metarl_ros/control/rigid_body.py). Generated, do not edit; regenerate with\n"
+        f"#   {REGENERATE_COMMAND.replace('<robot.yaml>', robot_name)}\n"
+        "# (the robot YAML next to this file; test/test_rigid_body.py checks it is current).\n"
+    )
+    text = yaml.safe_dump({"urdf": urdf, "links": links}, sort_keys=False,
+                          default_flow_style=None, width=100)
+    path.write_text(header + text)
+
+
+def read_link_inertias(path: Path, urdf: str) -> dict[str, pin.Inertia]:
+    """The link inertias :func:`write_link_inertias` cached in ``path``, by link name, checked
+    to be for the robot YAML's ``urdf``."""
+    data = yaml.safe_load(Path(path).read_text())
+    cached = data.get("urdf") if isinstance(data, dict) else None
+    if cached != urdf:
+        raise ValueError(
+            f"{path} caches the link inertias of {cached!r}, not of {urdf!r}: "
+            f"regenerate it ({REGENERATE_COMMAND})"
+        )
+    inertias = {}
+    for name, link in data["links"].items():
+        rotational = np.asarray(link["inertia"], float)
+        if rotational.shape != (3, 3) or len(link["com"]) != 3:
+            raise ValueError(f"{path}: link {name!r} needs com (3,) and inertia (3, 3)")
+        inertias[name] = pin.Inertia(float(link["mass"]), np.asarray(link["com"], float),
+                                     rotational)
+    return inertias
 
 
 def point_mass_parameters(
@@ -97,6 +166,8 @@ class RigidBodyModel:
         flange_link: the link a payload is attached to.
         armature: kg*m^2 per joint, shape (n,), added as the simulator does (module doc).
         inertia_source: ``"simulator"`` or ``"urdf"`` rotational inertia (module doc).
+        link_inertias: for ``"simulator"``, the links' simulator inertias by link name
+            (:func:`read_link_inertias`); read from PyBullet when ``None``.
     """
 
     def __init__(
@@ -106,6 +177,7 @@ class RigidBodyModel:
         flange_link: str,
         armature: Sequence[float] | None = None,
         inertia_source: InertiaSource = "simulator",
+        link_inertias: Mapping[str, pin.Inertia] | None = None,
     ) -> None:
         full = pin.buildModelFromUrdf(str(urdf_path))
         missing = [name for name in joint_names if not full.existJointName(name)]
@@ -123,7 +195,13 @@ class RigidBodyModel:
             raise ValueError("only 1-DOF (revolute/prismatic) joints are supported")
         link_of_joint = self._link_names(model, ids)
         if inertia_source == "simulator":
-            for j, inertia in zip(ids, simulator_link_inertias(Path(urdf_path), link_of_joint)):
+            if link_inertias is None:
+                link_inertias = simulator_link_inertias(Path(urdf_path), link_of_joint)
+            missing = [name for name in link_of_joint if name not in link_inertias]
+            if missing:
+                raise ValueError(f"no simulator inertia for links {missing}")
+            for j, name in zip(ids, link_of_joint):
+                inertia = link_inertias[name]
                 if not np.isclose(inertia.mass, model.inertias[j].mass):
                     raise ValueError(f"joint {model.names[j]!r}: fixed-joint links not supported")
                 model.inertias[j] = inertia
@@ -176,13 +254,21 @@ class RigidBodyModel:
         cls, robot, robot_file: Path | None = None, inertia_source: InertiaSource = "simulator"
     ) -> "RigidBodyModel":
         """The model of a :class:`~metarl_ros.sim.robot.RobotSpec` (URDF resolved as the
-        simulator does, ``robot_file`` being the robot YAML)."""
+        simulator does, ``robot_file`` being the robot YAML). The simulator's link inertias
+        come from :func:`link_inertias_file` next to ``robot_file`` when it exists (no
+        PyBullet needed), else from PyBullet."""
+        link_inertias = None
+        if inertia_source == "simulator" and robot_file is not None:
+            cached = link_inertias_file(robot_file)
+            if cached.is_file():
+                link_inertias = read_link_inertias(cached, robot.urdf)
         return cls(
             resolve_urdf(robot.urdf, robot_file),
             robot.joint_names,
             robot.flange_link,
             robot.armature,
             inertia_source,
+            link_inertias,
         )
 
     # ------------------------------------------------------------------ conversions
@@ -325,3 +411,20 @@ class NominalFeedForward:
         return (self.model.inverse_dynamics(q_ref, np.asarray(qd_ref, np.float64),
                                             np.asarray(qdd_ref, np.float64))
                 - self.model.gravity(q_ref))
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """``python -m metarl_ros.control.rigid_body ROBOT_YAML...``: (re)write each robot's
+    :func:`link_inertias_file` from PyBullet."""
+    paths = list(sys.argv[1:] if argv is None else argv)
+    if not paths:
+        raise SystemExit(f"usage: {REGENERATE_COMMAND}")
+    for robot_file in map(Path, paths):
+        urdf = yaml.safe_load(robot_file.read_text())["urdf"]
+        target = link_inertias_file(robot_file)
+        write_link_inertias(target, urdf, resolve_urdf(urdf, robot_file))
+        print(target)
+
+
+if __name__ == "__main__":
+    main()

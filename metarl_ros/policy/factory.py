@@ -1,8 +1,10 @@
 """Build the :class:`~metarl_ros.control.policy_interface.AdaptivePolicy` a node runs, by kind.
 
-``pd``    -- the classical controller: the env's fixed PD feedback (``feedback.kp/kd`` in the
-             env YAML, applied by :func:`~metarl_ros.control.law.effort_command`) with no learned
-             residual, i.e. :class:`~metarl_ros.policy.pd.PDPolicy` with zero gains. Optional
+``pd``    -- the classical controller: the env's own control law with no learned residual
+             (its fixed PD feedback ``feedback.kp/kd``, plus the nominal inverse-dynamics
+             feed-forward when the env sets ``feed_forward: nominal_model``; both applied by
+             :func:`~metarl_ros.control.law.effort_command`), i.e.
+             :class:`~metarl_ros.policy.pd.PDPolicy` with zero gains. Optional
              ``pd_kp``/``pd_kd`` make PDPolicy add an extra PD on top. Needs no model.
 ``pearl`` -- the trained PEARL(+MAML) runtime, imported only when asked for so the nodes
              start without torch when running ``pd``: with MAML and the ``background``
