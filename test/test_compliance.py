@@ -17,7 +17,9 @@ FORCE = np.array([0.0, 0.0, -20.0])
 
 @pytest.fixture(scope="module")
 def setup():
-    return load_env_setup()
+    # the PD arm alone, whose static compliance J K^-1 J^T F these tests check the push test
+    # against (on iiwa7_compliant.yaml a doubled PD is not yet understood: issue #18's note)
+    return load_env_setup("sim/envs/iiwa7_tracking.yaml")
 
 
 def _static_deflection_mm(env: ArmTrackingEnv, kp: np.ndarray) -> float:

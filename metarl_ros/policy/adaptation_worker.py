@@ -11,7 +11,6 @@ gone) or a broken reports pipe.
 
 from __future__ import annotations
 
-import logging
 import os
 import pickle
 import signal
@@ -32,7 +31,6 @@ from metarl_ros.policy.adaptation_process import (
     WorkerSpec,
 )
 
-_LOG = logging.getLogger(__name__)
 
 NICE = 5
 """The child's niceness (below the control process's; a real-time policy it inherited from a
@@ -129,12 +127,7 @@ def serve(spec: WorkerSpec, records: RecordReader, reports: Connection) -> None:
                     adaptation.reset()
                 transitions += _take(adaptation, flags, record, parts, spec.layout)
             start = time.perf_counter()
-            try:
-                adaptation.step()
-            except Exception as exc:  # noqa: BLE001 - the process must survive anything
-                adaptation.errors += 1
-                adaptation.last_error = exc
-                _LOG.exception("MAML adaptation step failed (%d so far)", adaptation.errors)
+            adaptation.guarded_step()
             reports.send(_report(adaptation, epoch, transitions, time.perf_counter() - start))
     except (EOFError, OSError):  # the control process closed the pipes or is gone
         return

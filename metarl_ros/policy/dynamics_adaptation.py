@@ -235,6 +235,16 @@ class DynamicsAdaptation:
             latent=z,
         )
 
+    def guarded_step(self) -> None:
+        """:meth:`step`, with any exception counted (``errors``, ``last_error``) and logged
+        instead of raised: what a background loop runs, which must survive anything."""
+        try:
+            self.step()
+        except Exception as exc:  # noqa: BLE001 - the loop must survive anything
+            self.errors += 1
+            self.last_error = exc
+            _LOG.exception("MAML adaptation step failed (%d so far)", self.errors)
+
     def step(self) -> None:
         """Adapt on the window, then recompute the held correction for the newest query."""
         window = self.batch()
@@ -340,12 +350,7 @@ class DynamicsAdaptation:
 
         def loop() -> None:
             while not self._stop.wait(period_s):
-                try:
-                    self.step()
-                except Exception as exc:  # noqa: BLE001 - the thread must survive anything
-                    self.errors += 1
-                    self.last_error = exc
-                    _LOG.exception("MAML adaptation step failed (%d so far)", self.errors)
+                self.guarded_step()
 
         self._thread = threading.Thread(target=loop, name="maml-adaptation", daemon=True)
         self._thread.start()
