@@ -14,7 +14,6 @@ No ROS. The child processes are started for real (a second or two each: they imp
 
 from __future__ import annotations
 
-import math
 import os
 import signal
 import time
@@ -30,7 +29,7 @@ from metarl_ros.control.policy_interface import PolicyContract, PosteriorSummary
 from metarl_ros.core.resources import resolve_path  # noqa: E402
 from metarl_ros.learning.dynamics_config import MAMLConfig  # noqa: E402
 from metarl_ros.learning.dynamics_models import make_checkpoint  # noqa: E402
-from metarl_ros.learning.torque_model import PDStructure, TorqueGainDynamics  # noqa: E402
+from metarl_ros.learning.torque_model import TorqueGainDynamics  # noqa: E402
 from metarl_ros.nodes.after_tick import AfterTick  # noqa: E402
 from metarl_ros.policy.adaptation_process import (  # noqa: E402
     AdaptationProcess,
@@ -46,24 +45,13 @@ from metarl_ros.policy.process_adapted import (  # noqa: E402
     POLL_EVERY_TICKS,
     ProcessAdaptedPolicy,
 )
+from dynamics_helpers import toy_torque_model  # noqa: E402
 
 torch.set_num_threads(1)
 START_S = 60.0  # the child imports torch: slow on a loaded machine
 MODEL = resolve_path("models/pearl/model.pt")
 CONFIG = MAMLConfig(hidden_sizes=(), inner_steps=10, inner_lr=1.5, max_step_norm=None)
 OPTIONS = {"window": 40, "max_correction": 10.0, "min_improvement": 0.6, "lag_band_rad": None}
-
-
-def _toy_model() -> TorqueGainDynamics:
-    """2 joints, obs = 4 blocks; PD gains 0 so that u = a; drift 0, sensitivity b = 1."""
-    pd = PDStructure((0.0, 0.0), (0.0, 0.0), (1.0, 1.0), 1.0, 1.0, 1.0)
-    model = TorqueGainDynamics(8, 2, 0, (), pd, init_step=1.0).float()
-    with torch.no_grad():
-        model.drift.weight.zero_()
-        model.drift.bias.zero_()
-        model.sensitivity.weight.zero_()
-        model.sensitivity.bias.fill_(math.log(math.expm1(1.0 - 1e-3)))
-    return model
 
 
 def _spec(model: TorqueGainDynamics, period_s: float) -> WorkerSpec:
@@ -98,7 +86,7 @@ def _wait_report(process: AdaptationProcess, done, timeout: float = 30.0):
 
 @pytest.fixture
 def toy_process():
-    process = AdaptationProcess(_spec(_toy_model(), period_s=1.0))
+    process = AdaptationProcess(_spec(toy_torque_model().float(), period_s=1.0))
     yield process
     process.close()
 
@@ -109,7 +97,7 @@ def test_process_corrections_equal_in_process_adaptation(toy_process) -> None:
     process = toy_process
     assert process.wait_ready(START_S), process.info
     process.reset()
-    local = DynamicsAdaptation(_toy_model(), CONFIG, **OPTIONS)
+    local = DynamicsAdaptation(toy_torque_model().float(), CONFIG, **OPTIONS)
     local.reset()  # as the child did on the reset (snapshot versions count resets too)
     query = (np.full(8, 0.1, np.float32), np.asarray([0.5, -0.5], np.float32))
     intact, weak = _transitions(40, (1.0, 1.0), 0), _transitions(40, (0.25, 1.0), 1)
@@ -162,7 +150,7 @@ def test_control_side_applies_reports_and_survives_a_killed_process(toy_process)
     """Transitions go through ProcessAdaptedPolicy.observe/act; the corrections the child
     reports are what act applies; after a reset only the new epoch's reports count; killed,
     the child leaves the policy acting un-adapted and the loop's diagnostics warning."""
-    model = _toy_model()
+    model = toy_torque_model().float()
     policy = ProcessAdaptedPolicy(_Inner(), CorrectionApplier(correction_settings(
         model, OPTIONS["max_correction"], OPTIONS["lag_band_rad"])), toy_process)
     assert toy_process.wait_ready(START_S), toy_process.info
@@ -368,7 +356,7 @@ def wait_for_steps(node, ticks, timeout: float = 30.0) -> bool:
 def test_uncorrected_fast_path_gives_what_the_formula_gives() -> None:
     """With nothing held, apply skips the correction's arithmetic; it must give what the
     formula gives (an offset of zero), and keep the lag gate's mean as the formula does."""
-    settings = correction_settings(_toy_model(), 0.5, 0.002)
+    settings = correction_settings(toy_torque_model().float(), 0.5, 0.002)
     fast, formula = CorrectionApplier(settings), CorrectionApplier(settings)
     assert fast.held.identity
     formula.held.__dict__["_identity"] = False  # the same numbers, through the formula

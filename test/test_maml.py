@@ -7,7 +7,6 @@ from __future__ import annotations
 import copy
 import io
 import logging
-import math
 import threading
 import time
 from collections.abc import Mapping
@@ -37,6 +36,7 @@ from metarl_ros.policy.dynamics_adaptation import (
     STRUCTURED_DEFAULTS,
     DynamicsAdaptation,
 )
+from dynamics_helpers import toy_torque_model
 
 torch.set_num_threads(1)
 
@@ -611,19 +611,6 @@ def test_normalizer_and_checkpoint_round_trip() -> None:
 # ------------------------------------------------------------------------------------------
 
 
-def _torque_model(latent_dim: int = 0) -> TorqueGainDynamics:
-    """2 joints, obs = 4 blocks; PD gains 0 so that u = a; drift 0, sensitivity b = 1."""
-    pd = PDStructure((0.0, 0.0), (0.0, 0.0), (1.0, 1.0), 1.0, 1.0, 1.0)
-    model = TorqueGainDynamics(8, 2, latent_dim, (), pd, init_step=1.0).double()
-    with torch.no_grad():
-        model.drift.weight.zero_()
-        model.drift.bias.zero_()
-        model.sensitivity.weight.zero_()
-        # softplus(x) + 1e-3 = 1
-        model.sensitivity.bias.fill_(math.log(math.expm1(1.0 - 1e-3)))
-    return model
-
-
 def _joint_window(
     n: int, strength: tuple[float, float], bias: tuple[float, float]
 ) -> TransitionBatch:
@@ -637,7 +624,7 @@ def _joint_window(
 
 
 def test_torque_model_adapts_only_the_head_and_recovers_gain_and_bias() -> None:
-    model = _torque_model()
+    model = toy_torque_model()
     cfg = MAMLConfig(hidden_sizes=(), inner_steps=200, inner_lr=0.5, max_step_norm=None)
     start = params_of(model)
     window = _joint_window(64, strength=(0.25, 1.0), bias=(0.0, 0.3))
@@ -717,7 +704,7 @@ def _feed(adaptation: DynamicsAdaptation, steps: int, strength: tuple[float, flo
 
 
 def test_structured_correction_needs_evidence_and_inverts_a_weak_joint() -> None:
-    model = _torque_model().float()
+    model = toy_torque_model().float()
     cfg = MAMLConfig(hidden_sizes=(), inner_steps=10, inner_lr=1.5, max_step_norm=None)
     # the lag gate off: this toy's observations carry no tracking error (tested below)
     adaptation = DynamicsAdaptation(
@@ -748,7 +735,7 @@ def _held_bias(adaptation: DynamicsAdaptation, bias: tuple[float, float]) -> Non
 def _gated(band: float, bias: tuple[float, float]) -> tuple[DynamicsAdaptation, float]:
     """A toy adaptation with the lag gate at ``band`` holding a pure ``bias`` correction, and
     its model's position-error scale."""
-    model = _torque_model().float()
+    model = toy_torque_model().float()
     adaptation = DynamicsAdaptation(model, MAMLConfig(hidden_sizes=()), max_correction=1.0,
                                     lag_band_rad=band)
     _held_bias(adaptation, bias)
@@ -806,7 +793,7 @@ def test_lag_gate_mean_skips_a_non_finite_reading() -> None:
 
 
 def test_lag_band_must_be_positive_or_none() -> None:
-    model = _torque_model().float()
+    model = toy_torque_model().float()
     for bad in (0.0, -0.01, float("nan")):
         with pytest.raises(ValueError, match="lag_band_rad"):
             DynamicsAdaptation(model, MAMLConfig(hidden_sizes=()), lag_band_rad=bad)

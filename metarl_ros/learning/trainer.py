@@ -131,13 +131,15 @@ class Trainer:
         )
         # the oracle's condition is stored per transition (it changes at a mid-episode fault)
         self.records_task = self.spec.conditioning == "oracle"
+        # each action's teacher label is stored when the actor imitates it
+        self.records_teacher = config.teacher_weight > 0
         self.replay = MultiTaskReplay(
             len(self.tasks),
             config.replay_capacity_per_task,
             self.setup.obs_dim,
             self.setup.act_dim,
             cond_dim=self.spec.oracle_dim if self.records_task else 0,
-            teacher=config.teacher_weight > 0,
+            teacher=self.records_teacher,
         )
         self.rollout = VectorRollout(self.setup, config.envs_per_iteration)
         self.eval_rollout = VectorRollout(self.setup, config.eval_tasks)
@@ -182,7 +184,7 @@ class Trainer:
             latent_mode="sample",
             window=self.config.context_window,
             record_task=self.records_task,
-            record_teacher=self.config.teacher_weight > 0,
+            record_teacher=self.records_teacher,
         )
         for row, task_id in enumerate(task_ids):
             self.replay.add(
@@ -192,7 +194,7 @@ class Trainer:
                 result.reward[row],
                 result.next_obs[row],
                 condition=result.oracle_condition[row] if self.records_task else None,
-                teacher=result.teacher_action[row] if self.config.teacher_weight > 0 else None,
+                teacher=result.teacher_action[row] if self.records_teacher else None,
             )
         self.env_steps += result.reward.size
         return result.returns
