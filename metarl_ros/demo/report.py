@@ -134,9 +134,9 @@ def _cell(value: float | None, width: int) -> str:
 
 def describe_windows(windows: PhaseWindows) -> str:
     start, end = windows.before_faults
-    return (f"tracking error ||q_ref - q|| [mrad], mean over: before faults = {start:g}-{end:g} s; "
-            f"right after = the first {RIGHT_AFTER_S:g} s after the event; adapted = the last "
-            f"{ADAPTED_S:g} s before the next event (or the end)")
+    return (f"tracking error ||q_ref - q|| [mrad], mean over: before faults = "
+            f"{start:g}-{end:g} s; right after = the first {RIGHT_AFTER_S:g} s after the event; "
+            f"adapted = the last {ADAPTED_S:g} s before the next event (or the end)")
 
 
 def plot(traces: Mapping[str, Trace], windows: PhaseWindows, title: str, path: Path) -> None:
