@@ -6,7 +6,8 @@ One 4 s episode of the compliant env with a payload (no other fault) from the st
 with the same reference: once with the oracle's deterministic action (told the true task),
 once with the teacher's label itself (``ArmTrackingEnv.teacher_action``). Prints the RMS
 tracking error of both (mrad, after the first 0.5 s) and the RMS difference between the
-oracle's action and the label per joint (action units and N*m).
+oracle's action and the label per joint (action units and N*m), and for a model-structured
+actor (``agent.actor_head: model``) its estimate of the payload and the motors.
 """
 
 from __future__ import annotations
@@ -17,10 +18,12 @@ import numpy as np
 import torch
 
 from metarl_ros.learning.checkpoint import model_env_config
+from metarl_ros.learning.model_actor import ModelFeedForwardActor
 from metarl_ros.learning.saved_model import load_model
 from metarl_ros.sim.env import ArmTrackingEnv
 from metarl_ros.sim.env_config import load_env_setup
 from metarl_ros.sim.tasks import TaskParams
+from metarl_ros.sim.true_dynamics import fault_parameters
 
 
 def main() -> None:
@@ -59,6 +62,14 @@ def main() -> None:
             torque = " ".join(f"{v:.2f}" for v in gap * scale)
             line += f"; |action - label| RMS per joint [{units}] = [{torque}] N*m"
         print(line)
+    actor = agent.actor
+    if isinstance(actor, ModelFeedForwardActor):  # the estimate of the robot itself
+        x = torch.cat([torch.as_tensor(obs)[None], condition], dim=-1)
+        theta = actor.physical_parameters(x)[0].detach().numpy()
+        truth = fault_parameters(task, n)
+        print(f"estimate: payload mass {theta[n]:.3f} kg (true {truth[n]:.3f}), first moment "
+              f"{np.round(theta[n + 1:n + 4], 3)} kg*m (true {np.round(truth[n + 1:n + 4], 3)}), "
+              f"strength 1/(1 + u) {np.round(1.0 / (1.0 + theta[:n]), 2)} (true 1)")
 
 
 if __name__ == "__main__":

@@ -60,14 +60,15 @@ def write_scenario(folder: Path) -> Path:
 
 def tiny_model(env: Path, run_dir: Path) -> Path:
     """An untrained tiny PEARL model file (what ``Trainer`` writes before any iteration),
-    with a full-view actor: its random feedback is worse than the env's own controller, so
+    with a full-view MLP actor (``actor_head: mlp``; a model-structured actor starts as the
+    zero residual too): its random feedback is worse than the env's own controller, so
     retraining on that controller's recorded data has something to improve (a feed-forward
     actor starts as the zero residual, which *is* that controller)."""
     config = TrainConfig(
         method="pearl", env=str(env), seed=3, envs_per_iteration=2, eval_tasks=2,
-        replay_capacity_per_task=1000, torch_threads=1, context_window=8,
+        replay_capacity_per_task=1000, torch_threads=1, context_window=8, parameter_weight=0.0,
         agent=AgentConfig(actor_hidden=[32, 32], critic_hidden=[32, 32], encoder_hidden=[32],
-                          latent_dim=4, actor_view="full"),
+                          latent_dim=4, actor_view="full", actor_head="mlp"),
         dynamics=DynamicsConfig(hidden_sizes=[16], support_size=10, query_size=10,
                                 tasks_per_meta_step=2))
     trainer = Trainer(config, run_dir, progress=False)

@@ -451,7 +451,8 @@ def test_gymnasium_make_and_env_checker():
 
 def test_episode_truncates_after_400_steps(env):
     obs, info = env.reset(seed=0)
-    assert obs.shape == (7 * N,) and obs.dtype == np.float32
+    # seven blocks of n, plus the model features of the compliant env
+    assert obs.shape == ((7 + 13) * N,) and obs.dtype == np.float32
     assert info["faults"] == [] and info["time_s"] == 0.0
     action = np.zeros(N, dtype=np.float32)
     for step in range(1, 401):

@@ -58,10 +58,14 @@ def test_teacher_labels_follow_their_transitions_through_replay(compliant):
     action = rng.normal(size=(50, 2)).astype(np.float32)
     with pytest.raises(ValueError, match="teacher label"):
         replay.add(0, np.zeros((50, 3)), action, np.zeros(50), np.zeros((50, 3)))
+    # each row: the label, then the task's 3n + 10 physical parameters
+    parameters = rng.normal(size=(50, 3 * 2 + 10)).astype(np.float32)
+    parameters[:, 0] = action[:, 0]  # to find each row's parameters again
     replay.add(0, np.zeros((50, 3)), action, np.zeros(50), np.zeros((50, 3)),
-               teacher=2.0 * action)
+               teacher=np.concatenate([2.0 * action, parameters], axis=1))
     batch = replay.sample([0, 0], 16, rng)
-    torch.testing.assert_close(batch.teacher, 2.0 * batch.action)
+    torch.testing.assert_close(batch.teacher[..., :2], 2.0 * batch.action)
+    torch.testing.assert_close(batch.teacher[..., 2], batch.action[..., 0])
 
 
 @pytest.mark.parametrize("conditioning", ["none", "latent"])

@@ -189,7 +189,9 @@ def test_checkpoint_resume_restores_everything_and_continues_identically(tiny_en
     original.run(max_iterations=1)
 
     torch.manual_seed(12345)  # a fresh process has some other global RNG state
-    resumed = Trainer(config, tmp_path / "resumed", progress=False)
+    # training longer is the same run continued: a larger total is accepted on resume
+    longer = config.model_copy(update={"total_iterations": config.total_iterations + 10})
+    resumed = Trainer(longer, tmp_path / "resumed", progress=False)
     fresh = agent_state(resumed)
     assert resumed.resume()
     restored = agent_state(resumed)
@@ -294,6 +296,12 @@ def test_metarl_train_refuses_existing_run_and_config_mismatch(trained_run, tmp_
     err = capsys.readouterr().err
     assert "different config" in err and "step_000000002" in err
     assert f"seed: {config.seed} -> {config.seed + 1}" in err  # names what changed
+    shorter = write_config(config.model_copy(update={"total_iterations": 1}),
+                           tmp_path / "shorter.yaml")  # fewer than the 2 already done
+    code = metarl_main(["train", "--config", str(shorter), "--out", str(out), "--resume",
+                        "--no-progress"])
+    assert code == 2
+    assert "total_iterations: 4 -> 1" in capsys.readouterr().err
     assert sorted(str(p.relative_to(out)) for p in out.rglob("*")) == listing  # nothing written
 
 
@@ -818,11 +826,11 @@ def test_smoothness_weight_reaches_the_actor_update(tiny_env, tmp_path):
     with pytest.raises(ValueError, match="smoothness_weight"):
         tiny_config(tiny_env, method="robust", smoothness_weight=-1.0)
     # the full-view actor: a feed-forward actor starts as the zero residual, which is smooth
-    full = {"actor_view": "full"}
-    off = Trainer(tiny_config(tiny_env, method="robust", smoothness_weight=0.0, agent=full),
-                  tmp_path / "off", progress=False)
-    on = Trainer(tiny_config(tiny_env, method="robust", smoothness_weight=1.0, agent=full),
-                 tmp_path / "on", progress=False)
+    full = {"actor_view": "full", "actor_head": "mlp"}
+    off = Trainer(tiny_config(tiny_env, method="robust", smoothness_weight=0.0, agent=full,
+                              parameter_weight=0.0), tmp_path / "off", progress=False)
+    on = Trainer(tiny_config(tiny_env, method="robust", smoothness_weight=1.0, agent=full,
+                             parameter_weight=0.0), tmp_path / "on", progress=False)
     for trainer in (off, on):
         trainer.collect_initial()
     assert off.update()["smoothness_loss"] == 0.0

@@ -10,7 +10,7 @@ normalized action ``a`` in [-1, 1]^n scaled per joint::
 
     tau = Kp * (q_ref - q) + Kd * (qd_ref - qd) + a * action_scale
 
-**Observation** (float32, 7n entries, blocks of n in joint order), from the *measured* joint
+**Observation** (float32, 7n or 20n entries, blocks of n in joint order), from the *measured* joint
 state and the reference at the current time::
 
     [ q - default_pose,
@@ -19,7 +19,9 @@ state and the reference at the current time::
       (qd_ref - qd) * velocity_error_scale,
       qd_ref * velocity_scale,
       qdd_ref * acceleration_scale,
-      previous action ]
+      previous action,
+      model features ]      (only with ``observation.model_features``: 13n entries,
+                             :mod:`metarl_ros.control.model_features`)
 
 **Reward**, with ``e = min(||q_ref - q||_2, max_error_rad)``::
 
@@ -37,6 +39,7 @@ from typing import Literal
 import numpy as np
 from pydantic import Field, PositiveFloat
 
+from metarl_ros.control.model_features import NUM_BLOCKS
 from metarl_ros.core.schema import StrictModel
 
 
@@ -47,6 +50,13 @@ class ObservationConfig(StrictModel):
     velocity_error_scale: PositiveFloat = 1.0
     velocity_scale: PositiveFloat = 0.2
     acceleration_scale: PositiveFloat = 0.2
+    model_features: bool = Field(
+        default=False,
+        description="append the nominal model's torques along the reference (13 blocks of n, "
+        "control.model_features; needs the robot's rigid-body model): the factors of the "
+        "feed-forward a fault needs, for a policy that infers only the fault's parameters "
+        "(agent.actor_head: model)",
+    )
 
 
 class RewardConfig(StrictModel):
@@ -89,10 +99,20 @@ class ControlLaw:
     """Optional model feed-forward ``tau_ff(q_ref, qd_ref, qdd_ref)`` (N*m, (n,)) added to
     every effort, e.g. :class:`metarl_ros.control.rigid_body.NominalFeedForward`: the
     policy's action is then a residual on a model-based controller."""
+    model_features: Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray] | None = field(
+        default=None, compare=False)
+    """With ``observation.model_features``: the observation's last block
+    (:class:`metarl_ros.control.model_features.ModelFeatures`)."""
 
     @property
     def num_joints(self) -> int:
         return len(self.joint_names)
+
+    @property
+    def obs_dim(self) -> int:
+        """Entries of an observation: 7n, plus ``NUM_BLOCKS * n`` model features."""
+        n = self.num_joints
+        return 7 * n + (0 if self.model_features is None else NUM_BLOCKS * n)
 
 
 def build_observation(
@@ -108,17 +128,18 @@ def build_observation(
     """
     obs_cfg = law.observation
     q_ref, qd_ref, qdd_ref = reference
-    return np.concatenate(
-        [
-            position - np.asarray(law.default_pose),
-            velocity * obs_cfg.velocity_scale,
-            (q_ref - position) * obs_cfg.position_error_scale,
-            (qd_ref - velocity) * obs_cfg.velocity_error_scale,
-            qd_ref * obs_cfg.velocity_scale,
-            qdd_ref * obs_cfg.acceleration_scale,
-            previous_action,
-        ]
-    ).astype(np.float32)
+    blocks = [
+        position - np.asarray(law.default_pose),
+        velocity * obs_cfg.velocity_scale,
+        (q_ref - position) * obs_cfg.position_error_scale,
+        (qd_ref - velocity) * obs_cfg.velocity_error_scale,
+        qd_ref * obs_cfg.velocity_scale,
+        qdd_ref * obs_cfg.acceleration_scale,
+        previous_action,
+    ]
+    if law.model_features is not None:
+        blocks.append(law.model_features(q_ref, qd_ref, qdd_ref))
+    return np.concatenate(blocks).astype(np.float32)
 
 
 def effort_command(
@@ -162,9 +183,10 @@ def tracking_reward(law: ControlLaw, tracking_error: float, action: np.ndarray) 
 
 
 def reference_view_matrix(law: ControlLaw) -> np.ndarray:
-    """The linear map, shape (7n, 7n), from an observation to the observation the robot would
-    have if it were exactly on its reference: ``q := q_ref``, ``qd := qd_ref``, so the error
-    blocks are zero and the reference blocks and the previous action are kept.
+    """The linear map, shape (obs_dim, obs_dim), from an observation to the observation the
+    robot would have if it were exactly on its reference: ``q := q_ref``, ``qd := qd_ref``, so
+    the error blocks are zero and the reference blocks, the previous action and the model
+    features (all computed on the reference) are kept.
 
     A controller that acts on this view is pure feed-forward: it cannot react to the
     instantaneous tracking error, so the loop's stiffness is the PD feedback's alone and a
@@ -174,7 +196,8 @@ def reference_view_matrix(law: ControlLaw) -> np.ndarray:
     n = len(law.joint_names)
     obs = law.observation
     eye = np.eye(n)
-    view = np.zeros((7 * n, 7 * n))
+    size = law.obs_dim
+    view = np.zeros((size, size))
 
     def block(row: int, col: int, value: np.ndarray) -> None:
         view[row * n:(row + 1) * n, col * n:(col + 1) * n] = value
@@ -185,4 +208,5 @@ def reference_view_matrix(law: ControlLaw) -> np.ndarray:
     block(4, 4, eye)
     block(5, 5, eye)
     block(6, 6, eye)
+    view[7 * n:, 7 * n:] = np.eye(size - 7 * n)
     return view

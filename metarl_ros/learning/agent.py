@@ -29,6 +29,7 @@ from torch import nn
 
 from metarl_ros.core.schema import ANY_VALUE, drop_retired
 from metarl_ros.learning.encoder import ContextEncoder, TrailingContexts, kl_to_standard_normal
+from metarl_ros.learning.model_actor import ModelFeedForwardActor
 from metarl_ros.learning.networks import TanhGaussianActor, TwinCritic
 from metarl_ros.learning.transitions import TransitionBatch
 
@@ -68,6 +69,10 @@ class AgentSpec:
     """``reference``: the actor sees the observation as if the robot were on its reference
     (:func:`metarl_ros.control.law.reference_view_matrix`): pure feed-forward, so it cannot
     stiffen the loop; the critics always see the full observation."""
+    actor_head: Literal["mlp", "model"] = "mlp"
+    """``model``: the condition is mapped to the fault's physical parameters, fed forward
+    through the nominal model's features (:class:`~metarl_ros.learning.model_actor.
+    ModelFeedForwardActor`; needs an env with ``observation.model_features``)."""
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> AgentSpec:
@@ -107,7 +112,11 @@ class ConditionedSAC(nn.Module):
             if spec.conditioning == "latent"
             else None
         )
-        self.actor = TanhGaussianActor(in_dim, spec.actor_hidden, spec.act_dim, obs_view)
+        if spec.actor_head == "model":
+            self.actor: TanhGaussianActor = ModelFeedForwardActor(
+                in_dim, spec.actor_hidden, spec.act_dim, obs_view, spec.obs_dim)
+        else:
+            self.actor = TanhGaussianActor(in_dim, spec.actor_hidden, spec.act_dim, obs_view)
         if obs_view is not None:
             # a feed-forward residual cannot correct its own initial output from the error, so
             # it starts at zero: exactly the controller it is added to
@@ -150,6 +159,13 @@ class ConditionedSAC(nn.Module):
 
     # ------------------------------------------------------------------ learning
 
+    def _parameter_loss(self, x: torch.Tensor, theta_true: torch.Tensor) -> torch.Tensor:
+        """``mean_B ||(theta(x) - theta_true) / scale||^2`` of a model-structured actor."""
+        actor = self.actor
+        assert isinstance(actor, ModelFeedForwardActor)
+        error = (actor.physical_parameters(x) - theta_true) / actor.parameter_scale
+        return error.pow(2).sum(-1).mean()
+
     def optimizers(self) -> dict[str, torch.optim.Optimizer]:
         result = {
             "critic": self.critic_optimizer,
@@ -170,6 +186,7 @@ class ConditionedSAC(nn.Module):
         anchor_weight: float = 0.0,
         smoothness_weight: float = 0.0,
         teacher_weight: float = 0.0,
+        parameter_weight: float = 0.0,
     ) -> dict[str, float]:
         """One gradient step on a meta-batch.
 
@@ -199,12 +216,22 @@ class ConditionedSAC(nn.Module):
                 the same term, with the sampled ``z`` *not* detached, joins the encoder's loss:
                 the posterior is trained to carry what the label needs (RMA's regression of the
                 extrinsics, on PEARL's probabilistic encoder) besides the Bellman error.
+            parameter_weight: with ``> 0`` (a model-structured actor, ``spec.actor_head ==
+                "model"``, and ``batch.teacher`` holding the true fault parameters after the
+                label) the actor loss gains ``parameter_weight * mean_B ||(theta(c) -
+                theta_true) / scale||^2``: the estimate of the robot is regressed on the robot
+                (RMA's extrinsics, in physical units); for ``latent`` conditioning through
+                ``z`` into the encoder too.
         """
         spec = self.spec
         num_tasks, per_task = batch.reward.shape
         taught = teacher_weight > 0.0
-        if taught and batch.teacher is None:
-            raise ValueError("teacher_weight > 0 needs the batch's teacher labels")
+        identified = parameter_weight > 0.0
+        if (taught or identified) and batch.teacher is None:
+            raise ValueError("teacher_weight > 0 or parameter_weight > 0 needs the batch's "
+                             "teacher labels")
+        if identified and not isinstance(self.actor, ModelFeedForwardActor):
+            raise ValueError("parameter_weight > 0 needs agent.actor_head: model")
         kl = torch.zeros(())
         next_cond = None
         if spec.conditioning == "latent":
@@ -229,6 +256,13 @@ class ConditionedSAC(nn.Module):
         else:
             cond = task_cond.unsqueeze(1).expand(-1, per_task, -1).flatten(0, 1)
         flat = batch.flatten()
+        label = theta_true = None
+        if flat.teacher is not None:
+            label, theta_true = flat.teacher[:, :spec.act_dim], flat.teacher[:, spec.act_dim:]
+            if identified and theta_true.shape[-1] != self.actor.parameter_scale.shape[0]:
+                raise ValueError(f"parameter_weight > 0: the batch's teacher rows hold "
+                                 f"{theta_true.shape[-1]} parameters, the actor estimates "
+                                 f"{self.actor.parameter_scale.shape[0]}")
         x = torch.cat([flat.obs, cond], dim=-1)
         next_x = torch.cat([flat.next_obs, cond.detach() if next_cond is None else next_cond], -1)
         alpha = self.log_alpha.exp().detach()
@@ -239,14 +273,18 @@ class ConditionedSAC(nn.Module):
             target = flat.reward + spec.gamma * (next_q - alpha * next_log_prob)
         q = self.critic(x, flat.action)  # (2, TB)
         critic_loss = (q - target).pow(2).mean(-1).sum()
-        encoder_teacher_loss = torch.zeros(())
-        if taught and self.encoder is not None:
+        privileged_loss = torch.zeros(())  # the encoder's share of the teacher's terms
+        if self.encoder is not None:
             # through z into the encoder; the actor's gradients of this pass are discarded
-            encoder_teacher_loss = (self.actor(x) - flat.teacher).pow(2).sum(-1).mean()
+            if taught:
+                privileged_loss = teacher_weight * (self.actor(x) - label).pow(2).sum(-1).mean()
+            if identified:
+                privileged_loss = privileged_loss + parameter_weight * self._parameter_loss(
+                    x, theta_true)
         self.critic_optimizer.zero_grad(set_to_none=True)
         if self.encoder is not None:
             self.encoder_optimizer.zero_grad(set_to_none=True)
-        (critic_loss + spec.kl_weight * kl + teacher_weight * encoder_teacher_loss).backward()
+        (critic_loss + spec.kl_weight * kl + privileged_loss).backward()
         self.critic_optimizer.step()
         if self.encoder is not None:
             self.encoder_optimizer.step()
@@ -262,8 +300,12 @@ class ConditionedSAC(nn.Module):
                        else None)
         teacher_loss = torch.zeros(())
         if taught:
-            teacher_loss = (mean_action - flat.teacher).pow(2).sum(-1).mean()
+            teacher_loss = (mean_action - label).pow(2).sum(-1).mean()
             actor_loss = actor_loss + teacher_weight * teacher_loss
+        parameter_loss = torch.zeros(())
+        if identified:
+            parameter_loss = self._parameter_loss(x_actor, theta_true)
+            actor_loss = actor_loss + parameter_weight * parameter_loss
         anchor_loss = torch.zeros(())
         if anchored:
             with torch.no_grad():
@@ -298,6 +340,7 @@ class ConditionedSAC(nn.Module):
             "anchor_loss": anchor_loss.item(),
             "smoothness_loss": smoothness_loss.item(),
             "teacher_loss": teacher_loss.item(),
+            "parameter_loss": parameter_loss.item(),
             "kl": kl.item(),
             "alpha": alpha.item(),
             "q_mean": q.mean().item(),

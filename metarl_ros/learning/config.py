@@ -55,6 +55,14 @@ class AgentConfig(StrictModel):
         "qd = qd_ref): a pure feed-forward policy that cannot stiffen the PD loop, so faults "
         "are compensated through adaptation, not stiffness (docs/ENVIRONMENT.md)",
     )
+    actor_head: Literal["mlp", "model"] = Field(
+        default="model",
+        description="model: the actor's condition (PEARL's z, the oracle's task) is mapped to "
+        "the fault's physical parameters (motor strength, payload inertial parameters, "
+        "friction), fed forward through the nominal rigid-body model's torques along the "
+        "reference, plus an MLP residual (learning.model_actor); needs an env with "
+        "observation.model_features: true. mlp: an MLP of the observation and condition",
+    )
 
 
 class TrainConfig(StrictModel):
@@ -153,6 +161,17 @@ class TrainConfig(StrictModel):
         "trains the encoder (through z) besides the Bellman error. Made for agent.actor_view "
         "reference, whose actor is feed-forward only (docs/LEARNING.md)",
     )
+    parameter_weight: float = Field(
+        default=10.0,
+        ge=0.0,
+        description="agent.actor_head model: adds parameter_weight * ||(theta(c) - "
+        "theta_true) / scale||^2 to the actor loss (and, for pearl, through z to the "
+        "encoder's): the actor's estimate of the fault's physical parameters is regressed on "
+        "the true ones, as RMA regresses its extrinsics. The label alone leaves them "
+        "ambiguous (a weak shoulder and a payload both scale the shoulder's torque): an oracle "
+        "trained on the label only put a 2 kg payload at 0.44 kg and weakened every motor "
+        "(docs/LEARNING.md). 0 with actor_head mlp",
+    )
     agent: AgentConfig = AgentConfig()
     dynamics: DynamicsConfig = DynamicsConfig()
 
@@ -162,6 +181,9 @@ class TrainConfig(StrictModel):
             raise ValueError("min_context must not exceed context_window")
         if self.anchor_weight > 0 and not self.init_from:
             raise ValueError("anchor_weight > 0 needs init_from (the policy to stay near)")
+        if self.parameter_weight > 0 and self.agent.actor_head != "model":
+            raise ValueError("parameter_weight > 0 needs agent.actor_head: model (set "
+                             "parameter_weight: 0 for the mlp actor)")
         if self.init_critic_condition != "zero" and not self.init_from:
             raise ValueError("init_critic_condition 'random' needs init_from (without it every "
                              "column starts random anyway)")
@@ -207,6 +229,7 @@ class TrainConfig(StrictModel):
             init_alpha=a.init_alpha,
             kl_weight=a.kl_weight,
             actor_view=a.actor_view,  # type: ignore[arg-type]
+            actor_head=a.actor_head,  # type: ignore[arg-type]
         )
 
 

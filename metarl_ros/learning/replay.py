@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from metarl_ros.control.model_features import num_fault_parameters
 from metarl_ros.learning.transitions import TransitionBatch
 
 _FIELDS = ("obs", "action", "reward", "next_obs")
@@ -19,7 +20,9 @@ class TaskReplay:
     reset), which tells where a window of consecutive transitions crosses into an earlier
     episode. With ``cond_dim > 0`` it also keeps the condition each transition was acted on
     (the oracle's true task vector, which changes at a mid-episode fault); with ``teacher``
-    each action's privileged label (``teacher``, (act_dim,))."""
+    each action's privileged targets (``teacher``, (act_dim + 3 act_dim + 10,): the label,
+    then the true fault parameters; :meth:`metarl_ros.sim.env.ArmTrackingEnv.teacher_targets`).
+    """
 
     def __init__(
         self, capacity: int, obs_dim: int, act_dim: int, cond_dim: int = 0, teacher: bool = False
@@ -28,7 +31,8 @@ class TaskReplay:
         self.fields = (_STORED + (("condition",) if cond_dim else ())
                        + (("teacher",) if teacher else ()))
         self.condition = np.zeros((capacity, cond_dim), np.float32)
-        self.teacher = np.zeros((capacity, act_dim if teacher else 0), np.float32)
+        width = act_dim + num_fault_parameters(act_dim) if teacher else 0
+        self.teacher = np.zeros((capacity, width), np.float32)
         self.obs = np.zeros((capacity, obs_dim), np.float32)
         self.action = np.zeros((capacity, act_dim), np.float32)
         self.reward = np.zeros((capacity,), np.float32)
@@ -49,8 +53,8 @@ class TaskReplay:
     ) -> None:
         """Append a chunk of transitions, arrays with leading dim M. ``episode_step``
         defaults to ``0 .. M-1``: the chunk is one whole episode from its reset;
-        ``condition`` (M, cond_dim) and ``teacher`` (M, act_dim) are required when the buffer
-        keeps them."""
+        ``condition`` (M, cond_dim) and ``teacher`` (M, 4 act_dim + 10) are required when the
+        buffer keeps them."""
         count = len(reward)
         index = (self.cursor + np.arange(count)) % self.capacity
         self.obs[index] = obs

@@ -17,6 +17,7 @@ from typing import Literal, Protocol
 import numpy as np
 import torch
 
+from metarl_ros.control.model_features import num_fault_parameters
 from metarl_ros.learning.agent import ConditionedSAC
 from metarl_ros.learning.encoder import BatchedWindows, make_transition
 from metarl_ros.sim.env import ArmTrackingEnv
@@ -57,7 +58,8 @@ class RolloutResult:
     control_dt: float
     # (E, S, C): the true task vector; C is 0 unless oracle conditioning or record_task
     oracle_condition: np.ndarray
-    # (E, S, act_dim) with record_teacher (the privileged label of each step), else (E, S, 0)
+    # (E, S, act_dim + 3 act_dim + 10) with record_teacher (each step's privileged label and
+    # the true fault parameters: ArmTrackingEnv.teacher_targets), else (E, S, 0)
     teacher_action: np.ndarray
 
     @property
@@ -134,7 +136,8 @@ class VectorRollout:
         out_std = np.zeros((count, steps, latent_dim), np.float32)
         oracle_dim = spec.oracle_dim if spec.conditioning == "oracle" or record_task else 0
         out_oracle = np.zeros((count, steps, oracle_dim), np.float32)
-        out_teacher = np.zeros((count, steps, spec.act_dim if record_teacher else 0), np.float32)
+        width = spec.act_dim + num_fault_parameters(spec.act_dim) if record_teacher else 0
+        out_teacher = np.zeros((count, steps, width), np.float32)
         for t in range(steps):
             mu_np = None
             if oracle_dim:
@@ -157,7 +160,7 @@ class VectorRollout:
                 action = hook.correct(agent.actor_observation(obs), action, mu_np)
             next_obs = np.empty_like(obs)
             if record_teacher:
-                out_teacher[:, t] = np.stack([env.teacher_action() for env in envs])
+                out_teacher[:, t] = np.stack([env.teacher_targets() for env in envs])
             for i, env in enumerate(envs):
                 next_obs[i], out_reward[i, t], _, _, info = env.step(action[i])
                 out_error[i, t] = info["tracking_error"]

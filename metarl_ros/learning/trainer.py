@@ -132,7 +132,7 @@ class Trainer:
         # the oracle's condition is stored per transition (it changes at a mid-episode fault)
         self.records_task = self.spec.conditioning == "oracle"
         # each action's teacher label is stored when the actor imitates it
-        self.records_teacher = config.teacher_weight > 0
+        self.records_teacher = config.teacher_weight > 0 or config.parameter_weight > 0
         self.replay = MultiTaskReplay(
             len(self.tasks),
             config.replay_capacity_per_task,
@@ -216,6 +216,7 @@ class Trainer:
             anchor_weight=c.anchor_weight,
             smoothness_weight=c.smoothness_weight,
             teacher_weight=c.teacher_weight,
+            parameter_weight=c.parameter_weight,
         )
 
     @property
@@ -301,12 +302,20 @@ class Trainer:
 
     def resume(self) -> bool:
         """Restore the latest checkpoint of ``run_dir``; False if there is none. A damaged
-        newest checkpoint is skipped for the previous complete one, saying so on stdout."""
+        newest checkpoint is skipped for the previous complete one, saying so on stdout. The
+        config must be the checkpoint's, except a larger ``total_iterations`` (train longer:
+        the same run continued, as if it had been started with that total)."""
         point = self.checkpoints.load_resumable(log=print)
         if point is None:
             return False
         latest, payload, state = point.folder, point.payload, point.state
         changes = config_changes(payload["train_config"], self.config)
+        # training longer is the same run: nothing depends on the total but where it stops
+        longer = [c for c in changes if c.startswith("total_iterations:")]
+        if longer and self.config.total_iterations >= state["iteration"]:
+            changes.remove(longer[0])
+            print(f"{latest}: continuing to {self.config.total_iterations} iterations "
+                  f"({longer[0]})")
         if changes:
             raise CheckpointError(
                 f"{latest}: checkpoint was made with a different config ("

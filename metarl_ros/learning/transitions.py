@@ -17,7 +17,8 @@ class TransitionBatch:
     replay samples them, ``(B,)`` for MAML): ``obs`` and ``next_obs`` ``(*L, obs_dim)``,
     ``action`` ``(*L, act_dim)``, optionally ``reward`` ``(*L,)``, ``latent`` ``(*L,
     latent_dim)`` (the task latent ``z`` a dynamics model is conditioned on) and ``teacher``
-    ``(*L, act_dim)`` (the privileged label of the action, :mod:`metarl_ros.sim.teacher`).
+    ``(*L, act_dim + P)`` (the privileged label of the action, :mod:`metarl_ros.sim.teacher`,
+    then the P true fault parameters; ``P = 0`` is allowed).
 
     Indexing, ``len`` and :meth:`cat` act on the first leading dim. For
     :class:`~metarl_ros.learning.online_adapter.OnlineAdapter` the rows are in time order
@@ -55,9 +56,12 @@ class TransitionBatch:
         ):
             raise ValueError("TransitionBatch: latent must be (..., latent_dim) with obs's batch "
                              "shape")
-        if self.teacher is not None and self.teacher.shape != self.action.shape:
+        if self.teacher is not None and (
+            self.teacher.shape[:-1] != self.action.shape[:-1]
+            or self.teacher.shape[-1] < self.action.shape[-1]
+        ):
             raise ValueError(
-                f"TransitionBatch: teacher must have the shape of action "
+                f"TransitionBatch: teacher must be (..., >= act_dim) with action's batch shape "
                 f"{tuple(self.action.shape)}, got {tuple(self.teacher.shape)}"
             )
 

@@ -51,8 +51,10 @@ def warm_start(
     if critic_condition not in ("zero", "random"):
         raise ValueError(f"critic_condition must be 'zero' or 'random', got {critic_condition!r}")
     spec = agent.spec
-    for field in ("obs_dim", "act_dim", "actor_hidden", "critic_hidden", "actor_view"):
-        mine, theirs = getattr(spec, field), source_spec.get(field, "full")
+    for field in ("obs_dim", "act_dim", "actor_hidden", "critic_hidden", "actor_view",
+                  "actor_head"):
+        mine = getattr(spec, field)
+        theirs = source_spec.get(field, {"actor_view": "full", "actor_head": "mlp"}.get(field))
         if isinstance(theirs, list):
             theirs = tuple(theirs)
         if mine != theirs:
@@ -69,10 +71,21 @@ def warm_start(
         )
     own = agent.state_dict()
     copied = []
+    parameter_net = getattr(agent.actor, "parameter_net", None)
+    last_parameter_bias = (f"actor.parameter_net.{len(parameter_net) - 1}.bias"
+                           if parameter_net is not None else None)
     first_layers = ("actor", "critic", "critic_target")
     with torch.no_grad():
         for name, value in own.items():
             if name.startswith("encoder."):
+                continue
+            if name.startswith("actor.parameter_net.") and name not in source_state:
+                # a model-structured actor (learning.model_actor): the unconditioned source
+                # holds one parameter estimate for every task; the conditioned network starts
+                # there (its zero-initialized last layer outputs its bias)
+                if name == last_parameter_bias and "actor.parameter_bias" in source_state:
+                    own[name] = source_state["actor.parameter_bias"].clone()
+                    copied.append(name)
                 continue
             if name not in source_state:
                 raise CheckpointError(f"{source_name}: cannot warm-start: no {name!r}")

@@ -62,6 +62,7 @@ from torch.nn import functional as F
 from metarl_ros.core.files import make_staging_dir
 from metarl_ros.learning.checkpoint import CheckpointError, model_env_config
 from metarl_ros.learning.encoder import ContextEncoder, product_of_gaussians
+from metarl_ros.control.model_features import FEATURE_NAMES
 from metarl_ros.learning.networks import TanhGaussianActor
 from metarl_ros.learning.saved_model import LoadedModel, load_model
 from metarl_ros.sim.env_config import load_env_setup
@@ -119,6 +120,8 @@ class PolicyGraph(nn.Module):
 
     def __init__(self, actor: TanhGaussianActor) -> None:
         super().__init__()
+        # a structured actor (learning.model_actor) is exported whole: its forward is the graph
+        self.structured = actor if type(actor) is not TanhGaussianActor else None
         self.obs_view = actor.obs_view
         self.trunk = actor.trunk
         head = actor.head
@@ -128,6 +131,8 @@ class PolicyGraph(nn.Module):
             self.head.bias.copy_(head.bias[: actor.act_dim])
 
     def forward(self, obs: torch.Tensor, latent: torch.Tensor | None = None) -> torch.Tensor:
+        if self.structured is not None:
+            return self.structured(obs if latent is None else torch.cat([obs, latent], dim=-1))
         if self.obs_view is not None:
             obs = obs @ self.obs_view.T
         x = obs if latent is None else torch.cat([obs, latent], dim=-1)
@@ -184,6 +189,9 @@ def export_contract(loaded: LoadedModel) -> dict[str, str]:
         "qdd_ref * acceleration_scale",
         "previous action",
     ]
+    if setup.config.observation.model_features:
+        contract["observation_layout"].append(
+            "model features: " + ", ".join(FEATURE_NAMES) + " (control.model_features)")
     contract["effort"] = "kp * (q_ref - q) + kd * (qd_ref - qd) + action * action_scale"
     props = {key: json.dumps(value) for key, value in contract.items()}
     props.update(

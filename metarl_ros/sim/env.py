@@ -58,6 +58,7 @@ from metarl_ros.sim.env_config import (
 from metarl_ros.sim.reference import MultiSineReference
 from metarl_ros.sim.tasks import FaultEvent, TaskParams
 from metarl_ros.sim.teacher import FeedForwardTeacher
+from metarl_ros.sim.true_dynamics import fault_parameters
 
 
 class ArmTrackingEnv(gym.Env):
@@ -188,6 +189,15 @@ class ArmTrackingEnv(gym.Env):
         if self._teacher is None:
             self._teacher = FeedForwardTeacher(self.setup)
         return self._teacher(self.sim.task, self._reference_now)
+
+    def teacher_targets(self) -> np.ndarray:
+        """Everything privileged a training step stores, (n + 3n + 10,) float32: the
+        :meth:`teacher_action` label, then the true task's physical parameters
+        (:func:`~metarl_ros.sim.true_dynamics.fault_parameters`, the target of a
+        model-structured actor's estimate). Training only."""
+        label = self.teacher_action()
+        return np.concatenate([label, fault_parameters(self.sim.task, label.shape[0])]
+                              ).astype(np.float32)
 
     def reference_at(self, t: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         assert self._reference is not None

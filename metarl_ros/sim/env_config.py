@@ -15,6 +15,7 @@ from typing import Literal
 from pydantic import Field, PositiveFloat
 
 from metarl_ros.control.law import ControlLaw, FeedbackConfig, ObservationConfig, RewardConfig
+from metarl_ros.control.model_features import NUM_BLOCKS
 from metarl_ros.core.resources import resolve_path
 from metarl_ros.core.schema import ConfigError, StrictModel, load_yaml_model
 from metarl_ros.sim.reference import ReferenceConfig
@@ -67,14 +68,30 @@ class EnvSetup:
             action_scale=tuple(self.robot.action_scale),
             effort_limits=tuple(self.robot.effort_limits),
             feed_forward=self._feed_forward(),
+            model_features=self._model_features(),
         )
+
+    @cached_property
+    def rigid_body_model(self):
+        """The intact arm's :class:`~metarl_ros.control.rigid_body.RigidBodyModel` (imports
+        Pinocchio; built once per setup)."""
+        from metarl_ros.control.rigid_body import RigidBodyModel
+
+        return RigidBodyModel.from_robot(self.robot, self.robot_path)
 
     def _feed_forward(self):
         if self.config.feed_forward == "none":
             return None
-        from metarl_ros.control.rigid_body import NominalFeedForward, RigidBodyModel  # pin
+        from metarl_ros.control.rigid_body import NominalFeedForward
 
-        return NominalFeedForward(RigidBodyModel.from_robot(self.robot, self.robot_path))
+        return NominalFeedForward(self.rigid_body_model)
+
+    def _model_features(self):
+        if not self.config.observation.model_features:
+            return None
+        from metarl_ros.control.model_features import ModelFeatures
+
+        return ModelFeatures(self.rigid_body_model, self.robot.action_scale)
 
     @property
     def substeps(self) -> int:
@@ -90,7 +107,9 @@ class EnvSetup:
 
     @property
     def obs_dim(self) -> int:
-        return 7 * self.robot.num_joints
+        """Entries of an observation (layout: :mod:`metarl_ros.control.law`)."""
+        return 7 * self.robot.num_joints + (
+            NUM_BLOCKS * self.robot.num_joints if self.config.observation.model_features else 0)
 
     @property
     def act_dim(self) -> int:

@@ -36,7 +36,8 @@ from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
-from metarl_ros.control.rigid_body import RigidBodyModel
+from metarl_ros.control.model_features import FRICTION_VELOCITY
+from metarl_ros.control.rigid_body import RigidBodyModel, point_mass_parameters
 
 if TYPE_CHECKING:
     from metarl_ros.sim.tasks import TaskParams
@@ -121,7 +122,7 @@ class ComputedTorqueController:
         task: "TaskParams | None" = None,
         firmware_gravity: bool = True,
         physics_dt: float | None = None,
-        friction_velocity: float = 0.01,
+        friction_velocity: float = FRICTION_VELOCITY,
     ) -> None:
         n = model.num_joints
         self.nominal = model
@@ -190,6 +191,27 @@ class ComputedTorqueController:
             qd_ref = qd_ref + qdd_ref * h
         tau_motor = self.motor_torque(q, qd, q_ref, qd_ref, qdd_ref)
         return motor_command(tau_motor, self.strength, self.effort_limits, gravity_nominal)
+
+
+def fault_parameters(task: "TaskParams | None", num_joints: int) -> np.ndarray:
+    """The physical parameters of ``task`` in the layout a model-structured actor infers
+    (:class:`metarl_ros.learning.model_actor.ModelFeedForwardActor`), shape (3n + 10,)::
+
+        [1/s - 1 (n), payload pi (10, flange frame, about its origin), d (n), c (n)]
+
+    (strength ``s``, viscous damping ``d`` N*m*s/rad, Coulomb friction ``c`` N*m; the intact
+    arm is all zeros). Locks and actuator delay are outside this structure.
+    """
+    n = num_joints
+    if task is None:
+        return np.zeros(3 * n + 10)
+    strength = _per_joint(task.motor_strength, n, 1.0)
+    payload = (point_mass_parameters(task.payload_mass, task.payload_offset, PAYLOAD_RADIUS_M)
+               if task.payload_mass > 0 else np.zeros(10))
+    return np.concatenate([
+        1.0 / np.maximum(strength, 1e-6) - 1.0, payload,
+        _per_joint(task.viscous_damping, n, 0.0), _per_joint(task.coulomb_friction, n, 0.0),
+    ])
 
 
 def _per_joint(values, n: int, default: float) -> np.ndarray:
