@@ -185,3 +185,31 @@ def test_parameter_weight_needs_the_model_head(setup):
     with pytest.raises(ValueError, match="actor_head: model"):
         TrainConfig(method="robust", agent={"actor_head": "mlp"})
     TrainConfig(method="robust", agent={"actor_head": "mlp"}, parameter_weight=0.0)
+
+
+def test_a_model_whose_env_changed_its_observation_is_refused_by_name(tmp_path):
+    """Evaluation names the mismatch instead of failing inside a matrix product."""
+    import yaml
+    from bag_helpers import write_tiny_env
+
+    from metarl_ros.evaluation.runner import load_method_models
+    from metarl_ros.learning.checkpoint import CheckpointError
+
+    from metarl_ros.learning.config import AgentConfig, TrainConfig
+    from metarl_ros.learning.trainer import Trainer
+
+    env = write_tiny_env(tmp_path)
+    config = TrainConfig(method="nominal", env=str(env), envs_per_iteration=2, eval_tasks=2,
+                         replay_capacity_per_task=1000, torch_threads=1,
+                         fault_episode_fraction=0.0,
+                         agent=AgentConfig(actor_hidden=[32, 32], critic_hidden=[32, 32]))
+    trainer = Trainer(config, tmp_path / "models" / "nominal", progress=False)
+    trainer.write_final_model()  # an untrained model file is enough to reach the check
+    trainer.rollout.close()
+    trainer.eval_rollout.close()
+    data = yaml.safe_load(env.read_text())
+    data["observation"]["model_features"] = False
+    env.write_text(yaml.safe_dump(data))
+    with pytest.raises(CheckpointError, match=r"140/7 do not match .* \(49/7\): the env file "
+                                              r"changed"):
+        load_method_models(tmp_path / "models", ["nominal"])

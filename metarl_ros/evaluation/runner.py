@@ -251,12 +251,24 @@ def load_method_models(model_root: Path, methods: Sequence[str]) -> dict:
     found = {n: model_root / n / "model.pt" for n in names
              if (model_root / n / "model.pt").is_file()}
     check_first_run(ModelRun(0, model_root, found), methods)
-    models = {}
+    from metarl_ros.learning.checkpoint import model_env_config
+
+    models, setups = {}, {}
     for name in names:
-        models[name] = load_model(found[name])
-        if models[name].method != name:
-            raise CheckpointError(f"{found[name]}: holds a {models[name].method!r} model, "
+        models[name] = loaded = load_model(found[name])
+        if loaded.method != name:
+            raise CheckpointError(f"{found[name]}: holds a {loaded.method!r} model, "
                                   f"expected {name!r}")
+        env_config = model_env_config(loaded.payload, loaded.path)
+        if env_config not in setups:
+            setups[env_config] = load_env_setup(env_config)
+        spec, setup = loaded.agent.spec, setups[env_config]
+        if (spec.obs_dim, spec.act_dim) != (setup.obs_dim, setup.act_dim):
+            raise CheckpointError(
+                f"{found[name]}: observation/action sizes {spec.obs_dim}/{spec.act_dim} do not "
+                f"match its env {env_config} ({setup.obs_dim}/{setup.act_dim}): the env file "
+                "changed since the model was trained (e.g. observation.model_features); "
+                "retrain the model or use the env it was trained with")
     return models
 
 
