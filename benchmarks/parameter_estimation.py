@@ -30,7 +30,7 @@ from metarl_ros.learning.model_actor import ModelFeedForwardActor
 from metarl_ros.learning.rollout import VectorRollout
 from metarl_ros.learning.saved_model import load_model
 from metarl_ros.sim.env_config import load_env_setup
-from metarl_ros.sim.tasks import fault_episodes, make_split
+from metarl_ros.sim.tasks import fault_episodes, make_split, nominal_task
 
 AFTER_S = (0.1, 0.25, 0.5, 1.0, 1.5)
 
@@ -55,7 +55,8 @@ def main() -> None:
     try:
         for start in range(0, len(plan), args.batch):
             chunk = plan[start:start + args.batch]
-            result = rollout.run(agent, [e.task for e in chunk], [e.seed for e in chunk],
+            intact = [nominal_task(n)] * len(chunk)  # each episode starts on the intact arm
+            result = rollout.run(agent, intact, [e.seed for e in chunk],
                                  faults=[e.faults() for e in chunk], deterministic=True,
                                  latent_mode="mean", record_teacher=True)
             x = torch.cat([torch.as_tensor(result.obs), torch.as_tensor(result.latent_mean)], -1)

@@ -249,7 +249,7 @@ def test_factory_runs_pearl_maml_background_in_a_process_with_onnx_control_path(
     from metarl_ros.policy.torch_policy import TorchAdaptivePolicy
     from metarl_ros.sim.env_config import load_env_setup
 
-    setup = load_env_setup(str(resolve_path("sim/envs/iiwa7_tracking.yaml")))
+    setup = load_env_setup(str(resolve_path("sim/envs/iiwa7_compliant.yaml")))  # the models' env
     inline = make_policy("pearl", setup, model_path=MODEL, adaptation_schedule="inline")
     assert isinstance(inline, TorchAdaptivePolicy) and inline.adaptation is not None
     policy = make_policy("pearl", setup, model_path=MODEL)

@@ -61,7 +61,7 @@ def short_suite(folder: Path) -> Path:
 @pytest.mark.skipif(not (MODELS / "pearl" / "model.pt").is_file(), reason="no shipped model")
 def test_parallel_evaluation_equals_serial_to_the_last_digit(tmp_path, monkeypatch):
     runs = methods.find_model_runs([MODELS])
-    env_config = share_directory() / "sim/envs/iiwa7_tracking.yaml"
+    env_config = share_directory() / "sim/envs/iiwa7_compliant.yaml"  # the models' env
     setup = load_env_setup(env_config)
     sets = evaluate.suite_sets(setup, [short_suite(tmp_path)], ["validation"])
     # 4 episodes in chunks of 2: 6 jobs, so each worker runs several, after different ones
