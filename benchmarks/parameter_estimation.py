@@ -41,6 +41,8 @@ def main() -> None:
     parser.add_argument("--episodes", type=int, default=30)
     parser.add_argument("--seed", type=int, default=1, help="episode seed")
     parser.add_argument("--batch", type=int, default=10, help="episodes run in lockstep")
+    parser.add_argument("--window", type=int, default=None,
+                        help="context window (transitions; default: the model's)")
     args = parser.parse_args()
     loaded = load_model(args.model)
     agent, actor = loaded.agent, loaded.agent.actor
@@ -58,7 +60,8 @@ def main() -> None:
             intact = [nominal_task(n)] * len(chunk)  # each episode starts on the intact arm
             result = rollout.run(agent, intact, [e.seed for e in chunk],
                                  faults=[e.faults() for e in chunk], deterministic=True,
-                                 latent_mode="mean", record_teacher=True)
+                                 latent_mode="mean", record_teacher=True,
+                                 window=args.window or loaded.contract.window_size)
             x = torch.cat([torch.as_tensor(result.obs), torch.as_tensor(result.latent_mean)], -1)
             with torch.no_grad():
                 estimates.append(actor.physical_parameters(x).numpy())
