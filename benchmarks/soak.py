@@ -4,12 +4,14 @@
         [--warmup 60] [--out runs/soak-<date>] [--json <out>/soak.json] [--per-node]
 
 Starts the graph as a user does -- ``metarl launch adapt_sim policy:=pearl maml:=true
-record:=true bag:=<out>/bag`` (the shipped models/pearl/model.pt, MAML in its background
-thread; physics at 500 Hz paced at real_time_factor 1; /joint_states, /reference, /clock and
-the commands at the env's control rate, 100 Hz -- sim_node's joint_state_rate_hz is no launch
-argument; the latent at 10 Hz). ``metarl launch`` runs recorder_node, sim_node and
-adapter_node in **one process** (one GIL), so its memory is the graph's; ``--per-node`` starts
-each node of the same graph description as its own executable (what ``ros2 launch metarl_ros
+record:=true bag:=<out>/bag`` (the shipped models/pearl/model.pt, the MAML adaptation in
+adapter_node's child process -- ``adaptation_schedule: background``, whose memory this script
+does not sample: sample it beside, e.g. ``pgrep -P <metarl pid>``; physics at 500 Hz paced at
+real_time_factor 1; /joint_states, /reference, /clock and the commands at the env's control
+rate, 100 Hz -- sim_node's joint_state_rate_hz is no launch argument; the latent at 10 Hz).
+``metarl launch`` runs recorder_node, sim_node and adapter_node in **one process** (one GIL),
+so its memory is the graph's but for the adaptation child; ``--per-node`` starts each node of
+the same graph description as its own executable (what ``ros2 launch metarl_ros
 adapt_sim.launch.py`` does) and reports memory per node.
 
 The clock starts when the first command is seen. Every ``--sample-period`` s: VmRSS and CPU
