@@ -46,8 +46,9 @@ def test_default_graph_nodes_and_parameters():
         "use_sim_time": True}
     assert adapter.parameters == {
         "env_config": "sim/envs/iiwa7_compliant.yaml", "policy": "pd", "model_path": "",
-        "adaptation": True, "maml": True, "adaptation_schedule": "background",
-        "controller_name": "effort_controller", "use_sim_time": True}
+        "adaptation": True, "parameter_adaptation": False, "maml": True,
+        "adaptation_schedule": "background", "controller_name": "effort_controller",
+        "use_sim_time": True}
     assert isinstance(sim.parameters["real_time_factor"], float)
     assert graph.notes == ()
 
@@ -66,6 +67,8 @@ def test_graph_from_argument_values():
     assert adapter.parameters["controller_name"] == "arm_effort"
     assert sim.parameters["use_sim_time"] is False
     assert any("record" in note for note in graph.notes)
+    adapting = adapt_sim_graph({"policy": "onnx", "parameter_adaptation": "true"})
+    assert adapting.node("onnx_policy_node").parameters["parameter_adaptation"] is True
 
 
 @pytest.mark.parametrize("values,needle", [

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from metarl_ros.control.law import build_observation, reference_view_matrix
-from metarl_ros.control.model_features import NUM_BLOCKS
+from metarl_ros.control.model_features import NUM_BLOCKS, num_fault_parameters
 from metarl_ros.learning.agent import AgentSpec, ConditionedSAC
-from metarl_ros.learning.model_actor import ModelFeedForwardActor, num_parameters
+from metarl_ros.learning.model_actor import ModelFeedForwardActor
 from metarl_ros.sim.env_config import load_env_setup
 from metarl_ros.sim.tasks import TaskParams
 from metarl_ros.sim.teacher import FeedForwardTeacher
@@ -123,7 +123,7 @@ def test_condition_drives_the_parameters(setup):
     obs = _observations(setup, _references(5))
     cond = torch.randn(5, 3)
     x = torch.cat([obs, cond], dim=-1)
-    assert actor.physical_parameters(x).shape == (5, num_parameters(N))
+    assert actor.physical_parameters(x).shape == (5, num_fault_parameters(N))
     actor(x).pow(2).sum().backward()  # zero-initialized last layer: its weights get gradient
     assert actor.parameter_net[-1].weight.grad is not None
     same_cond = torch.cat([obs, cond[:1].expand(5, -1)], dim=-1)

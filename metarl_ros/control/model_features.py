@@ -53,6 +53,16 @@ def num_fault_parameters(num_joints: int) -> int:
     return 3 * num_joints + NUM_PAYLOAD_PARAMETERS
 
 
+def parameter_scale(num_joints: int) -> np.ndarray:
+    """Typical magnitude of each fault parameter (layout of :func:`num_fault_parameters`),
+    shape (3n + 10,): ``1/s - 1`` 1, payload mass 1 kg, first moments 0.1 kg*m, inertias
+    0.01 kg*m^2, damping 0.5 N*m*s/rad, Coulomb 1 N*m. Learning and adaptation work on the
+    parameters divided by it (O(1) numbers)."""
+    n = num_joints
+    payload = [1.0, 0.1, 0.1, 0.1] + [0.01] * 6
+    return np.array([1.0] * n + payload + [0.5] * n + [1.0] * n)
+
+
 class ModelFeatures:
     """The fault-independent factors of the feed-forward a fault needs (module doc).
 
@@ -67,11 +77,6 @@ class ModelFeatures:
         if self.inverse_scale.shape != (model.num_joints,):
             raise ValueError(f"action_scale needs {model.num_joints} entries, got "
                              f"{self.inverse_scale.shape}")
-
-    @property
-    def size(self) -> int:
-        """Entries per instant: ``NUM_BLOCKS * n``."""
-        return NUM_BLOCKS * self.model.num_joints
 
     def __call__(self, q_ref: np.ndarray, qd_ref: np.ndarray, qdd_ref: np.ndarray) -> np.ndarray:
         """Features (NUM_BLOCKS * n,) float32 for one instant (each input (n,)), or

@@ -27,6 +27,7 @@ from pathlib import Path
 from metarl_ros.core.schema import ConfigError
 from metarl_ros.evaluation.metrics import CEILING, NOMINAL
 from metarl_ros.learning.checkpoint import CheckpointError
+from metarl_ros.policy.parameter_adaptation import ParameterAdaptationConfig
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,9 @@ class LearnedMethod:
     maml: bool = False
     """add the MAML dynamics correction (dynamics models from the run's ``pearl`` model; the
     latent-conditioned one when the policy is PEARL's)."""
+    parameter_adaptation: ParameterAdaptationConfig | None = None
+    """refine the policy's feed-forward online on the model features with these gains
+    (:mod:`metarl_ros.policy.parameter_adaptation`)."""
     default: bool = True
     description: str = ""
 
@@ -84,9 +88,15 @@ METHODS: dict[str, MethodSpec] = {
         LearnedMethod("pearl", "pearl", description="PEARL, streaming posterior mean"),
         LearnedMethod("maml", "robust", maml=True, description="robust + MAML correction"),
         LearnedMethod("pearl_maml", "pearl", maml=True, description="PEARL + MAML correction"),
+        LearnedMethod("pearl_adapt", "pearl", parameter_adaptation=ParameterAdaptationConfig(),
+                      description="PEARL + online refinement of its fault parameters"),
         PolicyMethod("pd", "metarl_ros.policy.factory:make_policy", (("kind", "pd"),),
                      default=False, description="the env's own controller with a zero action: "
                      "its PD, plus the nominal arm's feed-forward where the env has one"),
+        PolicyMethod("adaptive_ff",
+                     "metarl_ros.policy.parameter_adaptation:adaptive_feed_forward_policy",
+                     description="the env's controller + online adaptation of the fault "
+                     "parameters on the model features (desired-compensation law)"),
         PolicyMethod(CEILING, "metarl_ros.policy.computed_torque:computed_torque_policy",
                      privileged=True, description="computed torque with the true faulted model "
                      "at the PD's compliance: the physical ceiling (privileged)"),

@@ -135,6 +135,29 @@ class MAMLCorrection:
             adaptation.maybe_step()
 
 
+class ParameterAdaptationHook:
+    """Rollout hook: the parameter adaptation law (one row per env) on top of the policy's
+    action, stepped on every executed transition, as
+    :class:`~metarl_ros.policy.parameter_adaptation.ParameterAdaptationPolicy` does online."""
+
+    def __init__(self, setup: EnvSetup, num_envs: int, config, inner=None):
+        from metarl_ros.policy.parameter_adaptation import ParameterAdaptation
+
+        self.adaptation = ParameterAdaptation(setup.law, setup.control_dt, num_envs, config)
+        self.inner = inner
+
+    def correct(self, obs: np.ndarray, action: np.ndarray, latent) -> np.ndarray:
+        if self.inner is not None:
+            action = self.inner.correct(obs, action, latent)
+        corrected = action + self.adaptation.correction(obs)
+        return np.clip(corrected, -1.0, 1.0).astype(action.dtype)
+
+    def record(self, obs, action, next_obs, latent) -> None:
+        if self.inner is not None:
+            self.inner.record(obs, action, next_obs, latent)
+        self.adaptation.update(next_obs)
+
+
 def _load(path: str):
     from metarl_ros.learning.saved_model import load_model
 
@@ -164,6 +187,8 @@ def _rollout(spec: LearnedMethod, loaded, owner, setup: EnvSetup, rollout, episo
             num_envs=count,
             adapt_every=max(1, int(round(setup.config.control_rate_hz / 10))),
         )
+    if spec.parameter_adaptation is not None:
+        hook = ParameterAdaptationHook(setup, count, spec.parameter_adaptation, inner=hook)
     return rollout.run(
         loaded.agent,
         [nominal_task(setup.robot.num_joints)] * count,

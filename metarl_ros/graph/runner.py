@@ -217,7 +217,8 @@ CONTROLLER_COUNTERS = ("ticks", "safe_ticks", "policy_errors", "late_tick_pct",
                        "inference_latency_p50_ms", "inference_latency_p99_ms",
                        "adaptation_events")
 #: controller parameters reported with them (what the node really ran with).
-CONTROLLER_PARAMETERS = ("policy", "adaptation", "maml", "adaptation_schedule",
+CONTROLLER_PARAMETERS = ("policy", "adaptation", "maml", "parameter_adaptation",
+                         "adaptation_schedule",
                          "posterior_update")
 
 

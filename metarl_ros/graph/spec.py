@@ -117,6 +117,11 @@ ADAPT_SIM_ARGUMENTS: tuple[LaunchArgument, ...] = (
                    "policy:=pearl with adaptation: add the MAML dynamics correction (stepped "
                    "inline every adapt_every transitions in lockstep, real_time_factor:=0; in a "
                    "background thread at 10 Hz of wall time otherwise).", kind=bool),
+    LaunchArgument("parameter_adaptation", "false",
+                   "With adaptation: refine the feed-forward online on the model features "
+                   "(policy.parameter_adaptation) on top of pd, pearl or onnx; policy:=pd "
+                   "parameter_adaptation:=true is the classical adaptive feed-forward.",
+                   kind=bool),
     LaunchArgument("scenario", "config/scenarios/default.yaml",
                    "Fault scenario YAML for sim_node ('' = none)."),
     LaunchArgument("gui", "false", "Show the PyBullet GUI.", kind=bool),
@@ -171,6 +176,7 @@ def adapt_sim_graph(values: Mapping[str, str] | None = None) -> Graph:
             "env_config": args["env_config"],
             "model_path": model,
             "adaptation": args["adaptation"],
+            "parameter_adaptation": args["parameter_adaptation"],
             "controller_name": args["controller"],
             "use_sim_time": args["use_sim_time"],
         })
@@ -184,6 +190,7 @@ def adapt_sim_graph(values: Mapping[str, str] | None = None) -> Graph:
                 "policy": args["policy"],
                 "model_path": args["model"] if args["policy"] == "pearl" else "",
                 "adaptation": args["adaptation"],
+                "parameter_adaptation": args["parameter_adaptation"],
                 "maml": args["maml"],
                 # lockstep: simulated time does not follow the wall clock, MAML must not either
                 "adaptation_schedule": ("inline" if args["real_time_factor"] == 0.0
@@ -281,6 +288,9 @@ DEPLOY_ARGUMENTS: tuple[LaunchArgument, ...] = (
                    "tick: the posterior takes each transition before the next action; "
                    "context: it is updated at the context rate (10 Hz) and the policy acts on "
                    "the last update (cheaper control ticks).", choices=POSTERIOR_UPDATES),
+    LaunchArgument("parameter_adaptation", "false",
+                   "Refine the feed-forward online on the model features "
+                   "(policy.parameter_adaptation) on top of onnx or pd.", kind=bool),
     LaunchArgument("use_sim_time", "false", "Follow /clock (simulation only).", kind=bool),
     LaunchArgument("record", "false",
                    "Record the robot's joint states, the commands, the reference, the latent "
@@ -347,6 +357,7 @@ def deploy_graph(values: Mapping[str, str] | None = None) -> Graph:
             "safe_mode": args["safe_mode"],
             "effort_limit_scale": args["effort_limit_scale"],
             "posterior_update": args["posterior_update"],
+            "parameter_adaptation": args["parameter_adaptation"],
             "use_sim_time": args["use_sim_time"],
         },
         parameter_files=(args["params_file"],) if args["params_file"] else (),

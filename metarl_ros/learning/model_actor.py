@@ -36,24 +36,12 @@ from metarl_ros.control.model_features import (
     NUM_BLOCKS,
     NUM_PAYLOAD_PARAMETERS,
     num_fault_parameters,
+    parameter_scale,
 )
 from metarl_ros.learning.networks import LOG_STD_MAX, LOG_STD_MIN, TanhGaussianActor, mlp
 
 LIMIT = 0.999
 """The structured action is clamped to +-LIMIT before ``atanh`` (labels are clipped at 1)."""
-
-
-num_parameters = num_fault_parameters
-"""Length of ``theta``: ``3n + 10``."""
-
-
-def parameter_scale(num_joints: int) -> torch.Tensor:
-    """Typical magnitude of each entry of ``theta`` (the parameter network's output is
-    multiplied by it, so the network works with O(1) numbers): ``u`` 1, payload mass 1 kg,
-    first moments 0.1 kg*m, inertias 0.01 kg*m^2, damping 0.5 N*m*s/rad, Coulomb 1 N*m."""
-    n = num_joints
-    payload = [1.0, 0.1, 0.1, 0.1] + [0.01] * 6
-    return torch.tensor([1.0] * n + payload + [0.5] * n + [1.0] * n)
 
 
 class ModelFeedForwardActor(TanhGaussianActor):
@@ -85,8 +73,10 @@ class ModelFeedForwardActor(TanhGaussianActor):
             self.head.weight[:n].zero_()
             self.head.bias[:n].zero_()
         cond_dim = in_dim - obs_dim
-        size = num_parameters(n)
-        self.register_buffer("parameter_scale", parameter_scale(n))
+        size = num_fault_parameters(n)
+        # the parameter network's output is multiplied by it: it works with O(1) numbers
+        self.register_buffer("parameter_scale",
+                             torch.as_tensor(parameter_scale(n), dtype=torch.float32))
         if cond_dim > 0:
             self.parameter_net: nn.Module | None = mlp(cond_dim, parameter_hidden, size)
             last = self.parameter_net[-1]

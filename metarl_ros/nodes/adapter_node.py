@@ -129,7 +129,8 @@ class AdapterNode(Node):
         if policy is None:
             policy = make_policy(
                 p["policy"], self.setup, model_path=p["model_path"], adaptation=p["adaptation"],
-                maml=p["maml"], adaptation_schedule=p["adaptation_schedule"],
+                maml=p["maml"], parameter_adaptation=p["parameter_adaptation"],
+                adaptation_schedule=p["adaptation_schedule"],
                 posterior_update=p["posterior_update"],
                 pd_kp=p["pd_kp"], pd_kd=p["pd_kd"], expected_joint_names=model_joints,
                 expected_rate_hz=control_rate, expected_window=p["context_window"] or None)
@@ -216,6 +217,11 @@ class AdapterNode(Node):
         d["maml"] = declare(self, "maml", True,
                             "pearl with adaptation: add the MAML dynamics correction (onnx: "
                             "not exported, ignored).")
+        d["parameter_adaptation"] = declare(
+            self, "parameter_adaptation", False,
+            "With adaptation: refine the feed-forward online on the model features "
+            "(policy.parameter_adaptation) on top of pd, pearl or onnx (pd + it = the classical "
+            "adaptive feed-forward). Needs an env with observation.model_features.")
         d["adaptation_schedule"] = declare(
             self, "adaptation_schedule", "background",
             "pearl MAML steps: background = in a separate process every 0.1 s of wall time, "

@@ -60,6 +60,9 @@ POLICY_KINDS: tuple[str, ...] = ("pd", "pearl", "onnx", "dob", "adaptive_ct")
 DEPLOY_KINDS: tuple[str, ...] = ("onnx", "dob", "adaptive_ct", "pd")
 """The kinds that run without torch: what the deployed node (onnx_policy_node) offers."""
 ADAPTATION_SCHEDULES: tuple[str, ...] = ("background", "inline")
+ADAPTABLE_KINDS: tuple[str, ...] = ("pd", "pearl", "onnx")
+"""The kinds :mod:`~metarl_ros.policy.parameter_adaptation` can refine (a feed-forward on the
+env's controller; ``dob`` and ``adaptive_ct`` have their own adaptation)."""
 
 
 def setup_contract(setup: EnvSetup) -> PolicyContract:
@@ -134,6 +137,7 @@ def make_policy(
     maml: bool = True,
     adaptation_schedule: str = "background",
     posterior_update: str = "tick",
+    parameter_adaptation: bool = False,
     pd_kp: Sequence[float] | None = None,
     pd_kd: Sequence[float] | None = None,
     expected_joint_names: Sequence[str] | None = None,
@@ -145,8 +149,27 @@ def make_policy(
     ``expected_*`` (``None`` = not checked) are what the node is configured for; a model
     whose contract differs raises
     :class:`~metarl_ros.policy.onnx_policy.ModelContractError`. ``pd`` has no model and
-    ignores them, and the adaptation arguments (module docstring).
+    ignores them, and the adaptation arguments (module docstring). ``parameter_adaptation``
+    (with ``adaptation``) wraps a ``pd``, ``pearl`` or ``onnx`` policy in
+    :class:`~metarl_ros.policy.parameter_adaptation.ParameterAdaptationPolicy`.
     """
+    if parameter_adaptation and kind not in ADAPTABLE_KINDS:
+        raise ConfigError(f"parameter_adaptation applies to policies {', '.join(ADAPTABLE_KINDS)}"
+                          f"; {kind!r} adapts by its own law")
+    policy = _make_policy(kind, setup, model_path, adaptation, maml, adaptation_schedule,
+                          posterior_update, pd_kp, pd_kd, expected_joint_names, expected_rate_hz,
+                          expected_window)
+    if parameter_adaptation and adaptation:
+        from metarl_ros.policy.parameter_adaptation import ParameterAdaptationPolicy
+
+        return ParameterAdaptationPolicy(policy, setup.law)
+    return policy
+
+
+def _make_policy(kind, setup, model_path, adaptation, maml, adaptation_schedule,
+                 posterior_update, pd_kp, pd_kd, expected_joint_names, expected_rate_hz,
+                 expected_window) -> AdaptivePolicy:
+    """:func:`make_policy` without the parameter adaptation."""
     if adaptation_schedule not in ADAPTATION_SCHEDULES:
         raise ConfigError(f"adaptation_schedule {adaptation_schedule!r}: expected one of "
                           f"{', '.join(ADAPTATION_SCHEDULES)}")

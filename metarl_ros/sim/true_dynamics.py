@@ -36,7 +36,11 @@ from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
-from metarl_ros.control.model_features import FRICTION_VELOCITY
+from metarl_ros.control.model_features import (
+    FRICTION_VELOCITY,
+    NUM_PAYLOAD_PARAMETERS,
+    num_fault_parameters,
+)
 from metarl_ros.control.rigid_body import RigidBodyModel, point_mass_parameters
 
 if TYPE_CHECKING:
@@ -204,10 +208,10 @@ def fault_parameters(task: "TaskParams | None", num_joints: int) -> np.ndarray:
     """
     n = num_joints
     if task is None:
-        return np.zeros(3 * n + 10)
+        return np.zeros(num_fault_parameters(n))
     strength = _per_joint(task.motor_strength, n, 1.0)
     payload = (point_mass_parameters(task.payload_mass, task.payload_offset, PAYLOAD_RADIUS_M)
-               if task.payload_mass > 0 else np.zeros(10))
+               if task.payload_mass > 0 else np.zeros(NUM_PAYLOAD_PARAMETERS))
     return np.concatenate([
         1.0 / np.maximum(strength, 1e-6) - 1.0, payload,
         _per_joint(task.viscous_damping, n, 0.0), _per_joint(task.coulomb_friction, n, 0.0),

@@ -1,0 +1,209 @@
+"""Online refinement of a fault's physical parameters on the model features.
+
+A fault changes the feed-forward the arm needs linearly in a few physical parameters
+(:mod:`metarl_ros.control.model_features`): with the feature blocks ``F`` of the
+observation (in action units, evaluated on the reference) and a parameter correction
+``delta = [du (n), dpi (10), dd (n), dc (n)]`` the feed-forward correction is::
+
+    a_corr = du * F_tau + sum_k dpi_k F_Yk + dd * F_qd + dc * F_tanh         (n,)
+
+which is the model-structured actor's (:mod:`metarl_ros.learning.model_actor`) change for a
+change ``delta`` of its estimate when the motors are healthy (it drops the ``(1 + u)`` factor
+the structure multiplies the fault terms by: the correction stays linear in ``delta``).
+
+``delta`` is adapted online by the desired-compensation adaptation law (Sadegh and Horowitz,
+1990): the gradient of the feedback effort with respect to the parameters, with the regressor
+taken on the reference (the features) instead of the measured state::
+
+    sigma = clip((Kp e + Kd ed) / action_scale, -error_limit, error_limit)   (n,)
+    Gamma = gain * scale^2 / (1 + gain * trace(F diag(scale^2) F^T) / rate_limit)
+    d delta / dt = Gamma * (F^T sigma) - leak * delta
+    delta := clip(delta, -bound * scale, bound * scale)
+
+with ``e = q_ref - q``, ``ed = qd_ref - qd`` read from the observation's error blocks, ``Kp,
+Kd`` the env's PD feedback and ``scale`` the parameters' typical magnitudes
+(:func:`~metarl_ros.control.model_features.parameter_scale`). The normalization
+(Ioannou and Sun's normalized gradient) bounds the rate at which the correction can change per
+unit of effort, ``trace(F Gamma F^T) <= rate_limit``: the law is an integral action on the loop,
+and on a compliant arm an integral gain that grows with the features' size (gravity torques
+on the shoulder) would make it oscillate. ``Kd sigma`` is the PD's effort:
+whatever the feedback has to push against, the law moves into the parameters, where it acts
+through the model on the whole trajectory. Without a prior (the env's own controller) this is
+a classical adaptive feed-forward; on a model-structured PEARL policy it refines PEARL's
+estimate, which arrives within the context window but carries a bias (docs/LEARNING.md).
+
+Robustness: the error saturation keeps a locked joint's or a delayed loop's large errors from
+winding the shared payload parameters up; the leak (sigma-modification) and the box keep
+``delta`` bounded whatever the signal.
+
+:class:`ParameterAdaptation` is the batched numpy core (E robots);
+:class:`ParameterAdaptationPolicy` wraps any
+:class:`~metarl_ros.control.policy_interface.AdaptivePolicy` with it (one robot; no torch).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from pydantic import Field, NonNegativeFloat, PositiveFloat
+
+from metarl_ros.control.law import ControlLaw
+from metarl_ros.control.model_features import (
+    NUM_BLOCKS,
+    NUM_PAYLOAD_PARAMETERS,
+    num_fault_parameters,
+    parameter_scale,
+)
+from metarl_ros.control.policy_interface import AdaptivePolicy, PosteriorSummary
+from metarl_ros.core.schema import ConfigError, StrictModel
+
+
+class ParameterAdaptationConfig(StrictModel):
+    """Gains of the adaptation law (module doc). Defaults chosen on the validation draw
+    (docs/BENCHMARKS.md, "Parameter adaptation")."""
+
+    gain: NonNegativeFloat = Field(
+        default=500.0, description="1/s per (action unit)^2: the adaptation gain on the "
+        "normalized parameters; 0 turns the refinement off")
+    leak: NonNegativeFloat = Field(default=0.05, description="1/s: pull of delta back to 0")
+    rate_limit: PositiveFloat = Field(
+        default=20.0, description="1/s: normalization of the law (module doc); bounds the "
+        "integral gain it adds to the loop, whatever the size of the features")
+    error_limit: PositiveFloat = Field(
+        default=0.2, description="action units: the PD effort the law sees is clipped to it")
+    bound: PositiveFloat = Field(
+        default=3.0, description="|delta| <= bound * the parameters' typical magnitudes")
+
+
+class ParameterAdaptation:
+    """The adaptation law for ``count`` robots at once (module doc).
+
+    Args:
+        law: the env's control law (PD gains, action scale, observation scales); its
+            observation must carry the model features.
+        control_dt: s between two updates.
+        count: robots (rows of every batch).
+        config: the law's gains.
+    """
+
+    def __init__(self, law: ControlLaw, control_dt: float, count: int = 1,
+                 config: ParameterAdaptationConfig | None = None) -> None:
+        if law.model_features is None:
+            raise ConfigError("parameter adaptation needs the observation's model features "
+                              "(env observation.model_features: true)")
+        if control_dt <= 0:
+            raise ConfigError(f"control_dt must be > 0, got {control_dt}")
+        self.config = config or ParameterAdaptationConfig()
+        n = law.num_joints
+        self.num_joints = n
+        self.dt = float(control_dt)
+        obs = law.observation
+        inverse_scale = 1.0 / np.asarray(law.action_scale, np.float64)
+        # sigma = obs_e * kp_a + obs_ed * kd_a, both in action units per observation unit
+        self._kp = (np.asarray(law.feedback.kp, np.float64) * inverse_scale
+                    / obs.position_error_scale)
+        self._kd = (np.asarray(law.feedback.kd, np.float64) * inverse_scale
+                    / obs.velocity_error_scale)
+        self._feature_start = law.obs_dim - NUM_BLOCKS * n
+        scale = parameter_scale(n)
+        self._rate = self.config.gain * scale**2
+        self._limit = self.config.bound * scale
+        self.delta = np.zeros((count, num_fault_parameters(n)))
+
+    def reset(self, rows: np.ndarray | slice = slice(None)) -> None:
+        """Forget what was learned (all robots, or ``rows``)."""
+        self.delta[rows] = 0.0
+
+    def _features(self, obs: np.ndarray) -> np.ndarray:
+        """(E, NUM_BLOCKS, n) feature blocks of observations (E, obs_dim)."""
+        n = self.num_joints
+        return np.asarray(obs, np.float64)[:, self._feature_start:].reshape(-1, NUM_BLOCKS, n)
+
+    def correction(self, obs: np.ndarray) -> np.ndarray:
+        """The feed-forward correction (E, n), action units, for observations (E, obs_dim)
+        (only their feature blocks are read, so the reference view serves too)."""
+        features = self._features(obs)
+        du, dpi, dd, dc = self._split(self.delta[: len(features)])
+        regressor = features[:, 1:1 + NUM_PAYLOAD_PARAMETERS]  # (E, 10, n)
+        return (du * features[:, 0] + np.einsum("ek,ekn->en", dpi, regressor)
+                + dd * features[:, -2] + dc * features[:, -1])
+
+    def update(self, obs: np.ndarray) -> None:
+        """One step of the law from observations (E, obs_dim) of the robots' current state
+        (their error blocks and features)."""
+        n = self.num_joints
+        obs = np.asarray(obs, np.float64)
+        sigma = obs[:, 2 * n:3 * n] * self._kp + obs[:, 3 * n:4 * n] * self._kd
+        limit = self.config.error_limit
+        sigma = np.clip(sigma, -limit, limit)
+        features = self._features(obs)
+        regressor_sq = np.concatenate([  # squared norms of the regressor's columns
+            features[:, 0] ** 2, (features[:, 1:1 + NUM_PAYLOAD_PARAMETERS] ** 2).sum(-1),
+            features[:, -2] ** 2, features[:, -1] ** 2], axis=1)
+        rate = self._rate / (1.0 + np.einsum("ep,p->e", regressor_sq, self._rate)[:, None]
+                             / self.config.rate_limit)
+        gradient = np.concatenate([
+            features[:, 0] * sigma,
+            np.einsum("ekn,en->ek", features[:, 1:1 + NUM_PAYLOAD_PARAMETERS], sigma),
+            features[:, -2] * sigma,
+            features[:, -1] * sigma,
+        ], axis=1)
+        rows = slice(0, len(obs))
+        delta = self.delta[rows]
+        delta += self.dt * (rate * gradient - self.config.leak * delta)
+        np.clip(delta, -self._limit, self._limit, out=delta)
+
+    def _split(self, delta: np.ndarray) -> list[np.ndarray]:
+        n = self.num_joints
+        return np.split(delta, np.cumsum([n, NUM_PAYLOAD_PARAMETERS, n]), axis=1)
+
+
+class ParameterAdaptationPolicy:
+    """A policy plus the parameter adaptation law: ``act`` returns the policy's action plus
+    the correction (clipped to [-1, 1]); ``observe`` steps the law on the transition's
+    ``next_obs`` and passes the transition on. Other attributes are the wrapped policy's.
+
+    Args:
+        policy: any adaptive policy whose observations carry the model features.
+        law: the env's control law.
+        config: the law's gains.
+    """
+
+    def __init__(self, policy: AdaptivePolicy, law: ControlLaw,
+                 config: ParameterAdaptationConfig | None = None) -> None:
+        self.policy = policy
+        self.contract = policy.contract
+        self.adaptation = ParameterAdaptation(law, 1.0 / policy.contract.control_rate_hz, 1,
+                                              config)
+
+    def __getattr__(self, name: str):
+        if name == "policy":  # not set yet (copy/unpickle): no recursion
+            raise AttributeError(name)
+        return getattr(self.policy, name)
+
+    def reset(self) -> None:
+        self.adaptation.reset()
+        self.policy.reset()
+
+    def observe(self, obs, action, reward, next_obs) -> None:
+        self.adaptation.update(np.asarray(next_obs)[None])
+        self.policy.observe(obs, action, reward, next_obs)
+
+    def act(self, obs: np.ndarray) -> np.ndarray:
+        action = np.asarray(self.policy.act(obs), np.float64)
+        corrected = action + self.adaptation.correction(np.asarray(obs)[None])[0]
+        return np.clip(corrected, -1.0, 1.0).astype(np.float32)
+
+    def posterior(self) -> PosteriorSummary:
+        return self.policy.posterior()
+
+    def parameters(self) -> np.ndarray:
+        """The current correction ``delta`` (3n + 10,), in physical units."""
+        return self.adaptation.delta[0].copy()
+
+
+def adaptive_feed_forward_policy(setup, config: ParameterAdaptationConfig | None = None):
+    """The env's own controller (PD, nominal feed-forward; a zero action) with the adaptation
+    law: a classical adaptive feed-forward on the model features, with no learned prior."""
+    from metarl_ros.policy.factory import make_policy
+
+    return ParameterAdaptationPolicy(make_policy("pd", setup), setup.law, config)
