@@ -58,15 +58,16 @@ from metarl_ros.core.schema import ConfigError, StrictModel
 
 
 class ParameterAdaptationConfig(StrictModel):
-    """Gains of the adaptation law (module doc). Defaults chosen on the validation draw
-    (docs/BENCHMARKS.md, "Parameter adaptation")."""
+    """Gains of the adaptation law (module doc). ``gain`` and ``rate_limit`` were chosen on the
+    validation draw (docs/BENCHMARKS.md, "Parameter adaptation"); ``leak``, ``error_limit`` and
+    ``bound`` were set by hand and not swept."""
 
     gain: NonNegativeFloat = Field(
-        default=500.0, description="1/s per (action unit)^2: the adaptation gain on the "
+        default=5000.0, description="1/s per (action unit)^2: the adaptation gain on the "
         "normalized parameters; 0 turns the refinement off")
     leak: NonNegativeFloat = Field(default=0.05, description="1/s: pull of delta back to 0")
     rate_limit: PositiveFloat = Field(
-        default=20.0, description="1/s: normalization of the law (module doc); bounds the "
+        default=10.0, description="1/s: normalization of the law (module doc); bounds the "
         "integral gain it adds to the loop, whatever the size of the features")
     error_limit: PositiveFloat = Field(
         default=0.2, description="action units: the PD effort the law sees is clipped to it")
