@@ -40,12 +40,14 @@ def main() -> None:
     parser.add_argument("--env", default="sim/envs/iiwa7_compliant.yaml")
     parser.add_argument("--seconds", type=float, default=15.0)
     parser.add_argument("--seeds", default="3")
-    parser.add_argument("--rate-limit", type=float, default=None)
+    parser.add_argument("--gain", type=float, default=None)
+    parser.add_argument("--rate-limit", type=float, default=None,
+                        help="1e9: effectively the law without its normalization")
     args = parser.parse_args()
     setup = load_env_setup(args.env)
     steps = int(round(args.seconds / setup.control_dt))
-    config = (ParameterAdaptationConfig() if args.rate_limit is None
-              else ParameterAdaptationConfig(rate_limit=args.rate_limit))
+    given = {"gain": args.gain, "rate_limit": args.rate_limit}
+    config = ParameterAdaptationConfig(**{k: v for k, v in given.items() if v is not None})
     env = ArmTrackingEnv(setup)
     print(f"mean tracking error (mrad) in 5 segments of {args.seconds:g} s; gains {config}")
     for name, task in TASKS.items():

@@ -77,6 +77,9 @@ DEMO_RUNS = (
             "(policy:=dob)", {"policy": "dob"}),
     DemoRun("adaptive_ct", "Slotine-Li adaptive computed torque, payload and motor strengths, "
             "at the PD's compliance (policy:=adaptive_ct)", {"policy": "adaptive_ct"}),
+    DemoRun("adaptive_ff", "PD + nominal feed-forward + online adaptation of the fault "
+            "parameters on the model features, no learned policy (policy:=pd "
+            "parameter_adaptation:=true)", {"policy": "pd", "parameter_adaptation": "true"}),
     DemoRun("adaptation_off",
             "PEARL, adaptation:=false (latent held at the prior: the un-adapted policy)",
             {"policy": "pearl", "adaptation": "false", "maml": "false"}),
@@ -84,6 +87,10 @@ DEMO_RUNS = (
             {"policy": "pearl", "adaptation": "true", "maml": "false"}),
     DemoRun("pearl_maml", "PEARL + MAML dynamics correction, adaptation:=true maml:=true",
             {"policy": "pearl", "adaptation": "true", "maml": "true"}),
+    DemoRun("pearl_adapt", "PEARL + online refinement of its fault parameters, "
+            "adaptation:=true maml:=false parameter_adaptation:=true",
+            {"policy": "pearl", "adaptation": "true", "maml": "false",
+             "parameter_adaptation": "true"}),
 )
 
 
@@ -186,13 +193,14 @@ def _run_direct(runs, model: Path, env_config: str, scenario: Scenario, duration
             policy = None  # pd: the env's PD feedback alone (zero action)
             if run.arguments["policy"] in ("dob", "adaptive_ct"):
                 policy = make_policy(run.arguments["policy"], setup)
-            elif run.arguments["policy"] != "pd":
+            elif run.arguments["policy"] != "pd" or "parameter_adaptation" in run.arguments:
                 graph = adapt_sim_graph({**run.arguments, "model": str(model),
                                          "real_time_factor": "0.0"})
                 p = graph.node("adapter_node").parameters
                 policy = make_policy(p["policy"], setup, model_path=p["model_path"],
                                      adaptation=p["adaptation"], maml=p["maml"],
-                                     adaptation_schedule=p["adaptation_schedule"])
+                                     adaptation_schedule=p["adaptation_schedule"],
+                                     parameter_adaptation=p["parameter_adaptation"])
             trace = run_env(env, scenario, duration_s, policy)
             results[run.name] = RunOutcome(trace, time.monotonic() - start)
     finally:
