@@ -147,3 +147,20 @@ def test_factory_wraps_the_adaptable_kinds_and_refuses_the_others(setup):
     plain = load_env_setup("sim/envs/iiwa7_tracking.yaml")
     with pytest.raises(ConfigError, match="model_features"):
         make_policy("pd", plain, parameter_adaptation=True)
+
+
+def test_push_test_of_a_learned_method_includes_its_parameter_adaptation(setup):
+    """The compliance hook measures what runs: PEARL + the law is not PEARL alone (the law
+    integrates part of a push as a payload)."""
+    pytest.importorskip("torch")
+    from metarl_ros.core.resources import resolve_path
+    from metarl_ros.evaluation.compliance import method_compliance
+    from metarl_ros.evaluation.methods import METHODS
+
+    model = resolve_path("models/pearl/model.pt")
+    if not model.exists():
+        pytest.skip("no shipped PEARL model")
+    plain = method_compliance(METHODS["pearl"], {"pearl": model}, setup, seeds=1)
+    adapting = method_compliance(METHODS["pearl_adapt"], {"pearl": model}, setup, seeds=1)
+    assert adapting["push"]["parameter_adaptation"] and not plain["push"]["parameter_adaptation"]
+    assert adapting["peak_deflection_mm"] != plain["peak_deflection_mm"]

@@ -96,8 +96,9 @@ def method_compliance(spec, models: dict, setup, seeds: int = 3) -> dict:
     """The push test of one evaluation method on the intact arm (``evaluate``'s compliance
     hook): mean peak deflection (mm) and stiffness (N/mm) over ``seeds`` references.
 
-    Learned methods run with their context posterior; the MAML correction is left out (it
-    adapts at 10 Hz, slower than the push's 0.3 s). ``spec`` is an
+    Learned methods run with their context posterior and their parameter adaptation (it acts
+    every tick); the MAML correction is left out (it adapts at 10 Hz, slower than the push's
+    0.3 s). ``spec`` is an
     :mod:`metarl_ros.evaluation.methods` spec, ``models`` maps model names to model.pt paths.
     """
     from metarl_ros.evaluation.methods import PolicyMethod
@@ -120,7 +121,12 @@ def method_compliance(spec, models: dict, setup, seeds: int = 3) -> dict:
                               "the push test does not model)"}
 
         def make():
-            return TorchAdaptivePolicy(loaded)
+            policy = TorchAdaptivePolicy(loaded)
+            if spec.parameter_adaptation is None:
+                return policy
+            from metarl_ros.policy.parameter_adaptation import ParameterAdaptationPolicy
+
+            return ParameterAdaptationPolicy(policy, setup.law, spec.parameter_adaptation)
     env = ArmTrackingEnv(setup)
     try:
         peaks = [push_test(env, make, seed=seed).peak_deflection_mm for seed in range(seeds)]
@@ -130,4 +136,6 @@ def method_compliance(spec, models: dict, setup, seeds: int = 3) -> dict:
     force = float(np.linalg.norm(DEFAULT_FORCE_N))
     return {"peak_deflection_mm": round(peak, 3), "stiffness_n_per_mm": round(force / peak, 3),
             "push": {"force_n": list(DEFAULT_FORCE_N), "duration_s": DEFAULT_DURATION_S,
-                     "seeds": seeds, "maml_correction": False}}
+                     "seeds": seeds, "maml_correction": False,
+                     "parameter_adaptation": getattr(spec, "parameter_adaptation", None)
+                     is not None}}
