@@ -17,11 +17,8 @@ import argparse
 import numpy as np
 
 from metarl_ros.evaluation.episode import policy_steps
-from metarl_ros.policy.factory import make_policy
-from metarl_ros.policy.parameter_adaptation import (
-    ParameterAdaptationConfig,
-    adaptive_feed_forward_policy,
-)
+from metarl_ros.policy.factory import adaptive_feed_forward_policy, make_policy
+from metarl_ros.policy.parameter_adaptation import ParameterAdaptationConfig
 from metarl_ros.sim.env import ArmTrackingEnv
 from metarl_ros.sim.env_config import load_env_setup
 from metarl_ros.sim.tasks import TaskParams

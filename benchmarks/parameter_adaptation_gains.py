@@ -53,7 +53,7 @@ def main() -> None:
         if "adaptive_ff" in args.which:
             register(PolicyMethod(
                 f"adaptive_ff_{tag}",
-                "metarl_ros.policy.parameter_adaptation:adaptive_feed_forward_policy",
+                "metarl_ros.policy.factory:adaptive_feed_forward_policy",
                 (("config", config),)))
             names.append(f"adaptive_ff_{tag}")
     metarl(["eval", "--model", args.model, "--suite", args.suite, "--draw", "validation",

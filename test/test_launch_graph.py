@@ -43,12 +43,12 @@ def test_default_graph_nodes_and_parameters():
     assert sim.parameters == {
         "env_config": "sim/envs/iiwa7_compliant.yaml", "scenario": "config/scenarios/default.yaml",
         "real_time_factor": 1.0, "gui": False, "controller_name": "effort_controller",
-        "use_sim_time": True}
+        "command_interface": "effort", "use_sim_time": True}
     assert adapter.parameters == {
         "env_config": "sim/envs/iiwa7_compliant.yaml", "policy": "pd", "model_path": "",
         "adaptation": True, "parameter_adaptation": False, "maml": True,
         "adaptation_schedule": "background", "controller_name": "effort_controller",
-        "use_sim_time": True}
+        "command_type": "effort", "use_sim_time": True}
     assert isinstance(sim.parameters["real_time_factor"], float)
     assert graph.notes == ()
 
@@ -266,6 +266,24 @@ def test_metarl_launch_runs_the_graph_for_a_duration():
     assert "commands 100 (0 rejected), lockstep timeouts 0" in out
     assert "adapter_node: ticks 100, safe_ticks 0, policy_errors 0" in out
     assert "Traceback" not in out
+
+
+def test_metarl_launch_runs_the_graph_with_impedance_commands():
+    """command_type:=impedance: adapter_node sends setpoints + feed-forward, sim_node closes
+    the impedance loop at every physics step. The PD + nominal feed-forward on the intact arm
+    tracks as well as with efforts held for a control period (measured over 3 s: 0.52 vs
+    0.51 mrad; a setpoint held still instead of moving along the reference: 4.6)."""
+    runs = {}
+    for kind in ("effort", "impedance"):
+        proc = subprocess.run(_cli("adapt_sim", "real_time_factor:=0.0", "scenario:=",
+                                   f"command_type:={kind}", "--duration", "1.0"),
+                              env=_env(), capture_output=True, text=True, timeout=60, cwd=REPO)
+        out = proc.stdout + proc.stderr
+        assert proc.returncode == 0, out
+        assert "commands 100 (0 rejected), lockstep timeouts 0" in out, out
+        assert "Traceback" not in out
+        runs[kind] = float(out.split("tracking RMS ")[1].split(" mrad")[0])
+    assert 0.0 < runs["impedance"] < 2.0 and runs["impedance"] < 1.5 * runs["effort"], runs
 
 
 def test_metarl_launch_rejects_bad_arguments():

@@ -9,12 +9,11 @@ from metarl_ros.control.law import build_observation
 from metarl_ros.control.model_features import num_fault_parameters, parameter_scale
 from metarl_ros.core.schema import ConfigError
 from metarl_ros.evaluation.episode import policy_steps
-from metarl_ros.policy.factory import make_policy
+from metarl_ros.policy.factory import adaptive_feed_forward_policy, make_policy
 from metarl_ros.policy.parameter_adaptation import (
     ParameterAdaptation,
     ParameterAdaptationConfig,
     ParameterAdaptationPolicy,
-    adaptive_feed_forward_policy,
 )
 from metarl_ros.sim.env import ArmTrackingEnv
 from metarl_ros.sim.env_config import load_env_setup

@@ -73,7 +73,7 @@ def print_report(report: GraphReport) -> None:
             line = (f"t = {v['sim_time_s']:.2f} s simulated, real-time factor "
                     f"{v['real_time_factor']:.2f}, commands {v['commands']} "
                     f"({v['commands_rejected']} rejected), lockstep timeouts "
-                    f"{v['lockstep_timeouts']}")
+                    f"{v['lockstep_timeouts']}, tracking RMS {v['tracking_rms_mrad']:.2f} mrad")
         else:
             line = ", ".join(f"{key} {value:g}" if isinstance(value, float) else f"{key} {value}"
                              for key, value in v.items())

@@ -53,6 +53,7 @@ from metarl_ros.control.diagnostics import (
 )
 from metarl_ros.control.joint_map import RejectedInput
 from metarl_ros.control.latent import LatentTracker, LatentUpdate
+from metarl_ros.control.impedance import ImpedanceCommand, impedance_command
 from metarl_ros.control.law import ControlLaw, build_observation, effort_command, tracking_reward
 from metarl_ros.control.loop_inputs import LoopInputs
 from metarl_ros.control.loop_types import STALE_REASONS, LoopConfig, TickResult
@@ -324,6 +325,16 @@ class AdaptiveController:
     def last_tick_stamp(self) -> float | None:
         """Stamp (s) of the instant the latest tick answered (also a repeated answer's)."""
         return self.timing.last_tick_stamp
+
+    def impedance(self, result: TickResult) -> ImpedanceCommand | None:
+        """``result``'s efforts as joint impedance setpoints and feed-forward
+        (:func:`~metarl_ros.control.impedance.impedance_command`) on the reading and reference
+        they were computed from; None before the first joint state."""
+        sample = self.inputs.sample
+        if sample is None:
+            return None
+        return impedance_command(self.law, result.efforts, sample.position, sample.velocity,
+                                 self.inputs.reference, result.safe)
 
     @property
     def latest_position(self) -> np.ndarray | None:

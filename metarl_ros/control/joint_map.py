@@ -34,12 +34,14 @@ _UNMAPPED = " (not in joint_map)"
 
 #: ``effort``: std_msgs/Float64MultiArray for a forward_command_controller; ``trajectory``:
 #: a one-point trajectory_msgs/JointTrajectory for a joint_trajectory_controller.
-COMMAND_TYPES: tuple[str, ...] = ("effort", "trajectory")
-_TOPIC_SUFFIX = {"effort": "commands", "trajectory": "joint_trajectory"}
+COMMAND_TYPES: tuple[str, ...] = ("effort", "trajectory", "impedance")
+_TOPIC_SUFFIX = {"effort": "commands", "trajectory": "joint_trajectory",
+                 "impedance": "joint_trajectory"}
 
 
 def command_topic(controller: str, command_type: str) -> str:
-    """``/<controller>/commands`` (effort) or ``/<controller>/joint_trajectory``."""
+    """``/<controller>/commands`` (effort) or ``/<controller>/joint_trajectory``
+    (trajectory, impedance)."""
     if command_type not in _TOPIC_SUFFIX:
         raise ValueError(f"command_type {command_type!r}: expected one of "
                          f"{', '.join(COMMAND_TYPES)}")

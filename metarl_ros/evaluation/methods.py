@@ -94,7 +94,7 @@ METHODS: dict[str, MethodSpec] = {
                      default=False, description="the env's own controller with a zero action: "
                      "its PD, plus the nominal arm's feed-forward where the env has one"),
         PolicyMethod("adaptive_ff",
-                     "metarl_ros.policy.parameter_adaptation:adaptive_feed_forward_policy",
+                     "metarl_ros.policy.factory:adaptive_feed_forward_policy",
                      description="the env's controller + online adaptation of the fault "
                      "parameters on the model features (desired-compensation law)"),
         PolicyMethod(CEILING, "metarl_ros.policy.computed_torque:computed_torque_policy",

@@ -229,7 +229,8 @@ def node_counters(node) -> dict[str, Any] | None:
                 "real_time_factor": round(node.achieved_real_time_factor(), 3),
                 "commands": node.commands_received,
                 "commands_rejected": node.commands_rejected,
-                "lockstep_timeouts": node.lockstep_timeouts}
+                "lockstep_timeouts": node.lockstep_timeouts,
+                "tracking_rms_mrad": round(node.tracking_rms_mrad(), 3)}
     if hasattr(node, "loop"):
         values = node.loop.diagnostics(0.0).values
         counters = {key: _number(values[key]) for key in CONTROLLER_COUNTERS}

@@ -124,6 +124,11 @@ ADAPT_SIM_ARGUMENTS: tuple[LaunchArgument, ...] = (
                    kind=bool),
     LaunchArgument("scenario", "config/scenarios/default.yaml",
                    "Fault scenario YAML for sim_node ('' = none)."),
+    LaunchArgument("command_type", "effort",
+                   "effort: efforts held for a control period; impedance: setpoints + feed-"
+                   "forward torque, with sim_node closing the joint impedance loop at every "
+                   "physics step (as a joint_trajectory_controller with the env's PD gains).",
+                   choices=("effort", "impedance")),
     LaunchArgument("gui", "false", "Show the PyBullet GUI.", kind=bool),
     LaunchArgument("record", "false",
                    "Record state, commands, reference, latent, diagnostics and true task "
@@ -165,6 +170,7 @@ def adapt_sim_graph(values: Mapping[str, str] | None = None) -> Graph:
             "real_time_factor": args["real_time_factor"],
             "gui": args["gui"],
             "controller_name": args["controller"],
+            "command_interface": args["command_type"],
             "use_sim_time": args["use_sim_time"],
         },
     )
@@ -178,6 +184,7 @@ def adapt_sim_graph(values: Mapping[str, str] | None = None) -> Graph:
             "adaptation": args["adaptation"],
             "parameter_adaptation": args["parameter_adaptation"],
             "controller_name": args["controller"],
+            "command_type": args["command_type"],
             "use_sim_time": args["use_sim_time"],
         })
     else:
@@ -196,6 +203,7 @@ def adapt_sim_graph(values: Mapping[str, str] | None = None) -> Graph:
                 "adaptation_schedule": ("inline" if args["real_time_factor"] == 0.0
                                         else "background"),
                 "controller_name": args["controller"],
+                "command_type": args["command_type"],
                 "use_sim_time": args["use_sim_time"],
             },
         )
@@ -206,17 +214,24 @@ def adapt_sim_graph(values: Mapping[str, str] | None = None) -> Graph:
                      "gradients and stays in the torch node (policy:=pearl)")
     if args["record"]:
         # first, so that it is subscribed before the simulation starts stepping
-        nodes = (recorder_spec(args["controller"], args["bag"], adapter.name), *nodes)
+        nodes = (recorder_spec(args["controller"], args["bag"], adapter.name,
+                               args["command_type"]), *nodes)
+        if args["command_type"] != "effort":
+            notes.append("record:=true with command_type:=impedance: the bag holds "
+                         "JointTrajectory commands; `metarl retrain` reads effort commands")
         notes.append(f"record:=true: recorder_node writes {args['bag'] or 'rosbag2_<date-time>'}")
     return Graph("adapt_sim", args, nodes, tuple(notes))
 
 
-def recorder_spec(controller: str, bag: str, controller_node: str = "adapter_node") -> NodeSpec:
+def recorder_spec(controller: str, bag: str, controller_node: str = "adapter_node",
+                  command_type: str = "effort") -> NodeSpec:
     """recorder_node on the topics of sim_node + the controller node (adapter_node or
     onnx_policy_node; types given: no discovery wait)."""
+    command_msg = ("std_msgs/msg/Float64MultiArray" if command_type == "effort"
+                   else "trajectory_msgs/msg/JointTrajectory")
     topics = {
         "/joint_states": "sensor_msgs/msg/JointState",
-        f"/{controller.strip('/')}/commands": "std_msgs/msg/Float64MultiArray",
+        command_topic(controller, command_type): command_msg,
         "/reference": "sensor_msgs/msg/JointState",
         f"/{controller_node}/latent": "std_msgs/msg/Float64MultiArray",
         "/diagnostics": "diagnostic_msgs/msg/DiagnosticArray",

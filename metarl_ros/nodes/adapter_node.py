@@ -28,7 +28,10 @@ Publishes
     ``effort_limit_scale`` times the effort limits; the safe action when the policy cannot be
     trusted. With ``command_type: trajectory`` the same efforts go out as a one-point
     ``trajectory_msgs/JointTrajectory`` on ``/<controller_name>/joint_trajectory`` (effort
-    feed-forward for joint_trajectory_controller; see :mod:`metarl_ros.nodes.commands`).
+    feed-forward for joint_trajectory_controller; see :mod:`metarl_ros.nodes.commands`); with
+    ``command_type: impedance`` as joint impedance setpoints (q_ref, qd_ref) plus a feed-forward
+    torque on the same topic, for a joint_trajectory_controller whose PID gains are the env's
+    PD, closing the feedback at its own rate (:mod:`metarl_ros.control.impedance`).
     ``~/latent`` (std_msgs/Float64MultiArray) -- posterior over the task latent at the context
     rate: ``data = mean (d values) followed by std (d values)``; ``layout.dim`` =
     ``[{label: "mean_std", size: 2, stride: 2d}, {label: "latent", size: d, stride: d}]``.
@@ -174,7 +177,8 @@ class AdapterNode(Node):
         diagnostics_group = MutuallyExclusiveCallbackGroup()
         sensor_qos = BEST_EFFORT_QOS if p["sensor_qos"] == "best_effort" else STATE_QOS
         self.commands = CommandPublisher(self, p["command_type"], p["controller_name"],
-                                         command_joints, command_order)
+                                         command_joints, command_order,
+                                         impedance_horizon_s=1.0 / control_rate)
         self.command_topic = self.commands.topic
         self._latent_pub = self.create_publisher(Float64MultiArray, "~/latent", STATE_QOS)
         self._diag_pub = self.create_publisher(DiagnosticArray, "/diagnostics", STATE_QOS)
@@ -236,12 +240,17 @@ class AdapterNode(Node):
             choices=POSTERIOR_UPDATES)
         d["controller_name"] = declare(self, "controller_name", "effort_controller",
                                        "Commands go to /<controller_name>/commands (effort) or "
-                                       "/<controller_name>/joint_trajectory (trajectory).")
+                                       "/<controller_name>/joint_trajectory (trajectory, "
+                                       "impedance).")
         d["command_type"] = declare(self, "command_type", "effort",
                                     "effort: std_msgs/Float64MultiArray for a "
                                     "forward_command_controller; trajectory: a one-point "
                                     "trajectory_msgs/JointTrajectory carrying the efforts as "
-                                    "feed-forward for a joint_trajectory_controller.",
+                                    "feed-forward for a joint_trajectory_controller; "
+                                    "impedance: the same topic and message with setpoints "
+                                    "q_ref, qd_ref and a feed-forward torque, for a "
+                                    "joint_trajectory_controller whose PID gains are the env's "
+                                    "PD (the robot closes the feedback at its own rate).",
                                     choices=COMMAND_TYPES)
         d["joint_map"] = declare(self, "joint_map", None,
                                  "model_name:robot_name pairs: the robot's joint names for the "
@@ -340,14 +349,17 @@ class AdapterNode(Node):
             suffix = f" ({dropped} similar suppressed)" if dropped else ""
             self.get_logger().warning(message + suffix)
 
-    def _send(self, efforts: np.ndarray, stamp_s: float | None = None) -> None:
+    def _send(self, result: TickResult, stamp_s: float | None = None) -> None:
         stamp_ns = None if stamp_s is None else int(round(stamp_s * 1e9))
-        if not self.commands.publish(efforts, self.loop.latest_position, stamp_ns=stamp_ns):
+        impedance = (self.loop.impedance(result) if self.commands.command_type == "impedance"
+                     else None)
+        if not self.commands.publish(result.efforts, self.loop.latest_position,
+                                     stamp_ns=stamp_ns, impedance=impedance):
             self._warn_throttled("no_position", "no joint state yet: a trajectory command "
                                  "needs positions, nothing published")
 
     def _publish(self, result: TickResult, received: float) -> None:
-        self._send(result.efforts, self.loop.last_tick_stamp)  # tagged with its instant
+        self._send(result, self.loop.last_tick_stamp)  # tagged with its instant
         self.loop.record_publish_latency(time.perf_counter() - received)
         self._log_tick(result)
         self._after_tick.tick_done()
@@ -397,7 +409,7 @@ class AdapterNode(Node):
         self._after_tick.run_if_idle()
         result = self.loop.watchdog(now_s(self))
         if result is not None:
-            self._send(result.efforts)
+            self._send(result)
             if self._was_safe != result.reason:
                 self.get_logger().warning(
                     f"{result.reason}: {result.detail}; commanding the safe action "

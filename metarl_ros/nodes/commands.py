@@ -1,4 +1,4 @@
-"""Effort commands to ros2_control, as one of two message types (``command_type`` parameter).
+"""Commands to ros2_control, as one of three kinds (``command_type`` parameter).
 
 ``effort`` -- ``std_msgs/Float64MultiArray`` on ``/<controller>/commands``, for a
     ``forward_command_controller`` (e.g. ``effort_controllers/JointGroupEffortController``)
@@ -24,7 +24,21 @@
     policy's residual, clamped, or the safe action), as with ``effort``. Until a first joint
     state arrives there are no positions, so nothing is published.
 
-Both are published RELIABLE (ros2_control's command subscribers are RELIABLE).
+``impedance`` -- ``trajectory_msgs/JointTrajectory`` on ``/<controller>/joint_trajectory``, for
+    a ``joint_trajectory_controller`` with an ``effort`` command interface whose PID gains
+    *are* the env's PD (``gains: {<joint>: {p: <kp>, d: <kd>, i: 0.0, ff_velocity_scale:
+    0.0}}``): the controller closes that feedback at its own update rate (e.g. 1 kHz) and adds
+    the point's ``effort`` as feed-forward. Each command is a one-point trajectory reached one
+    control period ``T`` ahead: ``time_from_start`` = T, ``positions`` = q_ref + qd_ref T +
+    qdd_ref T^2/2, ``velocities`` = qd_ref + qdd_ref T, ``accelerations`` = qdd_ref (the
+    reference's local parabola; positions accordingly), ``effort`` = the feed-forward
+    (:mod:`metarl_ros.control.impedance`: the tick's efforts minus the PD at the tick's
+    reading, so the controller commands exactly this node's efforts at that instant); the
+    controller interpolates the setpoint towards the point over the period (a held setpoint
+    would lag the reference by half a period on average and brake the arm). A safe tick is a
+    compliant hold at the measured position (zero velocity, no feed-forward).
+
+All are published RELIABLE (ros2_control's command subscribers are RELIABLE).
 
 Lockstep tag: an ``effort`` command that answers a stamped joint state carries that instant in
 ``layout.dim[0].label`` as ``stamp_ns:<nanoseconds>`` (``size``/``stride`` = the number of
@@ -43,11 +57,13 @@ from rclpy.node import Node
 from std_msgs.msg import Float64MultiArray, MultiArrayDimension, MultiArrayLayout
 from trajectory_msgs.msg import JointTrajectory, JointTrajectoryPoint
 
+from metarl_ros.control.impedance import ImpedanceCommand
 from metarl_ros.control.joint_map import COMMAND_TYPES, command_topic
 
 from .common import COMMAND_QOS
 
-__all__ = ["COMMAND_TYPES", "CommandPublisher", "command_topic", "command_stamp_ns"]
+__all__ = ["COMMAND_TYPES", "CommandPublisher", "command_topic", "command_stamp_ns",
+           "impedance_values"]
 
 STAMP_LABEL = "stamp_ns:"
 
@@ -63,6 +79,36 @@ def command_stamp_ns(msg: Float64MultiArray) -> int | None:
     return None
 
 
+def impedance_values(msg: JointTrajectory, joint_names: Sequence[str]
+                     ) -> tuple[np.ndarray | None, str]:
+    """An ``impedance`` command as ``[position, velocity, acceleration, feed-forward (n
+    each)]`` in the order of ``joint_names`` (matched by name), with position and velocity
+    taken back along the point's parabola from its ``time_from_start`` to the message's
+    arrival, or ``(None, what is wrong)``. One point; ``positions`` required; empty
+    ``velocities``/``accelerations``/``effort`` mean zeros."""
+    if len(msg.points) != 1:
+        return None, f"{len(msg.points)} points, expected 1"
+    names = list(msg.joint_names)
+    if sorted(names) != sorted(joint_names) or len(set(names)) != len(names):
+        return None, f"joint_names {names} are not the robot's {list(joint_names)}"
+    point, n = msg.points[0], len(names)
+    fields = []
+    for label, values in (("positions", point.positions), ("velocities", point.velocities),
+                          ("accelerations", point.accelerations), ("effort", point.effort)):
+        array = np.asarray(values, dtype=np.float64)
+        if array.size == 0 and label != "positions":
+            array = np.zeros(n)
+        if array.shape != (n,):
+            return None, f"{array.size} {label}, expected {n}"
+        fields.append(array)
+    order = [names.index(name) for name in joint_names]
+    ahead = point.time_from_start.sec + point.time_from_start.nanosec * 1e-9
+    velocity = fields[1] - fields[2] * ahead
+    fields[0] = fields[0] - (velocity + 0.5 * fields[2] * ahead) * ahead
+    fields[1] = velocity
+    return np.concatenate([f[order] for f in fields]), ""
+
+
 class CommandPublisher:
     """Publish efforts given in model joint order to a controller, in its joint order.
 
@@ -72,15 +118,20 @@ class CommandPublisher:
         controller: the controller's name (topic prefix).
         joint_names: the controller's joints (robot names), in its order.
         order: for each of ``joint_names``, the index of that joint in model order.
+        impedance_horizon_s: ``impedance``: the point's ``time_from_start`` (s; the control
+            period): the setpoint is sent where it will be then, moving at its velocity
+            (module doc).
     """
 
     def __init__(self, node: Node, command_type: str, controller: str,
-                 joint_names: Sequence[str], order: np.ndarray) -> None:
+                 joint_names: Sequence[str], order: np.ndarray,
+                 impedance_horizon_s: float = 0.0) -> None:
         self.topic = command_topic(controller, command_type)  # checks command_type
         self.command_type = command_type
         self.joint_names = list(joint_names)
         self._order = np.asarray(order, dtype=np.int64)
         self._identity = bool((self._order == np.arange(self._order.size)).all())
+        self.impedance_horizon_s = impedance_horizon_s
         msg_type = Float64MultiArray if command_type == "effort" else JointTrajectory
         self._publisher = node.create_publisher(msg_type, self.topic, COMMAND_QOS)
 
@@ -89,9 +140,10 @@ class CommandPublisher:
         return (values if self._identity else values[self._order]).tolist()
 
     def publish(self, efforts: np.ndarray, position: np.ndarray | None,
-                stamp_ns: int | None = None) -> bool:
+                stamp_ns: int | None = None, impedance: ImpedanceCommand | None = None) -> bool:
         """Publish ``efforts`` (N*m, model order); ``position`` (model order) is needed for
-        ``trajectory``; ``stamp_ns`` = the joint-state instant this command answers (effort
+        ``trajectory``, ``impedance`` (the same efforts as setpoints and feed-forward) for
+        ``impedance``; ``stamp_ns`` = the joint-state instant this command answers (effort
         commands carry it as the lockstep tag, see the module docstring). Returns False if
         nothing could be published (no position yet)."""
         if self.command_type == "effort":
@@ -101,6 +153,19 @@ class CommandPublisher:
                 msg.layout = MultiArrayLayout(dim=[MultiArrayDimension(
                     label=f"{STAMP_LABEL}{int(stamp_ns)}", size=size, stride=size)])
             self._publisher.publish(msg)
+            return True
+        if self.command_type == "impedance":
+            if impedance is None:
+                return False
+            ahead, accel = self.impedance_horizon_s, impedance.acceleration
+            point = JointTrajectoryPoint(
+                positions=self._ordered(impedance.position + (impedance.velocity
+                                                              + 0.5 * accel * ahead) * ahead),
+                velocities=self._ordered(impedance.velocity + accel * ahead),
+                accelerations=self._ordered(accel),
+                effort=self._ordered(impedance.feed_forward),
+                time_from_start=Duration(sec=int(ahead), nanosec=int(round(ahead % 1 * 1e9))))
+            self._publisher.publish(JointTrajectory(joint_names=self.joint_names, points=[point]))
             return True
         if position is None:
             return False

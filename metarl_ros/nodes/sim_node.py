@@ -32,6 +32,19 @@ Subscribes
     duplicate answer to a re-published instant must not be taken as the answer to the next
     one, and exactly one command is applied per instant. Untagged commands are taken as the
     answer to the current instant.
+    ``/<controller_name>/joint_trajectory`` (trajectory_msgs/JointTrajectory, RELIABLE), instead,
+    with ``command_interface: impedance`` -- joint impedance commands as adapter_node's
+    ``command_type: impedance`` sends them (:mod:`metarl_ros.nodes.commands`): one point,
+    joints matched by name, ``positions``/``velocities`` the setpoints and ``effort`` the
+    feed-forward, reached ``time_from_start`` after arrival. The node then plays the robot's fast
+    loop, a joint_trajectory_controller with PID gains ``impedance_kp``/``impedance_kd``
+    (default: the env's PD): ``tau = kp (p(t) - q) + kd (v(t) - qd) + effort`` recomputed at
+    every physics step from the joints' true state, the setpoint ``p(t)`` moving on the point's
+    parabola (``accelerations``) through ``positions`` at ``time_from_start``
+    (:meth:`~metarl_ros.sim.arm_sim.ArmSimulation.step_impedance`) until the next command.
+    Anything else is rejected as above (zero effort). Impedance commands
+    carry no lockstep tag; the env steps with efforts held for a control period, so lockstep in
+    impedance mode is deterministic but not the env's trajectory.
     ``/sim/set_task`` (std_msgs/String) -- JSON task change applied at once, format in
     :mod:`metarl_ros.sim.scenario` (e.g. ``{"label": "drop", "payload_mass": 0.0}``).
 
@@ -70,9 +83,11 @@ import numpy as np
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from rclpy.clock import Clock, ClockType
 from rclpy.node import Node
+from rclpy.parameter import Parameter
 from rosgraph_msgs.msg import Clock as ClockMsg
 from sensor_msgs.msg import JointState
 from std_msgs.msg import Float64MultiArray, String
+from trajectory_msgs.msg import JointTrajectory
 
 from metarl_ros.core.log import LogThrottle
 from metarl_ros.core.resources import resolve_path
@@ -84,7 +99,7 @@ from metarl_ros.sim.reference import MultiSineReference
 from metarl_ros.sim.scenario import Scenario, load_scenario, parse_task_command, task_to_json
 from metarl_ros.sim.tasks import TaskParams
 
-from .commands import command_stamp_ns
+from .commands import command_stamp_ns, impedance_values
 from .common import (
     COMMAND_QOS,
     LATCHED_QOS,
@@ -127,6 +142,7 @@ class SimNode(Node):
         self.lockstep = self.real_time_factor == 0.0
         self.lockstep_timeout = float(p["lockstep_timeout"])
         self.command_timeout = float(p["command_timeout"])
+        self.command_interface = p["command_interface"]
         self.duration_s = float(p["duration_s"])
         self.wait_for_controller = bool(p["wait_for_controller"])
 
@@ -150,22 +166,38 @@ class SimNode(Node):
         self.task_label = "initial"
 
         controller = p["controller_name"].strip("/")
-        self.command_topic = f"/{controller}/commands"
+        self.impedance = self.command_interface == "impedance"
+        self.command_topic = (f"/{controller}/joint_trajectory" if self.impedance
+                              else f"/{controller}/commands")
+        feedback = self.setup.config.feedback
+        self._kp = np.asarray(p["impedance_kp"] or feedback.kp, dtype=np.float64)
+        self._kd = np.asarray(p["impedance_kd"] or feedback.kd, dtype=np.float64)
+        if self._kp.shape != (self.n,) or self._kd.shape != (self.n,):
+            raise ConfigError(f"impedance_kp and impedance_kd need {self.n} entries each")
         self._clock_pub = self.create_publisher(ClockMsg, "/clock", STATE_QOS)
         self._joint_pub = self.create_publisher(JointState, "/joint_states", STATE_QOS)
         self._reference_pub = self.create_publisher(JointState, "/reference", STATE_QOS)
         self._task_pub = self.create_publisher(String, "/sim/true_task", LATCHED_QOS)
         self._diag_pub = self.create_publisher(DiagnosticArray, "/diagnostics", STATE_QOS)
-        self.create_subscription(Float64MultiArray, self.command_topic, self._on_command,
-                                 COMMAND_QOS)
+        if self.impedance:
+            self.create_subscription(JointTrajectory, self.command_topic,
+                                     self._on_impedance_command, COMMAND_QOS)
+        else:
+            self.create_subscription(Float64MultiArray, self.command_topic, self._on_command,
+                                     COMMAND_QOS)
         self.create_subscription(String, "/sim/set_task", self._on_set_task, STATE_QOS)
         self._throttle = LogThrottle(float(p["log_throttle_s"]))
 
         # Shared with the simulation thread.
-        self.commands = CommandMailbox(self.n, self.lockstep, lambda: self.sim.time_s)
+        # impedance: [position, velocity, acceleration, feed-forward (n each), arrival (s), 1];
+        # all zero = no command
+        width = 4 * self.n + 2 if self.impedance else self.n
+        self.commands = CommandMailbox(width, self.lockstep, lambda: self.sim.time_s)
         self._tasks_lock = threading.Lock()
         self._pending_tasks: list[tuple[TaskParams, str]] = []
         self.lockstep_timeouts = 0
+        self._error_sq_sum = 0.0
+        self._error_count = 0
         self.started = threading.Event()
         """set when the simulation has started stepping."""
         self.finished = threading.Event()
@@ -205,7 +237,23 @@ class SimNode(Node):
             "Simulated seconds per wall second; 0 = lockstep, as fast as possible, waiting for "
             "the controller's command every control period.", low=0.0, high=100.0)
         d["controller_name"] = declare(self, "controller_name", "effort_controller",
-                                       "Commands are read from /<controller_name>/commands.")
+                                       "Commands are read from /<controller_name>/commands "
+                                       "(effort) or /<controller_name>/joint_trajectory "
+                                       "(impedance).")
+        d["command_interface"] = declare(
+            self, "command_interface", "effort",
+            "effort: Float64MultiArray efforts held for a control period (a "
+            "forward_command_controller); impedance: one-point JointTrajectory setpoints + "
+            "feed-forward, the joint impedance loop closed at every physics step with "
+            "impedance_kp/kd (a joint_trajectory_controller with those PID gains).",
+            choices=("effort", "impedance"))
+        d["impedance_kp"] = declare(self, "impedance_kp", None,
+                                    "N*m/rad per joint of the simulated fast loop (unset = the "
+                                    "env's feedback.kp).",
+                                    param_type=Parameter.Type.DOUBLE_ARRAY)
+        d["impedance_kd"] = declare(self, "impedance_kd", None,
+                                    "N*m*s/rad per joint (unset = the env's feedback.kd).",
+                                    param_type=Parameter.Type.DOUBLE_ARRAY)
         d["joint_state_rate_hz"] = declare(
             self, "joint_state_rate_hz", 0.0,
             "Rate of /joint_states, /reference and /clock (0 = the env's control rate); must "
@@ -274,6 +322,31 @@ class SimNode(Node):
             self._warn_throttled("bad_command", f"rejected command on {self.command_topic} "
                                  f"({what}); holding zero effort")
 
+    def _on_impedance_command(self, msg: JointTrajectory) -> None:
+        """A one-point trajectory as joint impedance setpoints and feed-forward (module doc),
+        matched by joint name; anything else is rejected (zero effort)."""
+        values, problem = impedance_values(msg, self.joint_names)
+        if values is None:
+            self.commands.put(np.zeros(0), None)  # counted as rejected: zero effort
+            self._warn_throttled("bad_command", f"rejected command on {self.command_topic} "
+                                 f"({problem}); holding zero effort")
+            return
+        values = np.concatenate([values, [self.sim.time_s, 1.0]])
+        if self.commands.put(values, None) is False:
+            self._warn_throttled("bad_command", f"rejected command on {self.command_topic} "
+                                 "(non-finite values); holding zero effort")
+
+    def _step(self, command: np.ndarray, substeps: int) -> list:
+        """Apply a mailbox command for ``substeps`` physics steps: efforts, or (impedance)
+        the joint impedance loop closed at every physics step; no command = zero effort."""
+        if not self.impedance:
+            return self.sim.step(command, substeps=substeps)
+        n = self.n
+        if command[-1] == 0.0:
+            return self.sim.step(np.zeros(n), substeps=substeps)
+        return self.sim.step_impedance(*command[:4 * n].reshape(4, n), self._kp, self._kd,
+                                       substeps=substeps, since_s=self.sim.time_s - command[4 * n])
+
     def _on_set_task(self, msg: String) -> None:
         with self._tasks_lock:
             current = self._pending_tasks[-1][0] if self._pending_tasks else self.sim.task
@@ -299,6 +372,9 @@ class SimNode(Node):
                                velocity=qd_ref.tolist(), effort=qdd_ref.tolist())
         reference.header.stamp = stamp
         self._reference_pub.publish(reference)
+        true_position = self.sim.true_state().position
+        self._error_sq_sum += float(np.sum((q_ref - true_position) ** 2))
+        self._error_count += 1
         reading = self.sim.measure()
         state = JointState(name=self.joint_names, position=reading.position.tolist(),
                            velocity=reading.velocity.tolist(), effort=reading.effort.tolist())
@@ -362,7 +438,7 @@ class SimNode(Node):
                     continue  # no controller yet: publish the same instant again
                 self._mark_started()
                 if self.lockstep:
-                    events = self.sim.step(self.commands.latest(), substeps=self.chunk_steps)
+                    events = self._step(self.commands.latest(), self.chunk_steps)
                 else:
                     events = self._step_real_time()
             elif self.lockstep:
@@ -377,9 +453,9 @@ class SimNode(Node):
                             "lockstep_timeout",
                             f"no command within {self.lockstep_timeout:g} s (lockstep); "
                             "stepping with zero effort")
-                        command = np.zeros(self.n)
+                        command = np.zeros(self.commands.n)
                 self._mark_started()
-                events = self.sim.step(command, substeps=self.chunk_steps)
+                events = self._step(command, self.chunk_steps)
             else:
                 self._mark_started()
                 events = self._step_real_time()
@@ -396,9 +472,17 @@ class SimNode(Node):
 
     def _step_real_time(self) -> list:
         """One chunk against the wall clock (:meth:`WallClockPacer.run`)."""
-        return self.pacer.run(self.sim, self.chunk_steps, self._current_command, self._stop)
+        return self.pacer.run(self.sim, self.chunk_steps, self._current_command, self._stop,
+                              step=self._step)
 
     # ------------------------------------------------------------------ diagnostics
+
+    def tracking_rms_mrad(self) -> float:
+        """RMS over the published instants of ``||q_ref - q||`` (true joint positions), mrad:
+        how well whatever controls the arm tracks (0 before the first instant)."""
+        if not self._error_count:
+            return 0.0
+        return 1e3 * float(np.sqrt(self._error_sq_sum / self._error_count))
 
     def achieved_real_time_factor(self) -> float:
         return self.pacer.achieved(self.sim.time_s)
@@ -417,6 +501,7 @@ class SimNode(Node):
             "commands_received": self.commands_received,
             "commands_rejected": self.commands_rejected,
             "commands_ignored": self.commands_ignored,
+            "tracking_rms_mrad": f"{self.tracking_rms_mrad():.3f}",
             "lockstep_timeouts": self.lockstep_timeouts,
             "overruns": self.pacer.overruns,
             "task": self.task_label,

@@ -238,3 +238,13 @@ def _make_policy(kind, setup, model_path, adaptation, maml, adaptation_schedule,
 
         return slotine_li_policy(setup)
     raise ConfigError(f"unknown policy {kind!r}; choose one of {', '.join(POLICY_KINDS)}")
+
+
+def adaptive_feed_forward_policy(setup: EnvSetup, config=None) -> AdaptivePolicy:
+    """The env's own controller (``pd``: PD, nominal feed-forward, a zero action) with the
+    parameter adaptation law (:class:`~metarl_ros.policy.parameter_adaptation.
+    ParameterAdaptationConfig` ``config``, default the shipped gains): a classical adaptive
+    feed-forward on the model features, with no learned prior."""
+    from metarl_ros.policy.parameter_adaptation import ParameterAdaptationPolicy
+
+    return ParameterAdaptationPolicy(make_policy("pd", setup), setup.law, config)

@@ -173,8 +173,9 @@ class ParameterAdaptationPolicy:
                  config: ParameterAdaptationConfig | None = None) -> None:
         self.policy = policy
         self.contract = policy.contract
-        self.adaptation = ParameterAdaptation(law, 1.0 / policy.contract.control_rate_hz, 1,
-                                              config)
+        # not ``adaptation``: that name is the wrapped policy's MAML adaptation (counters)
+        self.parameter_law = ParameterAdaptation(law, 1.0 / policy.contract.control_rate_hz, 1,
+                                                 config)
 
     def __getattr__(self, name: str):
         if name == "policy":  # not set yet (copy/unpickle): no recursion
@@ -182,16 +183,16 @@ class ParameterAdaptationPolicy:
         return getattr(self.policy, name)
 
     def reset(self) -> None:
-        self.adaptation.reset()
+        self.parameter_law.reset()
         self.policy.reset()
 
     def observe(self, obs, action, reward, next_obs) -> None:
-        self.adaptation.update(np.asarray(next_obs)[None])
+        self.parameter_law.update(np.asarray(next_obs)[None])
         self.policy.observe(obs, action, reward, next_obs)
 
     def act(self, obs: np.ndarray) -> np.ndarray:
         action = np.asarray(self.policy.act(obs), np.float64)
-        corrected = action + self.adaptation.correction(np.asarray(obs)[None])[0]
+        corrected = action + self.parameter_law.correction(np.asarray(obs)[None])[0]
         return np.clip(corrected, -1.0, 1.0).astype(np.float32)
 
     def posterior(self) -> PosteriorSummary:
@@ -199,12 +200,5 @@ class ParameterAdaptationPolicy:
 
     def parameters(self) -> np.ndarray:
         """The current correction ``delta`` (3n + 10,), in physical units."""
-        return self.adaptation.delta[0].copy()
+        return self.parameter_law.delta[0].copy()
 
-
-def adaptive_feed_forward_policy(setup, config: ParameterAdaptationConfig | None = None):
-    """The env's own controller (PD, nominal feed-forward; a zero action) with the adaptation
-    law: a classical adaptive feed-forward on the model features, with no learned prior."""
-    from metarl_ros.policy.factory import make_policy
-
-    return ParameterAdaptationPolicy(make_policy("pd", setup), setup.law, config)

@@ -378,13 +378,47 @@ class ArmSimulation:
         The firmware's gravity term is computed from the state at the start of the call and
         held with the command. Returns the fault events that took effect during these steps.
         """
-        command = np.asarray(effort_command, dtype=np.float64)
-        if command.shape != (self.num_joints,):
-            raise ValueError(
-                f"effort command must have shape ({self.num_joints},), got {command.shape}"
-            )
-        if not np.isfinite(command).all():
-            raise ValueError("effort command contains non-finite values")
+        command = self._checked("effort command", effort_command)
+        return self._advance(lambda: command, substeps, constant=True)
+
+    def step_impedance(self, position: np.ndarray, velocity: np.ndarray,
+                       acceleration: np.ndarray, feed_forward: np.ndarray, kp: np.ndarray,
+                       kd: np.ndarray, substeps: int = 1, since_s: float = 0.0
+                       ) -> list[FaultEvent]:
+        """Joint impedance closed at every physics step, as a torque-controlled arm's fast
+        loop does: ``tau = kp (p(t) - q) + kd (v(t) - qd) + feed_forward`` on the joints' true
+        state (encoders), the setpoint moving on its parabola, ``p(t) = position + velocity s +
+        acceleration s^2 / 2``, ``v(t) = velocity + acceleration s`` with ``s = since_s + t``
+        (``since_s``: how long ago ``position`` was the setpoint; ``t`` from the start of this
+        call), for ``substeps`` steps. All (n,): rad, rad/s, rad/s^2, N*m, N*m/rad, N*m*s/rad.
+        Gravity compensation as in :meth:`step`."""
+        setpoint = self._checked("impedance position", position)
+        rate = self._checked("impedance velocity", velocity)
+        accel = self._checked("impedance acceleration", acceleration)
+        ff = self._checked("impedance feed-forward", feed_forward)
+        kp, kd = self._checked("kp", kp), self._checked("kd", kd)
+        start = self.time_s - since_s
+
+        def torque() -> np.ndarray:
+            elapsed = self.time_s - start
+            target = setpoint + (rate + 0.5 * accel * elapsed) * elapsed
+            target_rate = rate + accel * elapsed
+            return kp * (target - self._position) + kd * (target_rate - self._velocity) + ff
+
+        return self._advance(torque, substeps, constant=False)
+
+    def _checked(self, what: str, values: np.ndarray) -> np.ndarray:
+        array = np.asarray(values, dtype=np.float64)
+        if array.shape != (self.num_joints,):
+            raise ValueError(f"{what} must have shape ({self.num_joints},), got {array.shape}")
+        if not np.isfinite(array).all():
+            raise ValueError(f"{what} contains non-finite values")
+        return array
+
+    def _advance(self, command_now, substeps: int, constant: bool) -> list[FaultEvent]:
+        """``substeps`` physics steps with the torque ``command_now()`` (N*m, (n,)) asks for
+        at each; ``constant``: it does not change within the call (the motor forces are then
+        computed once, unless a fault or the delay line changes them)."""
         client, body = self._client, self._body
         gravity = 0.0
         if self.gravity_compensation:
@@ -399,6 +433,10 @@ class ArmSimulation:
             if self._pending and self._pending[0].time_s <= self.time_s + 0.5 * self.dt:
                 applied.extend(self._apply_due_events())
                 forces = None
+            if not constant:
+                self._read_joints()
+                forces = None
+            command = command_now()
             torque = command
             if self._delay_steps:
                 self._delay_queue.append(command)

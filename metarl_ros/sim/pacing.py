@@ -26,10 +26,11 @@ if TYPE_CHECKING:
 
 
 class CommandMailbox:
-    """The latest command (``n`` efforts, N*m) and its counters; thread-safe.
+    """The latest command (``n`` values: efforts in N*m, or any fixed-size command vector
+    whose all-zero value means "no command") and its counters; thread-safe.
 
     Args:
-        n: number of joints.
+        n: values per command.
         lockstep: lockstep (tagged commands must answer the awaited instant) or real time.
         clock: the simulated time (s) now, stamped on each command taken.
     """
@@ -135,8 +136,10 @@ class WallClockPacer:
         self._repace.set()
 
     def run(self, sim: ArmSimulation, steps: int, command: Callable[[], np.ndarray],
-            stop: threading.Event) -> list:
+            stop: threading.Event,
+            step: Callable[[np.ndarray, int], list] | None = None) -> list:
         """``steps`` physics steps, each with ``command()`` (the newest); the fault events.
+        ``step(command, substeps)`` applies a command (default ``sim.step``: efforts).
 
         Each physics step takes the newest command, so a command counts from the physics step
         after it arrives (as on a real robot), not from the next publication. Falling behind
@@ -149,8 +152,9 @@ class WallClockPacer:
             self.wall_start = self._next_wall = time.monotonic()
             self._time_at_start = sim.time_s
         step_wall = sim.dt / self.real_time_factor
+        step = step or sim.step
         for _ in range(steps):
-            events += sim.step(command(), substeps=1)
+            events += step(command(), 1)
             self._next_wall += step_wall
             delay = self._next_wall - time.monotonic()
             if delay > 0:
