@@ -36,9 +36,11 @@ import numpy as np
 
 from metarl_ros.evaluation import metrics, stats
 
-PAIRS = (("pearl", "robust"), ("maml", "robust"), ("pearl_maml", "pearl"))
+PAIRS = (("pearl", "robust"), ("maml", "robust"), ("pearl_maml", "pearl"),
+         ("pearl_adapt", "pearl"), ("pearl_adapt", "adaptive_ff"))
 """Paired differences reported beside every method against nominal and the ceiling: what the
-context adds, and what the MAML correction adds to the same policy."""
+context adds, what the MAML correction and the parameter adaptation add to the same policy,
+and what PEARL's prior adds to the parameter adaptation."""
 
 
 def _mean_over_runs(per_run: Sequence[Mapping[str, np.ndarray]], name: str) -> np.ndarray:
