@@ -38,6 +38,10 @@ class LearnedMethod:
     maml: bool = False
     """add the MAML dynamics correction (dynamics models from the run's ``pearl`` model; the
     latent-conditioned one when the policy is PEARL's)."""
+    maml_options: tuple[tuple[str, object], ...] = ()
+    """keyword arguments of the MAML correction
+    (:class:`~metarl_ros.policy.dynamics_adaptation.DynamicsAdaptation`: its gates and bound);
+    empty = its defaults."""
     parameter_adaptation: ParameterAdaptationConfig | None = None
     """refine the policy's feed-forward online on the model features with these gains
     (:mod:`metarl_ros.policy.parameter_adaptation`)."""

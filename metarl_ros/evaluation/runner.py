@@ -111,14 +111,16 @@ class MAMLCorrection:
     """Rollout hook: one :class:`DynamicsAdaptation` per env, stepping inline at 10 Hz -- the
     same schedule as the robot's background thread, so evaluation measures what deploys."""
 
-    def __init__(self, dynamics_owner, with_latent: bool, num_envs: int, adapt_every: int):
+    def __init__(self, dynamics_owner, with_latent: bool, num_envs: int, adapt_every: int,
+                 options: dict | None = None):
         from metarl_ros.policy.dynamics_adaptation import DynamicsAdaptation, dynamics_for
 
         model = dynamics_for(dynamics_owner, with_latent)
         config = dynamics_owner.maml_config
         assert config is not None
         self.adaptations = [
-            DynamicsAdaptation(model, config, adapt_every=adapt_every) for _ in range(num_envs)
+            DynamicsAdaptation(model, config, adapt_every=adapt_every, **(options or {}))
+            for _ in range(num_envs)
         ]
 
     def correct(self, obs: np.ndarray, action: np.ndarray, latent) -> np.ndarray:
@@ -186,6 +188,7 @@ def _rollout(spec: LearnedMethod, loaded, owner, setup: EnvSetup, rollout, episo
             with_latent=spec.model == "pearl",
             num_envs=count,
             adapt_every=max(1, int(round(setup.config.control_rate_hz / 10))),
+            options=dict(spec.maml_options),
         )
     if spec.parameter_adaptation is not None:
         hook = ParameterAdaptationHook(setup, count, spec.parameter_adaptation, inner=hook)
