@@ -15,10 +15,9 @@ from __future__ import annotations
 import argparse
 import itertools
 
-from metarl_ros.cli.main import main as metarl
 from metarl_ros.evaluation.methods import LearnedMethod, register
 
-from parameter_adaptation_gains import floats, summarize
+from parameter_adaptation_gains import add_eval_arguments, floats, run_validation
 
 
 def bands(text: str) -> list[float | None]:
@@ -27,13 +26,9 @@ def bands(text: str) -> list[float | None]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="models")
+    add_eval_arguments(parser)
     parser.add_argument("--min-improvements", type=floats, default=[0.0, 0.1])
     parser.add_argument("--lag-bands", type=bands, default=[None, 0.002])
-    parser.add_argument("--suite", default="all")
-    parser.add_argument("--tasks-per-condition", default="2")
-    parser.add_argument("--workers", default="2")
-    parser.add_argument("--json", required=True)
     args = parser.parse_args()
     names = []
     for improvement, band in itertools.product(args.min_improvements, args.lag_bands):
@@ -41,10 +36,7 @@ def main() -> None:
         register(LearnedMethod(name, "pearl", maml=True, maml_options=(
             ("min_improvement", improvement), ("lag_band_rad", band))))
         names.append(name)
-    metarl(["eval", "--model", args.model, "--suite", args.suite, "--draw", "validation",
-            "--tasks-per-condition", args.tasks_per_condition, "--workers", args.workers,
-            "--methods", ",".join(["pearl", *names]), "--json", args.json])
-    summarize(args.json)
+    run_validation(args, names)
 
 
 if __name__ == "__main__":

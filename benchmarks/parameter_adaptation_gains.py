@@ -28,18 +28,31 @@ def floats(text: str) -> list[float]:
     return [float(v) for v in text.split(",") if v]
 
 
+def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
+    """The validation run's options, shared with ``benchmarks/maml_gates.py``."""
+    parser.add_argument("--model", default="models")
+    parser.add_argument("--suite", default="all")
+    parser.add_argument("--tasks-per-condition", default="2")
+    parser.add_argument("--workers", default="2")
+    parser.add_argument("--json", required=True)
+
+
+def run_validation(args: argparse.Namespace, methods: list[str]) -> None:
+    """``metarl eval --draw validation`` of ``methods`` beside ``pearl``; then the summary."""
+    metarl(["eval", "--model", args.model, "--suite", args.suite, "--draw", "validation",
+            "--tasks-per-condition", args.tasks_per_condition, "--workers", args.workers,
+            "--methods", ",".join(["pearl", *methods]), "--json", args.json])
+    summarize(args.json)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="models")
+    add_eval_arguments(parser)
     parser.add_argument("--gains", type=floats, default=[5000.0])
     parser.add_argument("--leaks", type=floats, default=[0.05])
     parser.add_argument("--rate-limits", type=floats, default=[5.0])
     parser.add_argument("--error-limits", type=floats, default=[0.2])
-    parser.add_argument("--suite", default="all")
-    parser.add_argument("--tasks-per-condition", default="2")
     parser.add_argument("--which", default="pearl_adapt,adaptive_ff")
-    parser.add_argument("--workers", default="2")
-    parser.add_argument("--json", required=True)
     args = parser.parse_args()
     names = []
     for gain, rate, leak, limit in itertools.product(args.gains, args.rate_limits, args.leaks,
@@ -56,10 +69,7 @@ def main() -> None:
                 "metarl_ros.policy.factory:adaptive_feed_forward_policy",
                 (("config", config),)))
             names.append(f"adaptive_ff_{tag}")
-    metarl(["eval", "--model", args.model, "--suite", args.suite, "--draw", "validation",
-            "--tasks-per-condition", args.tasks_per_condition, "--workers", args.workers,
-            "--methods", ",".join(["pearl", *names]), "--json", args.json])
-    summarize(args.json)
+    run_validation(args, names)
 
 
 def summarize(path: str) -> None:

@@ -53,8 +53,9 @@ from metarl_ros.control.model_features import (
     num_fault_parameters,
     parameter_scale,
 )
-from metarl_ros.control.policy_interface import AdaptivePolicy, PosteriorSummary
+from metarl_ros.control.policy_interface import AdaptivePolicy
 from metarl_ros.core.schema import ConfigError, StrictModel
+from metarl_ros.policy.wrapper import PolicyWrapper
 
 
 class ParameterAdaptationConfig(StrictModel):
@@ -158,7 +159,7 @@ class ParameterAdaptation:
         return np.split(delta, np.cumsum([n, NUM_PAYLOAD_PARAMETERS, n]), axis=1)
 
 
-class ParameterAdaptationPolicy:
+class ParameterAdaptationPolicy(PolicyWrapper):
     """A policy plus the parameter adaptation law: ``act`` returns the policy's action plus
     the correction (clipped to [-1, 1]); ``observe`` steps the law on the transition's
     ``next_obs`` and passes the transition on. Other attributes are the wrapped policy's.
@@ -171,16 +172,10 @@ class ParameterAdaptationPolicy:
 
     def __init__(self, policy: AdaptivePolicy, law: ControlLaw,
                  config: ParameterAdaptationConfig | None = None) -> None:
-        self.policy = policy
-        self.contract = policy.contract
+        super().__init__(policy)
         # not ``adaptation``: that name is the wrapped policy's MAML adaptation (counters)
         self.parameter_law = ParameterAdaptation(law, 1.0 / policy.contract.control_rate_hz, 1,
                                                  config)
-
-    def __getattr__(self, name: str):
-        if name == "policy":  # not set yet (copy/unpickle): no recursion
-            raise AttributeError(name)
-        return getattr(self.policy, name)
 
     def reset(self) -> None:
         self.parameter_law.reset()
@@ -194,9 +189,6 @@ class ParameterAdaptationPolicy:
         action = np.asarray(self.policy.act(obs), np.float64)
         corrected = action + self.parameter_law.correction(np.asarray(obs)[None])[0]
         return np.clip(corrected, -1.0, 1.0).astype(np.float32)
-
-    def posterior(self) -> PosteriorSummary:
-        return self.policy.posterior()
 
     def parameters(self) -> np.ndarray:
         """The current correction ``delta`` (3n + 10,), in physical units."""
