@@ -644,7 +644,7 @@ def test_metarl_eval_on_a_split_writes_documented_json_and_plot(model_dir, tmp_p
                                                                 monkeypatch):
     from metarl_ros.evaluation import methods as registry
 
-    for name in ("ceiling", "dob", "adaptive_ct"):  # the learned methods' JSON alone
+    for name in ("ceiling", "dob", "adaptive_ct", "adaptive_ff"):  # the learned methods alone
         monkeypatch.delitem(registry.METHODS, name)
     out_json, out_png = tmp_path / "eval" / "out.json", tmp_path / "eval" / "out.png"
     code = metarl_main(["eval", "--model", str(model_dir), "--split", "heldout", "--episodes", "2",
@@ -652,7 +652,7 @@ def test_metarl_eval_on_a_split_writes_documented_json_and_plot(model_dir, tmp_p
     assert code == 0, capsys.readouterr().err
     result = json.loads(out_json.read_text())
     assert set(result) == {"protocol", "results", "compliance"}
-    methods = ("oracle", "robust", "nominal", "pearl", "maml", "pearl_maml")
+    methods = ("oracle", "robust", "nominal", "pearl", "maml", "pearl_maml", "pearl_adapt")
     condition = result["results"]["seed0"]["split_heldout"]["conditions"]["in_range"]
     assert condition["scope"] == "in_range" and condition["episodes"] == 2
     assert set(condition["methods"]) == set(methods)
