@@ -32,8 +32,8 @@ Subscribes
     duplicate answer to a re-published instant must not be taken as the answer to the next
     one, and exactly one command is applied per instant. Untagged commands are taken as the
     answer to the current instant.
-    ``/<controller_name>/joint_trajectory`` (trajectory_msgs/JointTrajectory, RELIABLE), instead,
-    with ``command_interface: impedance`` -- joint impedance commands as adapter_node's
+    ``/<controller_name>/joint_trajectory`` (trajectory_msgs/JointTrajectory, RELIABLE),
+    instead, with ``command_interface: impedance`` -- joint impedance commands as adapter_node's
     ``command_type: impedance`` sends them (:mod:`metarl_ros.nodes.commands`): one point,
     joints matched by name, ``positions``/``velocities`` the setpoints and ``effort`` the
     feed-forward, reached ``time_from_start`` after arrival. The node then plays the robot's fast
@@ -41,10 +41,11 @@ Subscribes
     (default: the env's PD): ``tau = kp (p(t) - q) + kd (v(t) - qd) + effort`` recomputed at
     every physics step from the joints' true state, the setpoint ``p(t)`` moving on the point's
     parabola (``accelerations``) through ``positions`` at ``time_from_start``
-    (:meth:`~metarl_ros.sim.arm_sim.ArmSimulation.step_impedance`) until the next command.
-    Anything else is rejected as above (zero effort). Impedance commands
-    carry no lockstep tag; the env steps with efforts held for a control period, so lockstep in
-    impedance mode is deterministic but not the env's trajectory.
+    (:meth:`~metarl_ros.sim.arm_sim.ArmSimulation.step_impedance`) until the next command;
+    ``header.stamp`` is not read (a command starts on arrival). Anything else is rejected as
+    above (zero effort). Impedance commands carry no lockstep tag; the env steps with efforts
+    held for a control period, so lockstep in impedance mode is deterministic but not the
+    env's trajectory.
     ``/sim/set_task`` (std_msgs/String) -- JSON task change applied at once, format in
     :mod:`metarl_ros.sim.scenario` (e.g. ``{"label": "drop", "payload_mass": 0.0}``).
 
