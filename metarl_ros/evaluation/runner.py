@@ -151,8 +151,7 @@ class ParameterAdaptationHook:
     def correct(self, obs: np.ndarray, action: np.ndarray, latent) -> np.ndarray:
         if self.inner is not None:
             action = self.inner.correct(obs, action, latent)
-        corrected = action + self.adaptation.correction(obs)
-        return np.clip(corrected, -1.0, 1.0).astype(action.dtype)
+        return self.adaptation.corrected(obs, action)
 
     def record(self, obs, action, next_obs, latent) -> None:
         if self.inner is not None:

@@ -129,6 +129,12 @@ class ParameterAdaptation:
         return (du * features[:, 0] + np.einsum("ek,ekn->en", dpi, regressor)
                 + dd * features[:, -2] + dc * features[:, -1])
 
+    def corrected(self, obs: np.ndarray, action: np.ndarray) -> np.ndarray:
+        """``action`` (E, n) plus the correction for ``obs`` (E, obs_dim), clipped to
+        [-1, 1], in ``action``'s dtype: what the robots execute."""
+        action = np.asarray(action)
+        return np.clip(action + self.correction(obs), -1.0, 1.0).astype(action.dtype)
+
     def update(self, obs: np.ndarray) -> None:
         """One step of the law from observations (E, obs_dim) of the robots' current state
         (their error blocks and features)."""
@@ -138,21 +144,26 @@ class ParameterAdaptation:
         limit = self.config.error_limit
         sigma = np.clip(sigma, -limit, limit)
         features = self._features(obs)
-        regressor_sq = np.concatenate([  # squared norms of the regressor's columns
-            features[:, 0] ** 2, (features[:, 1:1 + NUM_PAYLOAD_PARAMETERS] ** 2).sum(-1),
-            features[:, -2] ** 2, features[:, -1] ** 2], axis=1)
+        # the regressor's squared column norms are its transpose, squared, applied to ones
+        regressor_sq = self._transpose(features**2, np.ones_like(sigma))
         rate = self._rate / (1.0 + np.einsum("ep,p->e", regressor_sq, self._rate)[:, None]
                              / self.config.rate_limit)
-        gradient = np.concatenate([
-            features[:, 0] * sigma,
-            np.einsum("ekn,en->ek", features[:, 1:1 + NUM_PAYLOAD_PARAMETERS], sigma),
-            features[:, -2] * sigma,
-            features[:, -1] * sigma,
-        ], axis=1)
+        gradient = self._transpose(features, sigma)
         rows = slice(0, len(obs))
         delta = self.delta[rows]
         delta += self.dt * (rate * gradient - self.config.leak * delta)
         np.clip(delta, -self._limit, self._limit, out=delta)
+
+    @staticmethod
+    def _transpose(features: np.ndarray, v: np.ndarray) -> np.ndarray:
+        """``F^T v`` (E, 3n + 10): the regressor of :meth:`correction` (feature blocks
+        (E, NUM_BLOCKS, n)) transposed, applied to ``v`` (E, n)."""
+        return np.concatenate([
+            features[:, 0] * v,
+            np.einsum("ekn,en->ek", features[:, 1:1 + NUM_PAYLOAD_PARAMETERS], v),
+            features[:, -2] * v,
+            features[:, -1] * v,
+        ], axis=1)
 
     def _split(self, delta: np.ndarray) -> list[np.ndarray]:
         n = self.num_joints
@@ -186,9 +197,8 @@ class ParameterAdaptationPolicy(PolicyWrapper):
         self.policy.observe(obs, action, reward, next_obs)
 
     def act(self, obs: np.ndarray) -> np.ndarray:
-        action = np.asarray(self.policy.act(obs), np.float64)
-        corrected = action + self.parameter_law.correction(np.asarray(obs)[None])[0]
-        return np.clip(corrected, -1.0, 1.0).astype(np.float32)
+        action = np.asarray(self.policy.act(obs), np.float32)
+        return self.parameter_law.corrected(np.asarray(obs)[None], action[None])[0]
 
     def parameters(self) -> np.ndarray:
         """The current correction ``delta`` (3n + 10,), in physical units."""
