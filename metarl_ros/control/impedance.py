@@ -43,6 +43,13 @@ class ImpedanceCommand:
     compensation)."""
 
 
+def along_parabola(position: np.ndarray, velocity: np.ndarray, acceleration: np.ndarray,
+                   s: float) -> tuple[np.ndarray, np.ndarray]:
+    """The setpoint (position, velocity) ``s`` seconds on (``s < 0``: back) along the parabola
+    through ``position`` with ``velocity`` and constant ``acceleration`` (each (n,))."""
+    return position + (velocity + 0.5 * acceleration * s) * s, velocity + acceleration * s
+
+
 def impedance_command(law: ControlLaw, efforts: np.ndarray, position: np.ndarray,
                       velocity: np.ndarray, reference: tuple[np.ndarray, ...] | None,
                       safe: bool) -> ImpedanceCommand:

@@ -57,7 +57,7 @@ from rclpy.node import Node
 from std_msgs.msg import Float64MultiArray, MultiArrayDimension, MultiArrayLayout
 from trajectory_msgs.msg import JointTrajectory, JointTrajectoryPoint
 
-from metarl_ros.control.impedance import ImpedanceCommand
+from metarl_ros.control.impedance import ImpedanceCommand, along_parabola
 from metarl_ros.control.joint_map import COMMAND_TYPES, command_topic
 
 from .common import COMMAND_QOS
@@ -103,9 +103,7 @@ def impedance_values(msg: JointTrajectory, joint_names: Sequence[str]
         fields.append(array)
     order = [names.index(name) for name in joint_names]
     ahead = point.time_from_start.sec + point.time_from_start.nanosec * 1e-9
-    velocity = fields[1] - fields[2] * ahead
-    fields[0] = fields[0] - (velocity + 0.5 * fields[2] * ahead) * ahead
-    fields[1] = velocity
+    fields[0], fields[1] = along_parabola(fields[0], fields[1], fields[2], -ahead)
     return np.concatenate([f[order] for f in fields]), ""
 
 
@@ -157,12 +155,12 @@ class CommandPublisher:
         if self.command_type == "impedance":
             if impedance is None:
                 return False
-            ahead, accel = self.impedance_horizon_s, impedance.acceleration
+            ahead = self.impedance_horizon_s
+            position, velocity = along_parabola(impedance.position, impedance.velocity,
+                                                impedance.acceleration, ahead)
             point = JointTrajectoryPoint(
-                positions=self._ordered(impedance.position + (impedance.velocity
-                                                              + 0.5 * accel * ahead) * ahead),
-                velocities=self._ordered(impedance.velocity + accel * ahead),
-                accelerations=self._ordered(accel),
+                positions=self._ordered(position), velocities=self._ordered(velocity),
+                accelerations=self._ordered(impedance.acceleration),
                 effort=self._ordered(impedance.feed_forward),
                 time_from_start=Duration(sec=int(ahead), nanosec=int(round(ahead % 1 * 1e9))))
             self._publisher.publish(JointTrajectory(joint_names=self.joint_names, points=[point]))

@@ -40,6 +40,7 @@ import numpy as np
 import pybullet
 import pybullet_data
 
+from metarl_ros.control.impedance import along_parabola
 from metarl_ros.core.schema import ConfigError
 from metarl_ros.sim.robot import RobotSpec
 from metarl_ros.sim.tasks import FaultEvent, TaskParams
@@ -400,9 +401,7 @@ class ArmSimulation:
         start = self.time_s - since_s
 
         def torque() -> np.ndarray:
-            elapsed = self.time_s - start
-            target = setpoint + (rate + 0.5 * accel * elapsed) * elapsed
-            target_rate = rate + accel * elapsed
+            target, target_rate = along_parabola(setpoint, rate, accel, self.time_s - start)
             return kp * (target - self._position) + kd * (target_rate - self._velocity) + ff
 
         return self._advance(torque, substeps, constant=False)
