@@ -190,17 +190,13 @@ def _run_direct(runs, model: Path, env_config: str, scenario: Scenario, duration
         for run in runs:
             print(f"running {run.name}: {run.description} ...", flush=True)
             start = time.monotonic()
-            policy = None  # pd: the env's PD feedback alone (zero action)
-            if run.arguments["policy"] in ("dob", "adaptive_ct"):
-                policy = make_policy(run.arguments["policy"], setup)
-            elif run.arguments["policy"] != "pd" or "parameter_adaptation" in run.arguments:
-                graph = adapt_sim_graph({**run.arguments, "model": str(model),
-                                         "real_time_factor": "0.0"})
-                p = graph.node("adapter_node").parameters
-                policy = make_policy(p["policy"], setup, model_path=p["model_path"],
-                                     adaptation=p["adaptation"], maml=p["maml"],
-                                     adaptation_schedule=p["adaptation_schedule"],
-                                     parameter_adaptation=p["parameter_adaptation"])
+            graph = adapt_sim_graph({**run.arguments, "model": str(model),
+                                     "real_time_factor": "0.0"})
+            p = graph.node("adapter_node").parameters
+            policy = make_policy(p["policy"], setup, model_path=p["model_path"],
+                                 adaptation=p["adaptation"], maml=p["maml"],
+                                 adaptation_schedule=p["adaptation_schedule"],
+                                 parameter_adaptation=p["parameter_adaptation"])
             trace = run_env(env, scenario, duration_s, policy)
             results[run.name] = RunOutcome(trace, time.monotonic() - start)
     finally:
