@@ -22,8 +22,12 @@ is matched to the exact state it was computed from:
   bigger message; running pd both ways shows how much.
 
 Latency = command receipt minus joint state publication, both on this process's monotonic
-clock. Resident memory (``VmRSS``, and its peak ``VmHWM``, from ``/proc/<pid>/status``) of
-each node process is read at the end of its measured window; ``children_vmrss_mb`` is that of
+clock. With ``--rounds R`` every node is measured R times in turn (the load of a shared
+machine drifts within minutes: the echo's p99 alone moved 0.7-1.8 ms between runs a few
+minutes apart), the latencies of its rounds are pooled, and each node's p99 is given as a
+ratio to the echo's, pooled and per round. Resident memory (``VmRSS``, and its peak
+``VmHWM``, from ``/proc/<pid>/status``) of each node process is read at the end of its
+measured window; ``children_vmrss_mb`` is that of
 its child processes (adapter_node with policy pearl, MAML on and ``adaptation_schedule:
 background`` runs the MAML adaptation in one: ``metarl_ros.policy.adaptation_process``).
 
@@ -212,6 +216,7 @@ class Driver:
         result = {
             "mode": mode,
             "match": match,
+            "latencies_ms": lat,  # pooled over rounds by main(), not written
             "load_average_1min_before": round(load_before, 2),
             "states_published": measured_states,
             "control_ticks_expected": (total - first_measured) // decimation + 1,
@@ -309,6 +314,40 @@ def measure(driver: Driver, mode: str, cmd: list[str], warmup_s: float,
         _stop(proc)
 
 
+def pool_rounds(rounds: list[dict]) -> dict:
+    """Per node: the latencies of every round pooled (``latency_*`` of the pool; the other
+    figures are the last round's), and with an ``echo`` in the rounds each node's p99 as a
+    ratio to the echo's -- pooled (``p99_x_echo``) and per round (``p99_x_echo_per_round``,
+    each against the echo measured in the same round)."""
+    pooled: dict[str, dict] = {}
+    for name in rounds[0]:
+        runs = [r[name] for r in rounds]
+        lat = np.concatenate([run["latencies_ms"] for run in runs])
+        entry = {k: v for k, v in runs[-1].items() if k != "latencies_ms"}
+        entry.update({
+            "commands_matched": int(lat.size),
+            "latency_p50_ms": float(np.percentile(lat, 50)) if lat.size else float("nan"),
+            "latency_p99_ms": float(np.percentile(lat, 99)) if lat.size else float("nan"),
+            "latency_max_ms": float(lat.max()) if lat.size else float("nan"),
+        })
+        if "late_tick_pct" in runs[0]:
+            ticks = sum(run["node_ticks"] for run in runs)
+            late = sum(run["late_tick_pct"] * run["node_ticks"] / 100.0 for run in runs
+                       if run["node_ticks"])
+            entry["node_ticks"] = ticks
+            entry["late_tick_pct"] = 100.0 * late / ticks if ticks else float("nan")
+        pooled[name] = entry
+    if "echo" in pooled:
+        for name, entry in pooled.items():
+            if name == "echo":
+                continue
+            entry["p99_x_echo"] = entry["latency_p99_ms"] / pooled["echo"]["latency_p99_ms"]
+            entry["p99_x_echo_per_round"] = [
+                float(np.percentile(r[name]["latencies_ms"], 99)
+                      / np.percentile(r["echo"]["latencies_ms"], 99)) for r in rounds]
+    return pooled
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rate", type=float, default=500.0, help="joint state rate, Hz")
@@ -330,6 +369,10 @@ def main(argv: list[str] | None = None) -> int:
                              "--policy pd for matching, onnx_policy_node always uses trajectory")
     parser.add_argument("--adapter-threads", type=int, default=1,
                         help="adapter_node executor_threads (1 = SingleThreadedExecutor)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="measure the nodes this many times, in turn (echo, adapter, onnx, "
+                             "echo, ...): the machine's load drifts within minutes, so a ratio "
+                             "is only fair between runs close in time")
     parser.add_argument("--echo", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args(argv)
@@ -367,12 +410,13 @@ def main(argv: list[str] | None = None) -> int:
         "onnx": lambda: measure(driver, "onnx", onnx_cmd, args.warmup, args.duration,
                                 "positions", decimation, "onnx_policy_node"),
     }
-    measured = {}
+    rounds: list[dict] = []
     try:
-        for name in nodes:
-            measured[name] = runs[name]()
+        for _ in range(args.rounds):
+            rounds.append({name: runs[name]() for name in nodes})
     finally:
         driver.close()
+    measured = pool_rounds(rounds)
     results = {
         "command": "python benchmarks/ros_latency.py " + " ".join(argv or sys.argv[1:]),
         "rate_hz": args.rate, "duration_s": args.duration, "policy": args.policy,
@@ -380,9 +424,12 @@ def main(argv: list[str] | None = None) -> int:
         "model": args.model, "onnx_model": args.onnx_model,
         "onnx_posterior_update": args.onnx_posterior_update,
         "adapter_threads": args.adapter_threads,
+        "rounds": args.rounds,
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
                    f"load average {os.getloadavg()[0]:.2f}",
         **measured,
+        "per_round": [{name: {k: v for k, v in run.items() if k != "latencies_ms"}
+                       for name, run in r.items()} for r in rounds],
     }
     print(json.dumps(results, indent=2))
     if args.json:

@@ -91,9 +91,12 @@ def toy_process():
     process.close()
 
 
-def test_process_corrections_equal_in_process_adaptation(toy_process) -> None:
+@pytest.mark.parametrize("sending", ["at_once", "flush", "next_record"])
+def test_process_corrections_equal_in_process_adaptation(toy_process, sending) -> None:
     """The same transitions and queries through the pipe and in process: after the same
-    number of steps on the same windows, the same held correction, bit for bit."""
+    number of steps on the same windows, the same held correction, bit for bit -- whether each
+    query is sent at once, queued and flushed after the command (``after_command``), or left
+    for the next transition's record to send first."""
     process = toy_process
     assert process.wait_ready(START_S), process.info
     process.reset()
@@ -108,9 +111,12 @@ def test_process_corrections_equal_in_process_adaptation(toy_process) -> None:
         # a burst right after a step: all of it is in the window at the child's next step
         for obs, action, next_obs in batch:
             process.record(obs, action, next_obs, None)
-            process.query(*query, None)
+            process.query(*query, None, send=sending == "at_once")
+            if sending == "flush":
+                process.flush()
             local.record(obs, action, next_obs, None)
             local.set_query(*query, None)
+        process.flush()  # the burst's last query (a no-op unless left for the next record)
         wanted = report.steps + more_steps
         report = _wait_report(process, lambda r, w=wanted: r.steps >= w)
         for _ in range(report.steps - local.steps):

@@ -1,6 +1,7 @@
 """The ROS-free control loop: mapping, watchdog, clamp, safe action, transitions, diagnostics."""
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -625,3 +626,48 @@ def test_reference_view_is_the_observation_on_the_reference():
     view = reference_view_matrix(law)
     np.testing.assert_allclose(view @ measured, on_reference, atol=1e-5)
     assert not np.allclose(measured, on_reference)
+
+
+def test_reference_terms_run_once_per_tick_when_its_reference_arrives(setup):
+    """The rigid-body model's part of the law (model features and feed-forward) runs once per
+    control tick, when the reference that tick uses arrives -- not for decimated references,
+    not again after the joint state -- and the tick's observation and efforts are those of the
+    law computed inline."""
+    calls = []
+    phase = {"now": ""}
+
+    def counted(name, fn):
+        def wrapped(*args):
+            calls.append((name, phase["now"]))
+            return fn(*args)
+        return wrapped
+
+    n = setup.act_dim
+    law = replace(setup.law,
+                  model_features=counted("features", lambda q, qd, qdd: np.concatenate(
+                      [q, qd, qdd]).astype(np.float32)),
+                  feed_forward=counted("feed_forward", lambda q, qd, qdd: 2.0 * q + qdd))
+    recorder = RecordingPolicy(setup, action=np.full(n, 0.1))
+    loop = AdaptiveController(law, recorder, LoopConfig(control_rate_hz=100.0))
+    rng = np.random.default_rng(0)
+    results, inline = [], []
+    for k in range(25):  # 500 Hz: a tick at every fifth instant
+        t = 1.0 + 0.002 * k
+        ref = tuple(rng.normal(size=n) for _ in range(3))
+        q, qd = rng.normal(size=n), rng.normal(size=n)
+        phase["now"] = "reference"
+        loop.on_reference(t, t, [], *ref)
+        phase["now"] = "joint_state"
+        if loop.on_joint_state(t, t, setup.robot.joint_names, q, qd):
+            phase["now"] = "tick"
+            results.append(loop.tick(t))
+            phase["now"] = "inline"
+            inline.append((loop.clamp.clamp(effort_command(law, recorder.action, q, qd, ref)),
+                           build_observation(law, q, qd, ref, np.full(n, 0.1, np.float32))))
+    assert len(results) == 5
+    during_loop = [c for c in calls if c[1] != "inline"]
+    assert during_loop == [("features", "reference"), ("feed_forward", "reference")] * 5
+    for result, (efforts, _) in zip(results, inline):
+        np.testing.assert_array_equal(result.efforts, efforts)
+    for (obs, *_), (_, expected) in zip(recorder.observed[1:], inline[1:-1]):
+        np.testing.assert_array_equal(obs, expected)

@@ -7,7 +7,7 @@ import dataclasses
 import numpy as np
 import pytest
 
-from metarl_ros.control.law import effort_command
+from metarl_ros.control.law import build_observation, effort_command, reference_terms
 from metarl_ros.policy.computed_torque import ObservationCodec
 from metarl_ros.sim.env import ArmTrackingEnv
 from metarl_ros.sim.env_config import load_env_setup
@@ -60,3 +60,25 @@ def test_classical_controllers_see_the_feed_forward_as_part_of_the_env_effort(se
     expected = effort_command(model_based.law, np.zeros(7), q, qd, (q_ref, qd_ref, qdd_ref))
     np.testing.assert_allclose(codec.effort(np.zeros(7), obs), expected, rtol=1e-6, atol=1e-6)
     env.close()
+
+
+def test_reference_terms_computed_ahead_give_the_same_law():
+    """What the model computes from the reference alone (the control loop computes it when the
+    reference arrives) gives bit for bit the observation and efforts computed inline, with the
+    shipped env's model features and a model feed-forward."""
+    setup = load_env_setup()  # model features
+    config = setup.config.model_copy(update={"feed_forward": "nominal_model"})
+    law = dataclasses.replace(setup, config=config).law
+    assert law.model_features is not None and law.feed_forward is not None
+    rng = np.random.default_rng(3)
+    q, qd = rng.normal(size=7) * 0.3, rng.normal(size=7)
+    ref = (q + 0.01, qd, rng.normal(size=7))
+    action, previous = rng.uniform(-1, 1, 7), rng.uniform(-1, 1, 7).astype(np.float32)
+    terms = reference_terms(law, ref)
+    assert terms.features.dtype == np.float32 and terms.feed_forward.dtype == np.float64
+    np.testing.assert_array_equal(effort_command(law, action, q, qd, ref, terms),
+                                  effort_command(law, action, q, qd, ref))
+    np.testing.assert_array_equal(build_observation(law, q, qd, ref, previous, terms),
+                                  build_observation(law, q, qd, ref, previous))
+    plain = reference_terms(load_env_setup("sim/envs/iiwa7_tracking.yaml").law, ref)
+    assert plain.features is None and plain.feed_forward is None

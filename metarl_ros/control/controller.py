@@ -20,7 +20,10 @@ keeps the diagnostics (:mod:`~metarl_ros.control.diagnostics`).
 **Timing** (when a tick is due, the wait for the reference, bad stamps and resynchronisation)
 is :mod:`~metarl_ros.control.tick_timing`'s. A control tick calls ``policy.observe`` (the
 transition that ended now) and ``policy.act`` only; the context update
-(:meth:`AdaptiveController.update_context`) runs separately at its own rate.
+(:meth:`AdaptiveController.update_context`) runs separately at its own rate. What depends on
+the reference alone (the rigid-body model's features and feed-forward,
+:func:`~metarl_ros.control.law.reference_terms`) is computed when the reference a tick will
+use arrives, so it is off the joint state's path.
 
 **Staleness** is measured on the caller's clock (ROS time: simulation time when
 ``use_sim_time`` is on) from the *receipt* of the latest accepted joint state and reference
@@ -54,7 +57,14 @@ from metarl_ros.control.diagnostics import (
 from metarl_ros.control.joint_map import RejectedInput
 from metarl_ros.control.latent import LatentTracker, LatentUpdate
 from metarl_ros.control.impedance import ImpedanceCommand, impedance_command
-from metarl_ros.control.law import ControlLaw, build_observation, effort_command, tracking_reward
+from metarl_ros.control.law import (
+    ControlLaw,
+    ReferenceTerms,
+    build_observation,
+    effort_command,
+    reference_terms,
+    tracking_reward,
+)
 from metarl_ros.control.loop_inputs import LoopInputs
 from metarl_ros.control.loop_types import STALE_REASONS, LoopConfig, TickResult
 from metarl_ros.control.policy_interface import AdaptivePolicy, PolicyStatus
@@ -116,6 +126,7 @@ class AdaptiveController:
         self._last_command_wall: float | None = None
         self._last_command_now: float | None = None
         self._safe_detail = ""
+        self._terms: tuple[tuple[np.ndarray, ...], ReferenceTerms] | None = None
 
     # ----------------------------------------------------------------- live settings
 
@@ -180,7 +191,21 @@ class AdaptiveController:
         """Take a reference (q_ref, qd_ref, qdd_ref); return True if a deferred tick is due."""
         stamp = self.inputs.take_reference(stamp_s, now_s, names, position, velocity,
                                            acceleration)
+        if self.timing.needs_reference(stamp):
+            try:  # the model's part now, not after the joint state
+                self._reference_terms()
+            except Exception:  # noqa: BLE001 - the tick computes them again, failing safely
+                self._terms = None
         return self.timing.on_reference(stamp)
+
+    def _reference_terms(self) -> ReferenceTerms:
+        """:func:`~metarl_ros.control.law.reference_terms` of the latest reference, computed
+        once per reference."""
+        reference = self.inputs.reference
+        assert reference is not None
+        if self._terms is None or self._terms[0] is not reference:
+            self._terms = (reference, reference_terms(self.law, reference))
+        return self._terms[1]
 
     # ----------------------------------------------------------------- control
 
@@ -248,9 +273,10 @@ class AdaptiveController:
         sample, reference = self.inputs.sample, self.inputs.reference
         start = time.perf_counter()
         try:
+            terms = self._reference_terms()
             with self._policy_lock:
                 obs = build_observation(self.law, sample.position, sample.velocity,
-                                        reference, self._last_action.astype(np.float32))
+                                        reference, self._last_action.astype(np.float32), terms)
                 if self._previous is not None:
                     prev_obs, prev_action = self._previous
                     error = float(np.linalg.norm(reference[0] - sample.position))
@@ -259,7 +285,7 @@ class AdaptiveController:
                     self.stats.transitions += 1
                 applied = self.clamp.check_action(self.policy.act(obs))
             efforts = self.clamp.clamp(effort_command(self.law, applied, sample.position,
-                                                      sample.velocity, reference))
+                                                      sample.velocity, reference, terms))
         except Exception as exc:  # noqa: BLE001 - the loop must survive any policy failure
             compute = time.perf_counter() - start
             with self._lock:
@@ -287,6 +313,20 @@ class AdaptiveController:
         if self._tick_late:
             with self._lock:
                 self.stats.late_ticks += 1
+
+    def after_command(self) -> None:
+        """Call once a tick's command is out: runs the policy's ``after_command()`` (if it has
+        one), work that need not delay the command. A failure is counted, never raised."""
+        hook = getattr(self.policy, "after_command", None)
+        if not callable(hook):
+            return
+        try:
+            with self._policy_lock:
+                hook()
+        except Exception as exc:  # noqa: BLE001 - the loop must survive any policy failure
+            with self._lock:
+                self.stats.policy_errors += 1
+                self.stats.last_policy_error = f"after_command: {type(exc).__name__}: {exc}"
 
     def record_publish_latency(self, seconds: float) -> None:
         """Count the last tick as late if receipt-to-publish took longer than its budget.

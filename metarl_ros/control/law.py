@@ -115,16 +115,42 @@ class ControlLaw:
         return 7 * n + (0 if self.model_features is None else NUM_BLOCKS * n)
 
 
+@dataclass(frozen=True)
+class ReferenceTerms:
+    """What the law computes from one reference instant alone (:func:`reference_terms`).
+
+    A control loop computes them when the reference arrives, before the joint state they
+    will be combined with, so the rigid-body model stays off the sensor-to-command path;
+    :func:`build_observation` and :func:`effort_command` take them instead of recomputing.
+    """
+
+    features: np.ndarray | None
+    """the observation's model features, (NUM_BLOCKS * n,) float32; None without them."""
+    feed_forward: np.ndarray | None
+    """the law's model feed-forward, (n,) float64 N*m; None without one."""
+
+
+def reference_terms(law: ControlLaw,
+                    reference: tuple[np.ndarray, np.ndarray, np.ndarray]) -> ReferenceTerms:
+    """The rigid-body model's part of the law at one reference instant (each input (n,))."""
+    q_ref, qd_ref, qdd_ref = reference
+    return ReferenceTerms(
+        None if law.model_features is None else law.model_features(q_ref, qd_ref, qdd_ref),
+        None if law.feed_forward is None else law.feed_forward(q_ref, qd_ref, qdd_ref))
+
+
 def build_observation(
     law: ControlLaw,
     position: np.ndarray,
     velocity: np.ndarray,
     reference: tuple[np.ndarray, np.ndarray, np.ndarray],
     previous_action: np.ndarray,
+    terms: ReferenceTerms | None = None,
 ) -> np.ndarray:
     """The policy observation from a joint reading and the reference (layout: module doc).
 
-    Shared by the env and the ROS nodes, so the two cannot disagree. All inputs shape (n,).
+    Shared by the env and the ROS nodes, so the two cannot disagree. All inputs shape (n,);
+    ``terms``: :func:`reference_terms` of ``reference``, if already computed.
     """
     obs_cfg = law.observation
     q_ref, qd_ref, qdd_ref = reference
@@ -138,7 +164,8 @@ def build_observation(
         previous_action,
     ]
     if law.model_features is not None:
-        blocks.append(law.model_features(q_ref, qd_ref, qdd_ref))
+        blocks.append(law.model_features(q_ref, qd_ref, qdd_ref) if terms is None
+                      else terms.features)
     return np.concatenate(blocks).astype(np.float32)
 
 
@@ -148,11 +175,14 @@ def effort_command(
     position: np.ndarray,
     velocity: np.ndarray,
     reference: tuple[np.ndarray, np.ndarray, np.ndarray],
+    terms: ReferenceTerms | None = None,
 ) -> np.ndarray:
-    """Joint efforts (N*m, shape (n,)) for a normalized action: PD feedback plus the action.
+    """Joint efforts (N*m, shape (n,)) for a normalized action: PD feedback plus the action
+    (plus the model feed-forward, if the law has one).
 
     Shared by the env and the ROS nodes. Not clipped: the motors (or the node's safety clamp)
-    limit it.
+    limit it. ``terms``: :func:`reference_terms` of a single ``reference`` instant, if
+    already computed.
     """
     feedback = law.feedback
     q_ref, qd_ref, qdd_ref = reference
@@ -163,6 +193,8 @@ def effort_command(
     )
     if law.feed_forward is None:
         return effort
+    if terms is not None:
+        return effort + terms.feed_forward
     if np.ndim(q_ref) == 1:
         return effort + law.feed_forward(q_ref, qd_ref, qdd_ref)
     # a batch of instants (rows): one model evaluation each

@@ -76,6 +76,9 @@ class AdaptivePolicy(Protocol):
     """A controller that adapts online from recent transitions.
 
     Called from the control loop: ``act`` must be fast and never block on adaptation work.
+    Optional hooks the loop calls when a policy has them: ``update_context()`` (at the
+    context rate), ``after_command()`` (once a tick's command is published: bookkeeping that
+    need not delay it), ``status()`` (:class:`PolicyStatus`) and ``close()``.
     """
 
     contract: PolicyContract

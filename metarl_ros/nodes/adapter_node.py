@@ -361,6 +361,7 @@ class AdapterNode(Node):
     def _publish(self, result: TickResult, received: float) -> None:
         self._send(result, self.loop.last_tick_stamp)  # tagged with its instant
         self.loop.record_publish_latency(time.perf_counter() - received)
+        self.loop.after_command()
         self._log_tick(result)
         self._after_tick.tick_done()
 

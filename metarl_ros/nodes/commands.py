@@ -49,6 +49,7 @@ sim_node in lockstep uses the tag to ignore answers to instants it has already s
 
 from __future__ import annotations
 
+from array import array
 from typing import Sequence
 
 import numpy as np
@@ -132,10 +133,20 @@ class CommandPublisher:
         self.impedance_horizon_s = impedance_horizon_s
         msg_type = Float64MultiArray if command_type == "effort" else JointTrajectory
         self._publisher = node.create_publisher(msg_type, self.topic, COMMAND_QOS)
+        # one message, filled and published at every command (publishing serializes it at
+        # once); arrays go in as array('d'), which the message's setters take without
+        # checking every element as they do for lists
+        ahead = impedance_horizon_s if command_type == "impedance" else 0.0
+        self._point = JointTrajectoryPoint(time_from_start=Duration(
+            sec=int(ahead), nanosec=int(round(ahead % 1 * 1e9))))
+        self._trajectory = JointTrajectory(joint_names=self.joint_names, points=[self._point])
 
-    def _ordered(self, values: np.ndarray) -> list[float]:
+    def _ordered(self, values: np.ndarray) -> array:
+        """``values`` (model order) in the controller's order, as a message's float64 array."""
         values = np.asarray(values, dtype=np.float64)
-        return (values if self._identity else values[self._order]).tolist()
+        out = array("d")
+        out.frombytes((values if self._identity else values[self._order]).tobytes())
+        return out
 
     def publish(self, efforts: np.ndarray, position: np.ndarray | None,
                 stamp_ns: int | None = None, impedance: ImpedanceCommand | None = None) -> bool:
@@ -152,25 +163,22 @@ class CommandPublisher:
                     label=f"{STAMP_LABEL}{int(stamp_ns)}", size=size, stride=size)])
             self._publisher.publish(msg)
             return True
+        point = self._point
         if self.command_type == "impedance":
             if impedance is None:
                 return False
-            ahead = self.impedance_horizon_s
             position, velocity = along_parabola(impedance.position, impedance.velocity,
-                                                impedance.acceleration, ahead)
-            point = JointTrajectoryPoint(
-                positions=self._ordered(position), velocities=self._ordered(velocity),
-                accelerations=self._ordered(impedance.acceleration),
-                effort=self._ordered(impedance.feed_forward),
-                time_from_start=Duration(sec=int(ahead), nanosec=int(round(ahead % 1 * 1e9))))
-            self._publisher.publish(JointTrajectory(joint_names=self.joint_names, points=[point]))
-            return True
-        if position is None:
-            return False
-        point = JointTrajectoryPoint(positions=self._ordered(position),
-                                     effort=self._ordered(efforts),
-                                     time_from_start=Duration(sec=0, nanosec=0))
-        self._publisher.publish(JointTrajectory(joint_names=self.joint_names, points=[point]))
+                                                impedance.acceleration,
+                                                self.impedance_horizon_s)
+            point.velocities = self._ordered(velocity)
+            point.accelerations = self._ordered(impedance.acceleration)
+            point.effort = self._ordered(impedance.feed_forward)
+        else:
+            if position is None:
+                return False
+            point.effort = self._ordered(efforts)
+        point.positions = self._ordered(position)
+        self._publisher.publish(self._trajectory)
         return True
 
     def subscription_count(self) -> int:

@@ -204,22 +204,35 @@ class AdaptationProcess:
     def record(self, obs: np.ndarray, action: np.ndarray, next_obs: np.ndarray,
                latent: np.ndarray | None) -> None:
         """Queue a transition (sent with the next :meth:`query`)."""
-        if int(self._record[0]) & TRANSITION:
-            self._send()  # two transitions without a query between: send the first alone
+        if int(self._record[0]) & (TRANSITION | QUERY):
+            # two transitions without a query between (send the first alone), or a query
+            # not flushed yet: it belongs before this transition
+            self._send()
         r, p = self._record, self._parts
         r[p["obs"]], r[p["action"]], r[p["next_obs"]] = obs, action, next_obs
         if latent is not None and self.layout.latent_dim:
             r[p["latent"]] = latent
         r[0] = int(r[0]) | TRANSITION
 
-    def query(self, obs: np.ndarray, action: np.ndarray, latent: np.ndarray | None) -> None:
-        """Send the state the policy acted in (and the queued transition, if any)."""
+    def query(self, obs: np.ndarray, action: np.ndarray, latent: np.ndarray | None,
+              send: bool = True) -> None:
+        """Send the state the policy acted in (and the queued transition, if any); with
+        ``send=False`` only queue it, for :meth:`flush` (or the next record or query) to send
+        once the command is out."""
         r, p = self._record, self._parts
+        if int(r[0]) & QUERY:
+            self._send()  # two queries without a flush between: send the first
         r[p["query_obs"]], r[p["query_action"]] = obs, action
         if latent is not None and self.layout.latent_dim:
             r[p["query_latent"]] = latent
         r[0] = int(r[0]) | QUERY
-        self._send()
+        if send:
+            self._send()
+
+    def flush(self) -> None:
+        """Send what :meth:`query` queued (nothing if nothing is queued)."""
+        if int(self._record[0]) & QUERY:
+            self._send()
 
     def reset(self) -> None:
         """Start a new epoch: the child forgets its window and adapted weights; reports of

@@ -108,9 +108,15 @@ class ProcessAdaptedPolicy:
         if self._view is not None:
             seen = (seen @ self._view).astype(np.float32)
         corrected = self.applier.apply(seen, action)
-        self.process.query(seen, action, self.inner.latent_mean())
+        self.process.query(seen, action, self.inner.latent_mean(), send=False)
         self.inference_time_s = time.perf_counter() - start
         return corrected
+
+    def after_command(self) -> None:
+        """Send the adaptation process this tick's record (the control loop calls this once
+        the command is published, keeping the pipe write off the sensor-to-command path;
+        otherwise the next record or query sends it)."""
+        self.process.flush()
 
     def posterior(self) -> PosteriorSummary:
         return self.inner.posterior()
