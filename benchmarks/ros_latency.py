@@ -14,12 +14,13 @@ sequence number in a tiny position offset of joint 1 (1e-6 rad per step), and ea
 is matched to the exact state it was computed from:
 
 * ``echo``: the echo returns the positions as data;
-* ``pd`` (adapter_node, policy pd, ``--command-type effort``): the command carries the
-  offset through the env's PD feedback (``kp_1 * offset``; the pd action is zero);
-* ``positions`` (``--command-type trajectory``, any policy): the one-point JointTrajectory
-  carries the measured positions the efforts were computed from. Learned policies need it --
-  their action hides the offset in an effort command -- and it costs the node a slightly
-  bigger message; running pd both ways shows how much.
+* ``stamp`` (``--command-type effort``, any policy): an effort command carries the stamp of
+  the joint state it answers in its layout (the lockstep tag, :mod:`metarl_ros.nodes.commands`),
+  and the message type is the echo's (std_msgs/Float64MultiArray), so the two differ only by
+  what the node does in between;
+* ``positions`` (``--command-type trajectory``): the one-point JointTrajectory carries the
+  measured positions the efforts were computed from; a bigger message, which the driver (in
+  Python) also takes longer to receive.
 
 Latency = command receipt minus joint state publication, both on this process's monotonic
 clock. With ``--rounds R`` every node is measured R times in turn (the load of a shared
@@ -101,12 +102,13 @@ class Driver:
         from sensor_msgs.msg import JointState
         from std_msgs.msg import Float64MultiArray
 
+        from metarl_ros.nodes.commands import command_stamp_ns
         from metarl_ros.sim.env_config import load_env_setup
 
         self.setup = load_env_setup()
+        self._stamp_of = command_stamp_ns
         self.names = list(self.setup.robot.joint_names)
         self.q0 = np.asarray(self.setup.robot.default_pose, dtype=np.float64)
-        self.kp0 = float(self.setup.config.feedback.kp[0])
         self.rate_hz = rate_hz
         self.JointState = JointState
         rclpy.init()
@@ -132,8 +134,9 @@ class Driver:
 
     def _on_command(self, msg) -> None:
         now = time.perf_counter()
+        tag = self._stamp_of(msg)  # the instant an effort command answers (lockstep tag)
         with self.lock:
-            self.received.append((msg.data[0], now))
+            self.received.append((msg.data[0] if tag is None else tag, now))
 
     def _on_trajectory(self, msg) -> None:
         now = time.perf_counter()
@@ -141,8 +144,8 @@ class Driver:
             self.received.append((msg.points[0].positions[0], now))
 
     def _decode(self, match: str, value: float) -> int:
-        if match == "pd":
-            return int(round(value / (self.kp0 * STEP_RAD)))
+        if match == "stamp":
+            return int(round((value - self._stamp0_ns) / self._period_ns))
         return int(round((self.q0[0] - value) / STEP_RAD))  # echo data, trajectory positions
 
     def _on_diag(self, msg) -> None:
@@ -154,27 +157,35 @@ class Driver:
         return (self.states.get_subscription_count() > 0
                 and self.node.count_publishers(self.command_topic) > 0)
 
-    def publish(self, seq: int, stamp_ns: int) -> None:
+    def publish(self, seq: int, stamp_ns: int, ahead_ns: int = 0) -> None:
+        """The joint state of instant ``stamp_ns`` and a reference: of the same instant,
+        published first; or (``ahead_ns`` > 0, a preview) of the instant ``ahead_ns`` later,
+        published after the joint state."""
         from builtin_interfaces.msg import Time
 
-        stamp = Time(sec=stamp_ns // 1_000_000_000, nanosec=stamp_ns % 1_000_000_000)
+        def stamp(ns: int) -> Time:
+            return Time(sec=ns // 1_000_000_000, nanosec=ns % 1_000_000_000)
+
         n = len(self.names)
         ref = self.JointState(name=self.names, position=self.q0.tolist(),
                               velocity=[0.0] * n, effort=[0.0] * n)
-        ref.header.stamp = stamp
+        ref.header.stamp = stamp(stamp_ns + ahead_ns)
         q = self.q0.copy()
         q[0] -= seq * STEP_RAD
         state = self.JointState(name=self.names, position=q.tolist(), velocity=[0.0] * n,
                                 effort=[0.0] * n)
-        state.header.stamp = stamp
-        self.refs.publish(ref)
+        state.header.stamp = stamp(stamp_ns)
+        if not ahead_ns:
+            self.refs.publish(ref)
         self.sent[seq] = time.perf_counter()
         self.states.publish(state)
+        if ahead_ns:
+            self.refs.publish(ref)
 
     def run(self, mode: str, warmup_s: float, duration_s: float, match: str,
-            decimation: int, pid: int | None = None) -> dict:
+            decimation: int, pid: int | None = None, ahead_s: float = 0.0) -> dict:
         """Publish for ``warmup_s + duration_s``; match each command to its state (``echo``,
-        ``pd`` or ``positions``); statistics of the measured part. ``decimation``: states
+        ``stamp`` or ``positions``); statistics of the measured part. ``decimation``: states
         per control tick."""
         load_before = os.getloadavg()[0]
         with self.lock:
@@ -184,6 +195,7 @@ class Driver:
         period = 1.0 / self.rate_hz
         period_ns = int(round(1e9 / self.rate_hz))
         stamp0_ns = self.node.get_clock().now().nanoseconds
+        self._stamp0_ns, self._period_ns = stamp0_ns, period_ns
         total = int((warmup_s + duration_s) * self.rate_hz)
         first_measured = int(warmup_s * self.rate_hz)
         start = time.perf_counter()
@@ -195,7 +207,7 @@ class Driver:
                 time.sleep(delay)
             if seq == first_measured:
                 diag_at_start = dict(self.diag)  # counters at the end of the warm-up
-            self.publish(seq, stamp0_ns + seq * period_ns)
+            self.publish(seq, stamp0_ns + seq * period_ns, int(round(ahead_s * 1e9)))
         last_publish = time.perf_counter()
         time.sleep(0.5)
         memory = _memory(pid) if pid is not None else {}
@@ -295,7 +307,7 @@ def _stop(proc: subprocess.Popen) -> None:
 
 def measure(driver: Driver, mode: str, cmd: list[str], warmup_s: float,
             duration_s: float, match: str = "echo", decimation: int = 1,
-            diag_prefix: str = "") -> dict:
+            diag_prefix: str = "", ahead_s: float = 0.0) -> dict:
     driver.diag_prefix = diag_prefix or mode
     driver.command_topic = ("/effort_controller/joint_trajectory" if match == "positions"
                             else "/effort_controller/commands")
@@ -309,7 +321,7 @@ def measure(driver: Driver, mode: str, cmd: list[str], warmup_s: float,
                 raise RuntimeError(f"{mode}: no connection within 30 s")
             time.sleep(0.05)
         time.sleep(0.5)
-        return driver.run(mode, warmup_s, duration_s, match, decimation, proc.pid)
+        return driver.run(mode, warmup_s, duration_s, match, decimation, proc.pid, ahead_s)
     finally:
         _stop(proc)
 
@@ -365,14 +377,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--onnx-posterior-update", choices=("tick", "context"), default="tick",
                         help="onnx_policy_node posterior_update")
     parser.add_argument("--command-type", choices=("effort", "trajectory"), default="effort",
-                        help="command_type of adapter_node and onnx_policy_node; effort needs "
-                             "--policy pd for matching, onnx_policy_node always uses trajectory")
+                        help="command_type of adapter_node and onnx_policy_node (effort: the "
+                             "echo's message type)")
     parser.add_argument("--adapter-threads", type=int, default=1,
                         help="adapter_node executor_threads (1 = SingleThreadedExecutor)")
     parser.add_argument("--rounds", type=int, default=1,
                         help="measure the nodes this many times, in turn (echo, adapter, onnx, "
                              "echo, ...): the machine's load drifts within minutes, so a ratio "
                              "is only fair between runs close in time")
+    parser.add_argument("--reference-ahead", type=float, default=0.0, metavar="S",
+                        help="publish each instant's reference S seconds before it (after the "
+                             "joint state of the instant it is sent at): a preview; 0 = with "
+                             "its joint state, just before it")
+    parser.add_argument("--act-ahead", choices=("true", "false"),
+                        help="the nodes' act_ahead (default: their parameter files')")
     parser.add_argument("--echo", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args(argv)
@@ -385,12 +403,11 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.update(loopback_ros_env())
     driver = Driver(args.rate)
     decimation = max(1, int(round(args.rate / driver.setup.config.control_rate_hz)))
-    if args.command_type == "effort" and args.policy != "pd" and "adapter" in nodes:
-        parser.error("a learned policy's effort command hides the sequence number: use "
-                     "--command-type trajectory (or --policy pd)")
-    adapter_match = "positions" if args.command_type == "trajectory" else "pd"
+    match = "positions" if args.command_type == "trajectory" else "stamp"
     common = ["-p", "use_sim_time:=false", "-p", "diagnostics_rate_hz:=5.0",
               "-p", f"executor_threads:={args.adapter_threads}"]
+    if args.act_ahead:
+        common += ["-p", f"act_ahead:={args.act_ahead}"]
     adapter_cmd = [sys.executable, "-m", "metarl_ros.nodes.adapter_node", "--ros-args",
                    "--params-file", str(REPO / "config" / "adapter_node.yaml"),
                    "-p", f"policy:={args.policy}", "-p", f"command_type:={args.command_type}",
@@ -399,16 +416,16 @@ def main(argv: list[str] | None = None) -> int:
         adapter_cmd += ["-p", f"model_path:={args.model}"]
     onnx_cmd = [sys.executable, "-m", "metarl_ros.nodes.onnx_policy_node", "--ros-args",
                 "--params-file", str(REPO / "config" / "onnx_policy_node.yaml"),
-                "-p", f"model_path:={args.onnx_model}", "-p", "command_type:=trajectory",
+                "-p", f"model_path:={args.onnx_model}", "-p", f"command_type:={args.command_type}",
                 "-p", f"posterior_update:={args.onnx_posterior_update}",
                 *common]
     runs = {
         "echo": lambda: measure(driver, "echo", [sys.executable, __file__, "--echo"],
-                                args.warmup, args.duration),
+                                args.warmup, args.duration, ahead_s=args.reference_ahead),
         "adapter": lambda: measure(driver, "adapter", adapter_cmd, args.warmup, args.duration,
-                                   adapter_match, decimation, "adapter_node"),
+                                   match, decimation, "adapter_node", args.reference_ahead),
         "onnx": lambda: measure(driver, "onnx", onnx_cmd, args.warmup, args.duration,
-                                "positions", decimation, "onnx_policy_node"),
+                                match, decimation, "onnx_policy_node", args.reference_ahead),
     }
     rounds: list[dict] = []
     try:
@@ -425,6 +442,8 @@ def main(argv: list[str] | None = None) -> int:
         "onnx_posterior_update": args.onnx_posterior_update,
         "adapter_threads": args.adapter_threads,
         "rounds": args.rounds,
+        "reference_ahead_s": args.reference_ahead,
+        "act_ahead": args.act_ahead or "parameter files",
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
                    f"load average {os.getloadavg()[0]:.2f}",
         **measured,

@@ -671,3 +671,113 @@ def test_reference_terms_run_once_per_tick_when_its_reference_arrives(setup):
         np.testing.assert_array_equal(result.efforts, efforts)
     for (obs, *_), (_, expected) in zip(recorder.observed[1:], inline[1:-1]):
         np.testing.assert_array_equal(obs, expected)
+
+
+def _preview_run(setup, policy, act_ahead, ahead_steps=3, ticks=6, seed=0):
+    """Joint states at 500 Hz with each instant's reference sent ``ahead_steps`` states (2 ms
+    each) early, after the joint state; control at 100 Hz. Returns the loop, its results and
+    the (q, qd, reference) of each tick's instant."""
+    n = setup.act_dim
+    rng = np.random.default_rng(seed)
+    loop = AdaptiveController(setup.law, policy,
+                              LoopConfig(control_rate_hz=100.0, act_ahead=act_ahead))
+    steps = 5 * ticks
+    refs = [tuple(rng.normal(size=n) * 0.1 for _ in range(3)) for _ in range(steps + ahead_steps)]
+    states = [(rng.normal(size=n) * 0.1, rng.normal(size=n) * 0.1) for _ in range(steps)]
+    stamp = [1.0 + 0.002 * k for k in range(steps + ahead_steps)]
+    for k in range(ahead_steps):  # the preview's head start
+        loop.on_reference(stamp[k], stamp[0], [], *refs[k])
+    results, instants = [], []
+    for k in range(steps):
+        q, qd = states[k]
+        if loop.on_joint_state(stamp[k], stamp[k], setup.robot.joint_names, q, qd):
+            results.append(loop.tick(stamp[k]))
+            loop.after_command()
+            instants.append((q, qd, refs[k]))
+        loop.on_reference(stamp[k + ahead_steps], stamp[k], [], *refs[k + ahead_steps])
+    return loop, results, instants
+
+
+def test_a_reference_preview_gives_each_tick_the_reference_of_its_instant(setup):
+    """References sent ahead of their instant are kept: a tick meets the reference stamped at
+    its joint state's instant, not the newest one."""
+    recorder = RecordingPolicy(setup, action=np.full(setup.act_dim, 0.2))
+    loop, results, instants = _preview_run(setup, recorder, act_ahead=False)
+    assert len(results) == 6
+    for result, (q, qd, ref) in zip(results, instants):
+        expected = loop.clamp.clamp(effort_command(setup.law, recorder.action, q, qd, ref))
+        np.testing.assert_allclose(result.efforts, expected, rtol=1e-12, atol=1e-12)
+
+
+class ReferencePolicy(RecordingPolicy):
+    """Acts on the reference view only (action = a function of q_ref and the previous action)
+    and logs the order of its calls."""
+
+    acts_on_reference = True
+
+    def __init__(self, setup, log):
+        super().__init__(setup)
+        self.log = log
+        self.scale = setup.law.observation.position_error_scale
+
+    def act(self, obs):
+        self.log.append("act")
+        n = self.n
+        # (q - default) + (q_ref - q) / scale = q_ref - default: the same on the reference
+        q_ref = obs[:n] + obs[2 * n:3 * n] / self.scale
+        return np.tanh(q_ref + 0.5 * obs[6 * n:7 * n]).astype(np.float64)
+
+    def observe(self, obs, action, reward, next_obs):
+        self.log.append("observe")
+        super().observe(obs, action, reward, next_obs)
+
+
+def test_act_ahead_acts_when_the_reference_arrives_and_observes_after_the_command(setup):
+    """With act_ahead, a policy acting on the reference view is called when the reference of a
+    tick arrives; the tick adds only the PD feedback, and the transition that ended at the tick
+    is observed once its command is out -- the same transitions and commands as acting at the
+    joint state, for a policy whose actions do not depend on what it has observed."""
+    log = []
+    ahead = ReferencePolicy(setup, log)
+    loop, results, instants = _preview_run(setup, ahead, act_ahead=True)
+    assert loop.act_ahead
+    exact = ReferencePolicy(setup, [])
+    _, exact_results, _ = _preview_run(setup, exact, act_ahead=False)
+    for a, b in zip(results, exact_results):
+        np.testing.assert_allclose(a.efforts, b.efforts, atol=1e-5)
+        np.testing.assert_allclose(a.action, b.action, atol=1e-6)
+    assert len(ahead.observed) == len(exact.observed) == 5
+    for a, b in zip(ahead.observed, exact.observed):
+        for x, y in zip(a, b):
+            np.testing.assert_allclose(x, y, atol=1e-6)
+    # the preview's head start prepares its three references (no grid yet); then each tick's
+    # action is prepared when its reference arrives, after the previous tick's transition was
+    # observed (once that tick's command was out): the ticks themselves call no policy
+    assert log == ["act"] * 4 + ["observe", "act"] * 5
+
+
+def test_act_ahead_is_refused_for_policies_that_read_the_measured_state(setup):
+    recorder = RecordingPolicy(setup)  # no acts_on_reference
+    loop = AdaptiveController(setup.law, recorder, LoopConfig(act_ahead=True))
+    assert not loop.act_ahead
+
+
+def test_a_preview_one_period_ahead_is_prepared_after_the_tick(setup):
+    """A reference exactly one control period ahead arrives with the joint state of the tick
+    before it; served first, it is not yet the next tick's -- the loop prepares it once that
+    tick's command is out, so the next tick still meets a prepared action."""
+    log = []
+    policy = ReferencePolicy(setup, log)
+    loop = AdaptiveController(setup.law, policy, LoopConfig(control_rate_hz=100.0,
+                                                            act_ahead=True))
+    n = setup.act_dim
+    zeros, q = np.zeros(n), np.full(n, 0.1)
+    loop.on_reference(1.0, 1.0, [], q, zeros, zeros)
+    for k in range(4):
+        t = 1.0 + 0.01 * k
+        loop.on_reference(t + 0.01, t, [], q + 0.01 * (k + 1), zeros, zeros)  # served first
+        assert loop.on_joint_state(t, t, setup.robot.joint_names, q, zeros)
+        acts = log.count("act")
+        loop.tick(t)
+        assert log.count("act") == acts  # prepared in time: the tick calls no policy
+        loop.after_command()

@@ -59,15 +59,14 @@ from metarl_ros.control.latent import LatentTracker, LatentUpdate
 from metarl_ros.control.impedance import ImpedanceCommand, impedance_command
 from metarl_ros.control.law import (
     ControlLaw,
-    ReferenceTerms,
     build_observation,
     effort_command,
-    reference_terms,
     tracking_reward,
 )
 from metarl_ros.control.loop_inputs import LoopInputs
 from metarl_ros.control.loop_types import STALE_REASONS, LoopConfig, TickResult
 from metarl_ros.control.policy_interface import AdaptivePolicy, PolicyStatus
+from metarl_ros.control.prepared import PreparedReferences, Reference
 from metarl_ros.control.safety import EffortClamp, SafeAction
 from metarl_ros.control.tick_timing import TickTiming
 
@@ -126,7 +125,13 @@ class AdaptiveController:
         self._last_command_wall: float | None = None
         self._last_command_now: float | None = None
         self._safe_detail = ""
-        self._terms: tuple[tuple[np.ndarray, ...], ReferenceTerms] | None = None
+        self._prepared = PreparedReferences(law)
+        self.act_ahead = config.act_ahead and bool(getattr(policy, "acts_on_reference", False))
+        """acting when the reference arrives (``config.act_ahead`` and a policy that acts on
+        the reference view only)."""
+        self._version = 0  # changes with the policy state a prepared action depends on
+        self._pending: tuple | None = None  # act_ahead: the tick whose transition is not
+        # observed yet: (sample, reference, terms, applied action)
 
     # ----------------------------------------------------------------- live settings
 
@@ -192,20 +197,65 @@ class AdaptiveController:
         stamp = self.inputs.take_reference(stamp_s, now_s, names, position, velocity,
                                            acceleration)
         if self.timing.needs_reference(stamp):
-            try:  # the model's part now, not after the joint state
-                self._reference_terms()
-            except Exception:  # noqa: BLE001 - the tick computes them again, failing safely
-                self._terms = None
+            assert self.inputs.reference is not None
+            self._prepare(self.inputs.reference)
         return self.timing.on_reference(stamp)
 
-    def _reference_terms(self) -> ReferenceTerms:
-        """:func:`~metarl_ros.control.law.reference_terms` of the latest reference, computed
-        once per reference."""
-        reference = self.inputs.reference
-        assert reference is not None
-        if self._terms is None or self._terms[0] is not reference:
-            self._terms = (reference, reference_terms(self.law, reference))
-        return self._terms[1]
+    def _prepare(self, reference: Reference) -> None:
+        """The work on ``reference`` that needs no joint state: its model terms and, with
+        :attr:`act_ahead`, the action (after the previous tick's transition is observed).
+        A failure is left for the tick to meet again, and fail safely."""
+        try:
+            entry = self._prepared.entry(reference)
+            if not self.act_ahead:
+                return
+            self._finish()
+            start = time.perf_counter()
+            entry.action = self._act_on_reference(reference, entry.terms)
+            entry.version = self._version
+            self.latency.add(time.perf_counter() - start)
+        except Exception:  # noqa: BLE001 - the tick runs it again and fails safely
+            pass
+
+    def _act_on_reference(self, reference: Reference, terms) -> np.ndarray:
+        """The policy's checked action on the observation the arm would have on its reference
+        (the same action as on the measured one, for a policy that ``acts_on_reference``)."""
+        with self._policy_lock:
+            obs = build_observation(self.law, reference[0], reference[1], reference,
+                                    self._last_action.astype(np.float32), terms)
+            return self.clamp.check_action(self.policy.act(obs))
+
+    def _finish(self) -> None:
+        """act_ahead: observe the transition that ended at the last tick (its command is out);
+        then the policy state has changed, and so does the version."""
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return
+        sample, reference, terms, applied = pending
+        try:
+            with self._policy_lock:
+                obs = build_observation(self.law, sample.position, sample.velocity, reference,
+                                        self._last_action.astype(np.float32), terms)
+                self._observe(obs, sample.position, reference)
+            self._previous = (obs, applied)
+        except Exception as exc:  # noqa: BLE001 - the loop must survive any policy failure
+            with self._lock:
+                self.stats.policy_errors += 1
+                self.stats.last_policy_error = f"observe: {type(exc).__name__}: {exc}"
+            self._previous = None
+        self._last_action = applied
+        self._version += 1
+
+    def _observe(self, obs: np.ndarray, position: np.ndarray, reference: Reference) -> None:
+        """Give the policy the transition that ends in ``obs`` (if one started at the previous
+        tick). Under the policy lock."""
+        if self._previous is None:
+            return
+        prev_obs, prev_action = self._previous
+        error = float(np.linalg.norm(reference[0] - position))
+        reward = tracking_reward(self.law, error, prev_action)
+        self.policy.observe(prev_obs, prev_action.astype(np.float32), reward, obs)
+        self.stats.transitions += 1
 
     # ----------------------------------------------------------------- control
 
@@ -222,6 +272,8 @@ class AdaptiveController:
 
     def _safe_result(self, reason: str, error: str = "", compute_s: float = 0.0,
                      detail: str = "", now_s: float | None = None) -> TickResult:
+        self._finish()  # the last policy tick's transition still counts
+        self._version += 1
         if not self._safe_reason:
             self.safe.latch(None if self.inputs.sample is None else self.inputs.sample.position)
             if reason in STALE_REASONS:
@@ -270,20 +322,27 @@ class AdaptiveController:
             self._count_late(late_gap, 0.0)
             return result
         assert self.inputs.sample is not None and self.inputs.reference is not None
-        sample, reference = self.inputs.sample, self.inputs.reference
+        sample = self.inputs.sample
+        reference = (self.inputs.reference_at(stamp) if self.config.reference_sync
+                     else self.inputs.reference)
+        assert reference is not None
         start = time.perf_counter()
         try:
-            terms = self._reference_terms()
-            with self._policy_lock:
-                obs = build_observation(self.law, sample.position, sample.velocity,
-                                        reference, self._last_action.astype(np.float32), terms)
-                if self._previous is not None:
-                    prev_obs, prev_action = self._previous
-                    error = float(np.linalg.norm(reference[0] - sample.position))
-                    reward = tracking_reward(self.law, error, prev_action)
-                    self.policy.observe(prev_obs, prev_action.astype(np.float32), reward, obs)
-                    self.stats.transitions += 1
-                applied = self.clamp.check_action(self.policy.act(obs))
+            entry = self._prepared.entry(reference)
+            terms = entry.terms
+            if self.act_ahead:  # act, then observe once the command is out (_finish)
+                self._finish()
+                applied = entry.action_for(self._version)
+                if applied is None:  # not prepared (in time): now
+                    applied = self._act_on_reference(reference, terms)
+                self._pending = (sample, reference, terms, applied)
+            else:
+                with self._policy_lock:
+                    obs = build_observation(self.law, sample.position, sample.velocity,
+                                            reference, self._last_action.astype(np.float32),
+                                            terms)
+                    self._observe(obs, sample.position, reference)
+                    applied = self.clamp.check_action(self.policy.act(obs))
             efforts = self.clamp.clamp(effort_command(self.law, applied, sample.position,
                                                       sample.velocity, reference, terms))
         except Exception as exc:  # noqa: BLE001 - the loop must survive any policy failure
@@ -291,19 +350,22 @@ class AdaptiveController:
             with self._lock:
                 self.stats.policy_errors += 1
                 self.stats.last_policy_error = f"{type(exc).__name__}: {exc}"
+            self._pending = None
             result = self._safe_result("policy_error", self.stats.last_policy_error, compute,
                                        now_s=now_s)
             self._count_late(late_gap, compute)
             return result
         compute = time.perf_counter() - start
-        self.latency.add(compute)
         if self._safe_reason:
             self.safe.release()
             self._safe_reason = ""
             self._safe_detail = ""
         self._commanded(now_s)
-        self._previous = (obs, applied)
-        self._last_action = applied
+        if not self.act_ahead:  # (act_ahead: the preparation's time is the inference's)
+            self.latency.add(compute)
+            self._previous = (obs, applied)
+            self._last_action = applied
+            self._version += 1
         self.stats.policy_ticks += 1
         self._count_late(late_gap, compute)
         return TickResult(efforts, applied, False, "", compute)
@@ -315,8 +377,17 @@ class AdaptiveController:
                 self.stats.late_ticks += 1
 
     def after_command(self) -> None:
-        """Call once a tick's command is out: runs the policy's ``after_command()`` (if it has
-        one), work that need not delay the command. A failure is counted, never raised."""
+        """Call once a tick's command is out: the work that need not delay it -- with
+        :attr:`act_ahead` the transition that ended at the tick (otherwise done before the
+        next action); the next tick's preparation if its reference came before this tick's
+        joint state was served (a preview one control period ahead); then the policy's
+        ``after_command()`` (if it has one). A failure is counted, never raised."""
+        self._finish()
+        upcoming = self.timing.next_due
+        if upcoming is not None:  # a preview of the next tick's reference already here
+            reference = self.inputs.reference_near(upcoming, 0.1 * self.period_s)
+            if reference is not None:
+                self._prepare(reference)
         hook = getattr(self.policy, "after_command", None)
         if not callable(hook):
             return

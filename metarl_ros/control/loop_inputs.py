@@ -7,10 +7,16 @@ state and reference; an input that has not arrived yet counts from the first rec
 other one (so a reference following its joint state by a few milliseconds at start-up is not
 "stale"). Inputs that keep arriving but are rejected (e.g. for their stamps) are named as the
 cause, not silence.
+
+References may arrive ahead of the instant they are for (a *preview*: a planner knows where
+the arm should be next). The latest :data:`REFERENCE_BUFFER` are kept, and the reference of an
+instant is the newest stamped no later than it (:meth:`LoopInputs.reference_at`), the rule
+:mod:`metarl_ros.learning.bag_dataset` applies to recorded bags.
 """
 
 from __future__ import annotations
 
+from collections import deque
 from typing import Callable, Sequence
 
 import numpy as np
@@ -19,6 +25,9 @@ from metarl_ros.control.joint_map import JointNameMapper, JointSample, RejectedI
 from metarl_ros.control.loop_types import LoopConfig
 from metarl_ros.control.tick_timing import check_stamp
 from metarl_ros.control.watchdog import Watchdog
+
+REFERENCE_BUFFER = 64
+"""References kept for :meth:`LoopInputs.reference_at` (0.128 s of a 500 Hz stream)."""
 
 
 class LoopInputs:
@@ -45,6 +54,8 @@ class LoopInputs:
         """the latest accepted joint state."""
         self.reference: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
         """the latest accepted reference: q_ref, qd_ref, qdd_ref."""
+        self._references: deque[tuple[float, tuple[np.ndarray, np.ndarray, np.ndarray]]] = \
+            deque(maxlen=REFERENCE_BUFFER)
         self.last_rejection: dict[str, tuple[float, RejectedInput]] = {}
         """per kind: receipt time and error of the latest rejected message."""
 
@@ -67,6 +78,9 @@ class LoopInputs:
                                      position, velocity, acceleration, require_effort=True)
         assert sample.effort is not None
         self.reference = (sample.position, sample.velocity, sample.effort)
+        if self._references and stamp < self._references[-1][0]:
+            self._references.clear()  # stamps went back (a restarted publisher): start over
+        self._references.append((stamp, self.reference))
         self.reference_watchdog.feed(now_s)
         self.joint_watchdog.arm(now_s)
         return stamp
@@ -82,6 +96,27 @@ class LoopInputs:
             self._on_reject(kind, error)
             raise
         return sample, stamp
+
+    def reference_at(self, stamp: float) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+        """The reference of the instant ``stamp``: the newest kept one stamped no later than it
+        (1 ns of slack), else the earliest kept (every one is ahead: start-up with a preview);
+        None before any. Kept references are in arrival order, stamps non-decreasing."""
+        if not self._references:
+            return None
+        for ref_stamp, reference in reversed(self._references):
+            if ref_stamp <= stamp + 1e-9:
+                return reference
+        return self._references[0][1]
+
+    def reference_near(self, stamp: float, tolerance: float
+                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+        """The newest kept reference stamped within ``tolerance`` of ``stamp``, or None."""
+        for ref_stamp, reference in reversed(self._references):
+            if abs(ref_stamp - stamp) <= tolerance:
+                return reference
+            if ref_stamp < stamp - tolerance:
+                return None
+        return None
 
     def ever_arrived(self) -> bool:
         """Whether any input has arrived, accepted or rejected."""

@@ -57,3 +57,10 @@ class LoopConfig:
     """inputs with more entries than this are rejected before any per-entry work."""
     idle_after_s: float = 1.0
     """wall seconds without any command after which diagnostics report ``idle``."""
+    act_ahead: bool = False
+    """for a policy that acts on the reference view of its observation only
+    (``acts_on_reference``): compute the action when the reference of a tick arrives, on the
+    posterior of the transitions up to the previous tick, and observe the newest transition
+    once the command is out -- the latent the action uses is one tick older, and the joint
+    state's path is the PD feedback alone (:mod:`~metarl_ros.control.prepared`). Other
+    policies act at the joint state whatever this says."""

@@ -83,12 +83,14 @@ class TickTiming:
         return self.pending_stamp is not None and self.reference_ready()
 
     def needs_reference(self, stamp: float) -> bool:
-        """Whether a reference stamped ``stamp`` is the one a tick will use: a tick waits for
-        it, or a joint state with its stamp reaches the next point of the grid (or starts
-        one). Lets the loop prepare what depends on the reference alone before the joint
-        state arrives."""
-        return (self.pending_stamp is not None or self.next_due is None
-                or stamp >= self.next_due - 0.1 * self.period_s)
+        """Whether a reference stamped ``stamp`` is (likely) the one the next tick will use:
+        a tick waits for it, no grid is set yet, or ``stamp`` is within a tenth of a period
+        of the grid's next point (a reference sent ahead of its instant included). Lets the
+        loop prepare what depends on the reference alone before the joint state arrives; a
+        wrong guess costs only time (the tick prepares its own reference then)."""
+        if self.pending_stamp is not None or self.next_due is None:
+            return True
+        return abs(stamp - self.next_due) <= 0.1 * self.period_s
 
     def reference_ready(self) -> bool:
         if self.reference_stamp is None:

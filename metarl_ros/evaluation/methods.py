@@ -45,6 +45,9 @@ class LearnedMethod:
     parameter_adaptation: ParameterAdaptationConfig | None = None
     """refine the policy's feed-forward online on the model features with these gains
     (:mod:`metarl_ros.policy.parameter_adaptation`)."""
+    latent_lag: int = 0
+    """the posterior each action uses leaves out the newest ``latent_lag`` transitions: 1 is
+    what a node acting ahead of the joint state runs (``LoopConfig.act_ahead``)."""
     default: bool = True
     description: str = ""
 
@@ -92,6 +95,9 @@ METHODS: dict[str, MethodSpec] = {
         LearnedMethod("pearl", "pearl", description="PEARL, streaming posterior mean"),
         LearnedMethod("maml", "robust", maml=True, description="robust + MAML correction"),
         LearnedMethod("pearl_maml", "pearl", maml=True, description="PEARL + MAML correction"),
+        LearnedMethod("pearl_ahead", "pearl", latent_lag=1, default=False,
+                      description="PEARL acting one tick behind the newest transition, as a "
+                                  "node with act_ahead"),
         LearnedMethod("pearl_adapt", "pearl", parameter_adaptation=ParameterAdaptationConfig(),
                       description="PEARL + online refinement of its fault parameters"),
         PolicyMethod("pd", "metarl_ros.policy.factory:make_policy", (("kind", "pd"),),

@@ -201,6 +201,7 @@ def _rollout(spec: LearnedMethod, loaded, owner, setup: EnvSetup, rollout, episo
         window=_window(loaded),
         hook=hook,
         steps=steps,
+        latent_lag=spec.latent_lag,
     )
 
 

@@ -94,6 +94,7 @@ class VectorRollout:
         steps: int | None = None,
         record_task: bool = False,
         record_teacher: bool = False,
+        latent_lag: int = 0,
     ) -> RolloutResult:
         """Run one episode on each of ``len(tasks)`` envs.
 
@@ -110,10 +111,16 @@ class VectorRollout:
             steps: episode length override (default: the env's).
             record_task: record the true task vector of every step for any conditioning (the
                 oracle's are always recorded: they are its condition).
+            latent_lag: transitions enter the posterior this many steps late (after the
+                action of the step they lag into): 0 = the newest transition informs the next
+                action; 1 = what a control loop acting on the reference ahead of the joint
+                state does (``LoopConfig.act_ahead``).
         """
         count = len(tasks)
         if count > len(self.envs):
             raise ValueError(f"{count} tasks but only {len(self.envs)} envs")
+        if latent_lag < 0:
+            raise ValueError(f"latent_lag must be >= 0, got {latent_lag}")
         spec = agent.spec
         envs = self.envs[:count]
         steps = steps or self.setup.episode_steps
@@ -137,6 +144,7 @@ class VectorRollout:
         oracle_dim = spec.oracle_dim if spec.conditioning == "oracle" or record_task else 0
         out_oracle = np.zeros((count, steps, oracle_dim), np.float32)
         width = spec.act_dim + num_fault_parameters(spec.act_dim) if record_teacher else 0
+        lagging: list[tuple] = []  # factors of transitions not in the posterior yet
         out_teacher = np.zeros((count, steps, width), np.float32)
         for t in range(steps):
             mu_np = None
@@ -158,6 +166,8 @@ class VectorRollout:
             action = agent.act(obs_t, condition, deterministic).numpy()
             if hook is not None:
                 action = hook.correct(agent.actor_observation(obs), action, mu_np)
+            while windows is not None and len(lagging) > max(0, latent_lag - 1):
+                windows.push(*lagging.pop(0))  # they have lagged behind this action
             next_obs = np.empty_like(obs)
             if record_teacher:
                 out_teacher[:, t] = np.stack([env.teacher_targets() for env in envs])
@@ -174,7 +184,11 @@ class VectorRollout:
                     torch.from_numpy(out_reward[:, t]),
                     torch.from_numpy(next_obs),
                 )
-                windows.push(*agent.encoder.factors(transition))
+                factors = agent.encoder.factors(transition)
+                if latent_lag:
+                    lagging.append(factors)
+                else:
+                    windows.push(*factors)
             obs = next_obs
         return RolloutResult(
             out_obs,

@@ -154,6 +154,7 @@ class AdapterNode(Node):
             adaptation_event_threshold=p["adaptation_event_threshold"],
             effort_limit_scale=p["effort_limit_scale"],
             max_stamp_offset_s=p["max_stamp_offset"],
+            act_ahead=p["act_ahead"],
         )
         if len(config.hold_kp) != n or len(config.hold_kd) != n:
             raise ValueError(f"hold_kp and hold_kd need {n} entries")
@@ -197,8 +198,13 @@ class AdapterNode(Node):
         self.create_timer(1.0 / p["diagnostics_rate_hz"], self._on_diagnostics,
                           callback_group=diagnostics_group, clock=steady)
         renamed = "" if self.joint_map.identity else ", joints renamed by joint_map"
+        if p["act_ahead"] and not self.loop.act_ahead:
+            self.get_logger().warning(
+                f"act_ahead: {type(policy).__name__} reads the measured state, not only the "
+                "reference: it acts at the joint state")
+        ahead = ", acting ahead of the joint state" if self.loop.act_ahead else ""
         self.get_logger().info(
-            f"{source} ({type(policy).__name__}) on "
+            f"{source} ({type(policy).__name__}{ahead}) on "
             f"{self.setup.robot.name}: control {control_rate:g} Hz, context "
             f"{p['context_rate_hz']:g} Hz, {p['command_type']} commands on "
             f"{self.command_topic}{renamed}, safe_mode {p['safe_mode']}")
@@ -302,6 +308,14 @@ class AdapterNode(Node):
         d["pd_kd"] = declare(self, "pd_kd", None, "Policy 'pd': extra PD gains on top of the "
                              "env's feedback (unset = none).",
                              param_type=Parameter.Type.DOUBLE_ARRAY)
+        d["act_ahead"] = declare(
+            self, "act_ahead", False,
+            "Policies that act on the reference view only (PEARL's feed-forward actor): compute "
+            "the action when the reference of a tick arrives, on the posterior up to the "
+            "previous tick (one transition older: +1 % tracking error on the validation draw, "
+            "docs/BENCHMARKS.md), so a joint state is answered with the PD feedback alone and "
+            "the newest transition is observed after the command. false = act at the joint "
+            "state (the evaluated controller). Other policies ignore it.")
         d["reference_sync"] = declare(
             self, "reference_sync", True,
             "Wait for a reference stamped no earlier than the joint state before a tick "

@@ -193,6 +193,9 @@ def export_contract(loaded: LoadedModel) -> dict[str, str]:
         contract["observation_layout"].append(
             "model features: " + ", ".join(FEATURE_NAMES) + " (control.model_features)")
     contract["effort"] = "kp * (q_ref - q) + kd * (qd_ref - qd) + action * action_scale"
+    # "reference": the actor sees the observation's reference view only (a node may act
+    # before the joint state arrives: act_ahead)
+    contract["actor_view"] = loaded.agent.spec.actor_view
     props = {key: json.dumps(value) for key, value in contract.items()}
     props.update(
         {

@@ -187,6 +187,9 @@ class OnnxAdaptivePolicy:
         c = read_contract(policy, policy_path)
         self.raw_contract = c
         self.contract = PolicyContract.from_dict(c)
+        self.acts_on_reference = c.get("actor_view") == "reference"
+        """the graphs act on the observation's reference view only (contract ``actor_view``;
+        exports before it was recorded: False)"""
         check_expected_contract(self.contract, policy_path, expected_joint_names,
                                 expected_rate_hz, expected_window)
         latent, obs_dim = self.contract.latent_dim, self.contract.obs_dim

@@ -184,6 +184,7 @@ class ParameterAdaptationPolicy(PolicyWrapper):
     def __init__(self, policy: AdaptivePolicy, law: ControlLaw,
                  config: ParameterAdaptationConfig | None = None) -> None:
         super().__init__(policy)
+        self.acts_on_reference = False  # the law's correction follows the measured PD effort
         # not ``adaptation``: that name is the wrapped policy's MAML adaptation (counters)
         self.parameter_law = ParameterAdaptation(law, 1.0 / policy.contract.control_rate_hz, 1,
                                                  config)

@@ -78,6 +78,8 @@ class ProcessAdaptedPolicy:
         self.process = process
         self.adaptation = process  # ``steps`` for the launch summary, as the torch policy's
         self._view = None if actor_view is None else np.asarray(actor_view, np.float32).T
+        # the correction acts on the actor's view too
+        self.acts_on_reference = bool(getattr(inner, "acts_on_reference", False))
         self.control_path = control_path
         self.inference_time_s = 0.0
         self._ticks = 0

@@ -57,6 +57,8 @@ class TorchAdaptivePolicy:
         self.contract = loaded.contract
         self.agent = loaded.agent
         spec = self.agent.spec
+        self.acts_on_reference = spec.actor_view == "reference"
+        """the action depends on the observation only through its reference view"""
         if spec.conditioning == "oracle":
             raise CheckpointError(
                 f"{loaded.path}: the oracle needs the true task and cannot run on a robot"
