@@ -18,6 +18,7 @@ from metarl_ros.policy.computed_torque import ObservationCodec
 from metarl_ros.policy.factory import make_policy
 from metarl_ros.sim.env import ArmTrackingEnv
 from metarl_ros.sim.tasks import nominal_task
+from eval_helpers import evaluate_one_episode
 
 torch = pytest.importorskip("torch")
 
@@ -55,34 +56,16 @@ def _loop_actions(setup, policy, episode, act_ahead: bool) -> np.ndarray:
 
 
 def test_the_loop_acting_ahead_is_the_evaluated_pearl_ahead():
-    from metarl_ros.core.resources import share_directory
-    from metarl_ros.evaluation import evaluate as evaluation
-    from metarl_ros.learning.rollout import VectorRollout
-    from metarl_ros.sim.env_config import load_env_setup
-    from metarl_ros.sim.tasks import fault_episodes, make_split
-
-    models_dir = share_directory() / "models"
-    if not (models_dir / "pearl" / "model.pt").is_file():
-        pytest.skip("no shipped PEARL model")
-    models = evaluation.load_method_models(models_dir, ["pearl", "pearl_ahead"])
-    setup = load_env_setup(evaluation.model_env_config(models["pearl"].payload,
-                                                       models["pearl"].path))
-    plan = fault_episodes(setup.tasks, make_split(setup.tasks, "heldout",
-                                                  setup.robot.friction_scale), 1, 5)
-    rollout = VectorRollout(setup, 1)
-    try:
-        evaluated = {name: evaluation.run_method(name, models, setup, plan[:1], rollout).action[0]
-                     for name in ("pearl", "pearl_ahead")}
-    finally:
-        rollout.close()
+    run = evaluate_one_episode(["pearl", "pearl_ahead"], seed=5)
+    setup, episode, evaluated = run.setup, run.episode, run.actions
 
     def policy():
-        return make_policy("pearl", setup, model_path=models_dir / "pearl" / "model.pt",
+        return make_policy("pearl", setup, model_path=run.models_dir / "pearl" / "model.pt",
                            maml=False, adaptation_schedule="inline")
 
-    ahead = _loop_actions(setup, policy(), plan[0], act_ahead=True)
-    exact = _loop_actions(setup, policy(), plan[0], act_ahead=False)
-    fault = int(round(plan[0].fault_time_s / setup.control_dt))
+    ahead = _loop_actions(setup, policy(), episode, act_ahead=True)
+    exact = _loop_actions(setup, policy(), episode, act_ahead=False)
+    fault = int(round(episode.fault_time_s / setup.control_dt))
     # before the fault the two runners agree to float32 rounding; after it the posterior
     # amplifies the rounding of the observation the harness decodes and encodes again
     # (measured: 1e-3 at most, for both modes alike)

@@ -17,9 +17,10 @@ from metarl_ros.policy.parameter_adaptation import (
 )
 from metarl_ros.sim.env import ArmTrackingEnv
 from metarl_ros.sim.env_config import load_env_setup
-from metarl_ros.sim.tasks import TaskParams
+from metarl_ros.sim.tasks import TaskParams, nominal_task
 from metarl_ros.sim.teacher import FeedForwardTeacher
 from metarl_ros.sim.true_dynamics import fault_parameters
+from eval_helpers import evaluate_one_episode
 
 N = 7
 PAYLOAD = TaskParams(payload_mass=2.0, payload_offset=(0.0, 0.0, 0.05))
@@ -170,25 +171,9 @@ def test_evaluation_and_the_nodes_run_the_same_parameter_adaptation():
     (`make_policy("pearl", ..., parameter_adaptation=True)`, one env) act alike on the same
     fault episode: one law, two runners."""
     pytest.importorskip("torch")
-    from metarl_ros.core.resources import share_directory
-    from metarl_ros.evaluation import evaluate as evaluation
-    from metarl_ros.learning.rollout import VectorRollout
-    from metarl_ros.sim.tasks import fault_episodes, make_split, nominal_task
-
-    models_dir = share_directory() / "models"
-    if not (models_dir / "pearl" / "model.pt").is_file():
-        pytest.skip("no shipped PEARL model")
-    models = evaluation.load_method_models(models_dir, ["pearl_adapt"])
-    setup = load_env_setup(evaluation.model_env_config(models["pearl"].payload,
-                                                       models["pearl"].path))
-    plan = fault_episodes(setup.tasks, make_split(setup.tasks, "heldout",
-                                                  setup.robot.friction_scale), 1, 3)
-    rollout = VectorRollout(setup, 1)
-    try:
-        evaluated = evaluation.run_method("pearl_adapt", models, setup, plan, rollout)
-    finally:
-        rollout.close()
-    policy = make_policy("pearl", setup, model_path=models_dir / "pearl" / "model.pt",
+    run = evaluate_one_episode(["pearl_adapt"], seed=3)
+    setup, plan = run.setup, [run.episode]
+    policy = make_policy("pearl", setup, model_path=run.models_dir / "pearl" / "model.pt",
                          maml=False, adaptation_schedule="inline", parameter_adaptation=True)
     assert isinstance(policy, ParameterAdaptationPolicy)
     env = ArmTrackingEnv(setup)
@@ -203,5 +188,5 @@ def test_evaluation_and_the_nodes_run_the_same_parameter_adaptation():
     errors = np.array([step.info["tracking_error"] for step in steps])
     assert np.abs(policy.parameters()).max() > 0  # the law acted
     # float32 posteriors batched vs streamed: equal to rounding (measured 1.2e-7, 1.5e-8)
-    np.testing.assert_allclose(actions, evaluated.action[0], rtol=0, atol=1e-5)
-    np.testing.assert_allclose(errors, evaluated.tracking_error[0], rtol=0, atol=1e-6)
+    np.testing.assert_allclose(actions, run.actions["pearl_adapt"], rtol=0, atol=1e-5)
+    np.testing.assert_allclose(errors, run.tracking_error["pearl_adapt"], rtol=0, atol=1e-6)
