@@ -43,7 +43,7 @@ def test_default_graph_nodes_and_parameters():
     assert sim.parameters == {
         "env_config": "sim/envs/iiwa7_compliant.yaml", "scenario": "config/scenarios/default.yaml",
         "real_time_factor": 1.0, "gui": False, "controller_name": "effort_controller",
-        "command_interface": "effort", "use_sim_time": True}
+        "command_interface": "effort", "use_sim_time": True, "reference_preview": 0.0}
     assert adapter.parameters == {
         "env_config": "sim/envs/iiwa7_compliant.yaml", "policy": "pd", "model_path": "",
         "adaptation": True, "parameter_adaptation": False, "maml": True,
@@ -69,6 +69,11 @@ def test_graph_from_argument_values():
     assert any("record" in note for note in graph.notes)
     adapting = adapt_sim_graph({"policy": "onnx", "parameter_adaptation": "true"})
     assert adapting.node("onnx_policy_node").parameters["parameter_adaptation"] is True
+    # act_ahead: the parameter file's unless given; the preview goes to sim_node
+    assert "act_ahead" not in adapting.node("onnx_policy_node").parameters
+    ahead = adapt_sim_graph({"policy": "pearl", "act_ahead": "true", "reference_preview": "0.005"})
+    assert ahead.node("adapter_node").parameters["act_ahead"] is True
+    assert ahead.node("sim_node").parameters["reference_preview"] == 0.005
 
 
 @pytest.mark.parametrize("values,needle", [
@@ -76,6 +81,7 @@ def test_graph_from_argument_values():
     ({"policy": "sac"}, "expected one of pd, pearl"),
     ({"gui": "yes"}, "expected true or false"),
     ({"real_time_factor": "fast"}, "expected a number"),
+    ({"act_ahead": "yes"}, "expected one of file, true, false"),
 ])
 def test_bad_arguments_are_named(values, needle):
     with pytest.raises(ValueError) as info:

@@ -153,6 +153,25 @@ def test_lockstep_is_deterministic(ros, probe):
     np.testing.assert_array_equal(finals[0], finals[1])
 
 
+def test_a_reference_preview_gives_the_same_lockstep_run(ros, probe):
+    """sim_node sending each reference 20 ms ahead of its instant: the adapter still ticks on
+    the reference of each joint state's instant (kept by stamp), so the run is the one without
+    a preview, to the rounding of the reference's time (stamp vs simulated clock)."""
+    finals, stamps = [], []
+    for preview in (0.0, 0.02):
+        monitor = TrackingMonitor(probe)
+        _adapter(ros)
+        sim = _sim(ros, scenario=SCENARIO, duration_s=1.0, reference_preview=preview)
+        assert wait_for(sim.finished.is_set, 30.0)
+        assert sim.commands_received == 100 and sim.lockstep_timeouts == 0
+        finals.append(sim.sim.true_state().position.copy())
+        stamps.append(max(monitor.references) - max(monitor.states))
+        for node in [n for n in list(ros._nodes) if n is not probe]:
+            ros.remove(node)
+    np.testing.assert_allclose(finals[0], finals[1], rtol=0, atol=1e-9)
+    assert stamps[0] == 0 and stamps[1] == 20_000_000  # the references were 20 ms ahead
+
+
 def test_real_time_mode_runs_against_the_wall_clock(ros, probe):
     monitor = TrackingMonitor(probe)
     _adapter(ros)

@@ -142,6 +142,13 @@ ADAPT_SIM_ARGUMENTS: tuple[LaunchArgument, ...] = (
                    kind=float),
     LaunchArgument("controller", "effort_controller",
                    "Effort commands travel on /<controller>/commands."),
+    LaunchArgument("reference_preview", "0.0",
+                   "sim_node sends each instant's reference this many seconds ahead of it "
+                   "(0 = with its joint state).", kind=float),
+    LaunchArgument("act_ahead", "file",
+                   "The controller acts when a tick's reference arrives (true) or at the joint "
+                   "state (false); file = its parameter file's (adapter_node false, "
+                   "onnx_policy_node true).", choices=("file", "true", "false")),
 )
 
 
@@ -172,8 +179,10 @@ def adapt_sim_graph(values: Mapping[str, str] | None = None) -> Graph:
             "controller_name": args["controller"],
             "command_interface": args["command_type"],
             "use_sim_time": args["use_sim_time"],
+            "reference_preview": args["reference_preview"],
         },
     )
+    ahead = {} if args["act_ahead"] == "file" else {"act_ahead": args["act_ahead"] == "true"}
     if args["policy"] == "onnx":
         model = args["model"]
         if model == _argument(ADAPT_SIM_ARGUMENTS, "model").default:
@@ -186,6 +195,7 @@ def adapt_sim_graph(values: Mapping[str, str] | None = None) -> Graph:
             "controller_name": args["controller"],
             "command_type": args["command_type"],
             "use_sim_time": args["use_sim_time"],
+            **ahead,
         })
     else:
         adapter = NodeSpec(
@@ -205,6 +215,7 @@ def adapt_sim_graph(values: Mapping[str, str] | None = None) -> Graph:
                 "controller_name": args["controller"],
                 "command_type": args["command_type"],
                 "use_sim_time": args["use_sim_time"],
+                **ahead,
             },
         )
     nodes: tuple[NodeSpec, ...] = (sim, adapter)

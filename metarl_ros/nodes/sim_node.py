@@ -13,7 +13,8 @@ Publishes
     ``/reference`` (sensor_msgs/JointState, RELIABLE) -- the trajectory to track at the same
     instant, stamped like the joint state it goes with: ``position`` = q_ref (rad),
     ``velocity`` = qd_ref (rad/s), ``effort`` = qdd_ref (rad/s^2, *not* a torque). Published
-    just before ``/joint_states``.
+    just before ``/joint_states``; with ``reference_preview`` > 0, ``reference_preview``
+    seconds ahead of its instant, just after the joint state it is sent with.
     ``/sim/true_task`` (std_msgs/String, RELIABLE + TRANSIENT_LOCAL, latched) -- ground truth
     for debugging and evaluation, JSON ``{"time_s", "label", "task": {TaskParams fields}}``,
     on every change; ``time_s`` is the simulated time the change took effect (a scheduled
@@ -139,6 +140,9 @@ class SimNode(Node):
                 f"whole multiple of control_rate_hz ({control_rate})")
         self.chunk_steps = int(round(chunk))
         self.publishes_per_control = int(round(per_control))
+        self.state_period_ns = int(round(1e9 / js_rate))
+        self.preview_steps = int(round(p["reference_preview"] * js_rate))
+        self._last_reference_ns: int | None = None
         self.pacer = WallClockPacer(float(p["real_time_factor"]))
         self.lockstep = self.real_time_factor == 0.0
         self.lockstep_timeout = float(p["lockstep_timeout"])
@@ -260,6 +264,12 @@ class SimNode(Node):
             "Rate of /joint_states, /reference and /clock (0 = the env's control rate); must "
             "divide the physics rate and be a multiple of the control rate.",
             low=0.0, high=10000.0)
+        d["reference_preview"] = declare(
+            self, "reference_preview", 0.0,
+            "Publish each instant's /reference this many seconds before the instant (rounded "
+            "to whole joint-state periods), after the joint state it is sent with: a preview, "
+            "as a planner can give (adapter_node prepares a tick's action from it, act_ahead). "
+            "0 = with its joint state, just before it.", low=0.0, high=1.0)
         d["lockstep_timeout"] = declare(
             self, "lockstep_timeout", 0.5,
             "Lockstep: wall seconds to wait for a command before stepping with zero effort.",
@@ -368,11 +378,9 @@ class SimNode(Node):
         seq = self.commands.await_answer(stamp_ns)
         stamp = ns_to_stamp(stamp_ns)
         self._clock_pub.publish(ClockMsg(clock=stamp))
-        q_ref, qd_ref, qdd_ref = self.reference.evaluate(self.sim.time_s)
-        reference = JointState(name=self.joint_names, position=q_ref.tolist(),
-                               velocity=qd_ref.tolist(), effort=qdd_ref.tolist())
-        reference.header.stamp = stamp
-        self._reference_pub.publish(reference)
+        if not self.preview_steps:
+            self._publish_reference(stamp_ns, self.sim.time_s)
+        q_ref = self.reference.evaluate(self.sim.time_s)[0]
         true_position = self.sim.true_state().position
         self._error_sq_sum += float(np.sum((q_ref - true_position) ** 2))
         self._error_count += 1
@@ -381,7 +389,30 @@ class SimNode(Node):
                            velocity=reading.velocity.tolist(), effort=reading.effort.tolist())
         state.header.stamp = stamp
         self._joint_pub.publish(state)
+        if self.preview_steps:
+            self._publish_preview(stamp_ns)
         return seq
+
+    def _publish_reference(self, stamp_ns: int, time_s: float | None = None) -> None:
+        """The reference of the instant ``stamp_ns`` (at ``time_s``, default the stamp's),
+        stamped with it."""
+        q_ref, qd_ref, qdd_ref = self.reference.evaluate(
+            stamp_ns * 1e-9 if time_s is None else time_s)
+        reference = JointState(name=self.joint_names, position=q_ref.tolist(),
+                               velocity=qd_ref.tolist(), effort=qdd_ref.tolist())
+        reference.header.stamp = ns_to_stamp(stamp_ns)
+        self._reference_pub.publish(reference)
+
+    def _publish_preview(self, stamp_ns: int) -> None:
+        """The references up to ``preview_steps`` joint-state periods after ``stamp_ns`` that
+        are not out yet (all of them at the start, or after time went back)."""
+        period = self.state_period_ns
+        horizon = stamp_ns + self.preview_steps * period
+        last = self._last_reference_ns
+        first = last + period if last is not None and stamp_ns <= last <= horizon else stamp_ns
+        for ns in range(first, horizon + 1, period):
+            self._publish_reference(ns)
+        self._last_reference_ns = horizon
 
     def _publish_task(self, task: TaskParams, label: str, time_s: float | None = None) -> None:
         """Publish the true task; ``time_s`` = when it took effect (default: now)."""
