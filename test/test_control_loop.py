@@ -781,3 +781,16 @@ def test_a_preview_one_period_ahead_is_prepared_after_the_tick(setup):
         loop.tick(t)
         assert log.count("act") == acts  # prepared in time: the tick calls no policy
         loop.after_command()
+
+
+def test_impedance_setpoints_are_the_ticks_reference_not_a_preview(setup):
+    """With references sent ahead, the impedance form of a tick's command is written on the
+    reference the tick used (its instant's), not on the newest one received."""
+    loop = AdaptiveController(setup.law, RecordingPolicy(setup), LoopConfig())
+    n = setup.act_dim
+    zeros, q = np.zeros(n), np.full(n, 0.2)
+    loop.on_reference(1.0, 1.0, [], q, zeros, zeros)
+    loop.on_reference(1.006, 1.0, [], q + 0.05, zeros, zeros)  # the preview
+    assert loop.on_joint_state(1.0, 1.0, setup.robot.joint_names, q, zeros)
+    result = loop.tick(1.0)
+    np.testing.assert_array_equal(loop.impedance(result).position, q)

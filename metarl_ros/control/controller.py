@@ -129,6 +129,7 @@ class AdaptiveController:
         self.act_ahead = config.act_ahead and bool(getattr(policy, "acts_on_reference", False))
         """acting when the reference arrives (``config.act_ahead`` and a policy that acts on
         the reference view only)."""
+        self._tick_reference: Reference | None = None  # the reference the last tick used
         self._version = 0  # changes with the policy state a prepared action depends on
         self._pending: tuple | None = None  # act_ahead: the tick whose transition is not
         # observed yet: (sample, reference, terms, applied action)
@@ -326,6 +327,7 @@ class AdaptiveController:
         reference = (self.inputs.reference_at(stamp) if self.config.reference_sync
                      else self.inputs.reference)
         assert reference is not None
+        self._tick_reference = reference
         start = time.perf_counter()
         try:
             entry = self._prepared.entry(reference)
@@ -444,8 +446,10 @@ class AdaptiveController:
         sample = self.inputs.sample
         if sample is None:
             return None
+        reference = (self._tick_reference if self._tick_reference is not None
+                     else self.inputs.reference)  # the tick's, not a preview's
         return impedance_command(self.law, result.efforts, sample.position, sample.velocity,
-                                 self.inputs.reference, result.safe)
+                                 reference, result.safe)
 
     @property
     def latest_position(self) -> np.ndarray | None:
