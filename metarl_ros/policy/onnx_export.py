@@ -37,13 +37,14 @@ posterior. Models without a latent get ``policy.onnx`` only (``latent`` input dr
 
 The contract travels in every file's ``metadata_props`` (JSON values): joint names in order,
 observation layout and scales, default pose, PD feedback gains, action scale, effort limits,
-control rate, window size, latent size, the contract (graph interface) version, model format
-version and the training config hash. Export runs every graph in onnxruntime on random and
-recorded inputs and refuses to write anything if any output differs from the torch model's by
-more than :data:`PARITY_TOLERANCE`, absolute for values up to 1 and relative above
-(``|onnx - torch| / (1 + |torch|)``: float32 carries 7 digits, and a factor variance of 80 is
-only known to 1e-5 absolute); factors are compared as mean and variance, the posterior as mean
-and std.
+control rate, window size, latent size, the actor's view (``actor_view``: ``reference`` lets a
+node act before the joint state arrives, ``act_ahead``), the contract (graph interface)
+version, model format version and the training config hash. Export runs every graph in
+onnxruntime on random and recorded inputs and refuses to write anything if any output differs
+from the torch model's by more than :data:`PARITY_TOLERANCE`, absolute for values up to 1 and
+relative above (``|onnx - torch| / (1 + |torch|)``: float32 carries 7 digits, and a factor
+variance of 80 is only known to 1e-5 absolute); factors are compared as mean and variance, the
+posterior as mean and std.
 """
 
 from __future__ import annotations
