@@ -66,16 +66,17 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 # ---------------------------------------------------------------------------- processes
 
 
-def start_graph(bag: Path, out: Path, per_node: bool) -> dict[str, subprocess.Popen]:
+def start_graph(bag: Path, out: Path, per_node: bool,
+                launch_args: list[str]) -> dict[str, subprocess.Popen]:
     """The graph's processes by name, logs in ``out/<name>.log``."""
     env = loopback_ros_env()
     if not per_node:
-        cmd = [str(REPO / ".venv/bin/metarl"), "launch", "adapt_sim", *LAUNCH_ARGS,
+        cmd = [str(REPO / ".venv/bin/metarl"), "launch", "adapt_sim", *launch_args,
                f"bag:={bag}"]
         return {"metarl_launch": _spawn(cmd, out / "metarl_launch.log", env)}
     from metarl_ros.graph.spec import adapt_sim_graph, parameter_file_path
 
-    graph = adapt_sim_graph(dict(a.split(":=") for a in [*LAUNCH_ARGS, f"bag:={bag}"]))
+    graph = adapt_sim_graph(dict(a.split(":=") for a in [*launch_args, f"bag:={bag}"]))
     procs = {}
     for spec in graph.nodes:  # recorder first, as the graph lists it
         overrides = out / f"{spec.name}.params.yaml"
@@ -536,6 +537,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="bag, logs and JSON go here "
                         "(default runs/soak-<date-time>)")
     parser.add_argument("--json", type=Path, help="results (default <out>/soak.json)")
+    parser.add_argument("--launch-arg", action="append", default=[], metavar="NAME:=VALUE",
+                        help="another adapt_sim argument (repeatable), e.g. "
+                             "reference_preview:=0.005 act_ahead:=true")
     parser.add_argument("--per-node", action="store_true",
                         help="one process per node (as ros2 launch) instead of metarl launch")
     args = parser.parse_args(argv)
@@ -547,7 +551,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.update(loopback_ros_env())
     rates, load_start = expected_rates(), os.getloadavg()
     mon = Monitor()
-    procs = start_graph(bag, out, args.per_node)
+    launch_args = [*LAUNCH_ARGS, *args.launch_arg]
+    procs = start_graph(bag, out, args.per_node, launch_args)
     started, startup_s = time.monotonic(), 0.0
     failure = "the graph did not start (no command within 300 s, or a process exited)"
     samples: list[dict] = []
@@ -573,7 +578,7 @@ def main(argv: list[str] | None = None) -> int:
     results = {
         "command": "python benchmarks/soak.py " + " ".join(sys.argv[1:] if argv is None
                                                            else argv),
-        "graph": "metarl launch adapt_sim " + " ".join([*LAUNCH_ARGS, f"bag:={bag}"])
+        "graph": "metarl launch adapt_sim " + " ".join([*launch_args, f"bag:={bag}"])
                  + (" (one process per node)" if args.per_node else ""),
         "passed": not failed, "failure": failure, "exit_codes": exit_codes,
         "duration_s": samples[-1]["t_s"] if samples else 0.0, "warmup_s": args.warmup,
