@@ -336,7 +336,9 @@ class AdaptiveController:
                 self._finish()
                 applied = entry.action_for(self._version)
                 if applied is None:  # not prepared (in time): now
+                    acting = time.perf_counter()
                     applied = self._act_on_reference(reference, terms)
+                    self.latency.add(time.perf_counter() - acting)
                 self._pending = (sample, reference, terms, applied)
             else:
                 with self._policy_lock:
