@@ -143,7 +143,7 @@ class Monitor:
         from sensor_msgs.msg import JointState
         from std_msgs.msg import Float64MultiArray
 
-        rclpy.init(signal_handler_options=SignalHandlerOptions.NO)  # Ctrl-C is main()'s
+        rclpy.init(args=[], signal_handler_options=SignalHandlerOptions.NO)  # Ctrl-C: main()
         self.node = rclpy.create_node("soak_monitor")
         qos = QoSProfile(depth=100, reliability=ReliabilityPolicy.RELIABLE)
         self.counts: Counter = Counter()
