@@ -9,17 +9,18 @@ results :class:`~metarl_ros.control.loop_types.TickResult`) ties the pieces of
 :mod:`metarl_ros.control` together around an
 :class:`~metarl_ros.control.policy_interface.AdaptivePolicy`: joints matched by name
 (:mod:`~metarl_ros.control.joint_map`), input watchdogs (:mod:`~metarl_ros.control.loop_inputs`),
-the action check, effort clamp and safe action (:mod:`~metarl_ros.control.safety`). It builds
-the observation with :func:`~metarl_ros.control.law.build_observation`, the efforts with
+the action check, effort clamp and safe action (:mod:`~metarl_ros.control.safety`), and what
+is asked of the policy and when -- observations, (s, a, r, s') transitions, acting at the joint
+state or ahead of it (:mod:`~metarl_ros.control.policy_calls`). It computes the efforts with
 :func:`~metarl_ros.control.law.effort_command` (the env's fixed PD feedback on the reference
-plus ``action * action_scale``, as in training) and the (s, a, r, s') transitions with
-:func:`~metarl_ros.control.law.tracking_reward` (never re-implemented here), decides when a
-control tick is due (:mod:`~metarl_ros.control.tick_timing`), catches every policy failure, and
-keeps the diagnostics (:mod:`~metarl_ros.control.diagnostics`).
+plus ``action * action_scale``, as in training), decides when a control tick is due
+(:mod:`~metarl_ros.control.tick_timing`), catches every policy failure, and keeps the
+diagnostics (:mod:`~metarl_ros.control.diagnostics`).
 
 **Timing** (when a tick is due, the wait for the reference, bad stamps and resynchronisation)
 is :mod:`~metarl_ros.control.tick_timing`'s. A control tick calls ``policy.observe`` (the
-transition that ended now) and ``policy.act`` only; the context update
+transition that ended now) and ``policy.act`` only (with ``act_ahead``: ``act`` when its
+reference arrives, ``observe`` in :meth:`AdaptiveController.after_command`); the context update
 (:meth:`AdaptiveController.update_context`) runs separately at its own rate. What depends on
 the reference alone (the rigid-body model's features and feed-forward,
 :func:`~metarl_ros.control.law.reference_terms`) is computed when the reference a tick will
@@ -57,16 +58,12 @@ from metarl_ros.control.diagnostics import (
 from metarl_ros.control.joint_map import RejectedInput
 from metarl_ros.control.latent import LatentTracker, LatentUpdate
 from metarl_ros.control.impedance import ImpedanceCommand, impedance_command
-from metarl_ros.control.law import (
-    ControlLaw,
-    build_observation,
-    effort_command,
-    tracking_reward,
-)
+from metarl_ros.control.law import ControlLaw, effort_command
 from metarl_ros.control.loop_inputs import LoopInputs
 from metarl_ros.control.loop_types import STALE_REASONS, LoopConfig, TickResult
+from metarl_ros.control.policy_calls import PolicyCalls
 from metarl_ros.control.policy_interface import AdaptivePolicy, PolicyStatus
-from metarl_ros.control.prepared import PreparedReferences, Reference
+from metarl_ros.control.prepared import Reference
 from metarl_ros.control.safety import EffortClamp, SafeAction
 from metarl_ros.control.tick_timing import TickTiming
 
@@ -109,10 +106,10 @@ class AdaptiveController:
         self.stats = LoopStats()
         self.latency = LatencyWindow(config.latency_window)
         self._lock = threading.Lock()
-        self._policy_lock = threading.Lock()
+        self.calls = PolicyCalls(law, policy, config.act_ahead, self._count_transition,
+                                 self._count_policy_error)
+        self._policy_lock = self.calls.lock
         self.timing = TickTiming(self.period_s, config.reference_sync, self._stamp_jump)
-        self._previous: tuple[np.ndarray, np.ndarray] | None = None
-        self._last_action = np.zeros(self.n)
         self._safe_reason = ""
         self._tick_late = False
         self._repeat = False
@@ -125,14 +122,7 @@ class AdaptiveController:
         self._last_command_wall: float | None = None
         self._last_command_now: float | None = None
         self._safe_detail = ""
-        self._prepared = PreparedReferences(law)
-        self.act_ahead = config.act_ahead and bool(getattr(policy, "acts_on_reference", False))
-        """acting when the reference arrives (``config.act_ahead`` and a policy that acts on
-        the reference view only)."""
         self._tick_reference: Reference | None = None  # the reference the last tick used
-        self._version = 0  # changes with the policy state a prepared action depends on
-        self._pending: tuple | None = None  # act_ahead: the tick whose transition is not
-        # observed yet: (sample, reference, terms, applied action)
 
     # ----------------------------------------------------------------- live settings
 
@@ -203,60 +193,23 @@ class AdaptiveController:
         return self.timing.on_reference(stamp)
 
     def _prepare(self, reference: Reference) -> None:
-        """The work on ``reference`` that needs no joint state: its model terms and, with
-        :attr:`act_ahead`, the action (after the previous tick's transition is observed).
-        A failure is left for the tick to meet again, and fail safely."""
-        try:
-            entry = self._prepared.entry(reference)
-            if not self.act_ahead:
-                return
-            self._finish()
-            start = time.perf_counter()
-            entry.action = self._act_on_reference(reference, entry.terms)
-            entry.version = self._version
-            self.latency.add(time.perf_counter() - start)
-        except Exception:  # noqa: BLE001 - the tick runs it again and fails safely
-            pass
+        """What ``reference`` allows before its joint state (:meth:`PolicyCalls.prepare`)."""
+        acting = self.calls.prepare(reference, self.clamp.check_action)
+        if acting is not None:
+            self.latency.add(acting)
 
-    def _act_on_reference(self, reference: Reference, terms) -> np.ndarray:
-        """The policy's checked action on the observation the arm would have on its reference
-        (the same action as on the measured one, for a policy that ``acts_on_reference``)."""
-        with self._policy_lock:
-            obs = build_observation(self.law, reference[0], reference[1], reference,
-                                    self._last_action.astype(np.float32), terms)
-            return self.clamp.check_action(self.policy.act(obs))
+    @property
+    def act_ahead(self) -> bool:
+        """Whether the loop acts when a tick's reference arrives (:class:`PolicyCalls`)."""
+        return self.calls.act_ahead
 
-    def _finish(self) -> None:
-        """act_ahead: observe the transition that ended at the last tick (its command is out);
-        then the policy state has changed, and so does the version."""
-        pending, self._pending = self._pending, None
-        if pending is None:
-            return
-        sample, reference, terms, applied = pending
-        try:
-            with self._policy_lock:
-                obs = build_observation(self.law, sample.position, sample.velocity, reference,
-                                        self._last_action.astype(np.float32), terms)
-                self._observe(obs, sample.position, reference)
-            self._previous = (obs, applied)
-        except Exception as exc:  # noqa: BLE001 - the loop must survive any policy failure
-            with self._lock:
-                self.stats.policy_errors += 1
-                self.stats.last_policy_error = f"observe: {type(exc).__name__}: {exc}"
-            self._previous = None
-        self._last_action = applied
-        self._version += 1
-
-    def _observe(self, obs: np.ndarray, position: np.ndarray, reference: Reference) -> None:
-        """Give the policy the transition that ends in ``obs`` (if one started at the previous
-        tick). Under the policy lock."""
-        if self._previous is None:
-            return
-        prev_obs, prev_action = self._previous
-        error = float(np.linalg.norm(reference[0] - position))
-        reward = tracking_reward(self.law, error, prev_action)
-        self.policy.observe(prev_obs, prev_action.astype(np.float32), reward, obs)
+    def _count_transition(self) -> None:
         self.stats.transitions += 1
+
+    def _count_policy_error(self, what: str) -> None:
+        with self._lock:
+            self.stats.policy_errors += 1
+            self.stats.last_policy_error = what
 
     # ----------------------------------------------------------------- control
 
@@ -273,8 +226,7 @@ class AdaptiveController:
 
     def _safe_result(self, reason: str, error: str = "", compute_s: float = 0.0,
                      detail: str = "", now_s: float | None = None) -> TickResult:
-        self._finish()  # the last policy tick's transition still counts
-        self._version += 1
+        self.calls.interrupt()  # the last policy tick's transition still counts
         if not self._safe_reason:
             self.safe.latch(None if self.inputs.sample is None else self.inputs.sample.position)
             if reason in STALE_REASONS:
@@ -283,8 +235,6 @@ class AdaptiveController:
         self._safe_detail = detail or error
         efforts = self.safe.efforts(self.inputs.sample)
         action = np.zeros(self.n)  # no policy action: the next observation says so
-        self._last_action = action
-        self._previous = None  # a transition needs the policy's own action at both ends
         self.stats.safe_ticks += 1
         self._commanded(now_s)
         return TickResult(efforts, action, True, reason, compute_s, error, self._safe_detail)
@@ -330,23 +280,7 @@ class AdaptiveController:
         self._tick_reference = reference
         start = time.perf_counter()
         try:
-            entry = self._prepared.entry(reference)
-            terms = entry.terms
-            if self.act_ahead:  # act, then observe once the command is out (_finish)
-                self._finish()
-                applied = entry.action_for(self._version)
-                if applied is None:  # not prepared (in time): now
-                    acting = time.perf_counter()
-                    applied = self._act_on_reference(reference, terms)
-                    self.latency.add(time.perf_counter() - acting)
-                self._pending = (sample, reference, terms, applied)
-            else:
-                with self._policy_lock:
-                    obs = build_observation(self.law, sample.position, sample.velocity,
-                                            reference, self._last_action.astype(np.float32),
-                                            terms)
-                    self._observe(obs, sample.position, reference)
-                    applied = self.clamp.check_action(self.policy.act(obs))
+            applied, terms, acting = self.calls.act(sample, reference, self.clamp.check_action)
             efforts = self.clamp.clamp(effort_command(self.law, applied, sample.position,
                                                       sample.velocity, reference, terms))
         except Exception as exc:  # noqa: BLE001 - the loop must survive any policy failure
@@ -354,22 +288,19 @@ class AdaptiveController:
             with self._lock:
                 self.stats.policy_errors += 1
                 self.stats.last_policy_error = f"{type(exc).__name__}: {exc}"
-            self._pending = None
+            self.calls.failed()
             result = self._safe_result("policy_error", self.stats.last_policy_error, compute,
                                        now_s=now_s)
             self._count_late(late_gap, compute)
             return result
         compute = time.perf_counter() - start
+        if acting is not None:
+            self.latency.add(acting)
         if self._safe_reason:
             self.safe.release()
             self._safe_reason = ""
             self._safe_detail = ""
         self._commanded(now_s)
-        if not self.act_ahead:  # (act_ahead: the preparation's time is the inference's)
-            self.latency.add(compute)
-            self._previous = (obs, applied)
-            self._last_action = applied
-            self._version += 1
         self.stats.policy_ticks += 1
         self._count_late(late_gap, compute)
         return TickResult(efforts, applied, False, "", compute)
@@ -386,7 +317,7 @@ class AdaptiveController:
         next action); the next tick's preparation if its reference came before this tick's
         joint state was served (a preview one control period ahead); then the policy's
         ``after_command()`` (if it has one). A failure is counted, never raised."""
-        self._finish()
+        self.calls.finish()
         upcoming = self.timing.next_due
         if upcoming is not None:  # a preview of the next tick's reference already here
             reference = self.inputs.reference_near(upcoming, 0.1 * self.period_s)
