@@ -108,7 +108,6 @@ class AdaptiveController:
         self._lock = threading.Lock()
         self.calls = PolicyCalls(law, policy, config.act_ahead, self._count_transition,
                                  self._count_policy_error)
-        self._policy_lock = self.calls.lock
         self.timing = TickTiming(self.period_s, config.reference_sync, self._stamp_jump)
         self._safe_reason = ""
         self._tick_late = False
@@ -285,9 +284,7 @@ class AdaptiveController:
                                                       sample.velocity, reference, terms))
         except Exception as exc:  # noqa: BLE001 - the loop must survive any policy failure
             compute = time.perf_counter() - start
-            with self._lock:
-                self.stats.policy_errors += 1
-                self.stats.last_policy_error = f"{type(exc).__name__}: {exc}"
+            self._count_policy_error(f"{type(exc).__name__}: {exc}")
             self.calls.failed()
             result = self._safe_result("policy_error", self.stats.last_policy_error, compute,
                                        now_s=now_s)
@@ -327,12 +324,10 @@ class AdaptiveController:
         if not callable(hook):
             return
         try:
-            with self._policy_lock:
+            with self.calls.lock:
                 hook()
         except Exception as exc:  # noqa: BLE001 - the loop must survive any policy failure
-            with self._lock:
-                self.stats.policy_errors += 1
-                self.stats.last_policy_error = f"after_command: {type(exc).__name__}: {exc}"
+            self._count_policy_error(f"after_command: {type(exc).__name__}: {exc}")
 
     def record_publish_latency(self, seconds: float) -> None:
         """Count the last tick as late if receipt-to-publish took longer than its budget.
@@ -407,7 +402,7 @@ class AdaptiveController:
         Returns ``None`` if the policy failed (counted) or has no latent.
         """
         try:
-            with self._policy_lock:
+            with self.calls.lock:
                 update = getattr(self.policy, "update_context", None)
                 if callable(update):
                     update()
@@ -434,7 +429,7 @@ class AdaptiveController:
         """Stop the policy's background work (calls ``policy.close()`` if it has one)."""
         close = getattr(self.policy, "close", None)
         if callable(close):
-            with self._policy_lock:
+            with self.calls.lock:
                 close()
 
     # ----------------------------------------------------------------- diagnostics

@@ -378,9 +378,10 @@ class SimNode(Node):
         seq = self.commands.await_answer(stamp_ns)
         stamp = ns_to_stamp(stamp_ns)
         self._clock_pub.publish(ClockMsg(clock=stamp))
-        if not self.preview_steps:
-            self._publish_reference(stamp_ns, self.sim.time_s)
-        q_ref = self.reference.evaluate(self.sim.time_s)[0]
+        if self.preview_steps:  # this instant's reference went out earlier
+            q_ref = self.reference.evaluate(self.sim.time_s)[0]
+        else:
+            q_ref = self._publish_reference(stamp_ns, self.sim.time_s)
         true_position = self.sim.true_state().position
         self._error_sq_sum += float(np.sum((q_ref - true_position) ** 2))
         self._error_count += 1
@@ -393,15 +394,16 @@ class SimNode(Node):
             self._publish_preview(stamp_ns)
         return seq
 
-    def _publish_reference(self, stamp_ns: int, time_s: float | None = None) -> None:
-        """The reference of the instant ``stamp_ns`` (at ``time_s``, default the stamp's),
-        stamped with it."""
+    def _publish_reference(self, stamp_ns: int, time_s: float | None = None) -> np.ndarray:
+        """Publish the reference of the instant ``stamp_ns`` (at ``time_s``, default the
+        stamp's), stamped with it; returns its q_ref."""
         q_ref, qd_ref, qdd_ref = self.reference.evaluate(
             stamp_ns * 1e-9 if time_s is None else time_s)
         reference = JointState(name=self.joint_names, position=q_ref.tolist(),
                                velocity=qd_ref.tolist(), effort=qdd_ref.tolist())
         reference.header.stamp = ns_to_stamp(stamp_ns)
         self._reference_pub.publish(reference)
+        return q_ref
 
     def _publish_preview(self, stamp_ns: int) -> None:
         """The references up to ``preview_steps`` joint-state periods after ``stamp_ns`` that
