@@ -64,11 +64,14 @@ WATCHDOG_CUTOFF_S = 0.05
 # ---------------------------------------------------------------------------- echo node
 
 
-def run_echo() -> int:
-    """The baseline: a bare rclpy node echoing joint positions as a command."""
+def run_echo(executor: str = "single") -> int:
+    """The baseline: a bare rclpy node echoing joint positions as a command, spun on the
+    executor the nodes use for ``executor`` (:func:`metarl_ros.nodes.common.make_executor`)."""
     import rclpy
     from rclpy.executors import ExternalShutdownException
     from rclpy.node import Node
+
+    from metarl_ros.nodes.common import make_executor, spin
     from rclpy.qos import QoSProfile, ReliabilityPolicy
     from sensor_msgs.msg import JointState
     from std_msgs.msg import Float64MultiArray
@@ -81,7 +84,9 @@ def run_echo() -> int:
                              lambda msg: pub.publish(Float64MultiArray(data=list(msg.position))),
                              qos)
     try:
-        rclpy.spin(node)
+        spinner = make_executor(executor)
+        spinner.add_node(node)
+        spin(spinner)
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
     finally:
@@ -321,7 +326,12 @@ def measure(driver: Driver, mode: str, cmd: list[str], warmup_s: float,
                 raise RuntimeError(f"{mode}: no connection within 30 s")
             time.sleep(0.05)
         time.sleep(0.5)
-        return driver.run(mode, warmup_s, duration_s, match, decimation, proc.pid, ahead_s)
+        result = driver.run(mode, warmup_s, duration_s, match, decimation, proc.pid, ahead_s)
+        if not len(result["latencies_ms"]):
+            exited = proc.poll()
+            raise RuntimeError(f"{mode}: no command matched a joint state in {duration_s} s"
+                               + (f" (it exited {exited})" if exited is not None else ""))
+        return result
     finally:
         _stop(proc)
 
@@ -330,7 +340,8 @@ def pool_rounds(rounds: list[dict]) -> dict:
     """Per node: the latencies of every round pooled (``latency_*`` of the pool; the other
     figures are the last round's), and with an ``echo`` in the rounds each node's p99 as a
     ratio to the echo's -- pooled (``p99_x_echo``) and per round (``p99_x_echo_per_round``,
-    each against the echo measured in the same round)."""
+    each against the echo measured in the same round); likewise ``p99_x_echo_events`` against
+    the echo spun on the EventsExecutor."""
     pooled: dict[str, dict] = {}
     for name in rounds[0]:
         runs = [r[name] for r in rounds]
@@ -349,14 +360,17 @@ def pool_rounds(rounds: list[dict]) -> dict:
             entry["node_ticks"] = ticks
             entry["late_tick_pct"] = 100.0 * late / ticks if ticks else float("nan")
         pooled[name] = entry
-    if "echo" in pooled:
+    for echo in ("echo", "echo_events"):
+        if echo not in pooled:
+            continue
         for name, entry in pooled.items():
-            if name == "echo":
+            if name.startswith("echo"):
                 continue
-            entry["p99_x_echo"] = entry["latency_p99_ms"] / pooled["echo"]["latency_p99_ms"]
-            entry["p99_x_echo_per_round"] = [
+            entry[f"p99_x_{echo}"] = (entry["latency_p99_ms"]
+                                      / pooled[echo]["latency_p99_ms"])
+            entry[f"p99_x_{echo}_per_round"] = [
                 float(np.percentile(r[name]["latencies_ms"], 99)
-                      / np.percentile(r["echo"]["latencies_ms"], 99)) for r in rounds]
+                      / np.percentile(r[echo]["latencies_ms"], 99)) for r in rounds]
     return pooled
 
 
@@ -366,8 +380,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--duration", type=float, default=10.0, help="measured seconds each")
     parser.add_argument("--warmup", type=float, default=1.0, help="unmeasured seconds first")
     parser.add_argument("--nodes", default="echo,adapter",
-                        help="comma-separated, measured in this order: echo, adapter "
-                             "(adapter_node), onnx (onnx_policy_node)")
+                        help="comma-separated, measured in this order: echo, echo_events "
+                             "(the echo on rclpy's EventsExecutor), adapter (adapter_node), "
+                             "onnx (onnx_policy_node)")
     parser.add_argument("--policy", default="pd", help="adapter_node policy (pd|pearl|onnx)")
     parser.add_argument("--model", default="", help="adapter_node model_path (pearl, onnx)")
     parser.add_argument("--no-maml", action="store_true",
@@ -381,6 +396,8 @@ def main(argv: list[str] | None = None) -> int:
                              "echo's message type)")
     parser.add_argument("--adapter-threads", type=int, default=1,
                         help="adapter_node executor_threads (1 = SingleThreadedExecutor)")
+    parser.add_argument("--executor", choices=("single", "events"), default="single",
+                        help="the nodes' executor parameter (events: rclpy's EventsExecutor)")
     parser.add_argument("--rounds", type=int, default=1,
                         help="measure the nodes this many times, in turn (echo, adapter, onnx, "
                              "echo, ...): the machine's load drifts within minutes, so a ratio "
@@ -391,13 +408,13 @@ def main(argv: list[str] | None = None) -> int:
                              "its joint state, just before it")
     parser.add_argument("--act-ahead", choices=("true", "false"),
                         help="the nodes' act_ahead (default: their parameter files')")
-    parser.add_argument("--echo", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--echo", choices=("single", "events"), help=argparse.SUPPRESS)
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args(argv)
     if args.echo:
-        return run_echo()
+        return run_echo(args.echo)
     nodes = [name.strip() for name in args.nodes.split(",") if name.strip()]
-    unknown = sorted(set(nodes) - {"echo", "adapter", "onnx"})
+    unknown = sorted(set(nodes) - {"echo", "echo_events", "adapter", "onnx"})
     if unknown:
         parser.error(f"unknown --nodes {unknown}")
     os.environ.update(loopback_ros_env())
@@ -405,7 +422,8 @@ def main(argv: list[str] | None = None) -> int:
     decimation = max(1, int(round(args.rate / driver.setup.config.control_rate_hz)))
     match = "positions" if args.command_type == "trajectory" else "stamp"
     common = ["-p", "use_sim_time:=false", "-p", "diagnostics_rate_hz:=5.0",
-              "-p", f"executor_threads:={args.adapter_threads}"]
+              "-p", f"executor_threads:={args.adapter_threads}",
+              "-p", f"executor:={args.executor}"]
     if args.act_ahead:
         common += ["-p", f"act_ahead:={args.act_ahead}"]
     adapter_cmd = [sys.executable, "-m", "metarl_ros.nodes.adapter_node", "--ros-args",
@@ -420,8 +438,11 @@ def main(argv: list[str] | None = None) -> int:
                 "-p", f"posterior_update:={args.onnx_posterior_update}",
                 *common]
     runs = {
-        "echo": lambda: measure(driver, "echo", [sys.executable, __file__, "--echo"],
+        "echo": lambda: measure(driver, "echo", [sys.executable, __file__, "--echo", "single"],
                                 args.warmup, args.duration, ahead_s=args.reference_ahead),
+        "echo_events": lambda: measure(driver, "echo_events",
+                                       [sys.executable, __file__, "--echo", "events"],
+                                       args.warmup, args.duration, ahead_s=args.reference_ahead),
         "adapter": lambda: measure(driver, "adapter", adapter_cmd, args.warmup, args.duration,
                                    match, decimation, "adapter_node", args.reference_ahead),
         "onnx": lambda: measure(driver, "onnx", onnx_cmd, args.warmup, args.duration,
@@ -441,6 +462,7 @@ def main(argv: list[str] | None = None) -> int:
         "model": args.model, "onnx_model": args.onnx_model,
         "onnx_posterior_update": args.onnx_posterior_update,
         "adapter_threads": args.adapter_threads,
+        "executor": args.executor,
         "rounds": args.rounds,
         "reference_ahead_s": args.reference_ahead,
         "act_ahead": args.act_ahead or "parameter files",

@@ -336,8 +336,24 @@ def _reader(proc, lines):
     return thread
 
 
-def test_node_executables_run_as_processes_and_stop_cleanly_on_sigint():
-    """`python -m metarl_ros.nodes.<node>` (what ros2 run starts): params file, loop, shutdown."""
+def _has_events_executor() -> bool:
+    try:
+        from rclpy.experimental import EventsExecutor  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@pytest.mark.parametrize("executor", [
+    "single",
+    pytest.param("events", marks=pytest.mark.skipif(
+        not _has_events_executor(), reason="this rclpy has no EventsExecutor")),
+])
+def test_node_executables_run_as_processes_and_stop_cleanly_on_sigint(executor):
+    """`python -m metarl_ros.nodes.<node>` (what ros2 run starts): params file, loop, shutdown.
+
+    With ``executor:=events`` adapter_node spins rclpy's EventsExecutor (on sim time, in
+    lockstep): its ``spin()`` alone would not return on SIGINT."""
     graph = adapt_sim_graph({"real_time_factor": "0.0"})
     env = _env()
     env["RCUTILS_LOGGING_BUFFERED_STREAM"] = "0"
@@ -350,6 +366,8 @@ def test_node_executables_run_as_processes_and_stop_cleanly_on_sigint():
             for key, value in spec.parameters.items():
                 text = str(value).lower() if isinstance(value, bool) else str(value) or "''"
                 cmd += ["-p", f"{key}:={text}"]
+            if spec.name == "adapter_node":
+                cmd += ["-p", f"executor:={executor}"]
             procs[spec.name] = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE,
                                                 stderr=subprocess.STDOUT, text=True)
             lines[spec.name] = []

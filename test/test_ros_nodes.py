@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 
 import numpy as np
@@ -24,7 +25,13 @@ from metarl_ros.control.policy_interface import PosteriorSummary
 from metarl_ros.core.schema import ConfigError
 from metarl_ros.nodes.adapter_node import AdapterNode
 from metarl_ros.nodes.commands import STAMP_LABEL
-from metarl_ros.nodes.common import COMMAND_QOS, LATCHED_QOS, STATE_QOS, ns_to_stamp
+from metarl_ros.nodes.common import (
+    COMMAND_QOS,
+    LATCHED_QOS,
+    STATE_QOS,
+    make_executor,
+    ns_to_stamp,
+)
 from metarl_ros.nodes.sim_node import SimNode
 from metarl_ros.policy.factory import make_policy, setup_contract
 from metarl_ros.sim.env_config import load_env_setup
@@ -479,6 +486,22 @@ def test_adapter_parameters_apply_live_or_are_refused_with_the_reason(ros):
         assert _set(node, use_sim_time=True).successful  # ROS's own parameters are left alone
     finally:
         ros.remove_all()
+
+
+def test_executor_choices_are_checked_with_the_reason(ros, monkeypatch):
+    """The executor a node spins on: unknown names, events with threads, and events on an
+    rclpy without it (Humble, Jazzy) are refused, each naming what to change."""
+    with pytest.raises(ValueError, match="executor 'bogus': must be one of single, events"):
+        make_executor("bogus")
+    with pytest.raises(ValueError, match="executor_threads=2 needs executor 'single'"):
+        make_executor("events", num_threads=2)
+    with pytest.raises(ValueError, match="executor=events runs one thread"):
+        _adapter(ros, executor="events", executor_threads=2)
+    with pytest.raises(ValueError, match="parameter executor='bogus'"):
+        _adapter(ros, executor="bogus")
+    monkeypatch.setitem(sys.modules, "rclpy.experimental", None)  # import fails, as on Jazzy
+    with pytest.raises(ValueError, match="needs rclpy's EventsExecutor .*use executor 'single'"):
+        make_executor("events")
 
 
 def test_sim_real_time_factor_applies_live_between_real_time_factors(ros):

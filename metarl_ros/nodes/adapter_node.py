@@ -94,6 +94,7 @@ from .after_tick import AfterTick
 from .commands import COMMAND_TYPES, CommandPublisher
 from .common import (
     BEST_EFFORT_QOS,
+    EXECUTOR_KINDS,
     STATE_QOS,
     declare,
     guard_parameters,
@@ -342,6 +343,15 @@ class AdapterNode(Node):
             "Executor threads when run as an executable (read at start-up): 1 = "
             "SingleThreadedExecutor (lowest latency); >1 runs the context update in parallel "
             "with control (policy calls stay serialized by a lock).", low=1, high=8)
+        d["executor"] = declare(
+            self, "executor", "single",
+            "Executor when run as an executable (read at start-up): single = rclpy's "
+            "Single/MultiThreadedExecutor (by executor_threads); events = rclpy's "
+            "EventsExecutor (rclpy 9, Kilted and later; one thread; lower latency, "
+            "docs/BENCHMARKS.md).", choices=EXECUTOR_KINDS)
+        if d["executor"] == "events" and d["executor_threads"] != 1:
+            raise ValueError("parameter executor=events runs one thread: executor_threads "
+                             f"must be 1, not {d['executor_threads']}")
         return d
 
     # ------------------------------------------------------------------ helpers

@@ -136,14 +136,60 @@ def freeze_heap(collect: bool = True) -> int:
     return gc.get_freeze_count()
 
 
+#: Executors a node can spin on (its ``executor`` parameter).
+EXECUTOR_KINDS = ("single", "events")
+
+
+def make_executor(kind: str = "single", num_threads: int = 1):
+    """The executor a node executable spins on.
+
+    ``single``: rclpy's SingleThreadedExecutor, or its MultiThreadedExecutor when
+    ``num_threads`` > 1 (callback groups run in parallel; measured here it tripled
+    adapter_node's sensor-to-command latency, docs/BENCHMARKS.md). ``events``: rclpy's
+    EventsExecutor (``rclpy.experimental``, rclpy 9 = Kilted and later), which dispatches from
+    C++ instead of rebuilding a wait set in Python every wake-up; one thread only.
+
+    Raises:
+        ValueError: an unknown ``kind``, ``events`` with ``num_threads`` > 1, or ``events``
+            on an rclpy without it (Humble, Jazzy).
+    """
+    if kind not in EXECUTOR_KINDS:
+        raise ValueError(f"executor {kind!r}: must be one of {', '.join(EXECUTOR_KINDS)}")
+    if kind == "single":
+        return (MultiThreadedExecutor(num_threads=num_threads) if num_threads > 1
+                else SingleThreadedExecutor())
+    if num_threads > 1:
+        raise ValueError(f"executor 'events' runs one thread; executor_threads={num_threads} "
+                         "needs executor 'single'")
+    try:
+        from rclpy.experimental import EventsExecutor
+    except ImportError as exc:
+        raise ValueError("executor 'events' needs rclpy's EventsExecutor (rclpy 9, ROS 2 "
+                         "Kilted and later); this rclpy has none: use executor 'single'") from exc
+    return EventsExecutor()
+
+
+def spin(executor) -> None:
+    """Spin until the context shuts down (raises what the executor raises).
+
+    The EventsExecutor's ``spin()`` does not return when SIGINT or SIGTERM shuts the context
+    down (rclpy 9.1: the process had to be killed), so it is spun in bounded waits that
+    look at the context between them; any other executor spins as usual.
+    """
+    if isinstance(executor, rclpy.executors.Executor):
+        executor.spin()
+        return
+    while rclpy.ok():
+        executor.spin_once(timeout_sec=0.1)
+
+
 def run_node(factory: Callable[[], Node], args: list[str] | None = None,
              num_threads: int = 1) -> int:
     """``main`` body of a node executable: init, spin, portable clean shutdown.
 
-    ``num_threads`` > 1 spins a MultiThreadedExecutor (callback groups run in parallel);
-    a node's ``executor_threads`` parameter, if it declares one, takes precedence. rclpy's
-    MultiThreadedExecutor is expensive: measured here it tripled adapter_node's
-    sensor-to-command latency (docs/BENCHMARKS.md), so one thread is the default.
+    The executor comes from :func:`make_executor`: a node's ``executor`` and
+    ``executor_threads`` parameters, if it declares them, override ``"single"`` and
+    ``num_threads``.
 
     Once the node is constructed, the start-up heap is frozen (:func:`freeze_heap`) so that
     garbage collection does not stall the control loop.
@@ -162,11 +208,12 @@ def run_node(factory: Callable[[], Node], args: list[str] | None = None,
         node = factory()
         if node.has_parameter("executor_threads"):
             num_threads = int(node.get_parameter("executor_threads").value)
-        executor = (MultiThreadedExecutor(num_threads=num_threads) if num_threads > 1
-                    else SingleThreadedExecutor())
+        kind = (node.get_parameter("executor").value if node.has_parameter("executor")
+                else "single")
+        executor = make_executor(kind, num_threads)
         executor.add_node(node)
         freeze_heap()
-        executor.spin()
+        spin(executor)
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
     except Exception as exc:
@@ -198,13 +245,17 @@ def run_node(factory: Callable[[], Node], args: list[str] | None = None,
 def _watch_signals() -> threading.Event:
     """Python-level SIGINT/SIGTERM handlers that record the signal (rclpy chains to them).
 
-    SIGINT still raises ``KeyboardInterrupt``; SIGTERM is left to rclpy's shutdown.
+    The first SIGINT raises ``KeyboardInterrupt``, later ones do nothing (until
+    :func:`_ignore_sigint_for_good` ignores them for good); SIGTERM is left to rclpy's
+    shutdown.
     """
     interrupted = threading.Event()
     if threading.current_thread() is not threading.main_thread():
         return interrupted
 
     def on_sigint(signum, frame):
+        if interrupted.is_set():  # a second one (ros2 launch forwards, the terminal sends)
+            return  # must not interrupt the cleanup the first one started
         interrupted.set()
         raise KeyboardInterrupt
 
