@@ -40,7 +40,11 @@ from metarl_ros.policy.dynamics_adaptation import (  # noqa: E402
     DynamicsAdaptation,
     correction_settings,
 )
-from metarl_ros.policy.held_correction import CorrectionApplier, HeldCorrection  # noqa: E402
+from metarl_ros.policy.held_correction import (  # noqa: E402
+    LAG_HORIZON_TICKS,
+    CorrectionApplier,
+    HeldCorrection,
+)
 from metarl_ros.policy.process_adapted import (  # noqa: E402
     POLL_EVERY_TICKS,
     ProcessAdaptedPolicy,
@@ -262,6 +266,10 @@ def test_factory_runs_pearl_maml_background_in_a_process_with_onnx_control_path(
     try:
         assert isinstance(policy, ProcessAdaptedPolicy) and policy.control_path == "onnx"
         reference = TorchAdaptivePolicy(load_model(MODEL))  # posterior + actor, no MAML
+        # the actor sees the reference view, but the correction scales the torque the PD
+        # feedback is part of: neither may act before the joint state arrives
+        assert reference.acts_on_reference
+        assert not policy.acts_on_reference and not inline.acts_on_reference
         assert policy.process.wait_ready(START_S), policy.process.info
         rng = np.random.default_rng(0)
         obs = (rng.normal(size=setup.obs_dim) * 0.1).astype(np.float32)
@@ -274,6 +282,14 @@ def test_factory_runs_pearl_maml_background_in_a_process_with_onnx_control_path(
             obs = next_obs
         np.testing.assert_allclose(policy.posterior().mean, reference.posterior().mean,
                                    atol=1e-5)
+        # the lag gate averages the measured tracking error (the reference view's is zero:
+        # the gate could never open when the correction read the actor's view)
+        n = setup.act_dim
+        assert np.abs(policy.applier.mean_lag).max() > 1e-4, policy.applier.mean_lag
+        inline.act(obs)
+        np.testing.assert_allclose(inline.adaptation.applier.mean_lag,
+                                   obs[2 * n:3 * n] / inline.adaptation.applier.settings
+                                   .position_error_scale / LAG_HORIZON_TICKS, rtol=1e-5)
         deadline = time.monotonic() + 30.0
         while policy.process.steps < 2 and time.monotonic() < deadline:
             policy.act(obs)

@@ -77,3 +77,40 @@ def test_lag_gate_keeps_a_bad_dynamics_model_from_costing_return(monkeypatch) ->
     # gated: level with PEARL alone before the fault and after it
     assert (pre_on - pre_alone).mean() > -1.0, (pre_on - pre_alone)
     assert (post_on - post_alone).mean() > -2.0, (post_on - post_alone)
+
+
+class _Recorder:
+    """A step hook that records what the rollout hands its ``correct``, and changes nothing."""
+
+    def __init__(self) -> None:
+        self.seen: list[np.ndarray] = []
+
+    def correct(self, obs, action, latent):
+        self.seen.append(np.array(obs))
+        return action
+
+    def record(self, obs, action, next_obs, latent) -> None:
+        pass
+
+
+@pytest.mark.skipif(not (MODELS / "pearl" / "model.pt").is_file(), reason="no shipped model")
+def test_the_correction_sees_the_measured_state_not_the_actors_view() -> None:
+    """The shipped actor sees the reference view (tracking error zero); the correction must
+    get the whole observation: it scales the torque the PD feedback on that error is part of,
+    and its lag gate averages that error (on the view the gate could never open)."""
+    models = evaluation.load_method_models(MODELS, ["pearl"])
+    pearl = models["pearl"]
+    assert pearl.agent.spec.actor_view == "reference"  # the premise
+    setup = load_env_setup(evaluation.model_env_config(pearl.payload, pearl.path))
+    tasks = make_split(setup.tasks, "heldout", setup.robot.friction_scale)[:1]
+    rollout = VectorRollout(setup, 1)
+    hook = _Recorder()
+    try:
+        result = rollout.run(pearl.agent, tasks, [0], deterministic=True, latent_mode="mean",
+                             hook=hook, steps=30)
+    finally:
+        rollout.close()
+    seen = np.stack(hook.seen, axis=1)  # (1, steps, obs_dim)
+    np.testing.assert_array_equal(seen, result.obs)
+    n = setup.act_dim
+    assert np.abs(seen[..., 2 * n:3 * n]).max() > 0.0  # a tracking error to gate on

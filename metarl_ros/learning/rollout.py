@@ -30,7 +30,9 @@ LatentMode = Literal["mean", "sample"]
 class StepHook(Protocol):
     """Per-step extension of a rollout (the MAML correction uses it).
 
-    Shapes: obs/next_obs (E, obs_dim), action (E, act_dim), latent (E, L) or None.
+    Shapes: obs/next_obs (E, obs_dim), action (E, act_dim), latent (E, L) or None. ``obs``
+    is the whole observation, not the actor's view of it: a correction of the executed
+    torque needs the measured tracking error the PD acts on.
     """
 
     def correct(
@@ -165,7 +167,7 @@ class VectorRollout:
             obs_t = torch.from_numpy(obs)
             action = agent.act(obs_t, condition, deterministic).numpy()
             if hook is not None:
-                action = hook.correct(agent.actor_observation(obs), action, mu_np)
+                action = hook.correct(obs, action, mu_np)
             while windows is not None and len(lagging) > max(0, latent_lag - 1):
                 windows.push(*lagging.pop(0))  # they have lagged behind this action
             next_obs = np.empty_like(obs)

@@ -107,7 +107,8 @@ class CorrectionApplier:
     def apply(self, obs: np.ndarray, action: np.ndarray) -> np.ndarray:
         """The corrected action in [-1, 1]: the held offset, or (structured model) ``(r - 1) u
         + c`` with the held gain ratio ``r`` and bias torque ``c`` and the current commanded
-        torque ``u``, through the lag gate. ``obs`` is what the actor sees."""
+        torque ``u``, through the lag gate. ``obs`` is the measured state (the whole
+        observation: ``u`` includes the PD feedback on its tracking error)."""
         s, held = self.settings, self.held
         if s.structured:
             n = held.ratio.shape[0]

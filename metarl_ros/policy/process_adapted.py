@@ -65,21 +65,22 @@ class ProcessAdaptedPolicy:
             ``TorchAdaptivePolicy`` without adaptation); needs ``latent_mean()``.
         applier: applies the held correction.
         process: the adaptation process (started).
-        actor_view: ``(obs_dim, obs_dim)`` map of what the actor sees of an observation
-            (``None``: the observation itself); the correction must see the same.
         control_path: ``onnx`` or ``torch`` (for diagnostics).
     """
 
     def __init__(self, inner: Any, applier: CorrectionApplier, process: AdaptationProcess,
-                 actor_view: np.ndarray | None = None, control_path: str = "onnx") -> None:
+                 control_path: str = "onnx") -> None:
         self.inner = inner
         self.contract = inner.contract
         self.applier = applier
         self.process = process
         self.adaptation = process  # ``steps`` for the launch summary, as the torch policy's
-        self._view = None if actor_view is None else np.asarray(actor_view, np.float32).T
-        # the correction acts on the actor's view too
-        self.acts_on_reference = bool(getattr(inner, "acts_on_reference", False))
+        # The correction reads the measured state (the whole observation, not the actor's
+        # view): the structured model's commanded torque includes the PD feedback on the
+        # tracking error, and its lag gate averages that error. So the action cannot be
+        # computed before the joint state arrives (act_ahead), whatever the actor sees.
+        self.acts_on_reference = (bool(getattr(inner, "acts_on_reference", False))
+                                  and not applier.settings.structured)
         self.control_path = control_path
         self.inference_time_s = 0.0
         self._ticks = 0
@@ -106,11 +107,9 @@ class ProcessAdaptedPolicy:
         self._ticks += 1
         if self._ticks % POLL_EVERY_TICKS == 0:
             self._take_report()
-        seen = np.asarray(obs, np.float32)
-        if self._view is not None:
-            seen = (seen @ self._view).astype(np.float32)
-        corrected = self.applier.apply(seen, action)
-        self.process.query(seen, action, self.inner.latent_mean(), send=False)
+        measured = np.asarray(obs, np.float32)
+        corrected = self.applier.apply(measured, action)
+        self.process.query(measured, action, self.inner.latent_mean(), send=False)
         self.inference_time_s = time.perf_counter() - start
         return corrected
 
@@ -234,7 +233,5 @@ def load_process_adapted_policy(loaded: LoadedModel, period_s: float = 0.1,
     c = loaded.contract
     spec = WorkerSpec(checkpoint=checkpoint, options={}, period_s=period_s,
                       layout=RecordLayout(c.obs_dim, c.act_dim, model.latent_dim))
-    view = loaded.agent.actor.obs_view
     return ProcessAdaptedPolicy(inner, CorrectionApplier(correction_settings(model)),
-                                AdaptationProcess(spec), None if view is None else view.numpy(),
-                                control_path)
+                                AdaptationProcess(spec), control_path)

@@ -57,8 +57,10 @@ class TorchAdaptivePolicy:
         self.contract = loaded.contract
         self.agent = loaded.agent
         spec = self.agent.spec
-        self.acts_on_reference = spec.actor_view == "reference"
-        """the action depends on the observation only through its reference view"""
+        self.acts_on_reference = spec.actor_view == "reference" and not adaptation
+        """the action depends on the observation only through its reference view (never
+        with the MAML correction: it scales the commanded torque, PD feedback included, and
+        its lag gate reads the measured tracking error)"""
         if spec.conditioning == "oracle":
             raise CheckpointError(
                 f"{loaded.path}: the oracle needs the true task and cannot run on a robot"
@@ -133,8 +135,8 @@ class TorchAdaptivePolicy:
             torch.as_tensor(obs, dtype=torch.float32)[None], condition[None], deterministic=True
         )[0].numpy()
         if self.adaptation is not None:
-            action = self.adaptation.apply(
-                self.agent.actor_observation(obs),
+            action = self.adaptation.apply(  # the measured state, not the actor's view
+                np.asarray(obs, np.float32),
                 action,
                 mu.numpy() if self.stream is not None else None,
             )
