@@ -220,6 +220,27 @@ def test_fault_injection_via_topic_changes_the_true_task(ros, probe):
     assert sim.sim.task.locked_joints == () and sim.task_label == "repaired"
 
 
+def test_effort_commands_reuse_one_message_and_keep_each_commands_tag(ros, probe):
+    """CommandPublisher fills one message per kind at every command: each published command
+    carries its own efforts, in the controller's order, and its own tag (or none)."""
+    from metarl_ros.nodes.commands import CommandPublisher, command_stamp_ns
+
+    received = Collector()
+    probe.create_subscription(Float64MultiArray, "/test_effort/commands", received,
+                              COMMAND_QOS)
+    order = np.arange(N)[::-1]  # the controller lists the joints the other way round
+    commands = CommandPublisher(probe, "effort", "test_effort", JOINTS[::-1], order)
+    wait_for(lambda: commands.subscription_count() > 0, 5.0)
+    sent = [(np.arange(N) + 1.0, 11), (np.arange(N) * -2.0, None), (np.full(N, 0.5), 33)]
+    for efforts, stamp in sent:
+        assert commands.publish(efforts, None, stamp_ns=stamp)
+    assert wait_for(lambda: len(received) == 3, 5.0)
+    for msg, (efforts, stamp) in zip(received.snapshot(), sent):
+        np.testing.assert_array_equal(msg.data, efforts[order])
+        assert command_stamp_ns(msg) == stamp
+        assert len(msg.layout.dim) == (0 if stamp is None else 1)
+
+
 def test_sim_rejects_bad_commands_and_holds_zero_effort(ros, probe):
     """Without a controller, lockstep waits at t=0; bad commands step with zero effort."""
     commands = probe.create_publisher(Float64MultiArray, "/effort_controller/commands",

@@ -133,9 +133,13 @@ class CommandPublisher:
         self.impedance_horizon_s = impedance_horizon_s
         msg_type = Float64MultiArray if command_type == "effort" else JointTrajectory
         self._publisher = node.create_publisher(msg_type, self.topic, COMMAND_QOS)
-        # one message, filled and published at every command (publishing serializes it at
-        # once); arrays go in as array('d'), which the message's setters take without
+        # one message per kind, filled and published at every command (publishing serializes
+        # it at once); arrays go in as array('d'), which the message's setters take without
         # checking every element as they do for lists
+        n = len(self.joint_names)
+        self._tag = MultiArrayDimension(size=n, stride=n)  # label: set per command
+        self._tagged = Float64MultiArray(layout=MultiArrayLayout(dim=[self._tag]))
+        self._untagged = Float64MultiArray()
         ahead = impedance_horizon_s if command_type == "impedance" else 0.0
         self._point = JointTrajectoryPoint(time_from_start=Duration(
             sec=int(ahead), nanosec=int(round(ahead % 1 * 1e9))))
@@ -156,11 +160,12 @@ class CommandPublisher:
         commands carry it as the lockstep tag, see the module docstring). Returns False if
         nothing could be published (no position yet)."""
         if self.command_type == "effort":
-            msg = Float64MultiArray(data=self._ordered(efforts))
-            if stamp_ns is not None:
-                size = len(msg.data)
-                msg.layout = MultiArrayLayout(dim=[MultiArrayDimension(
-                    label=f"{STAMP_LABEL}{int(stamp_ns)}", size=size, stride=size)])
+            if stamp_ns is None:
+                msg = self._untagged
+            else:
+                msg = self._tagged
+                self._tag.label = f"{STAMP_LABEL}{int(stamp_ns)}"
+            msg.data = self._ordered(efforts)
             self._publisher.publish(msg)
             return True
         point = self._point
