@@ -55,21 +55,40 @@ def _loop_actions(setup, policy, episode, act_ahead: bool) -> np.ndarray:
     return np.stack(actions)
 
 
-def test_the_loop_acting_ahead_is_the_evaluated_pearl_ahead():
-    run = evaluate_one_episode(["pearl", "pearl_ahead"], seed=5)
+def _check_the_loop_against_the_evaluation(run, maml: bool, exact: str, ahead: str) -> None:
+    """The control loop acting at the joint state and acting ahead gives the evaluated
+    methods ``exact`` and ``ahead`` of ``run``'s episode."""
     setup, episode, evaluated = run.setup, run.episode, run.actions
 
     def policy():
         return make_policy("pearl", setup, model_path=run.models_dir / "pearl" / "model.pt",
-                           maml=False, adaptation_schedule="inline")
+                           maml=maml, adaptation_schedule="inline")
 
-    ahead = _loop_actions(setup, policy(), episode, act_ahead=True)
-    exact = _loop_actions(setup, policy(), episode, act_ahead=False)
+    # with MAML the correction reads the measured state: only the actor acts ahead
+    assert policy().acts_on_reference is not maml
+    ahead_actions = _loop_actions(setup, policy(), episode, act_ahead=True)
+    exact_actions = _loop_actions(setup, policy(), episode, act_ahead=False)
     fault = int(round(episode.fault_time_s / setup.control_dt))
     # before the fault the two runners agree to float32 rounding; after it the posterior
     # amplifies the rounding of the observation the harness decodes and encodes again
     # (measured: 1e-3 at most, for both modes alike)
-    for loop_actions, name in ((ahead, "pearl_ahead"), (exact, "pearl")):
+    for loop_actions, name in ((ahead_actions, ahead), (exact_actions, exact)):
         np.testing.assert_allclose(loop_actions[:fault], evaluated[name][:fault], atol=1e-5)
         np.testing.assert_allclose(loop_actions, evaluated[name], atol=3e-3)
-    assert np.abs(ahead - exact)[:fault].max() > 1e-2  # the lag is there, beyond rounding
+    # the lag is there, beyond rounding
+    assert np.abs(ahead_actions - exact_actions)[:fault].max() > 1e-2
+
+
+def test_the_loop_acting_ahead_is_the_evaluated_pearl_ahead():
+    run = evaluate_one_episode(["pearl", "pearl_ahead"], seed=5)
+    _check_the_loop_against_the_evaluation(run, False, "pearl", "pearl_ahead")
+
+
+def test_the_loop_acting_ahead_with_the_maml_correction_is_the_evaluated_pearl_maml_ahead():
+    """With the MAML correction the actor's part is prepared from the reference and the
+    correction is applied at the joint state, on the measured state (ahead_parts); the
+    transitions reach the posterior and the adaptation one tick late, as ``latent_lag=1``."""
+    run = evaluate_one_episode(["pearl_maml", "pearl_maml_ahead", "pearl_ahead"], seed=5)
+    # the correction acts in this episode (else the test could not tell where it is applied)
+    assert np.abs(run.actions["pearl_maml_ahead"] - run.actions["pearl_ahead"]).max() > 0.1
+    _check_the_loop_against_the_evaluation(run, True, "pearl_maml", "pearl_maml_ahead")

@@ -198,8 +198,9 @@ def test_control_side_applies_reports_and_survives_a_killed_process(toy_process)
     policy.applier.hold(held_before)
     os.kill(toy_process.info.pid, signal.SIGKILL)
     time.sleep(0.5)
-    for _ in range(POLL_EVERY_TICKS):  # it looks for reports every few actions
+    for _ in range(POLL_EVERY_TICKS):  # it looks for reports every few commands
         policy.act(probe)
+        policy.after_command()
     np.testing.assert_allclose(policy.act(probe), probe[:2])
     status = policy.status()
     assert status.level == "warn" and "ended" in status.message and "un-adapted" in status.message
@@ -220,7 +221,8 @@ def _wait_steps(policy: ProcessAdaptedPolicy, steps: int, active: bool = False,
                 timeout: float = 30.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        policy.act(np.zeros(8, np.float32))  # polls for reports
+        policy.act(np.zeros(8, np.float32))
+        policy.after_command()  # polls for reports every few ticks
         report = policy.process.info.last_report
         if report is not None and report.steps >= steps and (report.active or not active):
             return
@@ -267,9 +269,10 @@ def test_factory_runs_pearl_maml_background_in_a_process_with_onnx_control_path(
         assert isinstance(policy, ProcessAdaptedPolicy) and policy.control_path == "onnx"
         reference = TorchAdaptivePolicy(load_model(MODEL))  # posterior + actor, no MAML
         # the actor sees the reference view, but the correction scales the torque the PD
-        # feedback is part of: neither may act before the joint state arrives
+        # feedback is part of: only the actor's part may act before the joint state arrives
         assert reference.acts_on_reference
         assert not policy.acts_on_reference and not inline.acts_on_reference
+        assert policy.base_acts_on_reference and inline.base_acts_on_reference
         assert policy.process.wait_ready(START_S), policy.process.info
         rng = np.random.default_rng(0)
         obs = (rng.normal(size=setup.obs_dim) * 0.1).astype(np.float32)
@@ -293,6 +296,7 @@ def test_factory_runs_pearl_maml_background_in_a_process_with_onnx_control_path(
         deadline = time.monotonic() + 30.0
         while policy.process.steps < 2 and time.monotonic() < deadline:
             policy.act(obs)
+            policy.after_command()  # sends the record, takes reports
             time.sleep(0.05)
         status = policy.status()
         assert status.level == "ok", status

@@ -732,20 +732,28 @@ class ReferencePolicy(RecordingPolicy):
         super().observe(obs, action, reward, next_obs)
 
 
+def _ahead_and_exact(setup, policy_type, log):
+    """One preview run acting ahead (policy logging to ``log``) and one acting at the joint
+    state; checks both command the same actions and efforts, returns the two policies."""
+    ahead = policy_type(setup, log)
+    loop, results, _ = _preview_run(setup, ahead, act_ahead=True)
+    assert loop.act_ahead
+    exact = policy_type(setup, [])
+    _, exact_results, _ = _preview_run(setup, exact, act_ahead=False)
+    assert len(results) == len(exact_results) == 6
+    for a, b in zip(results, exact_results):
+        np.testing.assert_allclose(a.action, b.action, atol=1e-6)
+        np.testing.assert_allclose(a.efforts, b.efforts, atol=1e-5)
+    return ahead, exact
+
+
 def test_act_ahead_acts_when_the_reference_arrives_and_observes_after_the_command(setup):
     """With act_ahead, a policy acting on the reference view is called when the reference of a
     tick arrives; the tick adds only the PD feedback, and the transition that ended at the tick
     is observed once its command is out -- the same transitions and commands as acting at the
     joint state, for a policy whose actions do not depend on what it has observed."""
     log = []
-    ahead = ReferencePolicy(setup, log)
-    loop, results, instants = _preview_run(setup, ahead, act_ahead=True)
-    assert loop.act_ahead
-    exact = ReferencePolicy(setup, [])
-    _, exact_results, _ = _preview_run(setup, exact, act_ahead=False)
-    for a, b in zip(results, exact_results):
-        np.testing.assert_allclose(a.efforts, b.efforts, atol=1e-5)
-        np.testing.assert_allclose(a.action, b.action, atol=1e-6)
+    ahead, exact = _ahead_and_exact(setup, ReferencePolicy, log)
     assert len(ahead.observed) == len(exact.observed) == 5
     for a, b in zip(ahead.observed, exact.observed):
         for x, y in zip(a, b):
@@ -754,6 +762,46 @@ def test_act_ahead_acts_when_the_reference_arrives_and_observes_after_the_comman
     # action is prepared when its reference arrives, after the previous tick's transition was
     # observed (once that tick's command was out): the ticks themselves call no policy
     assert log == ["act"] * 4 + ["observe", "act"] * 5
+
+
+class SplitPolicy(ReferencePolicy):
+    """An actor on the reference view plus a correction on the measured tracking error, split
+    as ``act(obs) == correct(obs, base_act(obs))`` (the MAML correction's shape)."""
+
+    acts_on_reference = False
+    base_acts_on_reference = True
+
+    def __init__(self, setup, log):
+        super().__init__(setup, log)
+        self.corrected = []  # the observations the correction saw
+
+    def base_act(self, obs):
+        return super().act(obs)
+
+    def correct(self, obs, action):
+        self.log.append("correct")
+        self.corrected.append(np.array(obs))
+        n = self.n
+        return np.clip(action + 0.5 * obs[2 * n:3 * n], -1.0, 1.0)
+
+    def act(self, obs):
+        return self.correct(obs, self.base_act(obs))
+
+
+def test_act_ahead_prepares_the_actor_and_corrects_on_the_measured_state(setup):
+    """A policy that splits (``ahead_parts``): its actor runs when the reference arrives, its
+    correction at the joint state on the measured observation -- the same commands as acting
+    at the joint state, for an actor whose action does not depend on what it has observed."""
+    log = []
+    ahead, exact = _ahead_and_exact(setup, SplitPolicy, log)
+    n = setup.act_dim
+    assert len(ahead.corrected) == 6
+    for seen, measured in zip(ahead.corrected, exact.corrected):
+        np.testing.assert_allclose(seen, measured, atol=1e-6)
+        assert np.abs(seen[2 * n:3 * n]).max() > 0.0  # a measured error, not the view's zero
+    # every tick's actor call was made when its reference arrived (the head start's three,
+    # then each after the previous tick's transition was observed): a tick only corrects
+    assert log == ["act"] * 3 + ["correct", "act"] + ["correct", "observe", "act"] * 5
 
 
 def test_act_ahead_is_refused_for_policies_that_read_the_measured_state(setup):

@@ -11,8 +11,9 @@ Two orders, both with one ``observe`` and one ``act`` per tick:
 
 * at the joint state (default): ``observe`` the transition that ended now, then ``act`` on
   the measured observation -- the newest transition informs the action;
-* ``act_ahead`` (a policy that ``acts_on_reference``): ``act`` when the tick's reference
-  arrives, on the observation the arm would have on it; at the joint state only the efforts
+* ``act_ahead`` (a policy with :func:`~metarl_ros.control.policy_interface.ahead_parts`):
+  ``act`` when the tick's reference arrives, on the observation the arm would have on it; at
+  the joint state only a measured-state correction, if the policy has one, and the efforts
   are computed (by the loop); the transition is observed once the command is out
   (:meth:`PolicyCalls.finish`). The action's posterior is one transition older.
 
@@ -31,7 +32,7 @@ import numpy as np
 
 from metarl_ros.control.joint_map import JointSample
 from metarl_ros.control.law import ControlLaw, ReferenceTerms, build_observation, tracking_reward
-from metarl_ros.control.policy_interface import AdaptivePolicy
+from metarl_ros.control.policy_interface import AdaptivePolicy, ahead_parts
 from metarl_ros.control.prepared import PreparedReferences, Reference
 
 CheckAction = Callable[[np.ndarray], np.ndarray]
@@ -55,9 +56,11 @@ class PolicyCalls:
         self.law = law
         self.policy = policy
         self.lock = threading.Lock()
-        self.act_ahead = act_ahead and bool(getattr(policy, "acts_on_reference", False))
-        """acting when the reference arrives (asked for, and the policy acts on the reference
-        view only)."""
+        parts = ahead_parts(policy) if act_ahead else None
+        self.act_ahead = parts is not None
+        """acting when the reference arrives (asked for, and the policy's action, but for a
+        correction on the measured state, reads the reference view only)."""
+        self._act_ahead, self._correct = parts if parts is not None else (policy.act, None)
         self.prepared = PreparedReferences(law)
         self._on_transition = on_transition
         self._on_error = on_error
@@ -65,8 +68,8 @@ class PolicyCalls:
         # last policy tick: the start of the next transition
         self._last_action = np.zeros(law.num_joints)
         self._version = 0  # changes with the policy state a prepared action depends on
-        self._pending: tuple | None = None  # act_ahead: (sample, reference, terms, action)
-        # of the tick whose transition is not handed over yet
+        self._pending: tuple | None = None  # act_ahead: (sample, reference, terms, action,
+        # observation or None) of the tick whose transition is not handed over yet
 
     def prepare(self, reference: Reference, check: CheckAction) -> float | None:
         """The work on ``reference`` that needs no joint state: its model terms and, with
@@ -99,7 +102,14 @@ class PolicyCalls:
                 start = time.perf_counter()
                 applied = self._act_on_reference(reference, terms, check)
                 acting = time.perf_counter() - start
-            self._pending = (sample, reference, terms, applied)
+            obs = None
+            if self._correct is not None:  # the measured state's part, on the tick's path
+                with self.lock:
+                    obs = build_observation(self.law, sample.position, sample.velocity,
+                                            reference, self._last_action.astype(np.float32),
+                                            terms)
+                    applied = check(self._correct(obs, applied))
+            self._pending = (sample, reference, terms, applied, obs)
             return applied, terms, acting
         start = time.perf_counter()
         with self.lock:
@@ -119,11 +129,13 @@ class PolicyCalls:
         pending, self._pending = self._pending, None
         if pending is None:
             return
-        sample, reference, terms, applied = pending
+        sample, reference, terms, applied, obs = pending
         try:
             with self.lock:
-                obs = build_observation(self.law, sample.position, sample.velocity, reference,
-                                        self._last_action.astype(np.float32), terms)
+                if obs is None:
+                    obs = build_observation(self.law, sample.position, sample.velocity,
+                                            reference, self._last_action.astype(np.float32),
+                                            terms)
                 self._observe(obs, sample.position, reference)
             self._previous = (obs, applied)
         except Exception as exc:  # noqa: BLE001 - the loop must survive any policy failure
@@ -150,11 +162,12 @@ class PolicyCalls:
     def _act_on_reference(self, reference: Reference, terms: ReferenceTerms,
                           check: CheckAction) -> np.ndarray:
         """The checked action on the observation the arm would have on its reference (the same
-        action as on the measured one, for a policy that ``acts_on_reference``)."""
+        action as on the measured one, for a policy that ``acts_on_reference``; before its
+        correction, for one that splits)."""
         with self.lock:
             obs = build_observation(self.law, reference[0], reference[1], reference,
                                     self._last_action.astype(np.float32), terms)
-            return check(self.policy.act(obs))
+            return check(self._act_ahead(obs))
 
     def _observe(self, obs: np.ndarray, position: np.ndarray, reference: Reference) -> None:
         """Hand over the transition that ends in ``obs`` (if one started at the previous

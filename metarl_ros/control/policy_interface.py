@@ -10,7 +10,7 @@ that calls it, so that ``control`` depends on no implementation.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, Protocol, runtime_checkable
+from typing import Callable, Literal, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -78,7 +78,8 @@ class AdaptivePolicy(Protocol):
     Called from the control loop: ``act`` must be fast and never block on adaptation work.
     Optional hooks the loop calls when a policy has them: ``update_context()`` (at the
     context rate), ``after_command()`` (once a tick's command is published: bookkeeping that
-    need not delay it), ``status()`` (:class:`PolicyStatus`) and ``close()``.
+    need not delay it), ``status()`` (:class:`PolicyStatus`) and ``close()``. What lets the
+    loop act before the joint state arrives is read by :func:`ahead_parts`.
     """
 
     contract: PolicyContract
@@ -99,3 +100,30 @@ class AdaptivePolicy(Protocol):
 
     def posterior(self) -> PosteriorSummary:
         """The current belief about the task."""
+
+
+ActOnReference = Callable[[np.ndarray], np.ndarray]
+"""An action (act_dim,) from an observation (obs_dim,) of which only the reference view is
+read."""
+CorrectMeasured = Callable[[np.ndarray, np.ndarray], np.ndarray]
+"""``(obs, action) -> action``: a correction of an action on the measured observation."""
+
+
+def ahead_parts(policy: AdaptivePolicy) -> tuple[ActOnReference, CorrectMeasured | None] | None:
+    """How much of ``policy``'s action can be computed before the joint state arrives.
+
+    * ``acts_on_reference`` True: ``act`` reads only the observation's reference view (the
+      reference and the model features on it, the previous action), so all of it:
+      ``(policy.act, None)``;
+    * ``base_acts_on_reference`` True: the policy splits ``act(obs) == correct(obs,
+      base_act(obs))`` into an action on the reference view and a correction on the measured
+      observation (the MAML correction: it scales the commanded torque, PD feedback included),
+      so ``(policy.base_act, policy.correct)``: the loop calls ``base_act`` when the
+      reference arrives and ``correct`` at the joint state;
+    * otherwise None: the action waits for the joint state.
+    """
+    if getattr(policy, "acts_on_reference", False):
+        return policy.act, None
+    if getattr(policy, "base_acts_on_reference", False):
+        return policy.base_act, policy.correct  # type: ignore[attr-defined]
+    return None

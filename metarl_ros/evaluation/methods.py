@@ -98,6 +98,9 @@ METHODS: dict[str, MethodSpec] = {
         LearnedMethod("pearl_ahead", "pearl", latent_lag=1, default=False,
                       description="PEARL acting one tick behind the newest transition, as a "
                                   "node with act_ahead"),
+        LearnedMethod("pearl_maml_ahead", "pearl", maml=True, latent_lag=1, default=False,
+                      description="PEARL + MAML correction, the actor one tick behind the "
+                                  "newest transition, as adapter_node with act_ahead"),
         LearnedMethod("pearl_adapt", "pearl", parameter_adaptation=ParameterAdaptationConfig(),
                       description="PEARL + online refinement of its fault parameters"),
         PolicyMethod("pd", "metarl_ros.policy.factory:make_policy", (("kind", "pd"),),

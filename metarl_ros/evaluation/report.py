@@ -37,7 +37,8 @@ import numpy as np
 from metarl_ros.evaluation import metrics, stats
 
 PAIRS = (("pearl", "robust"), ("maml", "robust"), ("pearl_maml", "pearl"),
-         ("pearl_adapt", "pearl"), ("pearl_adapt", "adaptive_ff"), ("pearl_ahead", "pearl"))
+         ("pearl_adapt", "pearl"), ("pearl_adapt", "adaptive_ff"), ("pearl_ahead", "pearl"),
+         ("pearl_maml_ahead", "pearl_maml"))
 """Paired differences reported beside every method against nominal and the ceiling: what the
 context adds, what the MAML correction and the parameter adaptation add to the same policy,
 and what PEARL's prior adds to the parameter adaptation."""

@@ -113,10 +113,12 @@ class VectorRollout:
             steps: episode length override (default: the env's).
             record_task: record the true task vector of every step for any conditioning (the
                 oracle's are always recorded: they are its condition).
-            latent_lag: transitions enter the posterior this many steps late (after the
-                action of the step they lag into): 0 = the newest transition informs the next
-                action; 1 = what a control loop acting on the reference ahead of the joint
-                state does (``LoopConfig.act_ahead``).
+            latent_lag: transitions reach the posterior and ``hook.record`` this many steps
+                late (after the action of the step they lag into): 0 = the newest transition
+                informs the next action; 1 = what a control loop acting on the reference ahead
+                of the joint state does (``LoopConfig.act_ahead``: the policy observes a
+                transition once the next command is out). ``hook.correct`` is not delayed:
+                the loop applies a correction on the measured state at the joint state.
         """
         count = len(tasks)
         if count > len(self.envs):
@@ -146,7 +148,7 @@ class VectorRollout:
         oracle_dim = spec.oracle_dim if spec.conditioning == "oracle" or record_task else 0
         out_oracle = np.zeros((count, steps, oracle_dim), np.float32)
         width = spec.act_dim + num_fault_parameters(spec.act_dim) if record_teacher else 0
-        lagging: list[tuple] = []  # factors of transitions not in the posterior yet
+        lagging: list[tuple] = []  # (factors, record) of transitions not handed over yet
         out_teacher = np.zeros((count, steps, width), np.float32)
         for t in range(steps):
             mu_np = None
@@ -168,8 +170,12 @@ class VectorRollout:
             action = agent.act(obs_t, condition, deterministic).numpy()
             if hook is not None:
                 action = hook.correct(obs, action, mu_np)
-            while windows is not None and len(lagging) > max(0, latent_lag - 1):
-                windows.push(*lagging.pop(0))  # they have lagged behind this action
+            while len(lagging) > max(0, latent_lag - 1):  # lagged behind this action
+                factors, record = lagging.pop(0)
+                if windows is not None:
+                    windows.push(*factors)
+                if hook is not None:  # with the posterior before it, as the policy's
+                    hook.record(*record, mu_np)  # observe() does
             next_obs = np.empty_like(obs)
             if record_teacher:
                 out_teacher[:, t] = np.stack([env.teacher_targets() for env in envs])
@@ -177,8 +183,7 @@ class VectorRollout:
                 next_obs[i], out_reward[i, t], _, _, info = env.step(action[i])
                 out_error[i, t] = info["tracking_error"]
             out_obs[:, t], out_action[:, t], out_next[:, t] = obs, action, next_obs
-            if hook is not None:
-                hook.record(obs, action, next_obs, mu_np)
+            factors = None
             if windows is not None:
                 transition = make_transition(
                     obs_t,
@@ -187,9 +192,13 @@ class VectorRollout:
                     torch.from_numpy(next_obs),
                 )
                 factors = agent.encoder.factors(transition)
-                if latent_lag:
-                    lagging.append(factors)
-                else:
+            record = (obs, action, next_obs)
+            if latent_lag:
+                lagging.append((factors, record))
+            else:
+                if hook is not None:
+                    hook.record(*record, mu_np)
+                if windows is not None:
                     windows.push(*factors)
             obs = next_obs
         return RolloutResult(

@@ -311,12 +311,13 @@ class AdapterNode(Node):
                              param_type=Parameter.Type.DOUBLE_ARRAY)
         d["act_ahead"] = declare(
             self, "act_ahead", False,
-            "Policies that act on the reference view only (PEARL's feed-forward actor): compute "
-            "the action when the reference of a tick arrives, on the posterior up to the "
-            "previous tick (one transition older: +1 % tracking error on the validation draw, "
-            "docs/BENCHMARKS.md), so a joint state is answered with the PD feedback alone and "
-            "the newest transition is observed after the command. false = act at the joint "
-            "state (the evaluated controller). Other policies ignore it.")
+            "Policies whose actor reads the reference view only (PEARL's feed-forward actor): "
+            "compute the action when the reference of a tick arrives, on the posterior up to "
+            "the previous tick (one transition older: +1 % tracking error on the validation "
+            "draw, docs/BENCHMARKS.md), so a joint state is answered with the PD feedback (and "
+            "the MAML correction, if on) alone and the newest transition is observed after the "
+            "command. false = act at the joint state (the evaluated controller). Other "
+            "policies ignore it.")
         d["reference_sync"] = declare(
             self, "reference_sync", True,
             "Wait for a reference stamped no earlier than the joint state before a tick "

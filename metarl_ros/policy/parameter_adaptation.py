@@ -185,6 +185,7 @@ class ParameterAdaptationPolicy(PolicyWrapper):
                  config: ParameterAdaptationConfig | None = None) -> None:
         super().__init__(policy)
         self.acts_on_reference = False  # the law's correction follows the measured PD effort
+        self.base_acts_on_reference = False  # not the wrapped policy's split: it skips the law
         # not ``adaptation``: that name is the wrapped policy's MAML adaptation (counters)
         self.parameter_law = ParameterAdaptation(law, 1.0 / policy.contract.control_rate_hz, 1,
                                                  config)

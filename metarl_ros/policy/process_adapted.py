@@ -51,8 +51,9 @@ _LOG = logging.getLogger(__name__)
 STALE_AFTER_PERIODS = 20
 """No adaptation report for this many periods: the process is reported as stalled."""
 POLL_EVERY_TICKS = 4
-"""Look for a new report (a system call) every this many actions, and at every context
-update: reports come every adaptation period (0.1 s)."""
+"""Look for a new report (a system call, and unpickling one if it came) after every this
+many commands (:meth:`ProcessAdaptedPolicy.after_command`, off the sensor-to-command path),
+and at every context update: reports come every adaptation period (0.1 s)."""
 
 
 class ProcessAdaptedPolicy:
@@ -77,13 +78,16 @@ class ProcessAdaptedPolicy:
         self.adaptation = process  # ``steps`` for the launch summary, as the torch policy's
         # The correction reads the measured state (the whole observation, not the actor's
         # view): the structured model's commanded torque includes the PD feedback on the
-        # tracking error, and its lag gate averages that error. So the action cannot be
-        # computed before the joint state arrives (act_ahead), whatever the actor sees.
-        self.acts_on_reference = (bool(getattr(inner, "acts_on_reference", False))
+        # tracking error, and its lag gate averages that error. So only the actor's part can
+        # be computed before the joint state arrives (act_ahead): ``base_act`` then, and
+        # ``correct`` at the joint state (control.policy_interface.ahead_parts).
+        self.base_acts_on_reference = bool(getattr(inner, "acts_on_reference", False))
+        self.acts_on_reference = (self.base_acts_on_reference
                                   and not applier.settings.structured)
         self.control_path = control_path
         self.inference_time_s = 0.0
         self._ticks = 0
+        self._polled_at = 0  # self._ticks when after_command last took a report
         self._applied_steps = 0
         self._fallback = False  # the un-adapted correction after the process died
         self.reset()
@@ -103,21 +107,34 @@ class ProcessAdaptedPolicy:
 
     def act(self, obs: np.ndarray) -> np.ndarray:
         start = time.perf_counter()
-        action = self.inner.act(obs)
-        self._ticks += 1
-        if self._ticks % POLL_EVERY_TICKS == 0:
-            self._take_report()
-        measured = np.asarray(obs, np.float32)
-        corrected = self.applier.apply(measured, action)
-        self.process.query(measured, action, self.inner.latent_mean(), send=False)
+        corrected = self.correct(obs, self.base_act(obs))
         self.inference_time_s = time.perf_counter() - start
         return corrected
 
+    def base_act(self, obs: np.ndarray) -> np.ndarray:
+        """The inner policy's action (act_dim,) before the correction, on ``obs`` (obs_dim,)."""
+        return self.inner.act(obs)
+
+    def correct(self, obs: np.ndarray, action: np.ndarray) -> np.ndarray:
+        """``action`` (act_dim,) of :meth:`base_act` with the held correction applied on the
+        measured observation ``obs`` (obs_dim,); the pair goes to the adaptation process with
+        the next :meth:`after_command`."""
+        self._ticks += 1
+        measured = np.asarray(obs, np.float32)
+        corrected = self.applier.apply(measured, action)
+        self.process.query(measured, action, self.inner.latent_mean(), send=False)
+        return corrected
+
     def after_command(self) -> None:
-        """Send the adaptation process this tick's record (the control loop calls this once
-        the command is published, keeping the pipe write off the sensor-to-command path;
-        otherwise the next record or query sends it)."""
+        """Send the adaptation process this tick's record and, every
+        :data:`POLL_EVERY_TICKS` ticks, take its newest report (the control loop calls this
+        once the command is published, keeping the pipe's system calls off the
+        sensor-to-command path; otherwise the next record or query sends the record, and the
+        next context update takes the report)."""
         self.process.flush()
+        if self._ticks - self._polled_at >= POLL_EVERY_TICKS:
+            self._polled_at = self._ticks
+            self._take_report()
 
     def posterior(self) -> PosteriorSummary:
         return self.inner.posterior()

@@ -57,10 +57,12 @@ class TorchAdaptivePolicy:
         self.contract = loaded.contract
         self.agent = loaded.agent
         spec = self.agent.spec
-        self.acts_on_reference = spec.actor_view == "reference" and not adaptation
+        self.base_acts_on_reference = spec.actor_view == "reference"
+        """:meth:`base_act` (the actor) reads the observation's reference view only"""
+        self.acts_on_reference = self.base_acts_on_reference and not adaptation
         """the action depends on the observation only through its reference view (never
         with the MAML correction: it scales the commanded torque, PD feedback included, and
-        its lag gate reads the measured tracking error)"""
+        its lag gate reads the measured tracking error; control.policy_interface.ahead_parts)"""
         if spec.conditioning == "oracle":
             raise CheckpointError(
                 f"{loaded.path}: the oracle needs the true task and cannot run on a robot"
@@ -124,24 +126,34 @@ class TorchAdaptivePolicy:
             if not self.background:
                 self.adaptation.maybe_step()
 
-    @torch.no_grad()
     def act(self, obs: np.ndarray) -> np.ndarray:
         start = time.perf_counter()
+        action = self.correct(obs, self.base_act(obs))
+        self.inference_time_s = time.perf_counter() - start
+        return action
+
+    @torch.no_grad()
+    def base_act(self, obs: np.ndarray) -> np.ndarray:
+        """The actor's action (act_dim,) on the current posterior, before the MAML correction,
+        for ``obs`` (obs_dim,)."""
         mu, std = self._latent()
         condition = (
             mu if self.latent_mode == "mean" or self.stream is None else mu + std * self._noise
         )
-        action = self.agent.act(
+        return self.agent.act(
             torch.as_tensor(obs, dtype=torch.float32)[None], condition[None], deterministic=True
         )[0].numpy()
-        if self.adaptation is not None:
-            action = self.adaptation.apply(  # the measured state, not the actor's view
-                np.asarray(obs, np.float32),
-                action,
-                mu.numpy() if self.stream is not None else None,
-            )
-        self.inference_time_s = time.perf_counter() - start
-        return action
+
+    def correct(self, obs: np.ndarray, action: np.ndarray) -> np.ndarray:
+        """``action`` (act_dim,) with the MAML correction applied on the measured observation
+        ``obs`` (obs_dim,); unchanged without adaptation."""
+        if self.adaptation is None:
+            return action
+        return self.adaptation.apply(
+            np.asarray(obs, np.float32),
+            action,
+            self.latent_mean() if self.stream is not None else None,
+        )
 
     def latent_mean(self) -> np.ndarray:
         """The posterior mean over the transitions observed so far, (latent_dim,) float32
