@@ -804,6 +804,56 @@ def test_act_ahead_prepares_the_actor_and_corrects_on_the_measured_state(setup):
     assert log == ["act"] * 3 + ["correct", "act"] + ["correct", "observe", "act"] * 5
 
 
+def _off_grid_run(setup, policy, act_ahead, ref_period, offset, ahead, ticks=6, seed=1):
+    """Joint states at 500 Hz from t = 1 s, control at 100 Hz; references every
+    ``ref_period`` s stamped ``offset`` s off the joint states' grid, each sent ``ahead`` s
+    before its instant. Returns the results and, per tick, whether the policy acted inside
+    it (its log grew during the tick)."""
+    n = setup.act_dim
+    rng = np.random.default_rng(seed)
+    loop = AdaptiveController(setup.law, policy,
+                              LoopConfig(control_rate_hz=100.0, act_ahead=act_ahead))
+    steps = 5 * ticks
+    ref_stamps = [1.0 + offset + ref_period * m
+                  for m in range(int(0.002 * steps / ref_period) + 3)]
+    sent = 0
+    results, acted_in_tick = [], []
+    for k in range(steps):
+        now = 1.0 + 0.002 * k
+        while sent < len(ref_stamps) and ref_stamps[sent] - ahead <= now + 1e-12:
+            ref = tuple(rng.normal(size=n) * 0.1 for _ in range(3))
+            loop.on_reference(ref_stamps[sent], now, [], *ref)
+            sent += 1
+        q, qd = rng.normal(size=n) * 0.1, rng.normal(size=n) * 0.1
+        if loop.on_joint_state(now, now, setup.robot.joint_names, q, qd):
+            calls = len(policy.log)
+            results.append(loop.tick(now))
+            acted_in_tick.append("act" in policy.log[calls:])
+            loop.after_command()
+    return results, acted_in_tick
+
+
+@pytest.mark.parametrize("ref_period, offset, ahead", [
+    (0.010, -0.003, 0.013),  # a 100 Hz planner 3 ms off the control grid
+    (0.002, 0.001, 0.005),   # 500 Hz, halfway between joint states (the latency benchmark)
+])
+def test_act_ahead_prepares_the_reference_a_tick_uses_off_the_grid(setup, ref_period, offset,
+                                                                   ahead):
+    """The reference a tick uses (the newest stamped no later than its joint state) is
+    prepared as soon as it is known -- once a later one has arrived -- even when no reference
+    is stamped at the control instant: no tick after the first acts itself, and the commands
+    are those of acting at the joint state."""
+    ahead_policy = ReferencePolicy(setup, [])
+    results, acted = _off_grid_run(setup, ahead_policy, True, ref_period, offset, ahead)
+    exact_policy = ReferencePolicy(setup, [])
+    exact, _ = _off_grid_run(setup, exact_policy, False, ref_period, offset, ahead)
+    assert len(results) == len(exact) == 6 and not any(r.safe for r in results)
+    assert acted[1:] == [False] * 5
+    for a, b in zip(results, exact):
+        np.testing.assert_allclose(a.action, b.action, atol=1e-6)
+        np.testing.assert_allclose(a.efforts, b.efforts, atol=1e-5)
+
+
 def test_act_ahead_is_refused_for_policies_that_read_the_measured_state(setup):
     recorder = RecordingPolicy(setup)  # no acts_on_reference
     loop = AdaptiveController(setup.law, recorder, LoopConfig(act_ahead=True))

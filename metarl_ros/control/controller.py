@@ -186,13 +186,25 @@ class AdaptiveController:
         """Take a reference (q_ref, qd_ref, qdd_ref); return True if a deferred tick is due."""
         stamp = self.inputs.take_reference(stamp_s, now_s, names, position, velocity,
                                            acceleration)
-        if self.timing.needs_reference(stamp):
-            assert self.inputs.reference is not None
-            self._prepare(self.inputs.reference)
+        instant = self.timing.reference_known_for(stamp)
+        if instant is not None:
+            self._prepare(instant)
         return self.timing.on_reference(stamp)
 
-    def _prepare(self, reference: Reference) -> None:
-        """What ``reference`` allows before its joint state (:meth:`PolicyCalls.prepare`)."""
+    def _reference_for(self, instant: float) -> Reference | None:
+        """The reference a tick at ``instant`` uses: with ``reference_sync`` the newest
+        stamped no later than it (a preview's later ones are kept for their own instants),
+        else the newest."""
+        if self.config.reference_sync:
+            return self.inputs.reference_at(instant)
+        return self.inputs.reference
+
+    def _prepare(self, instant: float) -> None:
+        """What the reference of ``instant`` allows before its joint state
+        (:meth:`PolicyCalls.prepare`)."""
+        reference = self._reference_for(instant)
+        if reference is None:
+            return
         acting = self.calls.prepare(reference, self.clamp.check_action)
         if acting is not None:
             self.latency.add(acting)
@@ -273,8 +285,7 @@ class AdaptiveController:
             return result
         assert self.inputs.sample is not None and self.inputs.reference is not None
         sample = self.inputs.sample
-        reference = (self.inputs.reference_at(stamp) if self.config.reference_sync
-                     else self.inputs.reference)
+        reference = self._reference_for(stamp)
         assert reference is not None
         self._tick_reference = reference
         start = time.perf_counter()
@@ -315,11 +326,13 @@ class AdaptiveController:
         joint state was served (a preview one control period ahead); then the policy's
         ``after_command()`` (if it has one). A failure is counted, never raised."""
         self.calls.finish()
-        upcoming = self.timing.next_due
-        if upcoming is not None:  # a preview of the next tick's reference already here
-            reference = self.inputs.reference_near(upcoming, 0.1 * self.period_s)
-            if reference is not None:
-                self._prepare(reference)
+        newest = self.inputs.newest_reference_stamp
+        if newest is not None and self.timing.next_due is not None:
+            # the next tick's reference already here (a preview): prepare it again, after
+            # this tick's transition (if it was prepared before, it acted without it)
+            instant = self.timing.reference_known_for(newest, again=True)
+            if instant is not None:
+                self._prepare(instant)
         hook = getattr(self.policy, "after_command", None)
         if not callable(hook):
             return

@@ -108,15 +108,10 @@ class LoopInputs:
                 return reference
         return self._references[0][1]
 
-    def reference_near(self, stamp: float, tolerance: float
-                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
-        """The newest kept reference stamped within ``tolerance`` of ``stamp``, or None."""
-        for ref_stamp, reference in reversed(self._references):
-            if abs(ref_stamp - stamp) <= tolerance:
-                return reference
-            if ref_stamp < stamp - tolerance:
-                return None
-        return None
+    @property
+    def newest_reference_stamp(self) -> float | None:
+        """The stamp of the newest kept reference (None before any)."""
+        return self._references[-1][0] if self._references else None
 
     def ever_arrived(self) -> bool:
         """Whether any input has arrived, accepted or rejected."""

@@ -27,6 +27,10 @@ from typing import Callable
 from metarl_ros.control.joint_map import RejectedInput
 
 
+STAMP_SLACK_S = 1e-6
+"""Stamps this close are the same instant (float seconds of integer-nanosecond stamps)."""
+
+
 class TickTiming:
     """The tick grid of :class:`~metarl_ros.control.controller.AdaptiveController`.
 
@@ -50,6 +54,8 @@ class TickTiming:
         """stamp of the joint state a due tick answers (None: no tick due)."""
         self.pending_since: float | None = None
         self.reference_stamp: float | None = None
+        self._known_for: float | None = None
+        """the instant :meth:`reference_known_for` last gave."""
 
     def on_joint_state(self, stamp: float, now_s: float) -> bool:
         """An accepted joint state stamped ``stamp``, received at ``now_s``: True if the tick
@@ -82,15 +88,25 @@ class TickTiming:
         self.reference_stamp = stamp
         return self.pending_stamp is not None and self.reference_ready()
 
-    def needs_reference(self, stamp: float) -> bool:
-        """Whether a reference stamped ``stamp`` is (likely) the one the next tick will use:
-        a tick waits for it, no grid is set yet, or ``stamp`` is within a tenth of a period
-        of the grid's next point (a reference sent ahead of its instant included). Lets the
-        loop prepare what depends on the reference alone before the joint state arrives; a
-        wrong guess costs only time (the tick prepares its own reference then)."""
-        if self.pending_stamp is not None or self.next_due is None:
-            return True
-        return abs(stamp - self.next_due) <= 0.1 * self.period_s
+    def reference_known_for(self, newest: float, again: bool = False) -> float | None:
+        """The instant whose reference can be prepared now that the newest reference is
+        stamped ``newest``, or None. A tick uses the newest reference stamped no later than
+        its joint state (:meth:`LoopInputs.reference_at`), so the next control instant's
+        reference is known once one stamped at it (within :data:`STAMP_SLACK_S`) or after it
+        has arrived; each instant is given once (``again``: even if it was given before).
+        While a tick waits for its reference, its joint state's instant; before the first
+        tick (no grid yet), ``newest``. Lets the loop prepare what depends on the reference
+        alone before the joint state arrives; a reference that arrives only after its joint
+        state costs time, never correctness (the tick prepares its own)."""
+        if self.pending_stamp is not None:
+            return self.pending_stamp
+        if self.next_due is None:
+            return newest
+        due = self.next_due
+        if newest < due - STAMP_SLACK_S or (self._known_for == due and not again):
+            return None
+        self._known_for = due
+        return due
 
     def reference_ready(self) -> bool:
         if self.reference_stamp is None:
