@@ -60,7 +60,7 @@ class PolicyCalls:
         self.act_ahead = parts is not None
         """acting when the reference arrives (asked for, and the policy's action, but for a
         correction on the measured state, reads the reference view only)."""
-        self._act_ahead, self._correct = parts if parts is not None else (policy.act, None)
+        self._act_on_view, self._correct = parts if parts is not None else (policy.act, None)
         self.prepared = PreparedReferences(law)
         self._on_transition = on_transition
         self._on_error = on_error
@@ -167,7 +167,7 @@ class PolicyCalls:
         with self.lock:
             obs = build_observation(self.law, reference[0], reference[1], reference,
                                     self._last_action.astype(np.float32), terms)
-            return check(self._act_ahead(obs))
+            return check(self._act_on_view(obs))
 
     def _observe(self, obs: np.ndarray, position: np.ndarray, reference: Reference) -> None:
         """Hand over the transition that ends in ``obs`` (if one started at the previous

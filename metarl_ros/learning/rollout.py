@@ -149,6 +149,15 @@ class VectorRollout:
         out_oracle = np.zeros((count, steps, oracle_dim), np.float32)
         width = spec.act_dim + num_fault_parameters(spec.act_dim) if record_teacher else 0
         lagging: list[tuple] = []  # (factors, record) of transitions not handed over yet
+
+        def hand_over(factors, record: tuple, mu_np: np.ndarray | None) -> None:
+            """A transition reaches the posterior and the hook (with the posterior before
+            it, as the policy's observe() does)."""
+            if windows is not None:
+                windows.push(*factors)
+            if hook is not None:
+                hook.record(*record, mu_np)
+
         out_teacher = np.zeros((count, steps, width), np.float32)
         for t in range(steps):
             mu_np = None
@@ -171,11 +180,7 @@ class VectorRollout:
             if hook is not None:
                 action = hook.correct(obs, action, mu_np)
             while len(lagging) > max(0, latent_lag - 1):  # lagged behind this action
-                factors, record = lagging.pop(0)
-                if windows is not None:
-                    windows.push(*factors)
-                if hook is not None:  # with the posterior before it, as the policy's
-                    hook.record(*record, mu_np)  # observe() does
+                hand_over(*lagging.pop(0), mu_np)
             next_obs = np.empty_like(obs)
             if record_teacher:
                 out_teacher[:, t] = np.stack([env.teacher_targets() for env in envs])
@@ -192,14 +197,9 @@ class VectorRollout:
                     torch.from_numpy(next_obs),
                 )
                 factors = agent.encoder.factors(transition)
-            record = (obs, action, next_obs)
-            if latent_lag:
-                lagging.append((factors, record))
-            else:
-                if hook is not None:
-                    hook.record(*record, mu_np)
-                if windows is not None:
-                    windows.push(*factors)
+            lagging.append((factors, (obs, action, next_obs)))
+            if not latent_lag:
+                hand_over(*lagging.pop(), mu_np)
             obs = next_obs
         return RolloutResult(
             out_obs,
