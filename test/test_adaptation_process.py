@@ -217,6 +217,53 @@ def test_control_side_applies_reports_and_survives_a_killed_process(toy_process)
     assert report.level in ("warn", "error") and report.values["maml.adaptation"] == "process"
 
 
+class _CallLog:
+    """A stand-in adaptation process that logs what the control side asks of it."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple] = []
+
+    def reset(self) -> None:
+        self.calls.append(("reset",))
+
+    def record(self, obs, action, next_obs, latent) -> None:
+        self.calls.append(("record",))
+
+    def query(self, obs, action, latent, send: bool = True) -> None:
+        self.calls.append(("query", obs.copy(), action.copy(), send))
+
+    def flush(self) -> None:
+        self.calls.append(("flush",))
+
+    def poll(self):
+        return None
+
+
+def test_the_query_reaches_the_process_record_after_the_command() -> None:
+    """correct() (on the sensor-to-command path) only remembers the query; after_command()
+    copies it into the process's record and flushes; a transition observed before that still
+    gets the query first, as the adaptation process needs it."""
+    model = toy_torque_model().float()
+    log = _CallLog()
+    policy = ProcessAdaptedPolicy(_Inner(), CorrectionApplier(correction_settings(
+        model, OPTIONS["max_correction"], OPTIONS["lag_band_rad"])), log)
+    obs = np.arange(8, dtype=np.float32) / 10.0
+    action = np.asarray([0.3, -0.2], np.float32)
+    log.calls.clear()
+    policy.correct(obs, action)
+    assert log.calls == []  # nothing on the command's path
+    policy.after_command()
+    assert [c[0] for c in log.calls] == ["query", "flush"]
+    _, sent_obs, sent_action, send = log.calls[0]
+    np.testing.assert_array_equal(sent_obs, obs)
+    np.testing.assert_array_equal(sent_action, action)
+    assert send is False
+    log.calls.clear()
+    policy.correct(obs, action)
+    policy.observe(obs, action, 0.0, obs)  # no after_command between: the query goes first
+    assert [c[0] for c in log.calls] == ["query", "record"]
+
+
 def _wait_steps(policy: ProcessAdaptedPolicy, steps: int, active: bool = False,
                 timeout: float = 30.0) -> None:
     deadline = time.monotonic() + timeout

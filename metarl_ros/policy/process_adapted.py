@@ -90,6 +90,7 @@ class ProcessAdaptedPolicy:
         self._polled_at = 0  # self._ticks when after_command last took a report
         self._applied_steps = 0
         self._fallback = False  # the un-adapted correction after the process died
+        self._query: tuple | None = None  # (measured obs, action, latent) of the last correct
         self.reset()
 
     # --------------------------------------------------------------- AdaptivePolicy
@@ -99,8 +100,10 @@ class ProcessAdaptedPolicy:
         self.applier.reset()
         self.process.reset()
         self._applied_steps = 0
+        self._query = None
 
     def observe(self, obs, action, reward, next_obs) -> None:
+        self._queue_query()  # the query of the action this transition started with goes first
         latent_before = self.inner.latent_mean()
         self.inner.observe(obs, action, reward, next_obs)
         self.process.record(obs, action, next_obs, latent_before)
@@ -118,11 +121,13 @@ class ProcessAdaptedPolicy:
     def correct(self, obs: np.ndarray, action: np.ndarray) -> np.ndarray:
         """``action`` (act_dim,) of :meth:`base_act` with the held correction applied on the
         measured observation ``obs`` (obs_dim,); the pair goes to the adaptation process with
-        the next :meth:`after_command`."""
+        the next :meth:`after_command` (copied into its record there, off the
+        sensor-to-command path)."""
         self._ticks += 1
+        self._queue_query()  # one not handed over yet (no after_command since): it goes first
         measured = np.asarray(obs, np.float32)
         corrected = self.applier.apply(measured, action)
-        self.process.query(measured, action, self.inner.latent_mean(), send=False)
+        self._query = (measured, action, self.inner.latent_mean())
         return corrected
 
     def after_command(self) -> None:
@@ -131,6 +136,7 @@ class ProcessAdaptedPolicy:
         once the command is published, keeping the pipe's system calls off the
         sensor-to-command path; otherwise the next record or query sends the record, and the
         next context update takes the report)."""
+        self._queue_query()
         self.process.flush()
         if self._ticks - self._polled_at >= POLL_EVERY_TICKS:
             self._polled_at = self._ticks
@@ -155,6 +161,13 @@ class ProcessAdaptedPolicy:
             close()
 
     # --------------------------------------------------------------- adaptation
+
+    def _queue_query(self) -> None:
+        """Put the last :meth:`correct`'s query in the process's record (sent at its flush,
+        or with the next record)."""
+        query, self._query = self._query, None
+        if query is not None:
+            self.process.query(*query, send=False)
 
     def _take_report(self) -> None:
         report = self.process.poll()
