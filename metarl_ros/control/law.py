@@ -34,6 +34,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Literal
 
 import numpy as np
@@ -107,6 +108,16 @@ class ControlLaw:
     @property
     def num_joints(self) -> int:
         return len(self.joint_names)
+
+    @cached_property
+    def gains(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(kp, kd, action_scale)`` as float64 arrays, (n,) each, made once: a control tick
+        converts no lists."""
+        arrays = tuple(np.array(v, dtype=np.float64) for v in (
+            self.feedback.kp, self.feedback.kd, self.action_scale))
+        for array in arrays:
+            array.flags.writeable = False
+        return arrays  # type: ignore[return-value]
 
     @property
     def obs_dim(self) -> int:
@@ -184,13 +195,9 @@ def effort_command(
     limit it. ``terms``: :func:`reference_terms` of a single ``reference`` instant, if
     already computed.
     """
-    feedback = law.feedback
+    kp, kd, action_scale = law.gains
     q_ref, qd_ref, qdd_ref = reference
-    effort = (
-        np.asarray(feedback.kp) * (q_ref - position)
-        + np.asarray(feedback.kd) * (qd_ref - velocity)
-        + action * np.asarray(law.action_scale)
-    )
+    effort = kp * (q_ref - position) + kd * (qd_ref - velocity) + action * action_scale
     if law.feed_forward is None:
         return effort
     if terms is not None:
