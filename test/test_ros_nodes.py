@@ -142,6 +142,9 @@ def test_closed_loop_pd_tracks_reference_through_faults(ros, probe):
                 "window_fill", "latent_shift", "adaptation_events", "policy_errors",
                 "joint_state_age_s"):
         assert key in values
+    # each tick's receipt-to-publish time, as the node measures it
+    command_p50, command_p99 = (float(values[f"command_latency_{q}_ms"]) for q in ("p50", "p99"))
+    assert 0.0 < command_p50 <= command_p99 < 1e3, (command_p50, command_p99)
     # sim_node reports at 1 Hz of wall time: a fast run can end before its first report
     assert wait_for(lambda: _latest_status(diagnostics, "sim_node") is not None, 2.0)
     assert len(latents) == 0  # pd has no latent

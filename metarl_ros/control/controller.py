@@ -104,7 +104,8 @@ class AdaptiveController:
         self.joints, self.references = self.inputs.joints, self.inputs.references
         self.clamp, self.safe = self._safety(config.safe_mode, config.effort_limit_scale)
         self.stats = LoopStats()
-        self.latency = LatencyWindow(config.latency_window)
+        self.latency = LatencyWindow(config.latency_window)  # the policy's compute per action
+        self.command_latency = LatencyWindow(config.latency_window)  # receipt to publish
         self._lock = threading.Lock()
         self.calls = PolicyCalls(law, policy, config.act_ahead, self._count_transition,
                                  self._count_policy_error)
@@ -343,11 +344,13 @@ class AdaptiveController:
             self._count_policy_error(f"after_command: {type(exc).__name__}: {exc}")
 
     def record_publish_latency(self, seconds: float) -> None:
-        """Count the last tick as late if receipt-to-publish took longer than its budget.
+        """Record a tick's receipt-to-publish time (``/diagnostics``
+        ``command_latency_*``) and count the tick as late if it took longer than its budget.
 
         For callers that measure more than the policy's compute time (message conversion,
         publishing); call once per tick, after :meth:`tick`. A tick is counted once.
         """
+        self.command_latency.add(seconds)
         if not self._tick_late and seconds > self.config.late_tick_fraction * self.period_s:
             self._tick_late = True
             with self._lock:
@@ -454,7 +457,8 @@ class AdaptiveController:
         return loop_report(stats, self.latency, self._latent, self.config, self._safe_reason,
                            self._safe_detail, self._idle(now_s),
                            self.inputs.joint_watchdog.age(now_s),
-                           self.inputs.reference_watchdog.age(now_s), self.policy_status())
+                           self.inputs.reference_watchdog.age(now_s), self.policy_status(),
+                           self.command_latency)
 
     def policy_status(self) -> PolicyStatus | None:
         """The policy's own status (its background work), if it offers ``status()``; a

@@ -109,13 +109,16 @@ class DiagnosticsReport:
 def loop_report(s: LoopStats, latency: LatencyWindow, latent: LatentUpdate | None,
                 config: LoopConfig, safe_reason: str, safe_detail: str, idle: str,
                 joint_state_age_s: float, reference_age_s: float,
-                policy: PolicyStatus | None = None) -> DiagnosticsReport:
+                policy: PolicyStatus | None = None,
+                command_latency: LatencyWindow | None = None) -> DiagnosticsReport:
     """The control loop's ``/diagnostics`` status from a snapshot of its state: counters
-    ``s``, ``safe_reason`` ('' while the policy is in control), ``idle`` (why nothing has
-    been commanded for a while, or '') and the policy's own ``status()`` (its values are
-    added; its warning shows while nothing more serious does)."""
+    ``s``, ``latency`` (the policy's compute per action), ``command_latency`` (a tick's
+    receipt-to-publish, as the node measures it), ``safe_reason`` ('' while the policy is in
+    control), ``idle`` (why nothing has been commanded for a while, or '') and the policy's own
+    ``status()`` (its values are added; its warning shows while nothing more serious does)."""
     late_pct = 100.0 * s.late_ticks / s.ticks if s.ticks else 0.0
     p50_ms, p99_ms, max_ms = latency.summary_ms()
+    c50_ms, c99_ms, cmax_ms = (command_latency or LatencyWindow()).summary_ms()
     state = safe_reason or ("idle" if idle else "policy")
     values: dict[str, Any] = {
         "state": state,
@@ -130,6 +133,9 @@ def loop_report(s: LoopStats, latency: LatencyWindow, latent: LatentUpdate | Non
         "inference_latency_p50_ms": f"{p50_ms:.3f}",
         "inference_latency_p99_ms": f"{p99_ms:.3f}",
         "inference_latency_max_ms": f"{max_ms:.3f}",
+        "command_latency_p50_ms": f"{c50_ms:.3f}",
+        "command_latency_p99_ms": f"{c99_ms:.3f}",
+        "command_latency_max_ms": f"{cmax_ms:.3f}",
         "transitions": s.transitions,
         "window_fill": latent.window_fill if latent else 0,
         "latent_dim": latent.mean.size if latent else 0,

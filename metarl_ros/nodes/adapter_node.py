@@ -37,7 +37,8 @@ Publishes
     ``[{label: "mean_std", size: 2, stride: 2d}, {label: "latent", size: d, stride: d}]``.
     Not published by policies without latent (``pd``).
     ``/diagnostics`` (diagnostic_msgs/DiagnosticArray) -- one status
-    ``"<node name>: control loop"``: state, inference latency p50/p99/max, late ticks,
+    ``"<node name>: control loop"``: state, inference latency p50/p99/max, command latency
+    (a tick's receipt to publish) p50/p99/max, late ticks,
     window fill, latent shift, adaptation events, policy errors, rejected messages, input
     ages. Level ERROR while the safe action is commanded, WARN after policy errors or with
     more than 5 % late ticks.
