@@ -26,7 +26,9 @@ Latency = command receipt minus joint state publication, both on this process's 
 clock. With ``--rounds R`` every node is measured R times in turn (the load of a shared
 machine drifts within minutes: the echo's p99 alone moved 0.7-1.8 ms between runs a few
 minutes apart), the latencies of its rounds are pooled, and each node's p99 is given as a
-ratio to the echo's, pooled and per round. Resident memory (``VmRSS``, and its peak
+ratio to the echo's, pooled and per round. ``--raw FILE.npz`` keeps every round's latencies,
+and ``--pool A.npz B.npz ...`` pools the rounds of several runs (the same ``--nodes``) without
+measuring. Resident memory (``VmRSS``, and its peak
 ``VmHWM``, from ``/proc/<pid>/status``) of each node process is read at the end of its
 measured window; ``children_vmrss_mb`` is that of
 its child processes (adapter_node with policy pearl, MAML on and ``adaptation_schedule:
@@ -256,6 +258,10 @@ class Driver:
             result["late_tick_pct_since_start"] = float(self.diag.get("late_tick_pct", "nan"))
             result["inference_p50_ms"] = float(self.diag.get("inference_latency_p50_ms", "nan"))
             result["inference_p99_ms"] = float(self.diag.get("inference_latency_p99_ms", "nan"))
+            # receipt to publish inside the node (its last 2000 ticks): the rest of the
+            # latency is transport and executor
+            result["node_command_p50_ms"] = float(self.diag.get("command_latency_p50_ms", "nan"))
+            result["node_command_p99_ms"] = float(self.diag.get("command_latency_p99_ms", "nan"))
         return result
 
     def close(self) -> None:
@@ -410,9 +416,16 @@ def main(argv: list[str] | None = None) -> int:
                         help="the nodes' act_ahead (default: their parameter files')")
     parser.add_argument("--echo", choices=("single", "events"), help=argparse.SUPPRESS)
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--raw", type=Path, metavar="NPZ",
+                        help="also write every round's latencies (ms) here, for --pool")
+    parser.add_argument("--pool", type=Path, nargs="+", metavar="NPZ",
+                        help="measure nothing: pool the rounds of these --raw files (runs with "
+                             "the same --nodes) and print the pooled figures")
     args = parser.parse_args(argv)
     if args.echo:
         return run_echo(args.echo)
+    if args.pool:
+        return print_pooled(args.pool)
     nodes = [name.strip() for name in args.nodes.split(",") if name.strip()]
     unknown = sorted(set(nodes) - {"echo", "echo_events", "adapter", "onnx"})
     if unknown:
@@ -475,6 +488,52 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps(results, indent=2))
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")
+    if args.raw:
+        write_raw(args.raw, rounds)
+    return 0
+
+
+def write_raw(path: Path, rounds: list[dict]) -> None:
+    """Every round's latencies (ms) as ``<node>.r<round>`` arrays of an ``.npz``, written
+    whole (a temporary file renamed into place)."""
+    arrays = {f"{name}.r{i}": run["latencies_ms"] for i, r in enumerate(rounds)
+              for name, run in r.items()}
+    tmp = path.with_name(f".{path.name}.tmp.npz")
+    np.savez(tmp, **arrays)
+    os.replace(tmp, path)
+
+
+def read_raw(path: Path) -> list[dict]:
+    """The rounds of a :func:`write_raw` file: ``[{node: {"latencies_ms": array}}, ...]``."""
+    rounds: dict[int, dict] = {}
+    with np.load(path) as data:
+        for key in data.files:
+            name, _, index = key.rpartition(".r")
+            if not name or not index.isdigit():
+                raise SystemExit(f"--pool {path}: {key!r} is not a <node>.r<round> array: not a "
+                                 "--raw file")
+            rounds.setdefault(int(index), {})[name] = {"latencies_ms": data[key]}
+    return [rounds[i] for i in sorted(rounds)]
+
+
+def print_pooled(paths: list[Path]) -> int:
+    """``--pool``: the pooled figures of the rounds of several ``--raw`` files."""
+    rounds: list[dict] = []
+    for path in paths:
+        if not path.is_file():
+            raise SystemExit(f"--pool {path}: no such file")
+        try:
+            more = read_raw(path)
+        except (OSError, ValueError) as exc:
+            raise SystemExit(f"--pool {path}: not a --raw file ({exc})") from None
+        if rounds and more and set(more[0]) != set(rounds[0]):
+            raise SystemExit(f"--pool {path}: nodes {sorted(more[0])}, but the first file has "
+                             f"{sorted(rounds[0])}")
+        rounds += more
+    if not rounds:
+        raise SystemExit("--pool: the files hold no rounds")
+    results = {"files": [str(p) for p in paths], "rounds": len(rounds), **pool_rounds(rounds)}
+    print(json.dumps(results, indent=2))
     return 0
 
 
