@@ -119,6 +119,13 @@ class ControlLaw:
             array.flags.writeable = False
         return arrays  # type: ignore[return-value]
 
+    @cached_property
+    def default_pose_array(self) -> np.ndarray:
+        """``default_pose`` as a read-only float64 array (n,), made once."""
+        array = np.array(self.default_pose, dtype=np.float64)
+        array.flags.writeable = False
+        return array
+
     @property
     def obs_dim(self) -> int:
         """Entries of an observation: 7n, plus ``NUM_BLOCKS * n`` model features."""
@@ -166,7 +173,7 @@ def build_observation(
     obs_cfg = law.observation
     q_ref, qd_ref, qdd_ref = reference
     blocks = [
-        position - np.asarray(law.default_pose),
+        position - law.default_pose_array,
         velocity * obs_cfg.velocity_scale,
         (q_ref - position) * obs_cfg.position_error_scale,
         (qd_ref - velocity) * obs_cfg.velocity_error_scale,

@@ -44,6 +44,15 @@ class HeldCorrection:
             self.__dict__["_identity"] = identity  # frozen, so computed once
         return identity
 
+    @property
+    def gain(self) -> np.ndarray:
+        """``ratio - 1`` (n,) float32, computed once (what the formula multiplies ``u`` by)."""
+        gain = self.__dict__.get("_gain")
+        if gain is None:
+            gain = self.ratio - 1.0
+            self.__dict__["_gain"] = gain
+        return gain
+
     @classmethod
     def none(cls, n: int) -> HeldCorrection:
         """No correction (the un-adapted policy)."""
@@ -122,10 +131,12 @@ class CorrectionApplier:
                 # formula below gives exactly this (an offset of zero)
                 return _clip(action, 1.0).astype(np.float32)
             u = action + self._kp_u * position_error + self._kd_u * obs[3 * n : 4 * n]
-            offset = _clip((held.ratio - 1.0) * u + held.bias, s.max_correction)
-            if s.lag_band_rad is not None:
-                offset = offset * self.lag_gate(offset)
-            return _clip(action + offset, 1.0).astype(np.float32)
+            bound = s.max_correction
+            offset = np.minimum(np.maximum(held.gain * u + held.bias, -bound), bound)
+            if s.lag_band_rad is not None:  # self.lag_gate(offset), inline (on every tick)
+                offset = offset * np.minimum(np.maximum(
+                    np.sign(offset) * self.mean_lag / s.lag_band_rad, 0.0), 1.0)
+            return np.minimum(np.maximum(action + offset, -1.0), 1.0).astype(np.float32)
         return _clip(action + held.offset, 1.0).astype(np.float32)
 
     def lag_gate(self, offset: np.ndarray) -> np.ndarray:
