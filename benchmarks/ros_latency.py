@@ -66,9 +66,11 @@ WATCHDOG_CUTOFF_S = 0.05
 # ---------------------------------------------------------------------------- echo node
 
 
-def run_echo(executor: str = "single") -> int:
+def run_echo(executor: str = "single", take_reference: bool = False) -> int:
     """The baseline: a bare rclpy node echoing joint positions as a command, spun on the
-    executor the nodes use for ``executor`` (:func:`metarl_ros.nodes.common.make_executor`)."""
+    executor the nodes use for ``executor`` (:func:`metarl_ros.nodes.common.make_executor`);
+    ``take_reference``: it also subscribes to ``/reference`` (and does nothing with it), as the
+    nodes do."""
     import rclpy
     from rclpy.executors import ExternalShutdownException
     from rclpy.node import Node
@@ -85,6 +87,8 @@ def run_echo(executor: str = "single") -> int:
     node.create_subscription(JointState, "/joint_states",
                              lambda msg: pub.publish(Float64MultiArray(data=list(msg.position))),
                              qos)
+    if take_reference:
+        node.create_subscription(JointState, "/reference", lambda msg: None, qos)
     try:
         spinner = make_executor(executor)
         spinner.add_node(node)
@@ -387,7 +391,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=float, default=1.0, help="unmeasured seconds first")
     parser.add_argument("--nodes", default="echo,adapter",
                         help="comma-separated, measured in this order: echo, echo_events "
-                             "(the echo on rclpy's EventsExecutor), adapter (adapter_node), "
+                             "(the echo on rclpy's EventsExecutor), echo_events_reference (that "
+                             "echo subscribed to /reference too), adapter (adapter_node), "
                              "onnx (onnx_policy_node)")
     parser.add_argument("--policy", default="pd", help="adapter_node policy (pd|pearl|onnx)")
     parser.add_argument("--model", default="", help="adapter_node model_path (pearl, onnx)")
@@ -415,6 +420,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--act-ahead", choices=("true", "false"),
                         help="the nodes' act_ahead (default: their parameter files')")
     parser.add_argument("--echo", choices=("single", "events"), help=argparse.SUPPRESS)
+    parser.add_argument("--echo-takes-reference", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--raw", type=Path, metavar="NPZ",
                         help="also write every round's latencies (ms) here, for --pool")
@@ -423,11 +429,12 @@ def main(argv: list[str] | None = None) -> int:
                              "the same --nodes) and print the pooled figures")
     args = parser.parse_args(argv)
     if args.echo:
-        return run_echo(args.echo)
+        return run_echo(args.echo, args.echo_takes_reference)
     if args.pool:
         return print_pooled(args.pool)
     nodes = [name.strip() for name in args.nodes.split(",") if name.strip()]
-    unknown = sorted(set(nodes) - {"echo", "echo_events", "adapter", "onnx"})
+    unknown = sorted(set(nodes) - {"echo", "echo_events", "echo_events_reference", "adapter",
+                                   "onnx"})
     if unknown:
         parser.error(f"unknown --nodes {unknown}")
     os.environ.update(loopback_ros_env())
@@ -456,6 +463,10 @@ def main(argv: list[str] | None = None) -> int:
         "echo_events": lambda: measure(driver, "echo_events",
                                        [sys.executable, __file__, "--echo", "events"],
                                        args.warmup, args.duration, ahead_s=args.reference_ahead),
+        "echo_events_reference": lambda: measure(
+            driver, "echo_events_reference",
+            [sys.executable, __file__, "--echo", "events", "--echo-takes-reference"],
+            args.warmup, args.duration, ahead_s=args.reference_ahead),
         "adapter": lambda: measure(driver, "adapter", adapter_cmd, args.warmup, args.duration,
                                    match, decimation, "adapter_node", args.reference_ahead),
         "onnx": lambda: measure(driver, "onnx", onnx_cmd, args.warmup, args.duration,
