@@ -101,6 +101,23 @@ def run_echo(executor: str = "single", take_reference: bool = False) -> int:
     return 0
 
 
+def run_node_echo(ros_args: list[str]) -> int:
+    """onnx_policy_node as it runs (its model, timers, services and subscriptions, the
+    reference callback preparing each tick), except that its joint-state callback only echoes
+    the positions, as the bare echo does: what the node's process costs beyond its tick."""
+    from std_msgs.msg import Float64MultiArray
+
+    from metarl_ros.nodes.common import run_node
+    from metarl_ros.nodes.onnx_policy_node import OnnxPolicyNode
+
+    class EchoingNode(OnnxPolicyNode):
+        def _on_joint_state(self, msg) -> None:
+            self.commands._publisher.publish(  # noqa: SLF001 - its command publisher
+                Float64MultiArray(data=list(msg.position)))
+
+    return run_node(EchoingNode, ros_args)
+
+
 # ---------------------------------------------------------------------------- driver
 
 
@@ -393,7 +410,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="comma-separated, measured in this order: echo, echo_events "
                              "(the echo on rclpy's EventsExecutor), echo_events_reference (that "
                              "echo subscribed to /reference too), adapter (adapter_node), "
-                             "onnx (onnx_policy_node)")
+                             "onnx (onnx_policy_node), onnx_echo (onnx_policy_node whose "
+                             "joint-state callback only echoes)")
     parser.add_argument("--policy", default="pd", help="adapter_node policy (pd|pearl|onnx)")
     parser.add_argument("--model", default="", help="adapter_node model_path (pearl, onnx)")
     parser.add_argument("--no-maml", action="store_true",
@@ -421,6 +439,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="the nodes' act_ahead (default: their parameter files')")
     parser.add_argument("--echo", choices=("single", "events"), help=argparse.SUPPRESS)
     parser.add_argument("--echo-takes-reference", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--node-echo", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--raw", type=Path, metavar="NPZ",
                         help="also write every round's latencies (ms) here, for --pool")
@@ -430,11 +449,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.echo:
         return run_echo(args.echo, args.echo_takes_reference)
+    if args.node_echo is not None:
+        return run_node_echo(["ros_latency"] + args.node_echo)
     if args.pool:
         return print_pooled(args.pool)
     nodes = [name.strip() for name in args.nodes.split(",") if name.strip()]
     unknown = sorted(set(nodes) - {"echo", "echo_events", "echo_events_reference", "adapter",
-                                   "onnx"})
+                                   "onnx", "onnx_echo"})
     if unknown:
         parser.error(f"unknown --nodes {unknown}")
     os.environ.update(loopback_ros_env())
@@ -469,6 +490,9 @@ def main(argv: list[str] | None = None) -> int:
             args.warmup, args.duration, ahead_s=args.reference_ahead),
         "adapter": lambda: measure(driver, "adapter", adapter_cmd, args.warmup, args.duration,
                                    match, decimation, "adapter_node", args.reference_ahead),
+        "onnx_echo": lambda: measure(driver, "onnx_echo",
+                                     [sys.executable, __file__, "--node-echo", *onnx_cmd[3:]],
+                                     args.warmup, args.duration, ahead_s=args.reference_ahead),
         "onnx": lambda: measure(driver, "onnx", onnx_cmd, args.warmup, args.duration,
                                 match, decimation, "onnx_policy_node", args.reference_ahead),
     }
