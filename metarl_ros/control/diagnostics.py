@@ -118,7 +118,8 @@ def loop_report(s: LoopStats, latency: LatencyWindow, latent: LatentUpdate | Non
     ``status()`` (its values are added; its warning shows while nothing more serious does)."""
     late_pct = 100.0 * s.late_ticks / s.ticks if s.ticks else 0.0
     p50_ms, p99_ms, max_ms = latency.summary_ms()
-    c50_ms, c99_ms, cmax_ms = (command_latency or LatencyWindow()).summary_ms()
+    c50_ms, c99_ms, cmax_ms = (float("nan"),) * 3 if command_latency is None else \
+        command_latency.summary_ms()
     state = safe_reason or ("idle" if idle else "policy")
     values: dict[str, Any] = {
         "state": state,

@@ -131,12 +131,10 @@ class CorrectionApplier:
                 # formula below gives exactly this (an offset of zero)
                 return _clip(action, 1.0).astype(np.float32)
             u = action + self._kp_u * position_error + self._kd_u * obs[3 * n : 4 * n]
-            bound = s.max_correction
-            offset = np.minimum(np.maximum(held.gain * u + held.bias, -bound), bound)
-            if s.lag_band_rad is not None:  # self.lag_gate(offset), inline (on every tick)
-                offset = offset * np.minimum(np.maximum(
-                    np.sign(offset) * self.mean_lag / s.lag_band_rad, 0.0), 1.0)
-            return np.minimum(np.maximum(action + offset, -1.0), 1.0).astype(np.float32)
+            offset = _clip(held.gain * u + held.bias, s.max_correction)
+            if s.lag_band_rad is not None:
+                offset = offset * self.lag_gate(offset)
+            return _clip(action + offset, 1.0).astype(np.float32)
         return _clip(action + held.offset, 1.0).astype(np.float32)
 
     def lag_gate(self, offset: np.ndarray) -> np.ndarray:
