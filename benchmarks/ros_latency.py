@@ -111,9 +111,10 @@ def run_node_echo(ros_args: list[str]) -> int:
     from metarl_ros.nodes.onnx_policy_node import OnnxPolicyNode
 
     class EchoingNode(OnnxPolicyNode):
-        def _on_joint_state(self, msg) -> None:
+        def _on_joint_state(self, raw: bytes) -> None:  # the node takes joint states raw
+            position = self._joint_states.read(raw).position  # noqa: SLF001 - its reader
             self.commands._publisher.publish(  # noqa: SLF001 - its command publisher
-                Float64MultiArray(data=list(msg.position)))
+                Float64MultiArray(data=list(position)))
 
     return run_node(EchoingNode, ros_args)
 
@@ -320,8 +321,12 @@ def _status_mb(pid: int) -> dict[str, float]:
     return values
 
 
-def _start(cmd: list[str]) -> subprocess.Popen:
-    return subprocess.Popen(cmd, env=loopback_ros_env(), cwd=REPO, stdout=subprocess.DEVNULL,
+def _start(cmd: list[str], source: Path = REPO) -> subprocess.Popen:
+    """Start ``cmd`` with this run's loopback ROS environment, importing ``metarl_ros`` from
+    ``source`` (a checkout: ``python -m`` puts the working directory first on the path)."""
+    env = loopback_ros_env()
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, (str(source), env.get("PYTHONPATH"))))
+    return subprocess.Popen(cmd, env=env, cwd=source, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
 
 
@@ -339,11 +344,11 @@ def _stop(proc: subprocess.Popen) -> None:
 
 def measure(driver: Driver, mode: str, cmd: list[str], warmup_s: float,
             duration_s: float, match: str = "echo", decimation: int = 1,
-            diag_prefix: str = "", ahead_s: float = 0.0) -> dict:
+            diag_prefix: str = "", ahead_s: float = 0.0, source: Path = REPO) -> dict:
     driver.diag_prefix = diag_prefix or mode
     driver.command_topic = ("/effort_controller/joint_trajectory" if match == "positions"
                             else "/effort_controller/commands")
-    proc = _start(cmd)
+    proc = _start(cmd, source)
     try:
         deadline = time.monotonic() + 30
         while not driver.connected():
@@ -411,7 +416,12 @@ def main(argv: list[str] | None = None) -> int:
                              "(the echo on rclpy's EventsExecutor), echo_events_reference (that "
                              "echo subscribed to /reference too), adapter (adapter_node), "
                              "onnx (onnx_policy_node), onnx_echo (onnx_policy_node whose "
-                             "joint-state callback only echoes)")
+                             "joint-state callback only echoes), adapter_baseline and "
+                             "onnx_baseline (those nodes from the --baseline checkout)")
+    parser.add_argument("--baseline", type=Path, metavar="DIR",
+                        help="a checkout of another commit (e.g. `git worktree add DIR HEAD~1`) "
+                             "whose nodes run as adapter_baseline / onnx_baseline, with this "
+                             "checkout's parameter files and models: an A/B in one run")
     parser.add_argument("--policy", default="pd", help="adapter_node policy (pd|pearl|onnx)")
     parser.add_argument("--model", default="", help="adapter_node model_path (pearl, onnx)")
     parser.add_argument("--no-maml", action="store_true",
@@ -455,9 +465,19 @@ def main(argv: list[str] | None = None) -> int:
         return print_pooled(args.pool)
     nodes = [name.strip() for name in args.nodes.split(",") if name.strip()]
     unknown = sorted(set(nodes) - {"echo", "echo_events", "echo_events_reference", "adapter",
-                                   "onnx", "onnx_echo"})
+                                   "onnx", "onnx_echo", "adapter_baseline", "onnx_baseline"})
     if unknown:
         parser.error(f"unknown --nodes {unknown}")
+    if any(name.endswith("_baseline") for name in nodes):
+        if args.baseline is None:
+            parser.error("--nodes *_baseline needs --baseline DIR")
+        if not (args.baseline / "metarl_ros" / "nodes" / "adapter_node.py").is_file():
+            parser.error(f"--baseline {args.baseline}: not a metarl_ros checkout "
+                         "(no metarl_ros/nodes/adapter_node.py)")
+        args.baseline = args.baseline.resolve()
+    # model paths as given are relative to this checkout; the baseline runs in its own
+    args.model = str(REPO / args.model) if args.model else ""
+    args.onnx_model = str(REPO / args.onnx_model)
     os.environ.update(loopback_ros_env())
     driver = Driver(args.rate)
     decimation = max(1, int(round(args.rate / driver.setup.config.control_rate_hz)))
@@ -495,6 +515,13 @@ def main(argv: list[str] | None = None) -> int:
                                      args.warmup, args.duration, ahead_s=args.reference_ahead),
         "onnx": lambda: measure(driver, "onnx", onnx_cmd, args.warmup, args.duration,
                                 match, decimation, "onnx_policy_node", args.reference_ahead),
+        "adapter_baseline": lambda: measure(driver, "adapter_baseline", adapter_cmd,
+                                            args.warmup, args.duration, match, decimation,
+                                            "adapter_node", args.reference_ahead,
+                                            args.baseline),
+        "onnx_baseline": lambda: measure(driver, "onnx_baseline", onnx_cmd, args.warmup,
+                                         args.duration, match, decimation, "onnx_policy_node",
+                                         args.reference_ahead, args.baseline),
     }
     rounds: list[dict] = []
     try:

@@ -56,11 +56,14 @@ def main() -> int:
     parser.add_argument("--model", default="models/pearl/model.pt", help="adapter: model.pt")
     parser.add_argument("--onnx-model", default="models/pearl/onnx", help="onnx: export dir")
     parser.add_argument("--states", type=int, default=3000, help="joint states sent (2 ms apart)")
+    parser.add_argument("--no-parts", action="store_true",
+                        help="time the callback only, without the parts' wrappers")
     args = parser.parse_args()
     os.environ.update(loopback_ros_env())
     import rclpy
     from builtin_interfaces.msg import Time
     from rclpy.parameter import Parameter
+    from rclpy.serialization import serialize_message
     from sensor_msgs.msg import JointState
 
     import metarl_ros.control.controller as controller
@@ -82,16 +85,25 @@ def main() -> int:
             raise SystemExit("the MAML adaptation process did not start")
         times: dict[str, list[float]] = collections.defaultdict(list)
         loop = node.loop
-        _timed(times, "on_joint_state", loop, "on_joint_state")
-        _timed(times, "tick", loop, "tick")
-        _timed(times, "  policy", loop.calls, "act")
-        _timed(times, "    observation", policy_calls, "build_observation")
-        if loop.calls._correct is not None:  # noqa: SLF001 - the correction the loop calls
-            _timed(times, "    correction", loop.calls, "_correct")
-        _timed(times, "  efforts", controller, "effort_command")
-        _timed(times, "  clamp", loop.clamp, "clamp")
-        _timed(times, "publish", node.commands, "publish")
-        _timed(times, "after_command", loop, "after_command")
+        if not args.no_parts:
+            _timed(times, "on_joint_state", loop, "on_joint_state")
+            _timed(times, "tick", loop, "tick")
+            _timed(times, "  policy", loop.calls, "act")
+            _timed(times, "    observation", policy_calls, "build_observation")
+            if loop.calls._correct is not None:  # noqa: SLF001 - the correction the loop calls
+                _timed(times, "    correction", loop.calls, "_correct")
+            _timed(times, "  efforts", controller, "effort_command")
+            _timed(times, "  clamp", loop.clamp, "clamp")
+            _timed(times, "publish", node.commands, "publish")
+            _timed(times, "after_command", loop, "after_command")
+        to_publish: list[float] = []  # the callback's start to the command's publish
+        publish = node.commands._publisher.publish  # noqa: SLF001 - rclpy's publish
+
+        def timed_publish(msg):  # timed_publish.started: set per callback below
+            to_publish.append(time.perf_counter() - timed_publish.started)
+            publish(msg)
+
+        node.commands._publisher.publish = timed_publish  # noqa: SLF001
         callback: list[float] = []
 
         names = list(node.setup.robot.joint_names)
@@ -115,8 +127,9 @@ def main() -> int:
             position = pose.copy()
             position[0] -= seq * 1e-6
             state, reference = message(instant, position), message(instant + 5_000_000, pose)
-            start = time.perf_counter()
-            node._on_joint_state(state)  # noqa: SLF001 - the subscription's callback
+            raw = serialize_message(state)
+            start = timed_publish.started = time.perf_counter()
+            node._on_joint_state(raw)  # noqa: SLF001 - the subscription's callback
             if seq % 5 == 0:
                 callback.append(time.perf_counter() - start)
             node._on_reference(reference)  # noqa: SLF001
@@ -125,7 +138,8 @@ def main() -> int:
               "p50 / p90 ms")
         order = ["on_joint_state", "tick", "  policy", "    observation", "    correction",
                  "  efforts", "  clamp", "publish", "after_command"]
-        rows = [("callback at a tick (all of it)", callback)]
+        rows = [("callback at a tick (all of it)", callback),
+                ("callback start to rclpy publish", to_publish)]
         rows += [(label, times[label]) for label in order if times.get(label)]
         for label, values in rows:
             v = np.asarray(values[len(values) // 6:]) * 1e3

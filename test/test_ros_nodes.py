@@ -361,12 +361,15 @@ def test_adapter_maps_joints_by_name_and_rejects_bad_messages(ros, probe, capfd)
     robot.send(JOINTS, [math.nan] + list(q[1:]), list(qd), ref)
     robot.send(JOINTS, list(q[:-1]), list(qd), ref)
     robot.send(JOINTS[:-1], list(q[:-1]), list(qd[:-1]), ref)
-    assert wait_for(lambda: adapter.loop.stats.rejected_joint_states == 3, 5.0)
+    # bytes that are no JointState at all (the node reads joint states raw): refused, not a
+    # crash of the node's executor
+    robot.states.publish(b"\x00\x01\x00\x00\xff")
+    assert wait_for(lambda: adapter.loop.stats.rejected_joint_states == 4, 5.0)
     time.sleep(0.1)
     assert len(robot.commands) == 1
     by_reason = adapter.loop.stats.rejections_by_reason
     assert by_reason == {"joint_state:non_finite": 1, "joint_state:length_mismatch": 1,
-                         "joint_state:missing_joints": 1}
+                         "joint_state:missing_joints": 1, "joint_state:unreadable": 1}
     # a good message again: the loop goes on, previous action fed into the observation
     robot.send(JOINTS, list(q), list(qd), ref)
     assert wait_for(lambda: len(robot.commands) == 2, 5.0)
@@ -374,7 +377,7 @@ def test_adapter_maps_joints_by_name_and_rejects_bad_messages(ros, probe, capfd)
     np.testing.assert_allclose(robot.commands.snapshot()[1].data, expected, rtol=1e-5, atol=1e-6)
     err = capfd.readouterr().err
     # each kind of rejection is logged (throttled per kind) with its reason
-    for reason in ("non_finite", "length_mismatch", "missing_joints"):
+    for reason in ("non_finite", "length_mismatch", "missing_joints", "unreadable"):
         assert f"rejected joint state: {reason}" in err
     assert adapter.loop.stats.policy_errors == 0
 

@@ -92,10 +92,16 @@ class LoopInputs:
             sample = mapper.map(*values, **options)
             check_stamp(kind.replace("_", " "), stamp, now_s, self.max_stamp_offset_s)
         except RejectedInput as error:
-            self.last_rejection[kind] = (now_s, error)
-            self._on_reject(kind, error)
+            self.reject(kind, now_s, error)
             raise
         return sample, stamp
+
+    def reject(self, kind: str, now_s: float, error: RejectedInput) -> None:
+        """Report a ``kind`` message (``joint_state`` or ``reference``) received at ``now_s`` as
+        unusable, e.g. one that could not even be read: counted and, while no accepted one
+        follows, named as the cause of the safe action."""
+        self.last_rejection[kind] = (now_s, error)
+        self._on_reject(kind, error)
 
     def reference_at(self, stamp: float) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
         """The reference of the instant ``stamp``: the newest kept one stamped no later than it

@@ -16,7 +16,9 @@ Subscribes
     ``/joint_states`` (sensor_msgs/JointState; RELIABLE, or BEST_EFFORT with
     ``sensor_qos: best_effort``) -- matched **by name**, any order, extra joints ignored.
     Messages with missing joints, wrong array lengths or a non-finite value on a controlled
-    joint are rejected (throttled warning, counted on ``/diagnostics``).
+    joint, or bytes that are no JointState, are rejected (throttled warning, counted on
+    ``/diagnostics``). Taken as serialized bytes and read without building a message
+    (:mod:`metarl_ros.nodes.joint_state_bytes`): on the tick's path.
     ``/reference`` (sensor_msgs/JointState) -- position = q_ref, velocity = qd_ref,
     effort = qdd_ref (see :mod:`metarl_ros.nodes.sim_node`); names optional.
 
@@ -26,7 +28,8 @@ Publishes
     :func:`~metarl_ros.control.law.effort_command` (the env's PD feedback on the reference plus
     ``clip(action, -1, 1) * action_scale``, exactly as in training), clamped to
     ``effort_limit_scale`` times the effort limits; the safe action when the policy cannot be
-    trusted. With ``command_type: trajectory`` the same efforts go out as a one-point
+    trusted. Published as CDR bytes made in one call (:mod:`metarl_ros.nodes.command_cdr`).
+    With ``command_type: trajectory`` the same efforts go out as a one-point
     ``trajectory_msgs/JointTrajectory`` on ``/<controller_name>/joint_trajectory`` (effort
     feed-forward for joint_trajectory_controller; see :mod:`metarl_ros.nodes.commands`); with
     ``command_type: impedance`` as joint impedance setpoints (q_ref, qd_ref) plus a feed-forward
@@ -93,6 +96,7 @@ from metarl_ros.sim.env_config import load_env_setup
 
 from .after_tick import AfterTick
 from .commands import COMMAND_TYPES, CommandPublisher
+from .joint_state_bytes import JointStateReader
 from .common import (
     BEST_EFFORT_QOS,
     EXECUTOR_KINDS,
@@ -190,8 +194,10 @@ class AdapterNode(Node):
         # one callback earlier than the other way round
         self.create_subscription(JointState, "/reference", self._on_reference, sensor_qos,
                                  callback_group=control_group)
+        # joint states as bytes, read without building a message (joint_state_bytes)
+        self._joint_states = JointStateReader(config.max_message_joints)
         self.create_subscription(JointState, "/joint_states", self._on_joint_state, sensor_qos,
-                                 callback_group=control_group)
+                                 callback_group=control_group, raw=True)
         steady = Clock(clock_type=ClockType.STEADY_TIME)
         self.create_timer(self.loop.period_s, self._on_watchdog, callback_group=control_group,
                           clock=steady)
@@ -406,13 +412,19 @@ class AdapterNode(Node):
 
     # ------------------------------------------------------------------ callbacks
 
-    def _on_joint_state(self, msg: JointState) -> None:
+    def _on_joint_state(self, raw: bytes) -> None:
         received = time.perf_counter()
         now = now_s(self)
         try:
-            due = self.loop.on_joint_state(stamp_to_s(msg.header.stamp), now,
-                                           self._model_names(msg.name), msg.position,
-                                           msg.velocity)
+            msg = self._joint_states.read(raw)
+        except Exception as exc:  # noqa: BLE001 - whatever the deserializer raises
+            error = RejectedInput("unreadable", f"{type(exc).__name__}: {exc}")
+            self.loop.inputs.reject("joint_state", now, error)
+            self._warn_throttled("joint_state:unreadable", f"rejected joint state: {error}")
+            return
+        try:
+            due = self.loop.on_joint_state(msg.stamp_s, now, self._model_names(msg.names),
+                                           msg.position, msg.velocity)
         except RejectedInput as exc:
             self._warn_throttled(f"joint_state:{exc.reason}", f"rejected joint state: {exc}")
             return

@@ -38,7 +38,9 @@
     would lag the reference by half a period on average and brake the arm). A safe tick is a
     compliant hold at the measured position (zero velocity, no feed-forward).
 
-All are published RELIABLE (ros2_control's command subscribers are RELIABLE).
+All are published RELIABLE (ros2_control's command subscribers are RELIABLE). Effort commands
+go out as CDR bytes (:mod:`metarl_ros.nodes.command_cdr`: no message object is converted on
+the tick's path); trajectories as messages.
 
 Lockstep tag: an ``effort`` command that answers a stamped joint state carries that instant in
 ``layout.dim[0].label`` as ``stamp_ns:<nanoseconds>`` (``size``/``stride`` = the number of
@@ -55,12 +57,13 @@ from typing import Sequence
 import numpy as np
 from builtin_interfaces.msg import Duration
 from rclpy.node import Node
-from std_msgs.msg import Float64MultiArray, MultiArrayDimension, MultiArrayLayout
+from std_msgs.msg import Float64MultiArray
 from trajectory_msgs.msg import JointTrajectory, JointTrajectoryPoint
 
 from metarl_ros.control.impedance import ImpedanceCommand, along_parabola
 from metarl_ros.control.joint_map import COMMAND_TYPES, command_topic
 
+from .command_cdr import Float64ArrayEncoder
 from .common import COMMAND_QOS
 
 __all__ = ["COMMAND_TYPES", "CommandPublisher", "command_topic", "command_stamp_ns",
@@ -133,13 +136,11 @@ class CommandPublisher:
         self.impedance_horizon_s = impedance_horizon_s
         msg_type = Float64MultiArray if command_type == "effort" else JointTrajectory
         self._publisher = node.create_publisher(msg_type, self.topic, COMMAND_QOS)
-        # one message per kind, filled and published at every command (publishing serializes
-        # it at once); arrays go in as array('d'), which the message's setters take without
-        # checking every element as they do for lists
-        n = len(self.joint_names)
-        self._tag = MultiArrayDimension(size=n, stride=n)  # label: set per command
-        self._tagged = Float64MultiArray(layout=MultiArrayLayout(dim=[self._tag]))
-        self._untagged = Float64MultiArray()
+        # effort commands are published as CDR bytes made in one call (command_cdr); a
+        # trajectory is one message filled and published at every command (publishing
+        # serializes it at once), its arrays as array('d'), which the message's setters take
+        # without checking every element as they do for lists
+        self._encoder = Float64ArrayEncoder(len(self.joint_names))
         ahead = impedance_horizon_s if command_type == "impedance" else 0.0
         self._point = JointTrajectoryPoint(time_from_start=Duration(
             sec=int(ahead), nanosec=int(round(ahead % 1 * 1e9))))
@@ -160,13 +161,10 @@ class CommandPublisher:
         commands carry it as the lockstep tag, see the module docstring). Returns False if
         nothing could be published (no position yet)."""
         if self.command_type == "effort":
-            if stamp_ns is None:
-                msg = self._untagged
-            else:
-                msg = self._tagged
-                self._tag.label = f"{STAMP_LABEL}{int(stamp_ns)}"
-            msg.data = self._ordered(efforts)
-            self._publisher.publish(msg)
+            values = np.asarray(efforts, dtype=np.float64)
+            self._publisher.publish(self._encoder.encode(
+                values if self._identity else values[self._order],
+                None if stamp_ns is None else f"{STAMP_LABEL}{int(stamp_ns)}"))
             return True
         point = self._point
         if self.command_type == "impedance":
