@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from builtin_interfaces.msg import Time
+from builtin_interfaces.msg import Duration, Time
 from rclpy.serialization import deserialize_message, serialize_message
 from sensor_msgs.msg import JointState
 from std_msgs.msg import Float64MultiArray, MultiArrayDimension
+from trajectory_msgs.msg import JointTrajectory, JointTrajectoryPoint
 
-from metarl_ros.nodes.command_cdr import Float64ArrayEncoder
+from metarl_ros.nodes.command_cdr import Float64ArrayEncoder, OnePointTrajectoryEncoder
 from metarl_ros.nodes.common import stamp_to_s
 from metarl_ros.nodes.joint_state_bytes import JointStateReader
 
@@ -20,7 +21,7 @@ LABELS = [None, "", "a", "ab", "abc", "abcd", "abcde", "stamp_ns:5",
           "stamp_ns:1796410216597965750"]
 
 
-@pytest.mark.parametrize("n", [0, 1, 2, 3, 7, 8])
+@pytest.mark.parametrize("n", [1, 2, 3, 7, 8])
 def test_effort_bytes_are_the_message_rclpy_would_send(n):
     """Every label length (each pads differently) and array size: rclpy reads back the same
     message, and the bytes are as long as its own serialization (same alignment)."""
@@ -43,8 +44,30 @@ def test_effort_bytes_keep_every_float64_bit_and_refuse_a_wrong_size():
     assert np.array_equal(np.array(back.data).view(np.int64), values.view(np.int64))
     with pytest.raises(ValueError, match=r"\(2,\) values, expected \(3,\)"):
         encoder.encode(np.zeros(2))
-    with pytest.raises(ValueError, match="n must be >= 0"):
-        Float64ArrayEncoder(-1)
+    with pytest.raises(ValueError, match="n must be > 0"):
+        Float64ArrayEncoder(0)
+
+
+@pytest.mark.parametrize("names", [["j1"], ["a", "bb", "ccc", "dddd", "eeeee"],
+                                   [f"lbr_iiwa_joint_{i}" for i in range(1, 8)], ["gelenk_\u00fc"]])
+def test_impedance_bytes_are_the_trajectory_rclpy_would_send(names):
+    """Name lengths that pad every way, a non-ASCII name, several times from start."""
+    n = len(names)
+    rng = np.random.default_rng(n)
+    for sec, nanosec in ((0, 10_000_000), (0, 0), (2, 999_999_999)):
+        encoder = OnePointTrajectoryEncoder(names, (sec, nanosec))
+        arrays = [rng.normal(size=n) for _ in range(4)]
+        point = JointTrajectoryPoint(positions=arrays[0].tolist(), velocities=arrays[1].tolist(),
+                                     accelerations=arrays[2].tolist(), effort=arrays[3].tolist(),
+                                     time_from_start=Duration(sec=sec, nanosec=nanosec))
+        expected = JointTrajectory(joint_names=names, points=[point])
+        raw = encoder.encode(*arrays)
+        assert deserialize_message(raw, JointTrajectory) == expected
+        assert len(raw) == len(serialize_message(expected))
+    with pytest.raises(ValueError, match=rf"\({n - 1},\) values, expected \({n},\)"):
+        encoder.encode(arrays[0][:-1], *arrays[1:])
+    with pytest.raises(ValueError, match="needs joint names"):
+        OnePointTrajectoryEncoder([], (0, 0))
 
 
 def _joint_state(names, position, velocity, effort=(), sec=1_796_410_216, nanosec=597_965_750,

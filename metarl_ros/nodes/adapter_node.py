@@ -189,15 +189,17 @@ class AdapterNode(Node):
         self.command_topic = self.commands.topic
         self._latent_pub = self.create_publisher(Float64MultiArray, "~/latent", STATE_QOS)
         self._diag_pub = self.create_publisher(DiagnosticArray, "/diagnostics", STATE_QOS)
-        # the reference first: an executor serves ready subscriptions in creation order, so a
-        # reference and joint state that arrive together tick in the joint state's callback,
-        # one callback earlier than the other way round
-        self.create_subscription(JointState, "/reference", self._on_reference, sensor_qos,
-                                 callback_group=control_group)
-        # joint states as bytes, read without building a message (joint_state_bytes)
+        # joint states first: rclpy's SingleThreadedExecutor serves the subscriptions ready at
+        # one wake-up in creation order, so a joint state that arrives with a preview (the
+        # reference of a later instant, sent right after it) ticks before the preview's
+        # callback runs; a reference of the joint state's own instant arriving with it makes
+        # the tick due in its own callback, right after. Joint states come as bytes, read
+        # without building a message (joint_state_bytes).
         self._joint_states = JointStateReader(config.max_message_joints)
         self.create_subscription(JointState, "/joint_states", self._on_joint_state, sensor_qos,
                                  callback_group=control_group, raw=True)
+        self.create_subscription(JointState, "/reference", self._on_reference, sensor_qos,
+                                 callback_group=control_group)
         steady = Clock(clock_type=ClockType.STEADY_TIME)
         self.create_timer(self.loop.period_s, self._on_watchdog, callback_group=control_group,
                           clock=steady)

@@ -38,9 +38,9 @@
     would lag the reference by half a period on average and brake the arm). A safe tick is a
     compliant hold at the measured position (zero velocity, no feed-forward).
 
-All are published RELIABLE (ros2_control's command subscribers are RELIABLE). Effort commands
-go out as CDR bytes (:mod:`metarl_ros.nodes.command_cdr`: no message object is converted on
-the tick's path); trajectories as messages.
+All are published RELIABLE (ros2_control's command subscribers are RELIABLE). ``effort`` and
+``impedance`` commands go out as CDR bytes (:mod:`metarl_ros.nodes.command_cdr`: no message
+object is converted on the tick's path); ``trajectory`` commands as messages.
 
 Lockstep tag: an ``effort`` command that answers a stamped joint state carries that instant in
 ``layout.dim[0].label`` as ``stamp_ns:<nanoseconds>`` (``size``/``stride`` = the number of
@@ -63,7 +63,7 @@ from trajectory_msgs.msg import JointTrajectory, JointTrajectoryPoint
 from metarl_ros.control.impedance import ImpedanceCommand, along_parabola
 from metarl_ros.control.joint_map import COMMAND_TYPES, command_topic
 
-from .command_cdr import Float64ArrayEncoder
+from .command_cdr import Float64ArrayEncoder, OnePointTrajectoryEncoder
 from .common import COMMAND_QOS
 
 __all__ = ["COMMAND_TYPES", "CommandPublisher", "command_topic", "command_stamp_ns",
@@ -136,21 +136,30 @@ class CommandPublisher:
         self.impedance_horizon_s = impedance_horizon_s
         msg_type = Float64MultiArray if command_type == "effort" else JointTrajectory
         self._publisher = node.create_publisher(msg_type, self.topic, COMMAND_QOS)
-        # effort commands are published as CDR bytes made in one call (command_cdr); a
-        # trajectory is one message filled and published at every command (publishing
-        # serializes it at once), its arrays as array('d'), which the message's setters take
-        # without checking every element as they do for lists
-        self._encoder = Float64ArrayEncoder(len(self.joint_names))
+        # effort and impedance commands are published as CDR bytes made in one call
+        # (command_cdr); a `trajectory` command (empty velocities and accelerations, whose
+        # padding serializers disagree on) is one message filled and published at every
+        # command (publishing serializes it at once), its arrays as array('d'), which the
+        # message's setters take without checking every element as they do for lists
+        n = len(self.joint_names)
+        self._encoder = Float64ArrayEncoder(n)
         ahead = impedance_horizon_s if command_type == "impedance" else 0.0
+        time_from_start = (int(ahead), int(round(ahead % 1 * 1e9)))
+        self._impedance = (OnePointTrajectoryEncoder(self.joint_names, time_from_start)
+                           if command_type == "impedance" else None)
         self._point = JointTrajectoryPoint(time_from_start=Duration(
-            sec=int(ahead), nanosec=int(round(ahead % 1 * 1e9))))
+            sec=time_from_start[0], nanosec=time_from_start[1]))
         self._trajectory = JointTrajectory(joint_names=self.joint_names, points=[self._point])
+
+    def _in_order(self, values: np.ndarray) -> np.ndarray:
+        """``values`` (model order) in the controller's order, float64."""
+        values = np.asarray(values, dtype=np.float64)
+        return values if self._identity else values[self._order]
 
     def _ordered(self, values: np.ndarray) -> array:
         """``values`` (model order) in the controller's order, as a message's float64 array."""
-        values = np.asarray(values, dtype=np.float64)
         out = array("d")
-        out.frombytes((values if self._identity else values[self._order]).tobytes())
+        out.frombytes(self._in_order(values).tobytes())
         return out
 
     def publish(self, efforts: np.ndarray, position: np.ndarray | None,
@@ -161,25 +170,24 @@ class CommandPublisher:
         commands carry it as the lockstep tag, see the module docstring). Returns False if
         nothing could be published (no position yet)."""
         if self.command_type == "effort":
-            values = np.asarray(efforts, dtype=np.float64)
             self._publisher.publish(self._encoder.encode(
-                values if self._identity else values[self._order],
+                self._in_order(efforts),
                 None if stamp_ns is None else f"{STAMP_LABEL}{int(stamp_ns)}"))
             return True
-        point = self._point
-        if self.command_type == "impedance":
+        if self._impedance is not None:
             if impedance is None:
                 return False
             position, velocity = along_parabola(impedance.position, impedance.velocity,
                                                 impedance.acceleration,
                                                 self.impedance_horizon_s)
-            point.velocities = self._ordered(velocity)
-            point.accelerations = self._ordered(impedance.acceleration)
-            point.effort = self._ordered(impedance.feed_forward)
-        else:
-            if position is None:
-                return False
-            point.effort = self._ordered(efforts)
+            self._publisher.publish(self._impedance.encode(
+                self._in_order(position), self._in_order(velocity),
+                self._in_order(impedance.acceleration), self._in_order(impedance.feed_forward)))
+            return True
+        if position is None:
+            return False
+        point = self._point
+        point.effort = self._ordered(efforts)
         point.positions = self._ordered(position)
         self._publisher.publish(self._trajectory)
         return True
