@@ -28,7 +28,9 @@ machine drifts within minutes: the echo's p99 alone moved 0.7-1.8 ms between run
 minutes apart), the latencies of its rounds are pooled, and each node's p99 is given as a
 ratio to the echo's, pooled and per round. ``--raw FILE.npz`` keeps every round's latencies,
 and ``--pool A.npz B.npz ...`` pools the rounds of several runs (the same ``--nodes``) without
-measuring. Resident memory (``VmRSS``, and its peak
+measuring. ``--baseline DIR`` with ``--nodes ...,adapter_baseline,onnx_baseline`` also runs
+the nodes of another checkout (``git worktree add DIR <commit>``), interleaved with this
+one's: a change measured against its parent in the same minutes. Resident memory (``VmRSS``, and its peak
 ``VmHWM``, from ``/proc/<pid>/status``) of each node process is read at the end of its
 measured window; ``children_vmrss_mb`` is that of
 its child processes (adapter_node with policy pearl, MAML on and ``adaptation_schedule:

@@ -1,24 +1,28 @@
 """Where a node's joint-state callback spends its time at a control tick, part by part.
 
     .venv/bin/python benchmarks/tick_breakdown.py --node adapter   # pearl + MAML (process)
-    .venv/bin/python benchmarks/tick_breakdown.py --node onnx
+    .venv/bin/python benchmarks/tick_breakdown.py --node onnx [--no-parts]
 
 Builds adapter_node (policy pearl, MAML on, ``models/pearl/model.pt``) or onnx_policy_node
 (``models/pearl/onnx``) in this process, both with ``act_ahead`` true, and calls its
 subscription callbacks directly, as the executor would, with what ``ros_latency.py`` sends: a
-joint state every 2 ms of wall time (one in five is a 100 Hz control tick) followed by the
-reference of the instant 5 ms later (a preview). Nothing goes through DDS: the commands are
-published to no subscriber. Each part of the tick is timed by a wrapper (a wrapper adds about
-a microsecond), so the parts show what the callback's time is made of; their sum is not the
-callback's time. Prints the p50 / p90 of each, in ms, after the first sixth of the ticks.
+joint state every 2 ms of wall time (one in five is a 100 Hz control tick; as serialized
+bytes, which is how the node subscribes to them) followed by the reference of the instant 5 ms
+later (a preview). Nothing goes through DDS: the commands are published to no subscriber.
+Each part of the tick is timed by a wrapper (a wrapper adds about a microsecond), so the
+parts show what the callback's time is made of; their sum is not the callback's time.
+``callback start to rclpy publish`` is the part of the callback the command waits for;
+``--no-parts`` times only that and the whole callback, without the parts' wrappers. Prints
+the p50 / p90 of each, in ms, after the first sixth of the ticks.
 
-The parts on the command's path: ``on_joint_state`` (message intake and timing),
-``tick`` (safety checks, the prepared action, the MAML correction if any, the efforts), within
-it ``policy`` (the action and its correction: the measured ``observation`` the correction
-reads, and the ``correction``), ``efforts`` (the PD law) and ``clamp``; then ``publish`` (the
-message and rclpy's publish). After the command: ``after_command``. ``observation`` counts
-every observation built, also those off the path (the reference view when a reference is
-prepared, the transition's after the command): onnx_policy_node builds none at a tick.
+The parts on the command's path: ``on_joint_state`` (the loop's intake and timing; reading
+the bytes comes before it), ``tick`` (safety checks, the prepared action, the MAML correction
+if any, the efforts), within it ``policy`` (the action and its correction: the measured
+``observation`` the correction reads, and the ``correction``), ``efforts`` (the PD law) and
+``clamp``; then ``publish`` (the command's bytes and rclpy's publish). After the command:
+``after_command``. ``observation`` counts every observation built, also those off the path
+(the reference view when a reference is prepared, the transition's after the command):
+onnx_policy_node builds none at a tick.
 """
 
 from __future__ import annotations

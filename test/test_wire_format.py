@@ -48,8 +48,9 @@ def test_effort_bytes_keep_every_float64_bit_and_refuse_a_wrong_size():
         Float64ArrayEncoder(0)
 
 
-@pytest.mark.parametrize("names", [["j1"], ["a", "bb", "ccc", "dddd", "eeeee"],
-                                   [f"lbr_iiwa_joint_{i}" for i in range(1, 8)], ["gelenk_\u00fc"]])
+@pytest.mark.parametrize("names", [
+    ["j1"], ["a", "bb", "ccc", "dddd", "eeeee"], [f"lbr_iiwa_joint_{i}" for i in range(1, 8)],
+    ["gelenk_\u00fc"]])
 def test_impedance_bytes_are_the_trajectory_rclpy_would_send(names):
     """Name lengths that pad every way, a non-ASCII name, several times from start."""
     n = len(names)
