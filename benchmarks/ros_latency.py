@@ -30,10 +30,9 @@ ratio to the echo's, pooled and per round. ``--raw FILE.npz`` keeps every round'
 and ``--pool A.npz B.npz ...`` pools the rounds of several runs (the same ``--nodes``) without
 measuring. ``--baseline DIR`` with ``--nodes ...,adapter_baseline,onnx_baseline`` also runs
 the nodes of another checkout (``git worktree add DIR <commit>``), interleaved with this
-one's: a change measured against its parent in the same minutes. Resident memory (``VmRSS``, and its peak
-``VmHWM``, from ``/proc/<pid>/status``) of each node process is read at the end of its
-measured window; ``children_vmrss_mb`` is that of
-its child processes (adapter_node with policy pearl, MAML on and ``adaptation_schedule:
+one's: a change measured against its parent in the same minutes. Resident memory
+(``VmRSS``, and its peak ``VmHWM``, from ``/proc/<pid>/status``) of each node process is read
+at the end of its measured window; ``children_vmrss_mb`` is that of its child processes (adapter_node with policy pearl, MAML on and ``adaptation_schedule:
 background`` runs the MAML adaptation in one: ``metarl_ros.policy.adaptation_process``).
 
 Late ticks are adapter_node's own count (``late_ticks`` / ``ticks`` on /diagnostics:
