@@ -32,8 +32,9 @@ measuring. ``--baseline DIR`` with ``--nodes ...,adapter_baseline,onnx_baseline`
 the nodes of another checkout (``git worktree add DIR <commit>``), interleaved with this
 one's: a change measured against its parent in the same minutes. Resident memory
 (``VmRSS``, and its peak ``VmHWM``, from ``/proc/<pid>/status``) of each node process is read
-at the end of its measured window; ``children_vmrss_mb`` is that of its child processes (adapter_node with policy pearl, MAML on and ``adaptation_schedule:
-background`` runs the MAML adaptation in one: ``metarl_ros.policy.adaptation_process``).
+at the end of its measured window; ``children_vmrss_mb`` is that of its child processes
+(adapter_node with policy pearl, MAML on and ``adaptation_schedule: background`` runs the MAML
+adaptation in one: ``metarl_ros.policy.adaptation_process``).
 
 Late ticks are adapter_node's own count (``late_ticks`` / ``ticks`` on /diagnostics:
 receipt-to-publish over half a control period, or a gap of more than 1.5 periods), over the
