@@ -102,25 +102,29 @@ def test_joint_states_read_from_bytes_equal_rclpys_message(frame_id):
 
 
 def test_oversized_and_foreign_joint_states_go_through_rclpys_deserializer(monkeypatch):
-    """More names than the loop accepts: not parsed name by name here (rclpy's reading, then
-    the loop's refusal); bytes the fast decoder refuses (here: big-endian encapsulation,
-    rewritten from little-endian) fall back too, and bytes that are no JointState raise."""
+    """More names than the loop accepts: not one name read here (rclpy's reading, then the
+    loop's refusal); bytes the fast decoder refuses (here: big-endian encapsulation, rewritten
+    from little-endian) fall back too, and bytes that are no JointState raise."""
     import metarl_ros.nodes.joint_state_bytes as module
+    import metarl_ros.recording.cdr as cdr
 
     reader = JointStateReader(max_names=4)
-    parsed = []
-    real_decode = reader._decoder.decode
-    monkeypatch.setattr(reader._decoder, "decode", lambda raw: parsed.append(1) or
-                        real_decode(raw))
-    big = _joint_state([f"j{i}" for i in range(5)], range(5), range(5))
-    fields = reader.read(serialize_message(big))
-    assert len(fields.names) == 5 and parsed == []  # rclpy's reading, the loop refuses it
-    small = _joint_state(["j0"], [1.5], [2.5])
-    assert reader.read(serialize_message(small)).position[0] == 1.5 and parsed == [1]
-
+    names_read = []
+    real_string_end = cdr._string_end
+    monkeypatch.setattr(cdr, "_string_end", lambda raw, pos: names_read.append(pos) or
+                        real_string_end(raw, pos))
     used = []
     monkeypatch.setattr(module, "deserialize_message",
                         lambda raw, kind: used.append(raw) or deserialize_message(raw, kind))
+    big = serialize_message(_joint_state([f"j{i}" for i in range(5)], range(5), range(5)))
+    fields = reader.read(big)
+    assert len(fields.names) == 5 and names_read == []  # rclpy's reading, the loop refuses it
+    assert used == [big]
+    small = _joint_state(["j0"], [1.5], [2.5])
+    assert reader.read(serialize_message(small)).position[0] == 1.5 and names_read != []
+    assert used == [big]  # read here, not by rclpy
+
+    used.clear()
     foreign = bytearray(serialize_message(small))
     foreign[1] = 0  # claims big-endian: the fast decoder refuses, rclpy's is asked
     with pytest.raises(Exception):  # noqa: B017 - whatever rclpy raises on garbage

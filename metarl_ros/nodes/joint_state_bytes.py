@@ -13,7 +13,6 @@ their length (parsing a million names in Python here would take longer).
 
 from __future__ import annotations
 
-import struct
 from typing import NamedTuple, Sequence
 
 import numpy as np
@@ -23,8 +22,6 @@ from sensor_msgs.msg import JointState
 from metarl_ros.recording.cdr import CdrLayoutError, JointStateDecoder
 
 from .common import stamp_to_s
-
-_NAMES_AT = struct.Struct("<III")  # stamp sec, nanosec, frame_id length (after the header)
 
 
 class JointStateFields(NamedTuple):
@@ -48,31 +45,17 @@ class JointStateReader:
     """
 
     def __init__(self, max_names: int) -> None:
-        self.max_names = max_names
-        self._decoder = JointStateDecoder()
+        self._decoder = JointStateDecoder(max_names)
 
     def read(self, raw: bytes) -> JointStateFields:
         """The fields of one message. Raises what rclpy's deserializer raises on bytes that
         are not a JointState at all."""
         try:
-            if self._names(raw) <= self.max_names:
-                stamp_ns, layout, record = self._decoder.decode(raw)
-                sec, nanosec = divmod(stamp_ns, 1_000_000_000)
-                values = np.asarray(record, dtype=np.float64)
-                position, velocity, effort = layout.split(values)
-                return JointStateFields(sec + nanosec * 1e-9, layout.names, position, velocity,
-                                        effort)
-        except (CdrLayoutError, struct.error):
-            pass
-        msg = deserialize_message(raw, JointState)
-        return JointStateFields(stamp_to_s(msg.header.stamp), msg.name, msg.position,
-                                msg.velocity, msg.effort)
-
-    @staticmethod
-    def _names(raw: bytes) -> int:
-        """The number of joint names the bytes announce (little-endian CDR)."""
-        _, _, frame = _NAMES_AT.unpack_from(raw, 4)
-        start = 16 + frame
-        start += -(start - 4) % 4
-        (count,) = struct.unpack_from("<I", raw, start)
-        return count
+            stamp_ns, layout, record = self._decoder.decode(raw)
+        except CdrLayoutError:
+            msg = deserialize_message(raw, JointState)
+            return JointStateFields(stamp_to_s(msg.header.stamp), msg.name, msg.position,
+                                    msg.velocity, msg.effort)
+        sec, nanosec = divmod(stamp_ns, 1_000_000_000)
+        position, velocity, effort = layout.split(np.asarray(record, dtype=np.float64))
+        return JointStateFields(sec + nanosec * 1e-9, layout.names, position, velocity, effort)

@@ -103,9 +103,14 @@ class JointStateDecoder:
     A driver sends the same names and array sizes in every message, so the first message of a
     layout is parsed field by field and the rest with one precompiled :class:`struct.Struct`
     call after a byte comparison of the name block.
+
+    Args:
+        max_names: a message announcing more joint names than this is refused
+            (:class:`CdrLayoutError`) before any name is read; None: no bound.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, max_names: int | None = None) -> None:
+        self.max_names = max_names
         self._start = -1
         self._block = b""
         self._layout: JointStateLayout | None = None
@@ -153,6 +158,8 @@ class JointStateDecoder:
         if start > len(raw):
             raise CdrLayoutError("bad frame_id length")
         (count,) = _U32.unpack_from(raw, start)
+        if self.max_names is not None and count > self.max_names:
+            raise CdrLayoutError(f"{count} joint names, more than {self.max_names}")
         pos, names = start + 4, []
         for _ in range(count):
             pos = _align(pos, 4)
