@@ -55,7 +55,6 @@ from array import array
 from typing import Sequence
 
 import numpy as np
-from builtin_interfaces.msg import Duration
 from rclpy.node import Node
 from std_msgs.msg import Float64MultiArray
 from trajectory_msgs.msg import JointTrajectory, JointTrajectoryPoint
@@ -141,14 +140,13 @@ class CommandPublisher:
         # padding serializers disagree on) is one message filled and published at every
         # command (publishing serializes it at once), its arrays as array('d'), which the
         # message's setters take without checking every element as they do for lists
-        n = len(self.joint_names)
-        self._encoder = Float64ArrayEncoder(n)
-        ahead = impedance_horizon_s if command_type == "impedance" else 0.0
-        time_from_start = (int(ahead), int(round(ahead % 1 * 1e9)))
-        self._impedance = (OnePointTrajectoryEncoder(self.joint_names, time_from_start)
-                           if command_type == "impedance" else None)
-        self._point = JointTrajectoryPoint(time_from_start=Duration(
-            sec=time_from_start[0], nanosec=time_from_start[1]))
+        self._effort = (Float64ArrayEncoder(len(self.joint_names)) if command_type == "effort"
+                        else None)
+        ahead = impedance_horizon_s
+        self._impedance = (OnePointTrajectoryEncoder(
+            self.joint_names, (int(ahead), int(round(ahead % 1 * 1e9))))
+            if command_type == "impedance" else None)
+        self._point = JointTrajectoryPoint()  # trajectory: reached at once (time_from_start 0)
         self._trajectory = JointTrajectory(joint_names=self.joint_names, points=[self._point])
 
     def _in_order(self, values: np.ndarray) -> np.ndarray:
@@ -169,8 +167,8 @@ class CommandPublisher:
         ``impedance``; ``stamp_ns`` = the joint-state instant this command answers (effort
         commands carry it as the lockstep tag, see the module docstring). Returns False if
         nothing could be published (no position yet)."""
-        if self.command_type == "effort":
-            self._publisher.publish(self._encoder.encode(
+        if self._effort is not None:
+            self._publisher.publish(self._effort.encode(
                 self._in_order(efforts),
                 None if stamp_ns is None else f"{STAMP_LABEL}{int(stamp_ns)}"))
             return True

@@ -12,6 +12,7 @@ GIL behind adaptation work).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 
@@ -34,24 +35,15 @@ class HeldCorrection:
     offset: np.ndarray
     active: bool = False
 
-    @property
+    @cached_property
     def identity(self) -> bool:
-        """Corrects nothing: gain ratio 1, bias and offset 0 on every joint."""
-        identity = self.__dict__.get("_identity")
-        if identity is None:
-            identity = bool((self.ratio == 1.0).all() and not self.bias.any()
-                            and not self.offset.any())
-            self.__dict__["_identity"] = identity  # frozen, so computed once
-        return identity
+        """Corrects nothing: gain ratio 1, bias and offset 0 on every joint (computed once)."""
+        return bool((self.ratio == 1.0).all() and not self.bias.any() and not self.offset.any())
 
-    @property
+    @cached_property
     def gain(self) -> np.ndarray:
         """``ratio - 1`` (n,) float32, computed once (what the formula multiplies ``u`` by)."""
-        gain = self.__dict__.get("_gain")
-        if gain is None:
-            gain = self.ratio - 1.0
-            self.__dict__["_gain"] = gain
-        return gain
+        return self.ratio - 1.0
 
     @classmethod
     def none(cls, n: int) -> HeldCorrection:
