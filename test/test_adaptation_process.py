@@ -25,6 +25,7 @@ torch = pytest.importorskip("torch")
 
 from metarl_ros.control.controller import AdaptiveController  # noqa: E402
 from metarl_ros.control.loop_types import LoopConfig  # noqa: E402
+from metarl_ros.control.measured import MeasuredObservation  # noqa: E402
 from metarl_ros.control.policy_interface import PolicyContract, PosteriorSummary  # noqa: E402
 from metarl_ros.core.resources import resolve_path  # noqa: E402
 from metarl_ros.learning.dynamics_config import MAMLConfig  # noqa: E402
@@ -250,16 +251,26 @@ def test_the_query_reaches_the_process_record_after_the_command() -> None:
     obs = np.arange(8, dtype=np.float32) / 10.0
     action = np.asarray([0.3, -0.2], np.float32)
     log.calls.clear()
-    policy.correct(obs, action)
-    assert log.calls == []  # nothing on the command's path
+    built = []
+
+    class Measured(MeasuredObservation):  # counts the builds of the whole observation
+        __slots__ = ()
+
+        def observation(self):
+            built.append(1)
+            return super().observation()
+
+    policy.correct(Measured.given(obs, 2), action)
+    assert log.calls == [] and built == []  # nothing on the command's path
     policy.after_command()
+    assert built == [1]
     assert [c[0] for c in log.calls] == ["query", "flush"]
     _, sent_obs, sent_action, send = log.calls[0]
     np.testing.assert_array_equal(sent_obs, obs)
     np.testing.assert_array_equal(sent_action, action)
     assert send is False
     log.calls.clear()
-    policy.correct(obs, action)
+    policy.correct(MeasuredObservation.given(obs, 2), action)
     policy.observe(obs, action, 0.0, obs)  # no after_command between: the query goes first
     assert [c[0] for c in log.calls] == ["query", "record"]
 

@@ -10,6 +10,7 @@ from metarl_ros.control.controller import AdaptiveController
 from metarl_ros.control.joint_map import JointNameMapper, RejectedInput
 from metarl_ros.control.law import build_observation, effort_command, tracking_reward
 from metarl_ros.control.loop_types import LoopConfig
+from metarl_ros.control.measured import MeasuredObservation
 from metarl_ros.control.policy_interface import PosteriorSummary
 from metarl_ros.control.safety import EffortClamp, SafeAction
 from metarl_ros.control.watchdog import Watchdog
@@ -773,19 +774,19 @@ class SplitPolicy(ReferencePolicy):
 
     def __init__(self, setup, log):
         super().__init__(setup, log)
-        self.corrected = []  # the observations the correction saw
+        self.corrected = []  # the tracking errors the correction saw
 
     def base_act(self, obs):
         return super().act(obs)
 
-    def correct(self, obs, action):
+    def correct(self, measured, action):
         self.log.append("correct")
-        self.corrected.append(np.array(obs))
-        n = self.n
-        return np.clip(action + 0.5 * obs[2 * n:3 * n], -1.0, 1.0)
+        errors = np.array(measured.tracking_errors())
+        self.corrected.append(errors)
+        return np.clip(action + 0.5 * errors[:self.n], -1.0, 1.0)
 
     def act(self, obs):
-        return self.correct(obs, self.base_act(obs))
+        return self.correct(MeasuredObservation.given(obs, self.n), self.base_act(obs))
 
 
 def test_act_ahead_prepares_the_actor_and_corrects_on_the_measured_state(setup):
@@ -798,7 +799,7 @@ def test_act_ahead_prepares_the_actor_and_corrects_on_the_measured_state(setup):
     assert len(ahead.corrected) == 6
     for seen, measured in zip(ahead.corrected, exact.corrected):
         np.testing.assert_allclose(seen, measured, atol=1e-6)
-        assert np.abs(seen[2 * n:3 * n]).max() > 0.0  # a measured error, not the view's zero
+        assert np.abs(seen[:n]).max() > 0.0  # a measured error, not the view's zero
     # every tick's actor call was made when its reference arrived (the head start's three,
     # then each after the previous tick's transition was observed): a tick only corrects
     assert log == ["act"] * 3 + ["correct", "act"] + ["correct", "observe", "act"] * 5

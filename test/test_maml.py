@@ -801,3 +801,53 @@ def test_lag_band_must_be_positive_or_none() -> None:
     assert off.lag_band_rad is None
     default = DynamicsAdaptation(model, MAMLConfig(hidden_sizes=()))
     assert default.lag_band_rad == STRUCTURED_DEFAULTS["lag_band_rad"]
+
+
+def _formula(settings, held, mean_lag, errors, action):
+    """The structured correction as written in its docstring, in numpy float64 (the
+    applier runs it joint by joint on Python floats): ``(r - 1) u + c``, bounded, through
+    the lag gate, added to the action and clipped. Returns (action, new mean lag)."""
+    n = settings.act_dim
+    e, ed = np.asarray(errors[:n], float), np.asarray(errors[n:], float)
+    lag = mean_lag + (e / settings.position_error_scale - mean_lag) / LAG_HORIZON_TICKS
+    u = action.astype(float) + settings.kp_u * e + settings.kd_u * ed
+    offset = np.clip((held.ratio.astype(float) - 1.0) * u + held.bias, -settings.max_correction,
+                     settings.max_correction)
+    gate = np.clip(np.sign(offset) * lag / settings.lag_band_rad, 0.0, 1.0)
+    return np.clip(action + offset * gate, -1.0, 1.0), lag
+
+
+def test_structured_correction_is_the_formula_joint_by_joint() -> None:
+    """apply (observation) and apply_to_errors (the errors alone) give what the formula
+    gives, over corrections that saturate and gates that open partly; a non-finite error
+    gives a non-finite action and leaves the mean lag alone."""
+    from metarl_ros.policy.dynamics_adaptation import correction_settings
+    from metarl_ros.policy.held_correction import CorrectionApplier, HeldCorrection
+
+    settings = correction_settings(toy_torque_model().float(), 0.3, 0.01)
+    applier = CorrectionApplier(settings)
+    rng = np.random.default_rng(3)
+    lag, partly_open = np.zeros(2), 0
+    for i in range(300):
+        if i % 30 == 0:
+            applier.hold(HeldCorrection(rng.uniform(0.2, 2.0, 2).astype(np.float32),
+                                        rng.normal(0.0, 0.2, 2).astype(np.float32),
+                                        np.zeros(2, np.float32), True))
+        obs = (rng.normal(size=8) * [0, 0, 0, 0, 0.1, 0.1, 1, 1]).astype(np.float32)
+        action = rng.uniform(-1.2, 1.2, 2).astype(np.float32)
+        expected, lag = _formula(settings, applier.held, lag, obs[4:8].tolist(), action)
+        got = (applier.apply(obs, action) if i % 2 else
+               applier.apply_to_errors(obs[4:8].tolist(), action))
+        assert got.dtype == np.float32
+        np.testing.assert_allclose(got, expected.astype(np.float32), rtol=0, atol=1e-7)
+        np.testing.assert_allclose(applier.mean_lag, lag, rtol=1e-12, atol=1e-15)
+        partly_open += bool(((0.0 < np.abs(lag)) & (np.abs(lag) < settings.lag_band_rad)).any())
+    assert partly_open > 100  # the gate was between closed and open on most ticks
+    for bad in (np.nan, np.inf):
+        for index in (4, 6):  # a position error (mean kept), a velocity error
+            obs[index] = bad
+            before = applier.mean_lag
+            assert not np.isfinite(applier.apply(obs, action)).all()
+            if index == 4:
+                np.testing.assert_array_equal(applier.mean_lag, before)
+            obs[index] = 0.0

@@ -32,6 +32,7 @@ import numpy as np
 
 from metarl_ros.control.joint_map import JointSample
 from metarl_ros.control.law import ControlLaw, ReferenceTerms, build_observation, tracking_reward
+from metarl_ros.control.measured import MeasuredObservation
 from metarl_ros.control.policy_interface import AdaptivePolicy, ahead_parts
 from metarl_ros.control.prepared import PreparedReferences, Reference
 
@@ -69,7 +70,7 @@ class PolicyCalls:
         self._last_action = np.zeros(law.num_joints)
         self._version = 0  # changes with the policy state a prepared action depends on
         self._pending: tuple | None = None  # act_ahead: (sample, reference, terms, action,
-        # observation or None) of the tick whose transition is not handed over yet
+        # MeasuredObservation or None) of the tick whose transition is not handed over yet
 
     def prepare(self, reference: Reference, check: CheckAction) -> float | None:
         """The work on ``reference`` that needs no joint state: its model terms and, with
@@ -102,14 +103,14 @@ class PolicyCalls:
                 start = time.perf_counter()
                 applied = self._act_on_reference(reference, terms, check)
                 acting = time.perf_counter() - start
-            obs = None
-            if self._correct is not None:  # the measured state's part, on the tick's path
+            measured = None
+            if self._correct is not None:  # the measured state's part, on the tick's path:
+                # it reads the tracking errors; the whole observation is built after the command
+                measured = MeasuredObservation(self.law, sample.position, sample.velocity,
+                                               reference, self._last_action, terms)
                 with self.lock:
-                    obs = build_observation(self.law, sample.position, sample.velocity,
-                                            reference, self._last_action.astype(np.float32),
-                                            terms)
-                    applied = check(self._correct(obs, applied))
-            self._pending = (sample, reference, terms, applied, obs)
+                    applied = check(self._correct(measured, applied))
+            self._pending = (sample, reference, terms, applied, measured)
             return applied, terms, acting
         start = time.perf_counter()
         with self.lock:
@@ -129,10 +130,12 @@ class PolicyCalls:
         pending, self._pending = self._pending, None
         if pending is None:
             return
-        sample, reference, terms, applied, obs = pending
+        sample, reference, terms, applied, measured = pending
         try:
             with self.lock:
-                if obs is None:
+                if measured is not None:
+                    obs = measured.observation()
+                else:
                     obs = build_observation(self.law, sample.position, sample.velocity,
                                             reference, self._last_action.astype(np.float32),
                                             terms)

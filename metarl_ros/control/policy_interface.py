@@ -14,6 +14,8 @@ from typing import Callable, Literal, Protocol, runtime_checkable
 
 import numpy as np
 
+from metarl_ros.control.measured import MeasuredObservation
+
 
 @dataclass(frozen=True)
 class PolicyContract:
@@ -105,8 +107,9 @@ class AdaptivePolicy(Protocol):
 ActOnReference = Callable[[np.ndarray], np.ndarray]
 """An action (act_dim,) from an observation (obs_dim,) of which only the reference view is
 read."""
-CorrectMeasured = Callable[[np.ndarray, np.ndarray], np.ndarray]
-"""``(obs, action) -> action``: a correction of an action on the measured observation."""
+CorrectMeasured = Callable[[MeasuredObservation, np.ndarray], np.ndarray]
+"""``(measured, action) -> action``: a correction of an action (act_dim,) on the measured
+observation."""
 
 
 def ahead_parts(policy: AdaptivePolicy) -> tuple[ActOnReference, CorrectMeasured | None] | None:
@@ -115,9 +118,10 @@ def ahead_parts(policy: AdaptivePolicy) -> tuple[ActOnReference, CorrectMeasured
     * ``acts_on_reference`` True: ``act`` reads only the observation's reference view (the
       reference and the model features on it, the previous action), so all of it:
       ``(policy.act, None)``;
-    * ``base_acts_on_reference`` True: the policy splits ``act(obs) == correct(obs,
-      base_act(obs))`` into an action on the reference view and a correction on the measured
-      observation (the MAML correction: it scales the commanded torque, PD feedback included),
+    * ``base_acts_on_reference`` True: the policy splits ``act(obs) ==
+      correct(MeasuredObservation.given(obs, n), base_act(obs))`` into an action on the
+      reference view and a correction on the measured observation (the MAML correction: it
+      scales the commanded torque, PD feedback included),
       so ``(policy.base_act, policy.correct)``: the loop calls ``base_act`` when the
       reference arrives and ``correct`` at the joint state;
     * otherwise None: the action waits for the joint state.

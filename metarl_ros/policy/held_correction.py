@@ -41,9 +41,10 @@ class HeldCorrection:
         return bool((self.ratio == 1.0).all() and not self.bias.any() and not self.offset.any())
 
     @cached_property
-    def gain(self) -> np.ndarray:
-        """``ratio - 1`` (n,) float32, computed once (what the formula multiplies ``u`` by)."""
-        return self.ratio - 1.0
+    def terms(self) -> tuple[list[float], list[float]]:
+        """``(r - 1, c)`` per joint as Python floats, computed once: what the structured
+        formula multiplies the commanded torque by and adds."""
+        return [r - 1.0 for r in self.ratio.tolist()], self.bias.tolist()
 
     @classmethod
     def none(cls, n: int) -> HeldCorrection:
@@ -86,14 +87,24 @@ class CorrectionApplier:
     on another thread never sees half an update. The lag gate's per-joint mean tracking error
     is updated at every :meth:`apply` (see
     :class:`~metarl_ros.policy.dynamics_adaptation.DynamicsAdaptation` for what the gate does).
+
+    The structured formula runs joint by joint on Python floats (float64). On 7 joints a
+    numpy expression is mostly per-call overhead: the formula took about 25 ufunc calls,
+    three times the time of one pass over the joints, and this runs on every control tick's
+    sensor-to-command path (docs/BENCHMARKS.md, "Cost of the MAML correction online").
     """
 
     def __init__(self, settings: CorrectionSettings) -> None:
         self.settings = settings
-        self._kp_u = np.asarray(settings.kp_u, np.float32)
-        self._kd_u = np.asarray(settings.kd_u, np.float32)
+        self._kp_u = np.asarray(settings.kp_u, np.float64).tolist()
+        self._kd_u = np.asarray(settings.kd_u, np.float64).tolist()
         self.held = HeldCorrection.none(settings.act_dim)
-        self.mean_lag = np.zeros(settings.act_dim, np.float32)  # rad, per joint (lag gate)
+        self._lag = [0.0] * settings.act_dim  # rad, per joint (lag gate)
+
+    @property
+    def mean_lag(self) -> np.ndarray:
+        """The lag gate's per-joint mean tracking error ``q_ref - q``, (n,) float64, rad."""
+        return np.array(self._lag)
 
     def hold(self, held: HeldCorrection) -> None:
         """Apply ``held`` from the next action on."""
@@ -103,31 +114,49 @@ class CorrectionApplier:
         """No correction, and the lag gate's mean forgotten."""
         n = self.settings.act_dim
         self.held = HeldCorrection.none(n)
-        self.mean_lag = np.zeros(n, np.float32)
+        self._lag = [0.0] * n
 
     def apply(self, obs: np.ndarray, action: np.ndarray) -> np.ndarray:
-        """The corrected action in [-1, 1]: the held offset, or (structured model) ``(r - 1) u
-        + c`` with the held gain ratio ``r`` and bias torque ``c`` and the current commanded
-        torque ``u``, through the lag gate. ``obs`` is the measured state (the whole
-        observation: ``u`` includes the PD feedback on its tracking error)."""
+        """:meth:`apply_to_errors` with the tracking errors of the measured observation
+        ``obs`` (obs_dim,) float32."""
+        n = self.settings.act_dim
+        return self.apply_to_errors(np.asarray(obs)[2 * n: 4 * n].tolist(), action)
+
+    def apply_to_errors(self, errors: list[float], action: np.ndarray) -> np.ndarray:
+        """The corrected action (act_dim,) float32 in [-1, 1]: the held offset, or (structured
+        model) ``(r - 1) u + c`` with the held gain ratio ``r`` and bias torque ``c`` and the
+        current commanded torque ``u``, through the lag gate. ``errors`` (2 n floats): the
+        measured observation's position-error and velocity-error blocks, in observation units
+        (:func:`~metarl_ros.control.measured.tracking_errors`): ``u`` includes the PD
+        feedback on them. A non-finite error gives a non-finite action (the loop's check
+        refuses it), and a non-finite position error leaves the lag gate's mean as it was."""
         s, held = self.settings, self.held
-        if s.structured:
-            n = held.ratio.shape[0]
-            position_error = obs[2 * n : 3 * n]
-            finite = np.isfinite(obs[2 * n : 4 * n]).all()
-            if finite or np.isfinite(position_error).all():  # one bad reading must not stick
-                self.mean_lag += (
-                    position_error / s.position_error_scale - self.mean_lag
-                ) / LAG_HORIZON_TICKS
-            if finite and held.identity:  # the common case, in a third of the time: the
-                # formula below gives exactly this (an offset of zero)
-                return _clip(action, 1.0).astype(np.float32)
-            u = action + self._kp_u * position_error + self._kd_u * obs[3 * n : 4 * n]
-            offset = _clip(held.gain * u + held.bias, s.max_correction)
-            if s.lag_band_rad is not None:
-                offset = offset * self.lag_gate(offset)
-            return _clip(action + offset, 1.0).astype(np.float32)
-        return _clip(action + held.offset, 1.0).astype(np.float32)
+        if not s.structured:
+            return _clip(action + held.offset, 1.0).astype(np.float32)
+        n = s.act_dim
+        position_errors, velocity_errors = errors[:n], errors[n:]
+        total = sum(position_errors)
+        if total - total == 0.0:  # all finite (float32 values: the sum cannot overflow)
+            scale, lag = s.position_error_scale, self._lag
+            self._lag = [m + (e / scale - m) / LAG_HORIZON_TICKS
+                         for m, e in zip(lag, position_errors)]
+            if held.identity:  # the common case: the formula gives exactly this (offset 0)
+                total = sum(velocity_errors)
+                if total - total == 0.0:
+                    return _clip(action, 1.0).astype(np.float32)
+        gains, biases = held.terms
+        bound, band = s.max_correction, s.lag_band_rad
+        out = []
+        for a, e, ed, kp, kd, g, c, m in zip(action.tolist(), position_errors, velocity_errors,
+                                           self._kp_u, self._kd_u, gains, biases, self._lag):
+            offset = g * (a + kp * e + kd * ed) + c  # NaN stays NaN through the comparisons
+            offset = bound if offset > bound else -bound if offset < -bound else offset
+            if band is not None:  # the lag gate: the mean lag in the offset's direction
+                gate = (m if offset > 0.0 else -m if offset < 0.0 else 0.0) / band
+                offset *= 1.0 if gate > 1.0 else 0.0 if gate < 0.0 else gate
+            value = a + offset
+            out.append(1.0 if value > 1.0 else -1.0 if value < -1.0 else value)
+        return np.array(out, np.float32)
 
     def lag_gate(self, offset: np.ndarray) -> np.ndarray:
         """Per-joint factor in [0, 1], (n,): how far each joint lags its reference (mean

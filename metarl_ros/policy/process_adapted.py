@@ -35,6 +35,7 @@ from typing import Any
 
 import numpy as np
 
+from metarl_ros.control.measured import MeasuredObservation
 from metarl_ros.control.policy_interface import PolicyStatus, PosteriorSummary
 from metarl_ros.learning.dynamics_models import make_checkpoint
 from metarl_ros.learning.saved_model import LoadedModel
@@ -110,7 +111,8 @@ class ProcessAdaptedPolicy:
 
     def act(self, obs: np.ndarray) -> np.ndarray:
         start = time.perf_counter()
-        corrected = self.correct(obs, self.base_act(obs))
+        measured = MeasuredObservation.given(obs, self.applier.settings.act_dim)
+        corrected = self.correct(measured, self.base_act(obs))
         self.inference_time_s = time.perf_counter() - start
         return corrected
 
@@ -118,15 +120,14 @@ class ProcessAdaptedPolicy:
         """The inner policy's action (act_dim,) before the correction, on ``obs`` (obs_dim,)."""
         return self.inner.act(obs)
 
-    def correct(self, obs: np.ndarray, action: np.ndarray) -> np.ndarray:
+    def correct(self, measured: MeasuredObservation, action: np.ndarray) -> np.ndarray:
         """``action`` (act_dim,) of :meth:`base_act` with the held correction applied on the
-        measured observation ``obs`` (obs_dim,); the pair goes to the adaptation process with
-        the next :meth:`after_command` (copied into its record there, off the
-        sensor-to-command path)."""
+        ``measured`` observation's tracking errors; the pair goes to the adaptation process
+        with the next :meth:`after_command` (the whole observation is built and copied into
+        its record there, off the sensor-to-command path)."""
         self._ticks += 1
         self._queue_query()  # one not handed over yet (no after_command since): it goes first
-        measured = np.asarray(obs, np.float32)
-        corrected = self.applier.apply(measured, action)
+        corrected = self.applier.apply_to_errors(measured.tracking_errors(), action)
         self._query = (measured, action, self.inner.latent_mean())
         return corrected
 
@@ -167,7 +168,8 @@ class ProcessAdaptedPolicy:
         or with the next record)."""
         query, self._query = self._query, None
         if query is not None:
-            self.process.query(*query, send=False)
+            measured, action, latent = query
+            self.process.query(measured.observation(), action, latent, send=False)
 
     def _take_report(self) -> None:
         report = self.process.poll()

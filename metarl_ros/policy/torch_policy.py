@@ -21,6 +21,7 @@ from typing import Literal
 import numpy as np
 import torch
 
+from metarl_ros.control.measured import MeasuredObservation
 from metarl_ros.control.policy_interface import PosteriorSummary
 from metarl_ros.learning.checkpoint import CheckpointError
 from metarl_ros.learning.dynamics_models import AnyDynamics
@@ -128,7 +129,8 @@ class TorchAdaptivePolicy:
 
     def act(self, obs: np.ndarray) -> np.ndarray:
         start = time.perf_counter()
-        action = self.correct(obs, self.base_act(obs))
+        measured = MeasuredObservation.given(obs, self.contract.act_dim)
+        action = self.correct(measured, self.base_act(obs))
         self.inference_time_s = time.perf_counter() - start
         return action
 
@@ -144,13 +146,13 @@ class TorchAdaptivePolicy:
             torch.as_tensor(obs, dtype=torch.float32)[None], condition[None], deterministic=True
         )[0].numpy()
 
-    def correct(self, obs: np.ndarray, action: np.ndarray) -> np.ndarray:
-        """``action`` (act_dim,) with the MAML correction applied on the measured observation
-        ``obs`` (obs_dim,); unchanged without adaptation."""
+    def correct(self, measured: MeasuredObservation, action: np.ndarray) -> np.ndarray:
+        """``action`` (act_dim,) with the MAML correction applied on the ``measured``
+        observation; unchanged without adaptation."""
         if self.adaptation is None:
             return action
         return self.adaptation.apply(
-            np.asarray(obs, np.float32),
+            measured.observation(),
             action,
             self.latent_mean() if self.stream is not None else None,
         )
