@@ -323,13 +323,20 @@ def _status_mb(pid: int) -> dict[str, float]:
     return values
 
 
+NODE_CPUS: set[int] | None = None
+"""``--pin``: the CPUs the nodes under test (and their children) may run on."""
+
+
 def _start(cmd: list[str], source: Path = REPO) -> subprocess.Popen:
     """Start ``cmd`` with this run's loopback ROS environment, importing ``metarl_ros`` from
-    ``source`` (a checkout: ``python -m`` puts the working directory first on the path)."""
+    ``source`` (a checkout: ``python -m`` puts the working directory first on the path), on
+    :data:`NODE_CPUS` if set."""
     env = loopback_ros_env()
     env["PYTHONPATH"] = os.pathsep.join(filter(None, (str(source), env.get("PYTHONPATH"))))
+    cpus = NODE_CPUS
+    pin = None if cpus is None else (lambda: os.sched_setaffinity(0, cpus))
     return subprocess.Popen(cmd, env=env, cwd=source, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, preexec_fn=pin)
 
 
 def _stop(proc: subprocess.Popen) -> None:
@@ -452,6 +459,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--echo", choices=("single", "events"), help=argparse.SUPPRESS)
     parser.add_argument("--echo-takes-reference", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--node-echo", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    parser.add_argument("--pin", metavar="DRIVER:NODES",
+                        help="CPU lists, e.g. 0:1: this driver on the first, every node under "
+                             "test (echoes included) on the second")
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--raw", type=Path, metavar="NPZ",
                         help="also write every round's latencies (ms) here, for --pool")
@@ -480,6 +490,15 @@ def main(argv: list[str] | None = None) -> int:
     # model paths as given are relative to this checkout; the baseline runs in its own
     args.model = str(REPO / args.model) if args.model else ""
     args.onnx_model = str(REPO / args.onnx_model)
+    if args.pin:
+        global NODE_CPUS
+        try:
+            driver_cpus, node_cpus = ({int(c) for c in part.split(",")}
+                                      for part in args.pin.split(":"))
+            os.sched_setaffinity(0, driver_cpus)  # before rclpy starts this driver's threads
+        except (ValueError, OSError) as exc:
+            parser.error(f"--pin {args.pin}: {exc} (expected e.g. 0:1 or 0:1,2)")
+        NODE_CPUS = node_cpus
     os.environ.update(loopback_ros_env())
     driver = Driver(args.rate)
     decimation = max(1, int(round(args.rate / driver.setup.config.control_rate_hz)))
@@ -545,6 +564,7 @@ def main(argv: list[str] | None = None) -> int:
         "act_ahead": args.act_ahead or "parameter files",
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
                    f"load average {os.getloadavg()[0]:.2f}",
+        "pin": args.pin,
         **measured,
         "per_round": [{name: {k: v for k, v in run.items() if k != "latencies_ms"}
                        for name, run in r.items()} for r in rounds],

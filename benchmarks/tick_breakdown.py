@@ -17,12 +17,11 @@ the p50 / p90 of each, in ms, after the first sixth of the ticks.
 
 The parts on the command's path: ``on_joint_state`` (the loop's intake and timing; reading
 the bytes comes before it), ``tick`` (safety checks, the prepared action, the MAML correction
-if any, the efforts), within it ``policy`` (the action and its correction: the measured
-``observation`` the correction reads, and the ``correction``), ``efforts`` (the PD law) and
-``clamp``; then ``publish`` (the command's bytes and rclpy's publish). After the command:
-``after_command``. ``observation`` counts every observation built, also those off the path
-(the reference view when a reference is prepared, the transition's after the command):
-onnx_policy_node builds none at a tick.
+if any, the efforts), within it ``policy`` (the action and its ``correction``, which includes
+the measured ``tracking errors`` it reads), ``efforts`` (the PD law) and ``clamp``; then
+``publish`` (the command's bytes and rclpy's publish). After the command: ``after_command``.
+``observations (off the path)`` counts every whole observation built (the
+reference view when a reference is prepared, the measured one after the command).
 """
 
 from __future__ import annotations
@@ -71,6 +70,7 @@ def main() -> int:
     from sensor_msgs.msg import JointState
 
     import metarl_ros.control.controller as controller
+    import metarl_ros.control.measured as measured
     import metarl_ros.control.policy_calls as policy_calls
 
     rclpy.init()
@@ -93,9 +93,12 @@ def main() -> int:
             _timed(times, "on_joint_state", loop, "on_joint_state")
             _timed(times, "tick", loop, "tick")
             _timed(times, "  policy", loop.calls, "act")
-            _timed(times, "    observation", policy_calls, "build_observation")
+            _timed(times, "observations (off the path)", policy_calls, "build_observation")
+            _timed(times, "observations (off the path)", measured, "build_observation")
             if loop.calls._correct is not None:  # noqa: SLF001 - the correction the loop calls
                 _timed(times, "    correction", loop.calls, "_correct")
+                _timed(times, "      tracking errors", measured.MeasuredObservation,
+                       "tracking_errors")
             _timed(times, "  efforts", controller, "effort_command")
             _timed(times, "  clamp", loop.clamp, "clamp")
             _timed(times, "publish", node.commands, "publish")
@@ -140,8 +143,9 @@ def main() -> int:
         stats = loop.stats
         print(f"{args.node}: {stats.policy_ticks} policy ticks, {stats.safe_ticks} safe; "
               "p50 / p90 ms")
-        order = ["on_joint_state", "tick", "  policy", "    observation", "    correction",
-                 "  efforts", "  clamp", "publish", "after_command"]
+        order = ["on_joint_state", "tick", "  policy", "    correction",
+                 "      tracking errors", "  efforts", "  clamp", "publish", "after_command",
+                 "observations (off the path)"]
         rows = [("callback at a tick (all of it)", callback),
                 ("callback start to rclpy publish", to_publish)]
         rows += [(label, times[label]) for label in order if times.get(label)]
