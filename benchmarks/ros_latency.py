@@ -379,10 +379,12 @@ def measure(driver: Driver, mode: str, cmd: list[str], warmup_s: float,
 
 def pool_rounds(rounds: list[dict]) -> dict:
     """Per node: the latencies of every round pooled (``latency_*`` of the pool; the other
-    figures are the last round's), and with an ``echo`` in the rounds each node's p99 as a
-    ratio to the echo's -- pooled (``p99_x_echo``) and per round (``p99_x_echo_per_round``,
-    each against the echo measured in the same round); likewise ``p99_x_echo_events`` against
-    the echo spun on the EventsExecutor."""
+    figures are the last round's, but for ``node_command_*_ms_median_of_rounds``), and with
+    an ``echo`` in the rounds each node's p99 against the echo's: as a ratio, pooled
+    (``p99_x_echo``) and per round (``p99_x_echo_per_round``, each against the echo measured
+    in the same round; ``..._median_quartiles`` of those), and as the difference of the pooled
+    p99s in ms (``p99_above_echo_ms``); likewise ``*_echo_events`` against the echo spun on
+    the EventsExecutor."""
     pooled: dict[str, dict] = {}
     for name in rounds[0]:
         runs = [r[name] for r in rounds]
@@ -394,6 +396,10 @@ def pool_rounds(rounds: list[dict]) -> dict:
             "latency_p99_ms": float(np.percentile(lat, 99)) if lat.size else float("nan"),
             "latency_max_ms": float(lat.max()) if lat.size else float("nan"),
         })
+        if "node_command_p50_ms" in runs[0]:  # the node's own receipt-to-publish time
+            for q in ("p50", "p99"):
+                entry[f"node_command_{q}_ms_median_of_rounds"] = float(np.median(
+                    [run[f"node_command_{q}_ms"] for run in runs]))
         if "late_tick_pct" in runs[0]:
             ticks = sum(run["node_ticks"] for run in runs)
             late = sum(run["late_tick_pct"] * run["node_ticks"] / 100.0 for run in runs
@@ -409,9 +415,13 @@ def pool_rounds(rounds: list[dict]) -> dict:
                 continue
             entry[f"p99_x_{echo}"] = (entry["latency_p99_ms"]
                                       / pooled[echo]["latency_p99_ms"])
-            entry[f"p99_x_{echo}_per_round"] = [
+            entry[f"p99_x_{echo}_per_round"] = per_round = [
                 float(np.percentile(r[name]["latencies_ms"], 99)
                       / np.percentile(r[echo]["latencies_ms"], 99)) for r in rounds]
+            entry[f"p99_x_{echo}_per_round_median_quartiles"] = [
+                float(v) for v in np.percentile(per_round, [50, 25, 75])]
+            entry[f"p99_above_{echo}_ms"] = (entry["latency_p99_ms"]
+                                             - pooled[echo]["latency_p99_ms"])
     return pooled
 
 
