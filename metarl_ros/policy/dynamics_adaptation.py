@@ -184,12 +184,6 @@ class DynamicsAdaptation:
         its action, the latent it acted on."""
         self._query = (obs, action, latent)
 
-    def lag_gate(self, offset: np.ndarray) -> np.ndarray:
-        """Per-joint factor in [0, 1], (n,): how far each joint lags its reference (mean
-        ``q_ref - q``) in the direction ``offset`` (n,) pushes it, in units of
-        ``lag_band_rad``."""
-        return self.applier.lag_gate(offset)
-
     def held(self) -> HeldCorrection:
         """The correction the last :meth:`step` left (what :meth:`apply` adds)."""
         held = self.applier.held

@@ -151,20 +151,13 @@ class CorrectionApplier:
                                            self._kp_u, self._kd_u, gains, biases, self._lag):
             offset = g * (a + kp * e + kd * ed) + c  # NaN stays NaN through the comparisons
             offset = bound if offset > bound else -bound if offset < -bound else offset
-            if band is not None:  # the lag gate: the mean lag in the offset's direction
+            if band is not None:  # the lag gate: the mean lag in the direction the offset
+                # pushes, in units of the band, within [0, 1]
                 gate = (m if offset > 0.0 else -m if offset < 0.0 else 0.0) / band
                 offset *= 1.0 if gate > 1.0 else 0.0 if gate < 0.0 else gate
             value = a + offset
             out.append(1.0 if value > 1.0 else -1.0 if value < -1.0 else value)
         return np.array(out, np.float32)
-
-    def lag_gate(self, offset: np.ndarray) -> np.ndarray:
-        """Per-joint factor in [0, 1], (n,): how far each joint lags its reference (mean
-        ``q_ref - q``) in the direction ``offset`` (n,) pushes it, in units of
-        ``lag_band_rad``."""
-        band = self.settings.lag_band_rad
-        assert band is not None
-        return np.minimum(np.maximum(np.sign(offset) * self.mean_lag / band, 0.0), 1.0)
 
 
 def _clip(values: np.ndarray, bound: float) -> np.ndarray:
