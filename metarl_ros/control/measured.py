@@ -32,6 +32,12 @@ def tracking_errors(law: ControlLaw, position: np.ndarray, velocity: np.ndarray,
     return array("f", values).tolist()  # float64 -> float32 as numpy's astype rounds
 
 
+def observation_errors(observation: np.ndarray, num_joints: int) -> list[float]:
+    """The same two blocks, 2 n floats, read from an observation (obs_dim,) already built."""
+    n = num_joints
+    return np.asarray(observation)[2 * n: 4 * n].tolist()
+
+
 class MeasuredObservation:
     """The observation of one tick's measured joint state (``position``, ``velocity`` (n,)),
     its ``reference`` and the previous action (n,) float32: :meth:`tracking_errors` at once,
@@ -57,8 +63,7 @@ class MeasuredObservation:
         """An observation (obs_dim,) already built, of ``num_joints`` joints."""
         measured = cls.__new__(cls)
         measured._observation = np.asarray(observation, np.float32)
-        n = num_joints
-        measured._errors = measured._observation[2 * n: 4 * n].tolist()
+        measured._errors = observation_errors(measured._observation, num_joints)
         return measured
 
     def tracking_errors(self) -> list[float]:

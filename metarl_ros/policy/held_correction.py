@@ -16,6 +16,8 @@ from functools import cached_property
 
 import numpy as np
 
+from metarl_ros.control.measured import observation_errors
+
 LAG_HORIZON_TICKS = 25
 """Time constant, in control ticks, of the per-joint mean tracking error the lag gate reads
 (0.25 s at 100 Hz: the context window's span)."""
@@ -119,8 +121,7 @@ class CorrectionApplier:
     def apply(self, obs: np.ndarray, action: np.ndarray) -> np.ndarray:
         """:meth:`apply_to_errors` with the tracking errors of the measured observation
         ``obs`` (obs_dim,) float32."""
-        n = self.settings.act_dim
-        return self.apply_to_errors(np.asarray(obs)[2 * n: 4 * n].tolist(), action)
+        return self.apply_to_errors(observation_errors(obs, self.settings.act_dim), action)
 
     def apply_to_errors(self, errors: list[float], action: np.ndarray) -> np.ndarray:
         """The corrected action (act_dim,) float32 in [-1, 1]: the held offset, or (structured
