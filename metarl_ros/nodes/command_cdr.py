@@ -26,8 +26,9 @@ from typing import Sequence
 
 import numpy as np
 
+from metarl_ros.recording.cdr import HEADER_SIZE, align
+
 _ENCAPSULATION = b"\x00\x01\x00\x00"
-_HEADER = 4
 
 
 class _Layout:
@@ -35,10 +36,10 @@ class _Layout:
 
     def __init__(self) -> None:
         self.format = "<4s"  # the encapsulation header
-        self.offset = _HEADER
+        self.offset = HEADER_SIZE
 
     def _align(self, size: int) -> None:
-        pad = -(self.offset - _HEADER) % size
+        pad = align(self.offset, size) - self.offset
         if pad:
             self.format += f"{pad}x"
             self.offset += pad

@@ -18,7 +18,7 @@ import numpy as np
 _U32 = struct.Struct("<I")
 _STAMP_LEN = struct.Struct("<iII")
 _3U32 = struct.Struct("<III")
-_HEADER_SIZE = 4  # CDR encapsulation header; alignment is relative to what follows it
+HEADER_SIZE = 4  # CDR encapsulation header; alignment is relative to what follows it
 
 
 class CdrLayoutError(ValueError):
@@ -52,9 +52,10 @@ def _check_encapsulation(raw: bytes | memoryview) -> None:
         raise CdrLayoutError("not little-endian plain CDR")
 
 
-def _align(pos: int, size: int) -> int:
-    """Absolute offset ``pos`` aligned to ``size`` relative to the data after the header."""
-    return pos + (_HEADER_SIZE - pos) % size
+def align(pos: int, size: int) -> int:
+    """Absolute offset ``pos`` aligned to ``size`` relative to the data after the header
+    (CDR's rule; also what :mod:`metarl_ros.nodes.command_cdr` writes by)."""
+    return pos + (HEADER_SIZE - pos) % size
 
 
 def _string_end(raw: bytes | memoryview, pos: int) -> int:
@@ -78,16 +79,16 @@ def _float64_sequences(raw: bytes | memoryview, pos: int,
     """
     sizes, fmt, offsets = [], "<", []
     for i in range(count):
-        aligned = _align(pos, 4)
+        aligned = align(pos, 4)
         fmt += "x" * (aligned - pos) + "I"
         (size,) = _U32.unpack_from(raw, aligned)
         count_at = aligned
         pos = aligned + 4
         if size == 0:
-            if i != count - 1 and (pos - _HEADER_SIZE) % 8:
+            if i != count - 1 and (pos - HEADER_SIZE) % 8:
                 raise CdrLayoutError("empty float64 sequence with ambiguous padding")
         else:
-            aligned = _align(pos, 8)
+            aligned = align(pos, 8)
             fmt += "x" * (aligned - pos) + f"{size}d"
             pos = aligned + 8 * size
         if pos > len(raw):
@@ -130,7 +131,7 @@ class JointStateDecoder:
         if len(raw) < 16 or raw[0] != 0 or raw[1] != 1:
             raise CdrLayoutError("not little-endian plain CDR")
         sec, nanosec, frame_len = _STAMP_LEN.unpack_from(raw, 4)
-        start = _align(16 + frame_len, 4)
+        start = align(16 + frame_len, 4)
         if start == self._start and self._struct is not None and \
                 raw.startswith(self._block, start):
             offset = start + len(self._block)
@@ -150,7 +151,7 @@ class JointStateDecoder:
         try:
             _check_encapsulation(raw)
             sec, nanosec, frame_len = _STAMP_LEN.unpack_from(raw, 4)
-            return self._parse(raw, sec * 1_000_000_000 + nanosec, _align(16 + frame_len, 4))
+            return self._parse(raw, sec * 1_000_000_000 + nanosec, align(16 + frame_len, 4))
         except (struct.error, UnicodeDecodeError):
             raise CdrLayoutError("not a plain little-endian JointState") from None
 
@@ -162,7 +163,7 @@ class JointStateDecoder:
             raise CdrLayoutError(f"{count} joint names, more than {self.max_names}")
         pos, names = start + 4, []
         for _ in range(count):
-            pos = _align(pos, 4)
+            pos = align(pos, 4)
             end = _string_end(raw, pos)
             names.append(bytes(raw[pos + 4:end - 1]).decode("utf-8"))
             pos = end
@@ -333,8 +334,8 @@ class Float64ArrayDecoder:
         (dims,) = _U32.unpack_from(raw, 4)
         pos = 8
         for _ in range(dims):  # MultiArrayDimension: label, size, stride
-            pos = _align(_string_end(raw, _align(pos, 4)), 4) + 8
-        pos = _align(pos, 4) + 4  # data_offset
+            pos = align(_string_end(raw, align(pos, 4)), 4) + 8
+        pos = align(pos, 4) + 4  # data_offset
         _, end, fmt, _ = _float64_sequences(raw, pos, 1)
         if len(raw) - end > 7:
             raise CdrLayoutError("trailing bytes after Float64MultiArray")
