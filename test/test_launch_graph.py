@@ -336,6 +336,29 @@ def _reader(proc, lines):
     return thread
 
 
+def _wait_or_dump(name: str, proc: subprocess.Popen, lines: list[str], reader: threading.Thread,
+                  timeout: float) -> None:
+    """Wait for ``proc``; if it hangs, fail with its output and every thread's Python stack.
+
+    The process must run with ``PYTHONFAULTHANDLER=1``: SIGABRT then makes it print the
+    stacks (faulthandler) before it dies, so a hang that happens only on a loaded CI machine
+    says where it hangs.
+    """
+    try:
+        proc.wait(timeout=timeout)
+        return
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGABRT)
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        reader.join(timeout=5)
+    pytest.fail(f"{name} did not exit within {timeout} s of SIGINT; its output and stacks:\n"
+                + "".join(lines))
+
+
 def _has_events_executor() -> bool:
     try:
         from rclpy.experimental import EventsExecutor  # noqa: F401
@@ -356,7 +379,7 @@ def test_node_executables_run_as_processes_and_stop_cleanly_on_sigint(executor):
     lockstep): its ``spin()`` alone would not return on SIGINT."""
     graph = adapt_sim_graph({"real_time_factor": "0.0"})
     env = _env()
-    env["RCUTILS_LOGGING_BUFFERED_STREAM"] = "0"
+    env.update(RCUTILS_LOGGING_BUFFERED_STREAM="0", PYTHONFAULTHANDLER="1")
     procs, lines, readers = {}, {}, {}
     try:
         for spec in graph.nodes:
@@ -384,8 +407,8 @@ def test_node_executables_run_as_processes_and_stop_cleanly_on_sigint(executor):
             proc.send_signal(signal.SIGINT)
         time.sleep(0.01)
         procs["adapter_node"].send_signal(signal.SIGINT)  # a second one, as ros2 launch may
-        for proc in procs.values():
-            proc.wait(timeout=20)
+        for name, proc in procs.items():
+            _wait_or_dump(name, proc, lines[name], readers[name], timeout=20)
     finally:
         for proc in procs.values():
             if proc.poll() is None:
@@ -396,6 +419,57 @@ def test_node_executables_run_as_processes_and_stop_cleanly_on_sigint(executor):
         out = "".join(lines[name])
         assert proc.returncode == 0, f"{name}: exit {proc.returncode}\n{out}"
         assert "Traceback" not in out, out
+
+
+_STUCK_NODE = textwrap.dedent("""
+    import time
+
+    from rclpy.node import Node
+
+    from metarl_ros.nodes.common import run_node
+
+
+    def hang_in_teardown():
+        time.sleep(120)
+
+
+    class StuckNode(Node):
+        def __init__(self):
+            super().__init__("stuck_in_teardown")
+            self.create_timer(0.05, lambda: print("spinning", flush=True))
+
+        def destroy_node(self):
+            hang_in_teardown()
+
+
+    raise SystemExit(run_node(StuckNode))
+""")
+
+
+def test_a_node_whose_teardown_hangs_says_where_and_exits_1():
+    """run_node bounds teardown (TEARDOWN_TIMEOUT_S): a node stuck in it prints every thread's
+    stack and exits 1 instead of waiting to be killed."""
+    from metarl_ros.nodes.common import TEARDOWN_TIMEOUT_S
+
+    proc = subprocess.Popen([sys.executable, "-c", _STUCK_NODE], env=_env(), cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: list[str] = []
+    reader = _reader(proc, lines)
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not any("spinning" in x for x in list(lines)):
+            assert proc.poll() is None, "".join(lines)
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=TEARDOWN_TIMEOUT_S + 10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    reader.join(timeout=5)
+    out = "".join(lines)
+    assert proc.returncode == 1, out
+    assert "Timeout" in out and "hang_in_teardown" in out, out
 
 
 # ------------------------------------------------------------------------------ deploy graph

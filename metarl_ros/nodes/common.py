@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import faulthandler
 import gc
 import signal
+import sys
 import threading
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import rclpy
 from builtin_interfaces.msg import Time
@@ -183,8 +186,14 @@ def spin(executor) -> None:
         executor.spin_once(timeout_sec=0.1)
 
 
+#: How long a node executable's teardown (executor shutdown, node destruction, rclpy
+#: shutdown) may take before it counts as hung. Below ``ros2 launch``'s 5 s before it escalates
+#: to SIGTERM and then SIGKILL, so a hung node says where it hung before it is killed silently.
+TEARDOWN_TIMEOUT_S = 4.0
+
+
 def run_node(factory: Callable[[], Node], args: list[str] | None = None,
-             num_threads: int = 1) -> int:
+             num_threads: int = 1, teardown_timeout_s: float | None = TEARDOWN_TIMEOUT_S) -> int:
     """``main`` body of a node executable: init, spin, portable clean shutdown.
 
     The executor comes from :func:`make_executor`: a node's ``executor`` and
@@ -199,10 +208,17 @@ def run_node(factory: Callable[[], Node], args: list[str] | None = None,
     A node that failed while running (its ``failure`` attribute set, e.g. sim_node's
     simulation thread; it has logged why and shut the context down) exits 1, so that
     ``ros2 launch`` sees it die.
+
+    Teardown shuts the executor down first (it lets go of the node's entities), then destroys
+    the node and shuts rclpy down. It is bounded: if it takes longer than
+    ``teardown_timeout_s`` (``None``: no bound), faulthandler prints every thread's stack
+    ("Timeout (0:00:04)!" and the stacks) and the process exits 1 -- a hang in teardown is
+    never silent, and never waits for a SIGKILL.
     """
     interrupted = _watch_signals()
     rclpy.init(args=args)  # rclpy's handlers chain to ours
     node = None
+    executor = None
     code = 0
     try:
         node = factory()
@@ -234,12 +250,30 @@ def run_node(factory: Callable[[], Node], args: list[str] | None = None,
         # teardown after main returns (Python resets custom handlers to SIG_DFL then, but
         # leaves SIG_IGN alone), which would turn a clean exit into "exit code -2".
         _ignore_sigint_for_good()
-        if node is not None:
-            if getattr(node, "failure", None):
-                code = 1
-            node.destroy_node()
-        rclpy.try_shutdown()
+        with _bounded(teardown_timeout_s):
+            if executor is not None:
+                executor.shutdown(timeout_sec=teardown_timeout_s)
+            if node is not None:
+                if getattr(node, "failure", None):
+                    code = 1
+                node.destroy_node()
+            rclpy.try_shutdown()
     return code
+
+
+@contextlib.contextmanager
+def _bounded(timeout_s: float | None) -> Iterator[None]:
+    """Within: if the block takes longer than ``timeout_s``, print every thread's stack and
+    exit 1. faulthandler's watchdog is a C thread, so it fires even when the block hangs
+    holding the GIL (a deadlock in rclpy's C++ teardown)."""
+    if timeout_s is None:
+        yield
+        return
+    faulthandler.dump_traceback_later(timeout_s, exit=True, file=sys.stderr)
+    try:
+        yield
+    finally:
+        faulthandler.cancel_dump_traceback_later()
 
 
 def _watch_signals() -> threading.Event:

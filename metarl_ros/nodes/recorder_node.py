@@ -308,7 +308,8 @@ def _terminate_as_interrupt() -> None:
 
 def main(args: list[str] | None = None) -> int:
     _terminate_as_interrupt()
-    return run_node(RecorderNode, args)
+    # no bound on teardown: closing the bag (its last chunk, index and summary) must finish
+    return run_node(RecorderNode, args, teardown_timeout_s=None)
 
 
 if __name__ == "__main__":
