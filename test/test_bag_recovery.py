@@ -123,6 +123,44 @@ def test_sigkilled_recorder_loses_at_most_a_second(ros, tmp_path, storage):
     print(context.splitlines()[0])
 
 
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_recorder_stopped_by_a_signal_closes_a_complete_bag_quietly(ros, tmp_path, sig):
+    """SIGINT (Ctrl-C) and SIGTERM (ros2 launch's escalation, systemd, docker stop): exit 0, a
+    complete bag with every message, and no error line -- the bag is closed once the context
+    is shut down, so its "closed" line must not go to /rosout (rcl refuses: "Failed to
+    publish log message to rosout")."""
+    bag = tmp_path / f"stopped_{sig.name}"
+    topic = f"{TOPIC}_{sig.name}"
+    env = dict(os.environ, ROS_DOMAIN_ID=str(ros.context.get_domain_id()), PYTHONUNBUFFERED="1")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "metarl_ros.nodes.recorder_node", "--ros-args",
+         "-p", f"output:={bag}", "-p", f"topics:=['{topic}']",
+         "-p", "types:=['std_msgs/msg/String']", "-p", "discovery_period_s:=0.05"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    node = ros.add(Node(f"stopped_chatter_{sig.name}", context=ros.context))
+    publisher = node.create_publisher(String, topic, QoSProfile(
+        history=HistoryPolicy.KEEP_LAST, depth=1000, reliability=ReliabilityPolicy.RELIABLE))
+    try:
+        assert wait_for(lambda: publisher.get_subscription_count() > 0, 15.0), "no recorder"
+        time.sleep(0.3)  # the recorder's subscription matched ours as well
+        for i in range(100):
+            publisher.publish(String(data=str(i)))
+            time.sleep(0.005)
+        time.sleep(0.3)  # delivered
+        process.send_signal(sig)
+        process.wait(timeout=15.0)
+    finally:
+        if process.poll() is None:
+            process.kill()
+        output = process.communicate()[0]
+        ros.remove(node)
+    assert process.returncode == 0, output
+    assert "Failed to publish" not in output and "Traceback" not in output, output
+    assert "closed" in output and bag_is_complete(bag), output
+    # every message, once (in receive-stamp order, not always publication order)
+    assert sorted(map(int, read_texts(bag, "mcap"))) == list(range(100)), output
+
+
 # ------------------------------------------------------------------------------------------
 # Without ROS
 

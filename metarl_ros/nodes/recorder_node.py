@@ -49,7 +49,6 @@ inspection.
 from __future__ import annotations
 
 import importlib
-import signal
 import threading
 import time
 from collections.abc import Callable
@@ -57,6 +56,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import rclpy.logging
 from rclpy.clock import Clock, ClockType
 from rclpy.node import Node
 from rclpy.parameter import Parameter
@@ -282,8 +282,13 @@ class RecorderNode(Node):
                         "sequence gaps: " + ", ".join(f"{t} {n}" for t, n in lost.items()) + ")")
         if self.writer.write_error:
             message += f"; writing failed: {self.writer.write_error}"
+        # after the context shut down (SIGINT, SIGTERM: this runs as its on_shutdown callback)
+        # the node's logger would also publish to /rosout, which rcl refuses with an error
+        # line; a logger of the same name that no node owns writes only to the console/files
+        logger = (self.get_logger() if self.context.ok()
+                  else rclpy.logging.get_logger(f"{self.get_name()}.bag"))
         try:
-            self.get_logger().info(message)
+            logger.info(message)
         except Exception:  # noqa: BLE001 - logging may be gone at interpreter exit
             print(message, flush=True)
 
@@ -293,22 +298,9 @@ class RecorderNode(Node):
         super().destroy_node()
 
 
-def _terminate_as_interrupt() -> None:
-    """SIGTERM (ros2 launch's escalation) shuts down like SIGINT; repeats are ignored."""
-    if threading.current_thread() is not threading.main_thread():
-        return
-    state = {"seen": False}
-
-    def handler(signum, frame) -> None:
-        if not state["seen"]:
-            state["seen"] = True
-            raise KeyboardInterrupt
-    signal.signal(signal.SIGTERM, handler)
-
-
 def main(args: list[str] | None = None) -> int:
-    _terminate_as_interrupt()
-    # no bound on teardown: closing the bag (its last chunk, index and summary) must finish
+    # SIGINT and SIGTERM shut the context down (run_node); its on_shutdown closes the bag. No
+    # bound on teardown: closing the bag (its last chunk, index and summary) must finish.
     return run_node(RecorderNode, args, teardown_timeout_s=None)
 
 
