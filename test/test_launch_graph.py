@@ -451,7 +451,8 @@ def test_a_node_whose_teardown_hangs_says_where_and_exits_1():
     stack and exits 1 instead of waiting to be killed."""
     from metarl_ros.nodes.common import TEARDOWN_TIMEOUT_S
 
-    proc = subprocess.Popen([sys.executable, "-c", _STUCK_NODE], env=_env(), cwd=REPO,
+    env = dict(_env(), PYTHONFAULTHANDLER="1")
+    proc = subprocess.Popen([sys.executable, "-c", _STUCK_NODE], env=env, cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines: list[str] = []
     reader = _reader(proc, lines)
@@ -461,7 +462,7 @@ def test_a_node_whose_teardown_hangs_says_where_and_exits_1():
             assert proc.poll() is None, "".join(lines)
             time.sleep(0.05)
         proc.send_signal(signal.SIGINT)
-        proc.wait(timeout=TEARDOWN_TIMEOUT_S + 10)
+        _wait_or_dump("the stuck node", proc, lines, reader, timeout=TEARDOWN_TIMEOUT_S + 10)
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -470,6 +471,56 @@ def test_a_node_whose_teardown_hangs_says_where_and_exits_1():
     out = "".join(lines)
     assert proc.returncode == 1, out
     assert "Timeout" in out and "hang_in_teardown" in out, out
+
+
+_BUSY_NODE = textwrap.dedent("""
+    import time
+
+    from rclpy.node import Node
+
+    from metarl_ros.nodes.common import run_node
+
+
+    class BusyNode(Node):
+        def __init__(self):
+            super().__init__("busy_callback")
+            self.create_timer(0.05, self.busy)
+
+        def busy(self):
+            print("callback started", flush=True)
+            end = time.monotonic() + 1.0
+            while time.monotonic() < end:  # Python bytecode all along: where a signal lands
+                pass
+            print("callback finished", flush=True)
+
+
+    raise SystemExit(run_node(BusyNode))
+""")
+
+
+def test_a_signal_stops_a_node_between_callbacks_not_inside_one():
+    """SIGINT while a callback runs (a control tick, in a node): the callback finishes, then
+    the node stops cleanly -- no KeyboardInterrupt lands inside it (or inside rclpy)."""
+    env = dict(_env(), PYTHONFAULTHANDLER="1")
+    proc = subprocess.Popen([sys.executable, "-c", _BUSY_NODE], env=env, cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: list[str] = []
+    reader = _reader(proc, lines)
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not any("started" in x for x in list(lines)):
+            assert proc.poll() is None, "".join(lines)
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGINT)
+        _wait_or_dump("the busy node", proc, lines, reader, timeout=20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    reader.join(timeout=5)
+    out = "".join(lines)
+    assert proc.returncode == 0, out
+    assert "callback finished" in out and "Traceback" not in out, out
 
 
 # ------------------------------------------------------------------------------ deploy graph

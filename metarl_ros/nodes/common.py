@@ -203,8 +203,13 @@ def run_node(factory: Callable[[], Node], args: list[str] | None = None,
     Once the node is constructed, the start-up heap is frozen (:func:`freeze_heap`) so that
     garbage collection does not stall the control loop.
 
-    Catches ``KeyboardInterrupt`` and ``ExternalShutdownException``; once shutting down,
-    SIGINT is ignored for the rest of the process so an interrupted launch exits cleanly (0).
+    SIGINT and SIGTERM stop the node between callbacks, never inside one: while it spins,
+    rclpy's signal handler shuts the context down and the spin returns (a
+    ``KeyboardInterrupt`` raised at an arbitrary bytecode would land inside the control tick
+    or inside rclpy's executor, whose state it can leave half-updated: seen as a hang at
+    shutdown and as errors from a half-built ``Task``). Before the spin (start-up: loading,
+    exporting) SIGINT still interrupts at once. Once shutting down, SIGINT is ignored for the
+    rest of the process, so an interrupted launch exits cleanly (0).
     A node that failed while running (its ``failure`` attribute set, e.g. sim_node's
     simulation thread; it has logged why and shut the context down) exits 1, so that
     ``ros2 launch`` sees it die.
@@ -215,7 +220,7 @@ def run_node(factory: Callable[[], Node], args: list[str] | None = None,
     ("Timeout (0:00:04)!" and the stacks) and the process exits 1 -- a hang in teardown is
     never silent, and never waits for a SIGKILL.
     """
-    interrupted = _watch_signals()
+    signals = _watch_signals()
     rclpy.init(args=args)  # rclpy's handlers chain to ours
     node = None
     executor = None
@@ -229,11 +234,12 @@ def run_node(factory: Callable[[], Node], args: list[str] | None = None,
         executor = make_executor(kind, num_threads)
         executor.add_node(node)
         freeze_heap()
+        signals.spinning = True  # from here on a signal only shuts the context down
         spin(executor)
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
     except Exception as exc:
-        if node is not None and (interrupted.is_set() or not rclpy.ok()):
+        if node is not None and (signals.received or not rclpy.ok()):
             # Shutting down after SIGINT: rclpy can raise odd errors from the interrupted wait
             # (seen: "Unable to convert call argument '0' to Python object"). Still clean.
             pass
@@ -276,29 +282,40 @@ def _bounded(timeout_s: float | None) -> Iterator[None]:
         faulthandler.cancel_dump_traceback_later()
 
 
-def _watch_signals() -> threading.Event:
-    """Python-level SIGINT/SIGTERM handlers that record the signal (rclpy chains to them).
+class _Signals:
+    """What :func:`run_node`'s signal handlers saw, and whether the node spins yet."""
 
-    The first SIGINT raises ``KeyboardInterrupt``, later ones do nothing (until
+    def __init__(self) -> None:
+        self.received = False
+        self.spinning = False
+
+
+def _watch_signals() -> _Signals:
+    """Python-level SIGINT/SIGTERM handlers that record the signal (rclpy's chain to them).
+
+    Before the spin the first SIGINT raises ``KeyboardInterrupt`` (start-up is abandoned);
+    while spinning nothing is raised: rclpy's own handler has shut the context down, and the
+    spin returns between callbacks. Later SIGINTs do nothing (until
     :func:`_ignore_sigint_for_good` ignores them for good); SIGTERM is left to rclpy's
     shutdown.
     """
-    interrupted = threading.Event()
+    signals = _Signals()
     if threading.current_thread() is not threading.main_thread():
-        return interrupted
+        return signals
 
     def on_sigint(signum, frame):
-        if interrupted.is_set():  # a second one (ros2 launch forwards, the terminal sends)
+        if signals.received:  # a second one (ros2 launch forwards, the terminal sends)
             return  # must not interrupt the cleanup the first one started
-        interrupted.set()
-        raise KeyboardInterrupt
+        signals.received = True
+        if not signals.spinning:
+            raise KeyboardInterrupt
 
     def on_sigterm(signum, frame):
-        interrupted.set()
+        signals.received = True
 
     signal.signal(signal.SIGINT, on_sigint)
     signal.signal(signal.SIGTERM, on_sigterm)
-    return interrupted
+    return signals
 
 
 def _ignore_sigint_for_good() -> None:
