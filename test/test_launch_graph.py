@@ -446,30 +446,36 @@ _STUCK_NODE = textwrap.dedent("""
 """)
 
 
-def test_a_node_whose_teardown_hangs_says_where_and_exits_1():
-    """run_node bounds teardown (TEARDOWN_TIMEOUT_S): a node stuck in it prints every thread's
-    stack and exits 1 instead of waiting to be killed."""
-    from metarl_ros.nodes.common import TEARDOWN_TIMEOUT_S
-
+def _interrupted(program: str, ready: str, timeout: float) -> tuple[int, str]:
+    """Run ``program`` (``python -c``), send SIGINT once it prints ``ready``, wait up to
+    ``timeout`` s: its exit code and output (with the stacks, failing, if it hangs)."""
     env = dict(_env(), PYTHONFAULTHANDLER="1")
-    proc = subprocess.Popen([sys.executable, "-c", _STUCK_NODE], env=env, cwd=REPO,
+    proc = subprocess.Popen([sys.executable, "-c", program], env=env, cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines: list[str] = []
     reader = _reader(proc, lines)
     try:
         deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and not any("spinning" in x for x in list(lines)):
+        while time.monotonic() < deadline and not any(ready in x for x in list(lines)):
             assert proc.poll() is None, "".join(lines)
-            time.sleep(0.05)
+            time.sleep(0.01)
         proc.send_signal(signal.SIGINT)
-        _wait_or_dump("the stuck node", proc, lines, reader, timeout=TEARDOWN_TIMEOUT_S + 10)
+        _wait_or_dump("the node", proc, lines, reader, timeout=timeout)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
     reader.join(timeout=5)
-    out = "".join(lines)
-    assert proc.returncode == 1, out
+    return proc.returncode, "".join(lines)
+
+
+def test_a_node_whose_teardown_hangs_says_where_and_exits_1():
+    """run_node bounds teardown (TEARDOWN_TIMEOUT_S): a node stuck in it prints every thread's
+    stack and exits 1 instead of waiting to be killed."""
+    from metarl_ros.nodes.common import TEARDOWN_TIMEOUT_S
+
+    code, out = _interrupted(_STUCK_NODE, "spinning", timeout=TEARDOWN_TIMEOUT_S + 10)
+    assert code == 1, out
     assert "Timeout" in out and "hang_in_teardown" in out, out
 
 
@@ -501,25 +507,8 @@ _BUSY_NODE = textwrap.dedent("""
 def test_a_signal_stops_a_node_between_callbacks_not_inside_one():
     """SIGINT while a callback runs (a control tick, in a node): the callback finishes, then
     the node stops cleanly -- no KeyboardInterrupt lands inside it (or inside rclpy)."""
-    env = dict(_env(), PYTHONFAULTHANDLER="1")
-    proc = subprocess.Popen([sys.executable, "-c", _BUSY_NODE], env=env, cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    lines: list[str] = []
-    reader = _reader(proc, lines)
-    try:
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and not any("started" in x for x in list(lines)):
-            assert proc.poll() is None, "".join(lines)
-            time.sleep(0.01)
-        proc.send_signal(signal.SIGINT)
-        _wait_or_dump("the busy node", proc, lines, reader, timeout=20)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    reader.join(timeout=5)
-    out = "".join(lines)
-    assert proc.returncode == 0, out
+    code, out = _interrupted(_BUSY_NODE, "callback started", timeout=20)
+    assert code == 0, out
     assert "callback finished" in out and "Traceback" not in out, out
 
 

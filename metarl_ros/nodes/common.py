@@ -291,7 +291,8 @@ class _Signals:
 
 
 def _watch_signals() -> _Signals:
-    """Python-level SIGINT/SIGTERM handlers that record the signal (rclpy's chain to them).
+    """Python-level SIGINT/SIGTERM handlers that record the signal (rclpy's handlers, installed
+    after them, chain to them).
 
     Before the spin the first SIGINT raises ``KeyboardInterrupt`` (start-up is abandoned);
     while spinning nothing is raised: rclpy's own handler has shut the context down, and the
