@@ -355,7 +355,7 @@ def _wait_or_dump(name: str, proc: subprocess.Popen, lines: list[str], reader: t
             proc.kill()
             proc.wait()
         reader.join(timeout=5)
-    pytest.fail(f"{name} did not exit within {timeout} s of SIGINT; its output and stacks:\n"
+    pytest.fail(f"{name} did not exit within {timeout} s of a signal; its output and stacks:\n"
                 + "".join(lines))
 
 
@@ -446,8 +446,9 @@ _STUCK_NODE = textwrap.dedent("""
 """)
 
 
-def _interrupted(program: str, ready: str, timeout: float) -> tuple[int, str]:
-    """Run ``program`` (``python -c``), send SIGINT once it prints ``ready``, wait up to
+def _interrupted(program: str, ready: str, timeout: float,
+                 sig: signal.Signals = signal.SIGINT) -> tuple[int, str]:
+    """Run ``program`` (``python -c``), send ``sig`` once it prints ``ready``, wait up to
     ``timeout`` s: its exit code and output (with the stacks, failing, if it hangs)."""
     env = dict(_env(), PYTHONFAULTHANDLER="1")
     proc = subprocess.Popen([sys.executable, "-c", program], env=env, cwd=REPO,
@@ -459,7 +460,7 @@ def _interrupted(program: str, ready: str, timeout: float) -> tuple[int, str]:
         while time.monotonic() < deadline and not any(ready in x for x in list(lines)):
             assert proc.poll() is None, "".join(lines)
             time.sleep(0.01)
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(sig)
         _wait_or_dump("the node", proc, lines, reader, timeout=timeout)
     finally:
         if proc.poll() is None:
@@ -510,6 +511,41 @@ def test_a_signal_stops_a_node_between_callbacks_not_inside_one():
     code, out = _interrupted(_BUSY_NODE, "callback started", timeout=20)
     assert code == 0, out
     assert "callback finished" in out and "Traceback" not in out, out
+
+
+_SLOW_START_NODE = textwrap.dedent("""
+    import time
+
+    from rclpy.node import Node
+    from std_msgs.msg import String
+
+    from metarl_ros.nodes.common import run_node
+
+
+    class SlowStartNode(Node):  # a model loaded and exported before the node's publishers
+        def __init__(self):
+            super().__init__("slow_start")
+            print("starting", flush=True)
+            end = time.monotonic() + 3.0
+            while time.monotonic() < end:
+                pass
+            print("started", flush=True)
+            self.create_publisher(String, "~/out", 10)
+
+
+    raise SystemExit(run_node(SlowStartNode))
+""")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_signal_during_start_up_abandons_it_and_exits_0(sig):
+    """ros2 launch stopped (or systemd, docker) while a node still loads: the start-up stops
+    at once and the node exits 0 -- not a FATAL 'context is invalid' from the next rclpy call
+    after rclpy's handler shut the context down."""
+    code, out = _interrupted(_SLOW_START_NODE, "starting", timeout=20, sig=sig)
+    assert code == 0, out
+    assert "started" not in out, out  # abandoned, not run to its end
+    assert "FATAL" not in out and "Traceback" not in out, out
 
 
 # ------------------------------------------------------------------------------ deploy graph

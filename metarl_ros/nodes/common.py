@@ -208,8 +208,8 @@ def run_node(factory: Callable[[], Node], args: list[str] | None = None,
     ``KeyboardInterrupt`` raised at an arbitrary bytecode would land inside the control tick
     or inside rclpy's executor, whose state it can leave half-updated: seen as a hang at
     shutdown and as errors from a half-built ``Task``). Before the spin (start-up: loading,
-    exporting) SIGINT still interrupts at once. Once shutting down, SIGINT is ignored for the
-    rest of the process, so an interrupted launch exits cleanly (0).
+    exporting) either signal interrupts at once, and the process exits 0. Once shutting down,
+    SIGINT is ignored for the rest of the process, so an interrupted launch exits cleanly (0).
     A node that failed while running (its ``failure`` attribute set, e.g. sim_node's
     simulation thread; it has logged why and shut the context down) exits 1, so that
     ``ros2 launch`` sees it die.
@@ -239,9 +239,10 @@ def run_node(factory: Callable[[], Node], args: list[str] | None = None,
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
     except Exception as exc:
-        if node is not None and (signals.received or not rclpy.ok()):
-            # Shutting down after SIGINT: rclpy can raise odd errors from the interrupted wait
-            # (seen: "Unable to convert call argument '0' to Python object"). Still clean.
+        if signals.received or (node is not None and not rclpy.ok()):
+            # Asked to stop: rclpy's handler shut the context down under the start-up (seen:
+            # "Failed to create publisher: rcl node's context is invalid") or the wait raised
+            # oddly ("Unable to convert call argument '0' to Python object"). Still clean.
             pass
         else:  # start-up errors (bad config) or a crash: one readable line, exit 1
             message = f"{type(exc).__name__}: {exc}"
@@ -294,28 +295,24 @@ def _watch_signals() -> _Signals:
     """Python-level SIGINT/SIGTERM handlers that record the signal (rclpy's handlers, installed
     after them, chain to them).
 
-    Before the spin the first SIGINT raises ``KeyboardInterrupt`` (start-up is abandoned);
-    while spinning nothing is raised: rclpy's own handler has shut the context down, and the
-    spin returns between callbacks. Later SIGINTs do nothing (until
-    :func:`_ignore_sigint_for_good` ignores them for good); SIGTERM is left to rclpy's
-    shutdown.
+    Before the spin the first SIGINT or SIGTERM raises ``KeyboardInterrupt`` (start-up is
+    abandoned); while spinning nothing is raised: rclpy's own handler has shut the context
+    down, and the spin returns between callbacks. Later signals do nothing (SIGINT until
+    :func:`_ignore_sigint_for_good` ignores it for good).
     """
     signals = _Signals()
     if threading.current_thread() is not threading.main_thread():
         return signals
 
-    def on_sigint(signum, frame):
+    def on_signal(signum, frame):
         if signals.received:  # a second one (ros2 launch forwards, the terminal sends)
             return  # must not interrupt the cleanup the first one started
         signals.received = True
         if not signals.spinning:
             raise KeyboardInterrupt
 
-    def on_sigterm(signum, frame):
-        signals.received = True
-
-    signal.signal(signal.SIGINT, on_sigint)
-    signal.signal(signal.SIGTERM, on_sigterm)
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
     return signals
 
 
