@@ -206,10 +206,11 @@ def run_node(factory: Callable[[], Node], args: list[str] | None = None,
     SIGINT and SIGTERM stop the node between callbacks, never inside one: while it spins,
     rclpy's signal handler shuts the context down and the spin returns (a
     ``KeyboardInterrupt`` raised at an arbitrary bytecode would land inside the control tick
-    or inside rclpy's executor, whose state it can leave half-updated: seen as a hang at
-    shutdown and as errors from a half-built ``Task``). Before the spin (start-up: loading,
-    exporting) either signal interrupts at once, and the process exits 0. Once shutting down,
-    SIGINT is ignored for the rest of the process, so an interrupted launch exits cleanly (0).
+    or inside rclpy's executor, whose state it can leave half-updated: seen as errors from a
+    half-built ``Task``, and the likely cause of a rare hang at shutdown). Before the spin
+    (start-up: loading, exporting) either signal interrupts at once, and the process exits 0.
+    Once shutting down, SIGINT is ignored for the rest of the process, so an interrupted
+    launch exits cleanly (0).
     A node that failed while running (its ``failure`` attribute set, e.g. sim_node's
     simulation thread; it has logged why and shut the context down) exits 1, so that
     ``ros2 launch`` sees it die.
