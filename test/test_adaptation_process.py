@@ -157,6 +157,20 @@ class _Inner:
         return PosteriorSummary(np.zeros(0), np.zeros(0), 0)
 
 
+def test_close_ends_a_stuck_child_within_the_nodes_teardown_bound(toy_process) -> None:
+    """A child that reads no EOF and takes no SIGTERM (stopped here) is killed by close()
+    before run_node's teardown watchdog would end the node and leave the child behind."""
+    from metarl_ros.nodes.common import TEARDOWN_TIMEOUT_S
+
+    assert toy_process.wait_ready(60.0)
+    os.kill(toy_process.info.pid, signal.SIGSTOP)  # SIGTERM stays pending; SIGKILL does not
+    start = time.monotonic()
+    toy_process.close()
+    took = time.monotonic() - start
+    assert toy_process.info.exit_code == -signal.SIGKILL, toy_process.info
+    assert took < TEARDOWN_TIMEOUT_S, took
+
+
 def test_control_side_applies_reports_and_survives_a_killed_process(toy_process) -> None:
     """Transitions go through ProcessAdaptedPolicy.observe/act; the corrections the child
     reports are what act applies; after a reset only the new epoch's reports count; killed,

@@ -295,8 +295,11 @@ class AdaptationProcess:
         elif self.info.state == "dead" and self.info.exit_code is None:
             self.info.exit_code = self._process.poll()
 
-    def close(self, timeout: float = 2.0) -> None:
-        """Stop the child: EOF first, then SIGTERM, then SIGKILL."""
+    def close(self, timeout: float = 1.0) -> None:
+        """Stop the child: EOF first, then SIGTERM, then SIGKILL, each given ``timeout`` s.
+        A child that ignores the first two is gone after about 2 ``timeout`` (2 s): inside a
+        node's teardown bound (:data:`~metarl_ros.nodes.common.TEARDOWN_TIMEOUT_S`, 4 s),
+        whose watchdog would otherwise end the node first and leave the child running."""
         if self.info.state == "closed":
             return
         self.info.state = "closed"
