@@ -284,7 +284,8 @@ class RecorderNode(Node):
             message += f"; writing failed: {self.writer.write_error}"
         # after the context shut down (SIGINT, SIGTERM: this runs as its on_shutdown callback)
         # the node's logger would also publish to /rosout, which rcl refuses with an error
-        # line; a logger of the same name that no node owns writes only to the console/files
+        # line; a child-named logger ("recorder_node.bag") that no node owns writes only to
+        # the console and the log files
         logger = (self.get_logger() if self.context.ok()
                   else rclpy.logging.get_logger(f"{self.get_name()}.bag"))
         try:
