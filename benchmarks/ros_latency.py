@@ -47,11 +47,14 @@ DDS stays on loopback on a domain of this run (ROS_* variables are set for the c
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -68,11 +71,28 @@ WATCHDOG_CUTOFF_S = 0.05
 # ---------------------------------------------------------------------------- echo node
 
 
-def run_echo(executor: str = "single", take_reference: bool = False) -> int:
+TRACE_ENV = "METARL_LATENCY_TRACE"
+"""``--legs``: the file (``.npy``) a node under test writes its trace to when it exits: per
+command it answered a joint state with, (callback start, rclpy's publish returned), seconds of
+``time.perf_counter`` -- the machine's monotonic clock, which the driver reads too."""
+
+
+def _save_trace(trace: list[tuple[float, float]] | None) -> None:
+    """Write ``trace`` whole to :data:`TRACE_ENV`'s file (``--legs``), if it is set."""
+    path = os.environ.get(TRACE_ENV)
+    if trace is None or not path:
+        return
+    tmp = f"{path}.tmp.npy"
+    np.save(tmp, np.array(trace, dtype=np.float64).reshape(-1, 2))
+    os.replace(tmp, path)
+
+
+def run_echo(executor: str = "single", take_reference: bool = False, every: int = 1) -> int:
     """The baseline: a bare rclpy node echoing joint positions as a command, spun on the
     executor the nodes use for ``executor`` (:func:`metarl_ros.nodes.common.make_executor`);
     ``take_reference``: it also subscribes to ``/reference`` (and does nothing with it), as the
-    nodes do."""
+    nodes do; ``every``: it answers one joint state in ``every`` (the first, then every
+    ``every``-th), as a node commanding at its control rate does."""
     import rclpy
     from rclpy.executors import ExternalShutdownException
     from rclpy.node import Node
@@ -86,9 +106,18 @@ def run_echo(executor: str = "single", take_reference: bool = False) -> int:
     node = Node("echo_node")
     qos = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE)
     pub = node.create_publisher(Float64MultiArray, "/effort_controller/commands", qos)
-    node.create_subscription(JointState, "/joint_states",
-                             lambda msg: pub.publish(Float64MultiArray(data=list(msg.position))),
-                             qos)
+    trace = [] if os.environ.get(TRACE_ENV) else None
+    received = itertools.count()
+
+    def on_joint_state(msg: JointState) -> None:
+        start = time.perf_counter()
+        if next(received) % every:
+            return
+        pub.publish(Float64MultiArray(data=list(msg.position)))
+        if trace is not None:
+            trace.append((start, time.perf_counter()))
+
+    node.create_subscription(JointState, "/joint_states", on_joint_state, qos)
     if take_reference:
         node.create_subscription(JointState, "/reference", lambda msg: None, qos)
     try:
@@ -100,6 +129,7 @@ def run_echo(executor: str = "single", take_reference: bool = False) -> int:
     finally:
         node.destroy_node()
         rclpy.try_shutdown()
+        _save_trace(trace)
     return 0
 
 
@@ -119,6 +149,40 @@ def run_node_echo(ros_args: list[str]) -> int:
                 Float64MultiArray(data=list(position)))
 
     return run_node(EchoingNode, ros_args)
+
+
+def run_traced_node(module: str, ros_args: list[str]) -> int:
+    """``--legs``: adapter_node or onnx_policy_node (``module``: ``adapter_node`` or
+    ``onnx_policy_node``) as it runs, but recording, for each command published at a tick, its
+    callback's start and the moment rclpy's publish returned (:data:`TRACE_ENV`); a wrapper
+    around the node's own methods, about a microsecond a tick."""
+    import importlib
+
+    from metarl_ros.nodes.common import run_node
+
+    base = {"adapter_node": "AdapterNode", "onnx_policy_node": "OnnxPolicyNode"}[module]
+    base = getattr(importlib.import_module(f"metarl_ros.nodes.{module}"), base)
+    trace: list[tuple[float, float]] = []
+
+    class TracedNode(base):
+        _traced_start: float | None = None  # the callback start of the tick being published
+
+        def _publish(self, result, received: float) -> None:
+            self._traced_start = received
+            try:
+                super()._publish(result, received)
+            finally:
+                self._traced_start = None
+
+        def _send(self, result, stamp_s: float | None = None) -> None:
+            super()._send(result, stamp_s)
+            if self._traced_start is not None:  # not a watchdog's safe command
+                trace.append((self._traced_start, time.perf_counter()))
+
+    try:
+        return run_node(TracedNode, ros_args)
+    finally:
+        _save_trace(trace)
 
 
 # ---------------------------------------------------------------------------- driver
@@ -252,14 +316,16 @@ class Driver:
         first: dict[int, float] = {}
         for seq, t in matched:
             first.setdefault(seq, t)
-        latencies = [t - self.sent[s] for s, t in first.items()
-                     if s >= first_measured and s in self.sent]
+        answered = [(self.sent[s], t) for s, t in first.items()
+                    if s >= first_measured and s in self.sent]
+        latencies = [t - sent for sent, t in answered]
         measured_states = total - first_measured + 1
         lat = np.array(latencies) * 1e3
         result = {
             "mode": mode,
             "match": match,
             "latencies_ms": lat,  # pooled over rounds by main(), not written
+            "answered_s": np.array(answered).reshape(-1, 2),  # (sent, receipt); not written
             "load_average_1min_before": round(load_before, 2),
             "states_published": measured_states,
             "control_ticks_expected": (total - first_measured) // decimation + 1,
@@ -270,7 +336,7 @@ class Driver:
             "achieved_rate_hz": total / (time.perf_counter() - start - 0.5),
         }
         result.update(memory)
-        if mode != "echo":
+        if not mode.startswith("echo"):  # a node with diagnostics
             time.sleep(1.0)  # one more diagnostics message
             # the node's counters over the measured window (minus those at its start; the
             # diagnostics come at 5 Hz, so the window edge is within 0.2 s)
@@ -327,11 +393,13 @@ NODE_CPUS: set[int] | None = None
 """``--pin``: the CPUs the nodes under test (and their children) may run on."""
 
 
-def _start(cmd: list[str], source: Path = REPO) -> subprocess.Popen:
+def _start(cmd: list[str], source: Path = REPO, trace: Path | None = None) -> subprocess.Popen:
     """Start ``cmd`` with this run's loopback ROS environment, importing ``metarl_ros`` from
     ``source`` (a checkout: ``python -m`` puts the working directory first on the path), on
-    :data:`NODE_CPUS` if set."""
+    :data:`NODE_CPUS` if set; ``trace``: where it writes its trace (``--legs``)."""
     env = loopback_ros_env()
+    if trace is not None:
+        env[TRACE_ENV] = str(trace)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, (str(source), env.get("PYTHONPATH"))))
     cpus = NODE_CPUS
     pin = None if cpus is None else (lambda: os.sched_setaffinity(0, cpus))
@@ -351,13 +419,39 @@ def _stop(proc: subprocess.Popen) -> None:
             proc.wait()
 
 
+LEGS = ("intake", "callback", "return")
+"""``--legs``: a command's latency in three parts -- the joint state's publication to the
+callback's start (transport, the executor's wake-up and take), the callback's start to rclpy's
+publish returning (the node's work), and that to the driver's receipt (transport and the
+driver's wake-up)."""
+
+
+def legs_ms(answered_s: np.ndarray, trace_s: np.ndarray) -> np.ndarray:
+    """(n, 3) ms: :data:`LEGS` of each answered joint state ``answered_s`` (n, 2: sent,
+    receipt), matched to the node's trace ``trace_s`` (m, 2: callback start, publish returned;
+    sorted): the last callback that started after the joint state's publication and published
+    before the command's receipt. A command with no such callback is left out."""
+    starts, published = trace_s[:, 0], trace_s[:, 1]
+    rows = []
+    for sent, receipt in answered_s:
+        i = int(np.searchsorted(published, receipt, side="right")) - 1
+        if i >= 0 and starts[i] >= sent:
+            rows.append((starts[i] - sent, published[i] - starts[i], receipt - published[i]))
+    return np.array(rows, dtype=np.float64).reshape(-1, 3) * 1e3
+
+
 def measure(driver: Driver, mode: str, cmd: list[str], warmup_s: float,
             duration_s: float, match: str = "echo", decimation: int = 1,
-            diag_prefix: str = "", ahead_s: float = 0.0, source: Path = REPO) -> dict:
+            diag_prefix: str = "", ahead_s: float = 0.0, source: Path = REPO,
+            trace: Path | None = None) -> dict:
+    """One node's round: start ``cmd``, drive it, stop it; ``trace``: the file it writes its
+    trace to (``--legs``; read after it stops, for ``legs_ms``)."""
     driver.diag_prefix = diag_prefix or mode
     driver.command_topic = ("/effort_controller/joint_trajectory" if match == "positions"
                             else "/effort_controller/commands")
-    proc = _start(cmd, source)
+    if trace is not None:
+        trace.unlink(missing_ok=True)
+    proc = _start(cmd, source, trace)
     try:
         deadline = time.monotonic() + 30
         while not driver.connected():
@@ -372,9 +466,21 @@ def measure(driver: Driver, mode: str, cmd: list[str], warmup_s: float,
             exited = proc.poll()
             raise RuntimeError(f"{mode}: no command matched a joint state in {duration_s} s"
                                + (f" (it exited {exited})" if exited is not None else ""))
-        return result
     finally:
         _stop(proc)
+    if trace is not None:
+        if not trace.is_file():
+            raise RuntimeError(f"{mode}: --legs, but it wrote no trace to {trace}")
+        result["legs_ms"] = legs_ms(result["answered_s"], np.load(trace))
+        trace.unlink()
+    return result
+
+
+UNWRITTEN = ("latencies_ms", "answered_s", "legs_ms")
+"""A round's arrays: pooled, not written to the JSON."""
+
+ECHOES = ("echo", "echo_events", "echo_tick", "echo_events_tick")
+"""The baselines each node's p99 is given against (those measured)."""
 
 
 def pool_rounds(rounds: list[dict]) -> dict:
@@ -384,12 +490,14 @@ def pool_rounds(rounds: list[dict]) -> dict:
     (``p99_x_echo``) and per round (``p99_x_echo_per_round``, each against the echo measured
     in the same round; ``..._median_quartiles`` of those), and as the difference of the pooled
     p99s in ms (``p99_above_echo_ms``); likewise ``*_echo_events`` against the echo spun on
-    the EventsExecutor."""
+    the EventsExecutor, and ``*_echo_tick`` / ``*_echo_events_tick`` against those echoes
+    answering one joint state per control tick. With ``--legs``, ``legs_p50_ms`` and
+    ``legs_p99_ms``: each of :data:`LEGS`, pooled."""
     pooled: dict[str, dict] = {}
     for name in rounds[0]:
         runs = [r[name] for r in rounds]
         lat = np.concatenate([run["latencies_ms"] for run in runs])
-        entry = {k: v for k, v in runs[-1].items() if k != "latencies_ms"}
+        entry = {k: v for k, v in runs[-1].items() if k not in UNWRITTEN}
         entry.update({
             "commands_matched": int(lat.size),
             "latency_p50_ms": float(np.percentile(lat, 50)) if lat.size else float("nan"),
@@ -400,6 +508,13 @@ def pool_rounds(rounds: list[dict]) -> dict:
             for q in ("p50", "p99"):
                 entry[f"node_command_{q}_ms_median_of_rounds"] = float(np.median(
                     [run[f"node_command_{q}_ms"] for run in runs]))
+        if all("legs_ms" in run for run in runs):
+            legs = np.concatenate([run["legs_ms"] for run in runs])
+            entry["legs_matched"] = len(legs)
+            for q in (50, 99):
+                entry[f"legs_p{q}_ms"] = (
+                    {leg: float(np.percentile(legs[:, i], q)) for i, leg in enumerate(LEGS)}
+                    if len(legs) else {})
         if "late_tick_pct" in runs[0]:
             ticks = sum(run["node_ticks"] for run in runs)
             late = sum(run["late_tick_pct"] * run["node_ticks"] / 100.0 for run in runs
@@ -407,7 +522,7 @@ def pool_rounds(rounds: list[dict]) -> dict:
             entry["node_ticks"] = ticks
             entry["late_tick_pct"] = 100.0 * late / ticks if ticks else float("nan")
         pooled[name] = entry
-    for echo in ("echo", "echo_events"):
+    for echo in ECHOES:
         if echo not in pooled:
             continue
         for name, entry in pooled.items():
@@ -432,7 +547,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=float, default=1.0, help="unmeasured seconds first")
     parser.add_argument("--nodes", default="echo,adapter",
                         help="comma-separated, measured in this order: echo, echo_events "
-                             "(the echo on rclpy's EventsExecutor), echo_events_reference (that "
+                             "(the echo on rclpy's EventsExecutor), echo_tick and "
+                             "echo_events_tick (those echoes answering one joint state per "
+                             "control tick, as the nodes do), echo_events_reference (that "
                              "echo subscribed to /reference too), adapter (adapter_node), "
                              "onnx (onnx_policy_node), onnx_echo (onnx_policy_node whose "
                              "joint-state callback only echoes), adapter_baseline and "
@@ -468,6 +585,14 @@ def main(argv: list[str] | None = None) -> int:
                         help="the nodes' act_ahead (default: their parameter files')")
     parser.add_argument("--echo", choices=("single", "events"), help=argparse.SUPPRESS)
     parser.add_argument("--echo-takes-reference", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--echo-every", type=int, default=1, help=argparse.SUPPRESS)
+    parser.add_argument("--traced-node", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    parser.add_argument("--legs", action="store_true",
+                        help="split each command's latency into intake (publication to the "
+                             "callback's start), callback (to rclpy's publish returning) and "
+                             "return (to the driver's receipt): the echoes and nodes record "
+                             "their callbacks (the nodes through a wrapper of their own "
+                             "methods, about a microsecond a tick)")
     parser.add_argument("--node-echo", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     parser.add_argument("--pin", metavar="DRIVER:NODES",
                         help="CPU lists, e.g. 0:1: this driver on the first, every node under "
@@ -480,13 +605,15 @@ def main(argv: list[str] | None = None) -> int:
                              "the same --nodes) and print the pooled figures")
     args = parser.parse_args(argv)
     if args.echo:
-        return run_echo(args.echo, args.echo_takes_reference)
+        return run_echo(args.echo, args.echo_takes_reference, args.echo_every)
+    if args.traced_node is not None:
+        return run_traced_node(args.traced_node[0], ["ros_latency"] + args.traced_node[1:])
     if args.node_echo is not None:
         return run_node_echo(["ros_latency"] + args.node_echo)
     if args.pool:
         return print_pooled(args.pool)
     nodes = [name.strip() for name in args.nodes.split(",") if name.strip()]
-    unknown = sorted(set(nodes) - {"echo", "echo_events", "echo_events_reference", "adapter",
+    unknown = sorted(set(nodes) - {*ECHOES, "echo_events_reference", "adapter",
                                    "onnx", "onnx_echo", "adapter_baseline", "onnx_baseline"})
     if unknown:
         parser.error(f"unknown --nodes {unknown}")
@@ -529,30 +656,50 @@ def main(argv: list[str] | None = None) -> int:
                 "-p", f"model_path:={args.onnx_model}", "-p", f"command_type:={args.command_type}",
                 "-p", f"posterior_update:={args.onnx_posterior_update}",
                 *common]
+    traces = Path(tempfile.mkdtemp(prefix="ros_latency_")) if args.legs else None
+
+    def trace(name: str) -> Path | None:
+        return None if traces is None else traces / f"{name}.npy"
+
+    onnx_ros_args = onnx_cmd[3:]
+    if args.legs:  # the nodes run through run_traced_node
+        adapter_cmd = [sys.executable, __file__, "--traced-node", "adapter_node",
+                       *adapter_cmd[3:]]
+        onnx_cmd = [sys.executable, __file__, "--traced-node", "onnx_policy_node",
+                    *onnx_ros_args]
+
+    def echo(name: str, executor: str, every: int = 1) -> dict:
+        return measure(driver, name, [sys.executable, __file__, "--echo", executor,
+                                      "--echo-every", str(every)],
+                       args.warmup, args.duration, ahead_s=args.reference_ahead,
+                       trace=trace(name))
+
     runs = {
-        "echo": lambda: measure(driver, "echo", [sys.executable, __file__, "--echo", "single"],
-                                args.warmup, args.duration, ahead_s=args.reference_ahead),
-        "echo_events": lambda: measure(driver, "echo_events",
-                                       [sys.executable, __file__, "--echo", "events"],
-                                       args.warmup, args.duration, ahead_s=args.reference_ahead),
+        "echo": lambda: echo("echo", "single"),
+        "echo_events": lambda: echo("echo_events", "events"),
+        "echo_tick": lambda: echo("echo_tick", "single", decimation),
+        "echo_events_tick": lambda: echo("echo_events_tick", "events", decimation),
         "echo_events_reference": lambda: measure(
             driver, "echo_events_reference",
             [sys.executable, __file__, "--echo", "events", "--echo-takes-reference"],
             args.warmup, args.duration, ahead_s=args.reference_ahead),
         "adapter": lambda: measure(driver, "adapter", adapter_cmd, args.warmup, args.duration,
-                                   match, decimation, "adapter_node", args.reference_ahead),
+                                   match, decimation, "adapter_node", args.reference_ahead,
+                                   trace=trace("adapter")),
         "onnx_echo": lambda: measure(driver, "onnx_echo",
-                                     [sys.executable, __file__, "--node-echo", *onnx_cmd[3:]],
+                                     [sys.executable, __file__, "--node-echo", *onnx_ros_args],
                                      args.warmup, args.duration, ahead_s=args.reference_ahead),
         "onnx": lambda: measure(driver, "onnx", onnx_cmd, args.warmup, args.duration,
-                                match, decimation, "onnx_policy_node", args.reference_ahead),
+                                match, decimation, "onnx_policy_node", args.reference_ahead,
+                                trace=trace("onnx")),
         "adapter_baseline": lambda: measure(driver, "adapter_baseline", adapter_cmd,
                                             args.warmup, args.duration, match, decimation,
                                             "adapter_node", args.reference_ahead,
-                                            args.baseline),
+                                            args.baseline, trace("adapter_baseline")),
         "onnx_baseline": lambda: measure(driver, "onnx_baseline", onnx_cmd, args.warmup,
                                          args.duration, match, decimation, "onnx_policy_node",
-                                         args.reference_ahead, args.baseline),
+                                         args.reference_ahead, args.baseline,
+                                         trace("onnx_baseline")),
     }
     rounds: list[dict] = []
     try:
@@ -560,6 +707,8 @@ def main(argv: list[str] | None = None) -> int:
             rounds.append({name: runs[name]() for name in nodes})
     finally:
         driver.close()
+        if traces is not None:
+            shutil.rmtree(traces, ignore_errors=True)
     measured = pool_rounds(rounds)
     results = {
         "command": "python benchmarks/ros_latency.py " + " ".join(argv or sys.argv[1:]),
@@ -575,8 +724,9 @@ def main(argv: list[str] | None = None) -> int:
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
                    f"load average {os.getloadavg()[0]:.2f}",
         "pin": args.pin,
+        "legs": args.legs,
         **measured,
-        "per_round": [{name: {k: v for k, v in run.items() if k != "latencies_ms"}
+        "per_round": [{name: {k: v for k, v in run.items() if k not in UNWRITTEN}
                        for name, run in r.items()} for r in rounds],
     }
     print(json.dumps(results, indent=2))
