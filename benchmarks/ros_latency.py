@@ -25,12 +25,13 @@ is matched to the exact state it was computed from:
 Latency = command receipt minus joint state publication, both on this process's monotonic
 clock. The nodes answer one joint state in five; ``echo_tick`` (``echo_events_tick``) is the
 echo answering one in five too, so that the driver receives commands at the same rate from
-the baseline as from the nodes: at 100 commands a second this driver's receiving side is
-colder than at 500, and a command's trip back to it takes longer (``--legs`` shows it), so the
-node's fair yardstick is the echo at its own command rate. ``--legs`` splits each command's
-latency into intake (the joint state's publication to the callback's start), callback (to
-rclpy's publish returning) and return (to the driver's receipt), from the times the echo and
-the nodes (through :func:`run_traced_node`) record on the same monotonic clock.
+the baseline as from the nodes: at 100 commands a second a command's trip back to this
+driver takes longer than at 500 (``--legs`` shows it: likely its receiving side waking from
+idle for each one), so the node's fair yardstick is the echo at its own command rate.
+``--legs`` splits each command's latency into intake (the joint state's publication to the
+callback's start), callback (to rclpy's publish returning) and return (to the driver's
+receipt), from the times the echo and the nodes (through :func:`run_traced_node`) record on
+the same monotonic clock.
 
 With ``--rounds R`` every node is measured R times in turn (the load of a shared
 machine drifts within minutes: the echo's p99 alone moved 0.7-1.8 ms between runs a few
