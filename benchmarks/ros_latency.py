@@ -170,8 +170,8 @@ def run_traced_node(module: str, ros_args: list[str]) -> int:
 
     from metarl_ros.nodes.common import run_node
 
-    base = {"adapter_node": "AdapterNode", "onnx_policy_node": "OnnxPolicyNode"}[module]
-    base = getattr(importlib.import_module(f"metarl_ros.nodes.{module}"), base)
+    class_name = {"adapter_node": "AdapterNode", "onnx_policy_node": "OnnxPolicyNode"}[module]
+    base = getattr(importlib.import_module(f"metarl_ros.nodes.{module}"), class_name)
     trace: list[tuple[float, float]] = []
 
     class TracedNode(base):
@@ -678,9 +678,10 @@ def main(argv: list[str] | None = None) -> int:
         onnx_cmd = [sys.executable, __file__, "--traced-node", "onnx_policy_node",
                     *onnx_ros_args]
 
-    def echo(name: str, executor: str, every: int = 1) -> dict:
+    def echo(name: str, executor: str, every: int = 1, take_reference: bool = False) -> dict:
+        reference = ["--echo-takes-reference"] if take_reference else []
         return measure(driver, name, [sys.executable, __file__, "--echo", executor,
-                                      "--echo-every", str(every)],
+                                      "--echo-every", str(every), *reference],
                        args.warmup, args.duration, ahead_s=args.reference_ahead,
                        trace=trace(name))
 
@@ -689,10 +690,8 @@ def main(argv: list[str] | None = None) -> int:
         "echo_events": lambda: echo("echo_events", "events"),
         "echo_tick": lambda: echo("echo_tick", "single", decimation),
         "echo_events_tick": lambda: echo("echo_events_tick", "events", decimation),
-        "echo_events_reference": lambda: measure(
-            driver, "echo_events_reference",
-            [sys.executable, __file__, "--echo", "events", "--echo-takes-reference"],
-            args.warmup, args.duration, ahead_s=args.reference_ahead),
+        "echo_events_reference": lambda: echo("echo_events_reference", "events",
+                                              take_reference=True),
         "adapter": lambda: measure(driver, "adapter", adapter_cmd, args.warmup, args.duration,
                                    match, decimation, "adapter_node", args.reference_ahead,
                                    trace=trace("adapter")),
